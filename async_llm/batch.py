@@ -1,0 +1,290 @@
+"""The running batch on the device: token ids, attention mask, positions and one padded KV cache.
+
+Layout (all rows share one column axis; every row's tokens are right-aligned, left padding):
+
+    kv:   [layers, 2, B_cap, H, L_cap, D]   keys (0) and values (1) of every layer
+    mask: [B_cap, L_cap]                    1 where a column holds a real token of that row
+    live region: rows [0, B), columns [start, end); each decode step writes column `end`.
+
+Invariants (the engine thread is the only one that touches these tensors):
+  * for live rows, mask is 0 outside [start, end);
+  * row i's real tokens fill the columns [end - lengths[i], end), so its next position id is lengths[i];
+  * capacity grows geometrically, so appending a column is an in-place write, not a concatenation.
+
+Rows join by writing their prefilled cache into free rows (left-padded to the batch's length), leave
+by moving the last rows into their slots, and columns that are padding for every row are dropped by
+moving `start` (no copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from async_llm.request import Request
+from async_llm.sampling import SamplingBatch
+
+_MIN_COLUMNS = 64
+
+
+def _next_capacity(needed: int, current: int, limit: int | None = None) -> int:
+    capacity = max(current, 1)
+    while capacity < needed:
+        capacity *= 2
+    return min(capacity, limit) if limit is not None else capacity
+
+
+class _PaddedLayer(DynamicLayer):
+    """What a model's attention layer sees of the shared buffer: write one step, read the live region."""
+
+    def __init__(self, owner: PaddedKVCache, layer_idx: int) -> None:
+        super().__init__()
+        self._owner = owner
+        self._layer_idx = layer_idx
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return self._owner.write(self._layer_idx, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self._owner.end - self._owner.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class PaddedKVCache(Cache):
+    """A transformers ``Cache`` backed by the batch's preallocated ``kv`` buffer."""
+
+    def __init__(self, batch: PaddedBatch, num_layers: int) -> None:
+        super().__init__(layers=[_PaddedLayer(self, i) for i in range(num_layers)])
+        self._batch = batch
+
+    @property
+    def start(self) -> int:
+        return self._batch.start
+
+    @property
+    def end(self) -> int:
+        return self._batch.end
+
+    def write(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # keys/values: [B, H, q, D] for the q new columns of every live row.
+        b = self._batch
+        q = keys.shape[-2]
+        kv = b.kv
+        assert kv is not None and b.end + q <= kv.shape[4], "capacity is reserved before every forward"
+        kv[layer_idx, 0, : b.size, :, b.end : b.end + q] = keys
+        kv[layer_idx, 1, : b.size, :, b.end : b.end + q] = values
+        live = slice(b.start, b.end + q)
+        return kv[layer_idx, 0, : b.size, :, live], kv[layer_idx, 1, : b.size, :, live]
+
+
+class PaddedBatch:
+    """The rows being decoded together, with everything a decode step needs on the device.
+
+    Args:
+        num_layers: Attention layers of the model.
+        vocab_size: Size of the logits' last dimension.
+        max_rows: Upper bound on rows (the engine's ``max_batch_size``).
+        device: Where the tensors live.
+        dtype: KV cache dtype (the model's).
+    """
+
+    def __init__(self, num_layers: int, vocab_size: int, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers = num_layers
+        self.vocab_size = vocab_size
+        self.max_rows = max_rows
+        self.device = device
+        self.dtype = dtype
+        self.rows: list[Request] = []
+        self.row_lengths: list[int] = []  # host copy of `lengths` (no device sync to trim)
+        self.start = 0
+        self.end = 0
+        self.kv: torch.Tensor | None = None  # [layers, 2, B_cap, H, L_cap, D]
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B_cap, L_cap]
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [B_cap]
+        self.last_tokens = torch.zeros(0, dtype=torch.long, device=device)  # [B_cap]
+        self.counts: torch.Tensor | None = None  # [B_cap, V] output token counts, only with penalties
+        self.prompt_mask: torch.Tensor | None = None  # [B_cap, V] bool, only with penalties
+        self.sampling: SamplingBatch | None = None
+        self.cache = PaddedKVCache(self, num_layers)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    # -- joining ----------------------------------------------------------------------------------
+    def add(
+        self,
+        requests: Sequence[Request],
+        prefill_cache: DynamicCache,
+        prefill_mask: torch.Tensor,
+        first_tokens: torch.Tensor,
+        counts: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
+    ) -> None:
+        """Merge freshly prefilled rows into the batch.
+
+        Args:
+            requests: The new rows' requests, in row order.
+            prefill_cache: Their cache: per layer keys/values ``[n, H, P, D]``, left-padded.
+            prefill_mask: ``[n, P]`` their attention mask.
+            first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
+            counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
+        """
+        n, p = prefill_mask.shape
+        if self.size == 0:  # an empty batch starts over, at the left of its buffer
+            self.start = self.end = p if p < self.mask.shape[1] else 0
+        old_b, live = self.size, self.end - self.start
+        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_cache.layers[0].keys)
+        assert self.kv is not None
+        if p > self.end - self.start:
+            # The new rows are longer than the live region: open columns on the left (zeroed mask).
+            self.mask[:old_b, self.end - p : self.start] = 0
+            self.start = self.end - p
+        rows, cols = slice(old_b, old_b + n), slice(self.end - p, self.end)
+        keep = prefill_mask.bool()[:, None, :, None]  # [n, 1, P, 1]
+        for i, layer in enumerate(prefill_cache.layers):
+            # Zero the padded columns: masked attention multiplies them by 0, and 0 * NaN would poison the row.
+            self.kv[i, 0, rows, :, cols] = torch.where(keep, layer.keys, 0)
+            self.kv[i, 1, rows, :, cols] = torch.where(keep, layer.values, 0)
+        self.mask[rows] = 0
+        self.mask[rows, cols] = prefill_mask
+        new_lengths = [len(r.prompt_ids) for r in requests]
+        self.lengths[rows] = torch.tensor(new_lengths, device=self.device)
+        self.last_tokens[rows] = first_tokens
+        self._add_penalty_rows(rows, counts, prompt_mask)
+        self.rows.extend(requests)
+        self.row_lengths.extend(new_lengths)
+        self._rebuild_sampling()
+
+    def _add_penalty_rows(self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> None:
+        if counts is None or prompt_mask is None:
+            if self.counts is not None:
+                self.counts[rows] = 0
+                self.prompt_mask[rows] = False  # type: ignore[index]
+            return
+        if self.counts is None:
+            cap = self.mask.shape[0]
+            self.counts = torch.zeros(cap, self.vocab_size, dtype=torch.float32, device=self.device)
+            self.prompt_mask = torch.zeros(cap, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.counts[rows] = counts
+        self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
+
+    def _reserve(self, rows: int, columns: int, keys: torch.Tensor | None = None) -> None:
+        """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and one
+        more column to write at ``end``.
+
+        Reallocates (compacting the live region to the left) only when the buffer is too small, and
+        grows geometrically, so almost every step writes in place.
+        """
+        b_cap, l_cap = self.mask.shape
+        if rows <= b_cap and columns <= self.end < l_cap:
+            return
+        if self.kv is None:
+            assert keys is not None, "the first reservation comes with a prefill"
+            heads, head_dim = keys.shape[1], keys.shape[3]
+        else:
+            heads, head_dim = self.kv.shape[3], self.kv.shape[5]
+        new_b = _next_capacity(rows, b_cap, self.max_rows)
+        new_l = _next_capacity(columns + _MIN_COLUMNS, max(l_cap, _MIN_COLUMNS))
+        kv = torch.zeros(self.num_layers, 2, new_b, heads, new_l, head_dim, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(new_b, new_l, dtype=torch.long, device=self.device)
+        live, b = self.end - self.start, self.size
+        new_end = max(columns, live)  # right-aligned, room on the left for a longer joiner
+        if self.kv is not None and b:
+            kv[:, :, :b, :, new_end - live : new_end] = self.kv[:, :, :b, :, self.start : self.end]
+            mask[:b, new_end - live : new_end] = self.mask[:b, self.start : self.end]
+        self.kv, self.mask = kv, mask
+        self.start, self.end = new_end - live, new_end
+        if new_b != b_cap:
+            self.lengths = self._grow_rows(self.lengths, new_b)
+            self.last_tokens = self._grow_rows(self.last_tokens, new_b)
+            if self.counts is not None and self.prompt_mask is not None:
+                self.counts = self._grow_rows(self.counts, new_b)
+                self.prompt_mask = self._grow_rows(self.prompt_mask, new_b)
+
+    def _grow_rows(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        grown = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        grown[: tensor.shape[0]] = tensor
+        return grown
+
+    # -- leaving ----------------------------------------------------------------------------------
+    def remove(self, indices: Sequence[int]) -> None:
+        """Drop rows: the last surviving rows move into the freed slots (copying only them)."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = self.size - len(gone)
+        holes = [i for i in sorted(gone) if i < keep]
+        movers = [i for i in range(keep, self.size) if i not in gone]
+        if holes:
+            dst = torch.tensor(holes, device=self.device)
+            src = torch.tensor(movers, device=self.device)
+            assert self.kv is not None
+            self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
+            for name in ("mask", "lengths", "last_tokens", "counts", "prompt_mask"):
+                tensor = getattr(self, name)
+                if tensor is not None:
+                    tensor.index_copy_(0, dst, tensor.index_select(0, src))
+            for h, m in zip(holes, movers):
+                self.rows[h] = self.rows[m]
+                self.row_lengths[h] = self.row_lengths[m]
+        del self.rows[keep:]
+        del self.row_lengths[keep:]
+        if self.rows:
+            # Columns left of the longest row are padding for every row: trim them (no copy).
+            self.start = self.end - max(self.row_lengths)
+        else:
+            self.start = self.end = 0
+            self.counts = self.prompt_mask = None
+        self._rebuild_sampling()
+
+    def _rebuild_sampling(self) -> None:
+        if not self.rows:
+            self.sampling = None
+            return
+        self.sampling = SamplingBatch.build([r.params for r in self.rows], self.vocab_size, self.device)
+        if self.counts is not None and not self.sampling.uses_penalties:
+            self.counts = self.prompt_mask = None  # the last penalised row left
+
+    # -- one decode step --------------------------------------------------------------------------
+    def decode_inputs(self) -> dict[str, Any]:
+        """Model inputs for one decode step of every live row; reserves the column it writes."""
+        self._reserve(rows=self.size, columns=self.end - self.start)
+        b = self.size
+        self.mask[:b, self.end] = 1
+        return {
+            "input_ids": self.last_tokens[:b, None],  # [B, 1]
+            "position_ids": self.lengths[:b, None],  # [B, 1]
+            "attention_mask": self.mask[:b, self.start : self.end + 1],  # [B, L + 1]
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Commit the step: the written column becomes live and ``tokens`` [B] are fed next."""
+        b = self.size
+        self.end += 1
+        self.lengths[:b] += 1
+        self.row_lengths = [n + 1 for n in self.row_lengths]
+        self.last_tokens[:b] = tokens
+        self.record_tokens(tokens)
+
+    def record_tokens(self, tokens: torch.Tensor) -> None:
+        """Count each row's new token for frequency/presence/repetition penalties."""
+        if self.counts is not None:
+            b = self.size
+            self.counts[:b].scatter_add_(1, tokens[:b, None], torch.ones(b, 1, device=self.device))
+
+    def clear(self) -> None:
+        """Forget every row (after a failed step); buffers are kept for reuse."""
+        self.rows.clear()
+        self.row_lengths.clear()
+        self.start = self.end = 0
+        self.counts = self.prompt_mask = None
+        self.sampling = None

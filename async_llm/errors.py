@@ -1,0 +1,32 @@
+"""Typed errors raised by async_llm.
+
+Every error the library raises on purpose derives from :class:`AsyncLLMError`, so callers can catch
+the library's failures without catching unrelated bugs. Input validation errors also derive from the
+builtin ``ValueError``/``TypeError`` so code written against plain Python conventions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class AsyncLLMError(Exception):
+    """Base class of every error raised by async_llm."""
+
+
+class QueueFullError(AsyncLLMError):
+    """The engine's waiting queue is at ``max_queue_size``; the request was not queued."""
+
+
+class EngineClosedError(AsyncLLMError):
+    """The LLM (or its engine) is closed: new requests are refused and pending ones are failed."""
+
+
+class RequestAbortedError(AsyncLLMError):
+    """The request was aborted (its stream was closed or its task cancelled) before it finished."""
+
+
+class GenerationError(AsyncLLMError):
+    """A model step failed for this request. The engine itself keeps serving other requests."""
+
+
+class ModelNotAvailableError(AsyncLLMError):
+    """The requested model (for example the embedded default model) cannot be found or loaded."""

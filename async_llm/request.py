@@ -1,0 +1,65 @@
+"""A request as the engine sees it, and its lifecycle states."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from async_llm.detokenizer import Detokenizer
+    from async_llm.sampling_params import SamplingParams
+    from async_llm.stream import TokenStream
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is. Only the scheduler changes it."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended (OpenAI's names where they exist)."""
+
+    STOP = "stop"  # eos token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # stream closed / task cancelled / engine closed
+    ERROR = "error"  # a model step failed
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    ``prompt_ids`` and ``params`` are fixed at submission; everything below them is written only by the
+    engine thread while the request is alive.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TokenStream
+    detokenizer: Detokenizer
+    eos_token_ids: frozenset[int]
+    streamer: Any = None  # optional transformers streamer fed with this request's tokens
+    arrival_time: float = field(default_factory=time.perf_counter)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    generator: torch.Generator | None = None  # per-request RNG when `params.seed` is set
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

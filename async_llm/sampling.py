@@ -1,0 +1,136 @@
+"""Vectorised per-row sampling: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+Every row of the batch has its own parameters, held as ``[B]`` tensors; one call samples the whole
+batch. Randomness is one uniform number per sampled row per step, drawn from the row's own
+generator when its request has a seed (so its text does not depend on what else is in the batch),
+and turned into a token by inverse-CDF lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from async_llm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Sampling parameters of the batch's rows as tensors; ``None`` where no row uses the feature.
+
+    Shapes: every tensor is ``[B]``.
+    """
+
+    greedy: torch.Tensor  # bool
+    all_greedy: bool
+    temperature: torch.Tensor  # float, 1.0 on greedy rows
+    top_k: torch.Tensor | None  # long, vocab size where off
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    repetition_penalty: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    presence_penalty: torch.Tensor | None
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty is not None or self.frequency_penalty is not None
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> SamplingBatch:
+        """Stack the rows' parameters (called only when the batch's rows change)."""
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        def optional(values: list[float], neutral: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            return column(values, dtype) if any(v != neutral for v in values) else None
+
+        greedy = [p.greedy for p in params]
+        sampled = [p for p in params if not p.greedy]
+        top_k = [p.top_k if (p.top_k and not p.greedy) else vocab_size for p in params]
+        penalties = any(p.frequency_penalty or p.presence_penalty for p in params)
+        return cls(
+            greedy=column(greedy, torch.bool),
+            all_greedy=not sampled,
+            temperature=column([1.0 if p.greedy else p.effective_temperature for p in params]),
+            top_k=optional(top_k, vocab_size, torch.long) if sampled else None,
+            top_p=optional([1.0 if p.greedy else p.top_p for p in params], 1.0) if sampled else None,
+            min_p=optional([0.0 if p.greedy else p.min_p for p in params], 0.0) if sampled else None,
+            repetition_penalty=optional([p.repetition_penalty for p in params], 1.0),
+            frequency_penalty=column([p.frequency_penalty for p in params]) if penalties else None,
+            presence_penalty=column([p.presence_penalty for p in params]) if penalties else None,
+        )
+
+
+def apply_penalties(
+    logits: torch.Tensor, sb: SamplingBatch, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Repetition (transformers' rule) then frequency/presence (OpenAI's rule) penalties.
+
+    Args:
+        logits: ``[B, V]`` float32.
+        counts: ``[B, V]`` float, occurrences of each token in each row's output so far.
+        prompt_mask: ``[B, V]`` bool, tokens present in each row's prompt.
+    """
+    if counts is None or not sb.uses_penalties:
+        return logits
+    in_output = counts > 0
+    if sb.repetition_penalty is not None:
+        assert prompt_mask is not None
+        penalty = sb.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(prompt_mask | in_output, penalised, logits)
+    if sb.frequency_penalty is not None and sb.presence_penalty is not None:
+        logits = logits - sb.frequency_penalty[:, None] * counts - sb.presence_penalty[:, None] * in_output
+    return logits
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of unnormalised ``probs`` [B, V] with one uniform in [0, 1) per row."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms[:, None] * cdf[:, -1:]
+    # right=True: the first index whose cdf exceeds the target, so zero-probability tokens are never chosen.
+    index = torch.searchsorted(cdf, target, right=True)
+    return index.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Choose the next token of every row.
+
+    Args:
+        logits: ``[B, V]`` float32, penalties already applied.
+        sb: The rows' parameters.
+        uniforms: ``[B]`` uniform draws in [0, 1); may be ``None`` when every row is greedy.
+
+    Returns:
+        ``[B]`` long token ids.
+    """
+    greedy_tokens = logits.argmax(dim=-1)
+    if sb.all_greedy:
+        return greedy_tokens
+    assert uniforms is not None
+    scores = logits / sb.temperature[:, None]
+    if sb.top_k is not None and sb.top_p is None:
+        # Only top-k: a partial sort to the largest k is enough.
+        k_max = int(sb.top_k.max())
+        kth = scores.topk(k_max, dim=-1).values.gather(1, (sb.top_k - 1).clamp(max=k_max - 1)[:, None])
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if sb.top_p is None:
+        if sb.min_p is not None:
+            probs = probs.masked_fill(probs < sb.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        sampled = _inverse_cdf(probs, uniforms)
+    else:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        if sb.top_k is not None:
+            ranks = torch.arange(sorted_probs.shape[-1], device=probs.device)
+            sorted_probs = sorted_probs.masked_fill(ranks[None, :] >= sb.top_k[:, None], 0.0)
+        # Drop a token once the mass before it already reaches top_p (the first token is always kept).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= sb.top_p[:, None] * sorted_probs.sum(-1, keepdim=True), 0.0)
+        if sb.min_p is not None:
+            sorted_probs = sorted_probs.masked_fill(sorted_probs < sb.min_p[:, None] * sorted_probs[:, :1], 0.0)
+        sampled = order.gather(1, _inverse_cdf(sorted_probs, uniforms)[:, None]).squeeze(-1)
+    return torch.where(sb.greedy, greedy_tokens, sampled)

@@ -1,0 +1,176 @@
+"""Per-request sampling parameters: defaults, aliases, merging and validation.
+
+Validation happens here, in the caller's thread, before a request is queued: a bad value never
+reaches the engine, so it can never disturb other requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Spellings accepted for a field, mapped to the field's name. `repition_penalty` is the spelling
+# of the swarm_models interface this library implements; `stop_token` is its name for `stop`.
+ALIASES: Mapping[str, str] = {
+    "repition_penalty": "repetition_penalty",
+    "stop_token": "stop",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; `max_tokens=True` is a bug in the caller, not the number 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def _stop_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"stop must be a str or a list of str, got {type(value).__name__}")
+    stops = tuple(value)
+    for s in stops:
+        if not isinstance(s, str):
+            raise TypeError(f"stop must be a str or a list of str, got an item of type {type(s).__name__}")
+        if not s:
+            raise ValueError("stop strings must be non-empty")
+    return stops
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Every field is validated on construction.
+
+    Args:
+        max_tokens: Number of new tokens to generate at most (>= 1).
+        temperature: Softmax temperature (>= 0). 0 means greedy decoding.
+        top_k: Keep the k most likely tokens; 0 or -1 turns it off.
+        top_p: Nucleus sampling mass, 0 < top_p <= 1 (1 turns it off).
+        min_p: Drop tokens whose probability is below ``min_p`` times the top token's (0..1, 0 off).
+        repetition_penalty: > 0; divides positive (multiplies negative) logits of tokens already in
+            the prompt or output, as in transformers. 1 turns it off.
+        frequency_penalty: -2..2; subtracted once per earlier occurrence of a token in the output.
+        presence_penalty: -2..2; subtracted once from every token already in the output.
+        seed: Seeds this request's own random generator: the same seed gives the same text on every
+            run, whatever else is in the batch.
+        stop: Strings that end generation; the stop string itself is never returned.
+        ignore_eos: Keep generating past the end-of-sequence token (until ``max_tokens``).
+        do_sample: ``None`` samples when ``temperature > 0``; ``False`` forces greedy decoding;
+            ``True`` forces sampling (at temperature 1.0 when ``temperature`` is 0).
+
+    Raises:
+        TypeError: A field has the wrong type.
+        ValueError: A field is out of range; the message names the field and the range.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False
+    do_sample: bool | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
+        if not _is_int(self.max_tokens):
+            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not _is_int(self.top_k):
+            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 or -1 (off) or >= 1, got {self.top_k}")
+        set_(self, "top_k", max(self.top_k, 0))
+        temperature = _number("temperature", self.temperature)
+        _check_range("temperature", temperature, 0.0, math.inf)
+        set_(self, "temperature", temperature)
+        top_p = _number("top_p", self.top_p)
+        _check_range("top_p", top_p, 0.0, 1.0, low_open=True)
+        set_(self, "top_p", top_p)
+        min_p = _number("min_p", self.min_p)
+        _check_range("min_p", min_p, 0.0, 1.0)
+        set_(self, "min_p", min_p)
+        rep = _number("repetition_penalty", self.repetition_penalty)
+        _check_range("repetition_penalty", rep, 0.0, math.inf, low_open=True)
+        set_(self, "repetition_penalty", rep)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = _number(name, getattr(self, name))
+            _check_range(name, value, -2.0, 2.0)
+            set_(self, name, value)
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        set_(self, "stop", _stop_tuple(self.stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be a bool or None, got {type(self.do_sample).__name__}")
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """Names accepted by :meth:`merge`: the fields and their aliases."""
+        return frozenset(f.name for f in dataclasses.fields(cls)) | frozenset(ALIASES)
+
+    def merge(self, **overrides: Any) -> SamplingParams:
+        """Return a copy with ``overrides`` applied (aliases accepted) and validated.
+
+        Raises:
+            TypeError: An unknown parameter name, or a value of the wrong type.
+            ValueError: A value out of range.
+        """
+        if not overrides:
+            return self
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            name = ALIASES.get(key, key)
+            if name not in self.field_names() or name in ALIASES:
+                raise TypeError(f"unknown sampling parameter {key!r}")
+            if name in changes:
+                raise TypeError(f"sampling parameter {name!r} given twice (through an alias)")
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this request is decoded greedily (argmax)."""
+        if self.do_sample is None:
+            return self.temperature == 0.0
+        return not self.do_sample
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature used when sampling (1.0 when sampling is forced at temperature 0)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any repetition/frequency/presence penalty is active."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

@@ -1,0 +1,109 @@
+"""TokenStream: the per-request async iterator of text deltas.
+
+A stream lives on the event loop of the caller that submitted the request. The engine thread never
+touches it directly: it batches a step's results per loop and hands them over with one
+``loop.call_soon_threadsafe`` call, which runs :meth:`TokenStream._put` on the loop.
+
+Deltas that arrive while the consumer is busy are coalesced into one string, so a slow consumer
+costs at most the request's own text in memory (bounded by ``max_tokens``) and never stalls the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import TracebackType
+
+from async_llm.request import FinishReason
+
+
+class TokenStream:
+    """Async iterator over one request's text deltas; closing it aborts the request.
+
+    Iterating yields ``str`` deltas whose concatenation is the full output text. When the request
+    fails, the pending text is yielded first and then the error is raised. Leaving an ``async for``
+    early, calling :meth:`aclose`, or cancelling the task that awaits the stream (inside ``async with``)
+    aborts the request; the engine frees its batch row at the next step.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self._abort = abort
+        self._pending: list[str] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self.token_ids: list[int] = []  # every generated token id, eos included
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The engine is done with this request (finished, failed or aborted)."""
+        return self.finish_reason is not None
+
+    # -- engine side (runs on self.loop through call_soon_threadsafe) -----------------------------
+    def _put(
+        self,
+        text: str,
+        token_ids: list[int],
+        finish_reason: FinishReason | None,
+        error: BaseException | None,
+    ) -> None:
+        if self.finish_reason is not None:
+            return  # already ended (e.g. closed by the consumer before the engine noticed)
+        if text:
+            self._pending.append(text)
+        self.token_ids.extend(token_ids)
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- consumer side ------------------------------------------------------------------------------
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._pending:
+            if self.finish_reason is not None or self._closed:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                raise StopAsyncIteration
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        text = "".join(self._pending)
+        self._pending.clear()
+        return text
+
+    async def aclose(self) -> None:
+        """Stop consuming; aborts the request if it is still running. Idempotent."""
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous form of :meth:`aclose` (safe from a ``finally`` or a callback)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.finish_reason is None:
+            self._abort(self.request_id)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

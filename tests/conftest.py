@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny random-weight Llama with a byte-level BPE tokenizer, built locally.
+
+The tiny model makes engine tests fast and deterministic on 2 CPU cores: greedy outputs are compared
+with ``model.generate`` on the same weights, so random weights are as good as trained ones. Weights are
+drawn with a larger spread than usual so logits are well separated (no near-ties for argmax to flip
+on float noise between batched and solo runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from async_llm import HuggingFaceLLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Continuous batching lets many requests share one forward pass.",
+    "Über café naïve résumé — 日本語のテキスト 🎉 emoji and ünïcödé.",
+    "def hello(name): return f'hello {name}'",
+] * 20
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    return build_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model, tiny_tokenizer) -> Path:
+    """A saved folder (model + tokenizer) loadable by ``HuggingFaceLLM(model_id=folder)``."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+async def llm(tiny_model, tiny_tokenizer) -> AsyncIterator[HuggingFaceLLM]:
+    """A fresh engine over the shared tiny model (greedy, short outputs by default)."""
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=24) as instance:
+        yield instance
+
+
+def reference_ids(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` by plain ``model.generate`` (eos included if reached)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=model.config.eos_token_id,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Tell me about it at some length, please, with details.",
+    "日本語 🎉",
+    "def hello(name):",
+]

@@ -1,0 +1,70 @@
+"""Incremental detokenization: UTF-8 safety and stop strings that span tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from async_llm.detokenizer import Detokenizer
+
+TEXT = "Über café naïve résumé — 日本語のテキスト 🎉 emoji and ünïcödé."
+
+
+def stream_deltas(tokenizer, ids, stop=(), prompt_ids=()):
+    detok = Detokenizer(tokenizer, list(prompt_ids), stop)
+    deltas = []
+    for token in ids:
+        stopped = detok.add_token(token)
+        deltas.append(detok.take_delta(final=stopped))
+        if stopped:
+            break
+    else:
+        deltas.append(detok.take_delta(final=True))
+    return [d for d in deltas if d], detok
+
+
+def test_deltas_never_split_a_character(tiny_tokenizer):
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    # The byte-level vocabulary really does split some characters across tokens.
+    assert any("\ufffd" in tiny_tokenizer.decode([i]) for i in ids)
+    deltas, _ = stream_deltas(tiny_tokenizer, ids)
+    assert "".join(deltas) == TEXT
+    for delta in deltas:
+        assert "\ufffd" not in delta
+        delta.encode("utf-8")  # whole characters only: no lone surrogates
+
+
+@pytest.mark.parametrize("stop", ["naïve", "ïve r", "日本", "🎉 emo", "é."])
+def test_stop_string_spanning_tokens_is_cut_and_never_shown(tiny_tokenizer, stop):
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    deltas, detok = stream_deltas(tiny_tokenizer, ids, stop=(stop,))
+    expected = TEXT[: TEXT.index(stop)]
+    assert detok.stopped
+    assert "".join(deltas) == expected
+    shown = ""
+    for delta in deltas:  # no prefix of what was shown so far runs into the stop string
+        shown += delta
+        assert stop not in shown
+
+
+def test_earliest_of_several_stop_strings_wins(tiny_tokenizer):
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    deltas, _ = stream_deltas(tiny_tokenizer, ids, stop=("emoji", "café"))
+    assert "".join(deltas) == "Über "
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete(tiny_tokenizer):
+    ids = tiny_tokenizer("the lazy dog", add_special_tokens=False).input_ids
+    deltas, detok = stream_deltas(tiny_tokenizer, ids, stop=("lazy cat",))
+    assert not detok.stopped
+    assert "".join(deltas) == "the lazy dog"
+
+
+def test_slow_tokenizer_fallback(tiny_tokenizer):
+    class Slow:  # no backend_tokenizer: exercises the re-decode path
+        def decode(self, ids, skip_special_tokens=True):
+            return tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    deltas, _ = stream_deltas(Slow(), ids, stop=("🎉",))
+    assert "".join(deltas) == TEXT[: TEXT.index("🎉")]
+    assert all("\ufffd" not in d for d in deltas)

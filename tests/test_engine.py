@@ -1,0 +1,139 @@
+"""Engine behaviour on the tiny model: exactness, batching, streaming, interleaving, latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import anyio
+import pytest
+
+from async_llm import HuggingFaceLLM
+from conftest import PROMPTS, reference_ids
+
+
+async def test_greedy_matches_generate_alone_and_batched(llm, tiny_model):
+    """Greedy ids equal model.generate for prompts of different lengths, solo and in one batch."""
+    solo = [await llm.acomplete(p, chat_template=False, max_tokens=20, ignore_eos=False) for p in PROMPTS]
+    batched = await asyncio.gather(*(llm.acomplete(p, chat_template=False, max_tokens=20) for p in PROMPTS))
+    for s, b in zip(solo, batched):
+        expected = reference_ids(tiny_model, s.prompt_token_ids, 20)
+        assert s.token_ids == expected
+        assert b.token_ids == expected
+        assert b.text == s.text
+    assert llm.stats()["peak_batch_size"] == len(PROMPTS)
+
+
+async def test_late_joiner_matches_generate(llm, tiny_model):
+    """A request joining a running batch (longer prompt than the batch's rows) is still exact."""
+    long_run = asyncio.ensure_future(llm.acomplete("Hi", chat_template=False, max_tokens=60, ignore_eos=True))
+    await asyncio.sleep(0.02)
+    late = await llm.acomplete(PROMPTS[2], chat_template=False, max_tokens=15)
+    first = await long_run
+    assert late.token_ids == reference_ids(llm.model, late.prompt_token_ids, 15)
+    assert first.token_ids[: len(reference_ids(llm.model, first.prompt_token_ids, 60))] == reference_ids(
+        llm.model, first.prompt_token_ids, 60
+    )[: len(first.token_ids)]
+
+
+async def test_late_short_request_finishes_before_earlier_long_one(llm):
+    order: list[str] = []
+
+    async def run(name: str, tokens: int) -> None:
+        await llm.arun("Hello", max_tokens=tokens, ignore_eos=True)
+        order.append(name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "long", 300)
+            await asyncio.sleep(0.05)
+            tg.start_soon(run, "short", 3)
+    assert order == ["short", "long"]
+
+
+async def test_stream_deltas_concatenate_to_arun_text(llm):
+    params = dict(max_tokens=40, ignore_eos=True)
+    deltas = [d async for d in llm.astream(PROMPTS[3], **params)]
+    assert all(isinstance(d, str) and d for d in deltas)
+    assert "".join(deltas) == await llm.arun(PROMPTS[3], **params)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+async def test_text_is_the_decoded_tokens(llm, tiny_tokenizer, prompt):
+    """The streamed text equals tokenizer.decode of the generated ids (incomplete UTF-8 included)."""
+    result = await llm.acomplete(prompt, max_tokens=30, ignore_eos=True)
+    assert result.text == tiny_tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+async def test_concurrent_streams_interleave(llm):
+    """Every stream gets its first delta before any of them ends."""
+    first_seen: dict[int, float] = {}
+    ended: dict[int, float] = {}
+
+    async def consume(i: int) -> None:
+        async for _ in llm.astream(PROMPTS[i % len(PROMPTS)], max_tokens=30, ignore_eos=True):
+            first_seen.setdefault(i, time.perf_counter())
+        ended[i] = time.perf_counter()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(consume, i)
+    assert max(first_seen.values()) < min(ended.values())
+    assert llm.stats()["peak_batch_size"] == 6
+
+
+async def test_event_loop_stays_responsive(llm):
+    """Model work runs off the loop: a ticker keeps ticking while 8 requests generate."""
+    gaps: list[float] = []
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def work() -> None:
+        await llm.abatch_run(PROMPTS * 2, max_tokens=64, ignore_eos=True)
+        done.set()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            tg.start_soon(work)
+    assert len(gaps) > 5
+    assert max(gaps) < 0.25, f"event loop blocked for {max(gaps):.3f}s"
+
+
+async def test_abatch_run_keeps_input_order(llm):
+    texts = await llm.abatch_run(PROMPTS, max_tokens=12)
+    for prompt, text in zip(PROMPTS, texts):
+        assert text == await llm.arun(prompt, max_tokens=12)
+
+
+async def test_eos_stops_generation(llm, tiny_model):
+    """Without ignore_eos, a request ends at eos with finish_reason 'stop' and eos is not in the text."""
+    eos = tiny_model.config.eos_token_id
+    for prompt in PROMPTS + [f"prompt {i}" for i in range(20)]:
+        result = await llm.acomplete(prompt, chat_template=False, max_tokens=40)
+        if result.token_ids and result.token_ids[-1] == eos:
+            assert result.finish_reason == "stop"
+            assert "<|im_end|>" not in result.text
+            assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 40)
+            return
+    pytest.skip("the tiny model produced no eos for these prompts")
+
+
+async def test_finish_reason_length(llm):
+    result = await llm.acomplete("Hello", max_tokens=7, ignore_eos=True)
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) == 7
+
+
+async def test_loads_from_folder(tiny_model_dir, tiny_model):
+    async with HuggingFaceLLM(tiny_model_dir, device="cpu", max_tokens=10, chat_template=False) as llm:
+        result = await llm.acomplete("Hello")
+        assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 10)

@@ -1,0 +1,134 @@
+"""Cancellation, queue bounds, injected failures, closing, and the sync wrappers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import anyio
+import pytest
+
+from async_llm import EngineClosedError, GenerationError, HuggingFaceLLM, QueueFullError
+
+LONG = dict(max_tokens=400, ignore_eos=True)
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_breaking_out_of_async_for_aborts_and_frees_the_row(llm):
+    async for _ in llm.astream("Hello", **LONG):
+        break
+    await wait_for(lambda: llm.stats()["num_aborted"] == 1)
+    stats = llm.stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats["tokens_generated"] < 400
+
+
+async def test_closing_the_stream_aborts(llm):
+    stream = llm.astream("Hello", **LONG)
+    await stream.__anext__()
+    await stream.aclose()
+    await wait_for(lambda: llm.stats()["num_aborted"] == 1 and llm.stats()["num_running"] == 0)
+
+
+async def test_cancelling_the_task_aborts_and_others_continue(llm):
+    keep = asyncio.ensure_future(llm.acomplete("The quick brown fox", chat_template=False, max_tokens=40, ignore_eos=True))
+    doomed = asyncio.ensure_future(llm.arun("Hello", **LONG))
+    await wait_for(lambda: llm.stats()["num_running"] == 2)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    result = await keep
+    assert len(result.token_ids) == 40
+    await wait_for(lambda: llm.stats()["num_running"] == 0)
+    assert llm.stats()["num_aborted"] == 1 and llm.stats()["num_finished"] == 1
+
+
+async def test_cancel_while_waiting_for_a_row(tiny_model, tiny_tokenizer):
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=1) as llm:
+        first = asyncio.ensure_future(llm.arun("Hello", max_tokens=60, ignore_eos=True))
+        second = asyncio.ensure_future(llm.arun("Hello", max_tokens=60, ignore_eos=True))
+        await wait_for(lambda: llm.stats()["num_waiting"] == 1)
+        second.cancel()
+        await first
+        await wait_for(lambda: llm.stats()["num_aborted"] == 1)
+        assert llm.stats()["num_waiting"] == 0 and llm.stats()["peak_batch_size"] == 1
+
+
+async def test_full_queue_raises_at_once_and_accepted_requests_finish(tiny_model, tiny_tokenizer):
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=1, max_queue_size=2) as llm:
+        tasks = [asyncio.ensure_future(llm.arun("Hello", max_tokens=20, ignore_eos=True)) for _ in range(8)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        rejected = [r for r in results if isinstance(r, QueueFullError)]
+        served = [r for r in results if isinstance(r, str)]
+        assert rejected and served and len(rejected) + len(served) == 8
+        assert "queue is full" in str(rejected[0])
+        assert llm.stats()["num_finished"] == len(served)
+
+
+async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
+    original = llm.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", flaky)
+    with pytest.raises(GenerationError, match="injected fault"):
+        await llm.arun("Hello", **LONG)
+    monkeypatch.setattr(llm.model, "forward", original)
+    assert llm.stats()["num_failed"] == 1 and llm.stats()["num_running"] == 0
+    assert await llm.arun("Hello", max_tokens=5)
+
+
+async def test_close_fails_pending_requests_and_leaves_no_thread(tiny_model, tiny_tokenizer):
+    llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=1)
+    running = asyncio.ensure_future(llm.arun("Hello", **LONG))
+    waiting = asyncio.ensure_future(llm.arun("Hello", **LONG))
+    await wait_for(lambda: llm.stats()["num_running"] == 1 and llm.stats()["num_waiting"] == 1)
+    await llm.aclose()
+    for task in (running, waiting):
+        with pytest.raises(EngineClosedError):
+            await task
+    assert not any(t.name == "async-llm-engine" and t.is_alive() for t in threading.enumerate())
+    await llm.aclose()  # harmless twice
+    with pytest.raises(EngineClosedError):
+        await llm.arun("Hello")
+
+
+def test_sync_wrappers_without_a_loop(tiny_model, tiny_tokenizer):
+    with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_tokens=8) as llm:
+        text = llm.run("Hello")
+        assert text == llm("Hello")
+        assert llm.batch_run(["Hello", "日本語 🎉"]) == [text, llm.run("日本語 🎉")]
+
+
+async def test_sync_wrappers_inside_a_running_loop(llm):
+    expected = await llm.arun("Hello", max_tokens=8)
+    # Called from a coroutine, like a Jupyter cell: no nested asyncio.run, no deadlock.
+    with anyio.fail_after(30):
+        assert llm.run("Hello", max_tokens=8) == expected
+        assert llm.batch_run(["Hello"], max_tokens=8) == [expected]
+
+
+def test_two_threads_with_their_own_loops_share_one_llm(tiny_model, tiny_tokenizer):
+    with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_tokens=12) as llm:
+        expected = llm.run("Hello")
+        results: list[str] = []
+
+        def worker() -> None:
+            results.extend(asyncio.run(llm.abatch_run(["Hello"] * 3)))
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [expected] * 6
