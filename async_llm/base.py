@@ -2,9 +2,11 @@
 
 Subclasses implement the async primitives (:meth:`BaseLLM.astream` and :meth:`BaseLLM._close_backend`);
 everything else is built on them here. The sync wrappers run the coroutine on a private event loop
-thread (an anyio blocking portal), so they work the same with no loop at all and when called from
-inside a running loop (Jupyter, a sync helper called from async code): ``asyncio.run`` is never
-nested and the caller's loop is never re-entered.
+in a daemon thread, so they work the same with no loop at all and when called from inside a running
+loop (Jupyter, a sync helper called from async code): ``asyncio.run`` is never nested and the
+caller's loop is never re-entered. (anyio's blocking portal would do the same, but its thread is a
+non-daemon executor worker that the interpreter joins at exit, so a script that forgot ``close()``
+would hang on exit.)
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import functools
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
-import anyio.from_thread
 
 from async_llm.sampling_params import SamplingParams
 
@@ -31,6 +31,29 @@ def check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     return prompt
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread, for the sync wrappers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="async-llm-sync", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a sync method of the LLM was called from its own sync loop; await the async form")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if threading.current_thread() is self._thread:
+            self.loop.call_soon(self.loop.stop)  # closed by the thread itself when it returns
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 class BaseLLM(abc.ABC):
@@ -53,9 +76,8 @@ class BaseLLM(abc.ABC):
         self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.sampling_defaults = SamplingParams().merge(**sampling_defaults)
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
-        self._portal_lock = threading.Lock()
+        self._sync_loop: _LoopThread | None = None
+        self._sync_lock = threading.Lock()
 
     # -- async primitives ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -145,26 +167,23 @@ class BaseLLM(abc.ABC):
         return self.run(prompt, **overrides)
 
     def _call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        return self._get_portal().call(functools.partial(fn, *args, **kwargs))
+        with self._sync_lock:
+            if self._sync_loop is None:
+                self._sync_loop = _LoopThread()
+            loop_thread = self._sync_loop
+        return loop_thread.call(fn(*args, **kwargs))
 
-    def _get_portal(self) -> anyio.from_thread.BlockingPortal:
-        with self._portal_lock:
-            if self._portal is None:
-                self._portal_cm = anyio.from_thread.start_blocking_portal(backend="asyncio")
-                self._portal = self._portal_cm.__enter__()
-            return self._portal
-
-    def _stop_portal(self) -> None:
-        with self._portal_lock:
-            cm, self._portal, self._portal_cm = self._portal_cm, None, None
-        if cm is not None:
-            cm.__exit__(None, None, None)
+    def _stop_sync_loop(self) -> None:
+        with self._sync_lock:
+            loop_thread, self._sync_loop = self._sync_loop, None
+        if loop_thread is not None:
+            loop_thread.stop()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
         """Fail pending requests with :class:`EngineClosedError` and release everything. Idempotent."""
         self._close_backend()
-        self._stop_portal()
+        self._stop_sync_loop()
 
     async def aclose(self) -> None:
         """Async :meth:`close`; the blocking part runs in a worker thread."""

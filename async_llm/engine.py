@@ -207,7 +207,7 @@ class Engine:
         new = self.scheduler.admit()
         if new:
             for request in new:
-                log.debug("admitted", request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+                log.info("admitted", request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
             try:
                 self._prefill(new, out)
             except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
@@ -292,7 +292,7 @@ class Engine:
         out.add(request, request.detokenizer.take_delta(final=reason is not None), token, reason)
         if reason is not None:
             self.scheduler.finish(request, reason)
-            log.debug(
+            log.info(
                 "finished", request_id=request.request_id, reason=reason.value,
                 tokens=len(request.output_ids), seconds=round(time.perf_counter() - request.arrival_time, 4),
             )

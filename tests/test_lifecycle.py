@@ -132,3 +132,42 @@ def test_two_threads_with_their_own_loops_share_one_llm(tiny_model, tiny_tokeniz
         for t in threads:
             t.join(30)
         assert results == [expected] * 6
+
+
+async def test_structured_logs_carry_request_ids(llm, caplog):
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="async_llm")
+    completion = await llm.acomplete("Hello", max_tokens=3)
+    async for _ in llm.astream("Hello", **LONG):
+        break
+    await wait_for(lambda: llm.stats()["num_aborted"] == 1)
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
+    by_event: dict[str, list[dict]] = {}
+    for e in events:
+        by_event.setdefault(e["event"], []).append(e)
+    assert {"admitted", "finished", "aborted"} <= set(by_event)
+    assert all(len(e["request_id"]) == 16 for name in ("admitted", "finished", "aborted") for e in by_event[name])
+    assert by_event["finished"][0]["tokens"] == len(completion.token_ids)
+
+
+def test_interpreter_exits_with_an_open_llm(tmp_path):
+    """A script that used the sync API and never closed the LLM still exits promptly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import build_model, build_tokenizer\n"
+        "from async_llm import HuggingFaceLLM\n"
+        "tok = build_tokenizer()\n"
+        "llm = HuggingFaceLLM(model=build_model(len(tok)), tokenizer=tok, max_tokens=5)\n"
+        "print(len(llm.run('Hello')) >= 0)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,8 @@ class HuggingFaceLLM(BaseLLM):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.engine = Engine(model, pad, max_batch_size, max_queue_size, seed=seed)
+        # An LLM dropped without close() still stops its engine thread (at GC or interpreter exit).
+        weakref.finalize(self, self.engine.close)
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
 
     # -- prompts ----------------------------------------------------------------------------------------

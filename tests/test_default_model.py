@@ -1,0 +1,48 @@
+"""End-to-end on the real embedded default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from async_llm import HuggingFaceLLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Iterator[HuggingFaceLLM]:
+    pytest.importorskip("gguf")
+    with HuggingFaceLLM(device="cpu", max_tokens=48) as llm:
+        yield llm
+
+
+async def test_capital_of_france_is_paris(smollm):
+    assert "Paris" in await smollm.arun("What is the capital of France?")
+
+
+async def test_concurrent_real_requests_match_generate(smollm):
+    prompts = ["What is the capital of France?", "Name a primary colour.", "What is 2 plus 2?"]
+    results = await asyncio.gather(*(smollm.acomplete(p, max_tokens=24) for p in prompts))
+    for result in results:
+        ids = torch.tensor([result.prompt_token_ids])
+        ref = smollm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            pad_token_id=smollm.engine.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+        assert result.token_ids == ref
+        assert result.text == smollm.tokenizer.decode(ref, skip_special_tokens=True)
+    assert results[0].finish_reason == "stop"  # the instruct model ends its answer with <|im_end|>
+
+
+async def test_stop_string_on_real_text(smollm):
+    text = await smollm.arun("What is the capital of France?", stop=["Paris"])
+    assert "Paris" not in text and len(text) > 0
+
+
+def test_sync_run_and_system_prompt(smollm):
+    text = smollm.run("What is the capital of France?", system_prompt="Answer in one word.", max_tokens=8)
+    assert "Paris" in text
