@@ -74,12 +74,20 @@ def _deliver(items: list[tuple[TokenStream, str, list[int], Any, Any]]) -> None:
 
 
 def _feed_streamer(request: Request, token: int | None, reason: FinishReason | None) -> None:
-    """Feed a transformers streamer (put/end protocol) from the engine thread."""
+    """Feed a transformers streamer (put/end protocol) from the engine thread.
+
+    A streamer that raises is dropped (and logged): the caller's object must not fail the step of
+    every other request in the batch.
+    """
     streamer = request.streamer
-    if token is not None and not (reason is FinishReason.STOP and token in request.eos_token_ids):
-        streamer.put(torch.tensor([token]))
-    if reason is not None:
-        streamer.end()
+    try:
+        if token is not None and not (reason is FinishReason.STOP and token in request.eos_token_ids):
+            streamer.put(torch.tensor([token]))
+        if reason is not None:
+            streamer.end()
+    except Exception as exc:
+        request.streamer = None
+        log.warning("streamer failed; no longer fed", request_id=request.request_id, error=repr(exc))
 
 
 class Engine:
@@ -189,19 +197,25 @@ class Engine:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, set()
                 closing = self._closing
-            for request in inbox:
-                self.scheduler.add(request)
             out = _Deliveries()
-            if closing:
-                self._fail_all(out, EngineClosedError("the LLM was closed before this request finished"))
-                out.flush()
-                return
-            self._apply_aborts(aborts, out)
-            self._step(out)
-            self._num_waiting = len(self.scheduler.waiting)
-            orphans = out.flush()
-            for stream in orphans:
-                self.abort(stream.request_id)
+            try:
+                for request in inbox:
+                    self.scheduler.add(request)
+                if closing:
+                    self._fail_all(out, EngineClosedError("the LLM was closed before this request finished"))
+                    return
+                self._apply_aborts(aborts, out)
+                self._step(out)
+            except Exception as exc:
+                # A fault outside a model step (a bug, a broken tokenizer): the engine thread must not
+                # die with requests waiting on it. Fail what is live and keep serving.
+                log.exception("engine step failed", error=repr(exc))
+                self.batch.clear()
+                self._fail(list(self.scheduler.all_live()), exc, out)
+            finally:
+                self._num_waiting = len(self.scheduler.waiting)
+                for stream in out.flush():  # streams whose loop is gone: nobody will read them
+                    self.abort(stream.request_id)
 
     def _step(self, out: _Deliveries) -> None:
         new = self.scheduler.admit()

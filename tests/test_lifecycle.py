@@ -171,3 +171,53 @@ def test_interpreter_exits_with_an_open_llm(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+async def test_fault_outside_a_model_step_fails_live_requests_and_engine_survives(llm, monkeypatch):
+    original = llm.engine.scheduler.admit
+    calls = {"n": 0}
+
+    def broken_admit():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("scheduler bug")
+        return original()
+
+    monkeypatch.setattr(llm.engine.scheduler, "admit", broken_admit)
+    with anyio.fail_after(10):
+        with pytest.raises(GenerationError, match="scheduler bug"):
+            await llm.arun("Hello", max_tokens=5)
+        assert await llm.arun("Hello", max_tokens=5)
+    assert llm.engine._thread.is_alive()
+
+
+async def test_tokenizer_fault_fails_only_that_step(llm, monkeypatch):
+    from async_llm.detokenizer import Detokenizer
+
+    original = Detokenizer.add_token
+    state = {"armed": True}
+
+    def flaky(self, token_id):
+        if state["armed"]:
+            state["armed"] = False
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return original(self, token_id)
+
+    monkeypatch.setattr(Detokenizer, "add_token", flaky)
+    with anyio.fail_after(10):
+        with pytest.raises(GenerationError, match="injected"):
+            await llm.arun("Hello", max_tokens=5)
+        assert await llm.arun("Hello", max_tokens=5)
+
+
+async def test_broken_streamer_does_not_fail_the_request(llm):
+    class Broken:
+        def put(self, value):
+            if value.ndim == 1:  # generated tokens (the prompt comes as [1, P])
+                raise RuntimeError("consumer bug")
+
+        def end(self):
+            raise AssertionError("never reached: the streamer was dropped")
+
+    expected = await llm.arun("Hello", max_tokens=6)
+    assert await llm.arun("Hello", max_tokens=6, streamer=Broken()) == expected
