@@ -190,6 +190,12 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        # The whole thread runs in inference mode: batch tensors are created in one step (prefill)
+        # and updated in place in another (aborts, evictions), so every step must agree on the mode.
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not (self._inbox or self._aborts or self.scheduler.has_work or self._closing):
@@ -235,7 +241,6 @@ class Engine:
                 self._fail(rows, exc, out)
         self.steps += 1
 
-    @torch.inference_mode()
     def _prefill(self, requests: Sequence[Request], out: _Deliveries) -> None:
         n, p = len(requests), max(r.num_prompt_tokens for r in requests)
         ids = torch.full((n, p), self.pad_token_id, dtype=torch.long)
@@ -266,7 +271,6 @@ class Engine:
         done = [first + i for i, (r, t) in enumerate(zip(requests, tokens.tolist())) if self._update(r, t, out)]
         self.batch.remove(done)
 
-    @torch.inference_mode()
     def _decode(self, out: _Deliveries) -> None:
         batch = self.batch
         b = batch.size

@@ -221,3 +221,20 @@ async def test_broken_streamer_does_not_fail_the_request(llm):
 
     expected = await llm.arun("Hello", max_tokens=6)
     assert await llm.arun("Hello", max_tokens=6, streamer=Broken()) == expected
+
+
+async def test_aborting_a_middle_row_keeps_the_other_rows_exact(llm, tiny_model):
+    """Abort the first of three running rows: the last row moves into its slot and stays exact."""
+    from conftest import reference_ids
+
+    tasks = [
+        asyncio.ensure_future(llm.acomplete(p, chat_template=False, max_tokens=50, ignore_eos=True))
+        for p in ("Hello", "The quick brown fox", "日本語 🎉")
+    ]
+    await wait_for(lambda: llm.stats()["num_running"] == 3)
+    tasks[0].cancel()
+    with anyio.fail_after(30):
+        survivors = await asyncio.gather(*tasks[1:])
+    for result in survivors:
+        assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 50)
+    assert llm.stats()["num_aborted"] == 1 and llm.stats()["num_failed"] == 0
