@@ -15,9 +15,9 @@ import abc
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import anyio
 
@@ -26,10 +26,30 @@ from async_llm.sampling_params import SamplingParams
 T = TypeVar("T")
 
 
-def check_prompt(prompt: Any) -> str:
-    """Raise ``TypeError`` unless ``prompt`` is a str."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+Message = Mapping[str, str]
+Prompt = Union[str, Sequence[Message]]
+
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+def check_prompt(prompt: Any) -> Prompt:
+    """Check a prompt: a str, or a chat as a list of ``{"role": ..., "content": ...}`` messages.
+
+    Raises:
+        TypeError: Neither a str nor a list of messages with str roles and contents.
+        ValueError: An empty chat or an unknown role.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt is an empty list of messages")
+    for i, message in enumerate(prompt):
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            raise TypeError(f"prompt message {i} must be a mapping with a str 'content'")
+        if message.get("role") not in _ROLES:
+            raise ValueError(f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(_ROLES)}")
     return prompt
 
 
@@ -141,7 +161,7 @@ class BaseLLM(abc.ABC):
             Any error of :meth:`arun`; the other requests of the call are then cancelled.
         """
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of str, not a single str (use arun)")
+            raise TypeError("prompts must be a list of prompts, not a single str (use arun)")
         prompts = [check_prompt(p) for p in prompts]
         self.validate(**overrides)
         tasks = [asyncio.ensure_future(self.arun(p, **overrides)) for p in prompts]

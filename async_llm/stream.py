@@ -11,6 +11,7 @@ costs at most the request's own text in memory (bounded by ``max_tokens``) and n
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -26,9 +27,16 @@ class TokenStream:
     aborts the request; the engine frees its batch row at the next step.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        abort: Callable[[str], None],
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.loop = loop
+        self.prompt_token_ids: list[int] = prompt_token_ids or []
         self._abort = abort
         self._pending: list[str] = []
         self._waiter: asyncio.Future[None] | None = None
@@ -36,6 +44,10 @@ class TokenStream:
         self._closed = False
         self.token_ids: list[int] = []  # every generated token id, eos included
         self.finish_reason: FinishReason | None = None
+        # Timings as the consumer sees them (perf_counter on the loop, delivery included).
+        self.created_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,9 +66,13 @@ class TokenStream:
             return  # already ended (e.g. closed by the consumer before the engine noticed)
         if text:
             self._pending.append(text)
-        self.token_ids.extend(token_ids)
+        if token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.token_ids.extend(token_ids)
         if finish_reason is not None:
             self.finish_reason = finish_reason
+            self.finished_at = time.perf_counter()
             self._error = error
         waiter = self._waiter
         if waiter is not None and not waiter.done():

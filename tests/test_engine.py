@@ -137,3 +137,32 @@ async def test_loads_from_folder(tiny_model_dir, tiny_model):
     async with HuggingFaceLLM(tiny_model_dir, device="cpu", max_tokens=10, chat_template=False) as llm:
         result = await llm.acomplete("Hello")
         assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 10)
+
+
+async def test_chat_messages_go_through_the_template(llm, tiny_tokenizer):
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    stream = await llm.submit(chat, max_tokens=5, ignore_eos=True)
+    async with stream:
+        text = "".join([d async for d in stream])
+    expected = tiny_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert stream.prompt_token_ids == tiny_tokenizer(expected, add_special_tokens=False).input_ids
+    assert len(stream.token_ids) == 5 and stream.finish_reason.value == "length"
+    assert text == tiny_tokenizer.decode(stream.token_ids, skip_special_tokens=True)
+
+
+async def test_str_prompt_uses_system_prompt_and_template(tiny_model, tiny_tokenizer):
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, system_prompt="Be brief.") as llm:
+        ids = llm.encode("Hello")
+        text = tiny_tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+        assert llm.encode("Hello", chat_template=False) == tiny_tokenizer("Hello").input_ids
+
+
+async def test_completion_timings_are_consistent(llm):
+    result = await llm.acomplete("Hello", max_tokens=10, ignore_eos=True)
+    assert 0 < result.time_to_first_token <= result.latency

@@ -81,12 +81,18 @@ async def test_llm_rejects_bad_input_before_queueing(llm):
         await llm.arun("hi", temperature=-1)
     with pytest.raises(TypeError, match="unknown sampling parameter"):
         await llm.arun("hi", foo=1)
-    with pytest.raises(TypeError, match="list of str"):
+    with pytest.raises(TypeError, match="list of prompts"):
         await llm.abatch_run("not a list")
     with pytest.raises(TypeError, match="prompt must be a str"):
         await llm.abatch_run(["ok", 5])
     with pytest.raises(ValueError, match="empty"):
         await llm.arun("", chat_template=False)
+    with pytest.raises(ValueError, match="empty list of messages"):
+        await llm.arun([])
+    with pytest.raises(TypeError, match="message 0"):
+        await llm.arun([{"role": "user", "content": 3}])
+    with pytest.raises(ValueError, match="role 'wizard'"):
+        await llm.arun([{"role": "wizard", "content": "hi"}])
     with pytest.raises(ValueError, match="context of 1024 tokens"):
         await llm.arun("word " * 2000)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ import anyio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from async_llm.base import BaseLLM, check_prompt
+from async_llm.base import BaseLLM, Prompt, check_prompt
 from async_llm.detokenizer import Detokenizer
 from async_llm.engine import Engine
 from async_llm.log import get_logger
@@ -136,23 +135,30 @@ class HuggingFaceLLM(BaseLLM):
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
 
     # -- prompts ----------------------------------------------------------------------------------------
-    def encode(self, prompt: str, *, chat_template: bool | None = None, system_prompt: str | None = None) -> list[int]:
-        """Token ids the model sees for ``prompt`` (through the chat template unless turned off).
+    def encode(self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None) -> list[int]:
+        """Token ids the model sees for ``prompt``.
+
+        A str goes through the tokenizer's chat template as one user message (after ``system_prompt``)
+        unless the template is turned off or missing; a list of messages always goes through it.
 
         Raises:
-            TypeError: ``prompt`` is not a str.
-            ValueError: The prompt encodes to no tokens.
+            TypeError: ``prompt`` is neither a str nor a list of messages.
+            ValueError: The prompt encodes to no tokens, or messages with a tokenizer that has no template.
         """
         check_prompt(prompt)
         use_template = self.chat_template if chat_template is None else chat_template
-        system = self.system_prompt if system_prompt is None else system_prompt
-        if use_template and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt})
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if isinstance(prompt, str) and not (use_template and has_template):
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            if not has_template:
+                raise ValueError("this tokenizer has no chat template: pass the prompt as a str")
+            system = self.system_prompt if system_prompt is None else system_prompt
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if system and messages[0].get("role") != "system":
+                messages.insert(0, {"role": "system", "content": system})
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = self.tokenizer(prompt).input_ids
         if not ids:
             raise ValueError("prompt is empty: it encodes to no tokens (pass chat_template=True or some text)")
         return list(ids)
@@ -169,7 +175,7 @@ class HuggingFaceLLM(BaseLLM):
     # -- async primitives ---------------------------------------------------------------------------
     def astream(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
@@ -185,19 +191,42 @@ class HuggingFaceLLM(BaseLLM):
                 ``AsyncTextIteratorStreamer``) also fed with this request's tokens.
         """
         check_prompt(prompt)
-        params = self.validate(**overrides)  # raises now, before anything is queued
-        return self._stream(prompt, params, chat_template, system_prompt, streamer)
+        self.validate(**overrides)  # raises now, at the call, before anything is queued
+        kwargs = dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides)
+        return self._stream(prompt, kwargs)
 
-    async def _submit(
-        self, prompt: str, params: SamplingParams, chat_template: bool | None, system_prompt: str | None, streamer: Any
-    ) -> tuple[Request, TokenStream]:
+    async def submit(
+        self,
+        prompt: Prompt,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        streamer: Any = None,
+        **overrides: Any,
+    ) -> TokenStream:
+        """Queue one request and return its stream (the primitive the other methods build on).
+
+        Args:
+            prompt: A str, or a chat as a list of ``{"role", "content"}`` messages.
+            chat_template, system_prompt, streamer, **overrides: See :meth:`astream`.
+
+        Returns:
+            The request's :class:`TokenStream`: iterate it for text deltas; it also carries
+            ``prompt_token_ids``, ``token_ids``, ``finish_reason`` and timings. Close it (or use
+            ``async with``) to abort the request early.
+
+        Raises:
+            Same as :meth:`astream`, before anything is queued.
+        """
+        check_prompt(prompt)
+        params = self.validate(**overrides)
         # Tokenising a long prompt takes real time: keep it off the event loop.
         prompt_ids = await anyio.to_thread.run_sync(
             lambda: self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
         )
         self._check_fits(prompt_ids, params)
         request_id = uuid.uuid4().hex[:16]
-        stream = TokenStream(request_id, asyncio.get_running_loop(), self.engine.abort)
+        stream = TokenStream(request_id, asyncio.get_running_loop(), self.engine.abort, prompt_ids)
         request = Request(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -207,48 +236,37 @@ class HuggingFaceLLM(BaseLLM):
             eos_token_ids=self.eos_token_ids,
             streamer=streamer,
         )
-        self.engine.submit(request)
         if streamer is not None:
             # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
             streamer.put(torch.tensor([prompt_ids]))
-        return request, stream
+        self.engine.submit(request)
+        return stream
 
-    async def _stream(
-        self, prompt: str, params: SamplingParams, chat_template: bool | None, system_prompt: str | None, streamer: Any
-    ) -> AsyncIterator[str]:
-        _, stream = await self._submit(prompt, params, chat_template, system_prompt, streamer)
-        async with stream:
+    async def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[str]:
+        async with await self.submit(prompt, **kwargs) as stream:
             async for delta in stream:
                 yield delta
 
-    async def acomplete(
-        self,
-        prompt: str,
-        *,
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        streamer: Any = None,
-        **overrides: Any,
-    ) -> Completion:
+    async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Like :meth:`arun`, with the token ids, finish reason and timings.
+
+        Args:
+            prompt, **kwargs: As for :meth:`astream`.
 
         Raises:
             Same as :meth:`BaseLLM.arun`.
         """
-        check_prompt(prompt)
-        params = self.validate(**overrides)
-        request, stream = await self._submit(prompt, params, chat_template, system_prompt, streamer)
-        async with stream:
+        async with await self.submit(prompt, **kwargs) as stream:
             text = "".join([delta async for delta in stream])
-        assert stream.finish_reason is not None
-        first = request.first_token_time
+        assert stream.finish_reason is not None and stream.finished_at is not None
+        first = stream.first_token_at
         return Completion(
             text=text,
-            prompt_token_ids=request.prompt_ids,
+            prompt_token_ids=stream.prompt_token_ids,
             token_ids=list(stream.token_ids),
             finish_reason=stream.finish_reason.value,
-            time_to_first_token=None if first is None else first - request.arrival_time,
-            latency=time.perf_counter() - request.arrival_time,
+            time_to_first_token=None if first is None else first - stream.created_at,
+            latency=stream.finished_at - stream.created_at,
         )
 
     def stats(self) -> dict[str, int]:
