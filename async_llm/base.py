@@ -1,35 +1,42 @@
 """BaseLLM: the async-first interface every model backend implements.
 
-Subclasses implement the async primitives (:meth:`BaseLLM.astream` and :meth:`BaseLLM._close_backend`);
-everything else is built on them here. The sync wrappers run the coroutine on a private event loop
-in a daemon thread, so they work the same with no loop at all and when called from inside a running
-loop (Jupyter, a sync helper called from async code): ``asyncio.run`` is never nested and the
-caller's loop is never re-entered. (anyio's blocking portal would do the same, but its thread is a
-non-daemon executor worker that the interpreter joins at exit, so a script that forgot ``close()``
-would hang on exit.)
+Subclasses implement the async primitives (:meth:`BaseLLM.astream`, :meth:`BaseLLM._close_backend`)
+and a few backend hooks; everything else (sync wrappers, batch runs, chat and history, settings,
+metrics, event log, checkpoints) is built on them here and in the mixins.
+
+The sync wrappers run the coroutine on a private event loop in a daemon thread, so they work the
+same with no loop at all and when called from inside a running loop (Jupyter, a sync helper called
+from async code): ``asyncio.run`` is never nested and the caller's loop is never re-entered.
+(anyio's blocking portal would do the same, but its thread is a non-daemon executor worker that the
+interpreter joins at exit, so a script that forgot ``close()`` would hang on exit.)
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Union
 
 import anyio
 
+from async_llm import checkpoint
+from async_llm.chat import ROLES, ChatMixin, parse_history
+from async_llm.event_log import EventLog
+from async_llm.log import get_logger
+from async_llm.metrics import MetricsRecorder, RequestMetrics, resource_utilization
 from async_llm.sampling_params import SamplingParams
+from async_llm.settings import SettingsMixin
 
 T = TypeVar("T")
-
-
+_events = get_logger("async_llm.events")
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
-
-_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
 def check_prompt(prompt: Any) -> Prompt:
@@ -48,8 +55,8 @@ def check_prompt(prompt: Any) -> Prompt:
     for i, message in enumerate(prompt):
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
             raise TypeError(f"prompt message {i} must be a mapping with a str 'content'")
-        if message.get("role") not in _ROLES:
-            raise ValueError(f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(_ROLES)}")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}")
     return prompt
 
 
@@ -69,43 +76,58 @@ class _LoopThread:
 
     def stop(self) -> None:
         if threading.current_thread() is self._thread:
-            self.loop.call_soon(self.loop.stop)  # closed by the thread itself when it returns
+            self.loop.call_soon(self.loop.stop)
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
 
 
-class BaseLLM(abc.ABC):
+class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
     """Async-first language model interface.
 
     Args:
         system_prompt: Prepended as a system message when prompts go through the chat template.
         chat_template: Format prompts with the tokenizer's chat template when it has one; ``False``
             sends raw text (plain completion). Can be overridden per call.
-        **sampling_defaults: Defaults for every request (see :class:`SamplingParams`); each call can
-            override them.
+        role: Role of the caller's messages in :meth:`chat` (default ``"user"``).
+        history: Initial conversation for :meth:`chat` (messages or a transcript).
+        **sampling_defaults: Defaults for every request (see :class:`SamplingParams`, aliases
+            included); each call can override them. They are also attributes (``llm.temperature``)
+            with ``set_*`` setters, validated on every change.
 
     Raises:
-        TypeError, ValueError: A sampling default is invalid.
+        TypeError, ValueError: A setting is invalid.
     """
 
-    def __init__(self, *, system_prompt: str | None = None, chat_template: bool = True, **sampling_defaults: Any) -> None:
+    def __init__(
+        self,
+        *,
+        system_prompt: str | None = None,
+        chat_template: bool = True,
+        role: str = "user",
+        history: str | Sequence[Message] | None = None,
+        **sampling_defaults: Any,
+    ) -> None:
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise TypeError(f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
         self.system_prompt = system_prompt
         self.chat_template = chat_template
+        self.role = role
+        self.history: list[dict[str, str]] = parse_history(history) if history is not None else []
         self.sampling_defaults = SamplingParams().merge(**sampling_defaults)
+        self.metrics_recorder = MetricsRecorder()
+        self._event_log: EventLog | None = None
         self._sync_loop: _LoopThread | None = None
         self._sync_lock = threading.Lock()
 
-    # -- async primitives ---------------------------------------------------------------------------
+    # -- backend hooks ----------------------------------------------------------------------------------
     @abc.abstractmethod
-    def astream(self, prompt: str, **overrides: Any) -> AsyncIterator[str]:
+    def astream(self, prompt: Prompt, **overrides: Any) -> AsyncIterator[str]:
         """Stream the completion of ``prompt`` as text deltas.
 
         Args:
-            prompt: The prompt text.
+            prompt: A str, or a chat as a list of ``{"role", "content"}`` messages.
             **overrides: Per-request sampling parameters (see :class:`SamplingParams`).
 
         Returns:
@@ -113,7 +135,7 @@ class BaseLLM(abc.ABC):
             early or cancelling the consuming task aborts the request.
 
         Raises:
-            TypeError: ``prompt`` is not a str, or an unknown/ill-typed parameter.
+            TypeError: ``prompt`` is not a str or messages, or an unknown/ill-typed parameter.
             ValueError: A parameter is out of range, or the prompt does not fit the model's context.
             QueueFullError: The engine's queue is full.
         """
@@ -122,42 +144,71 @@ class BaseLLM(abc.ABC):
     def _close_backend(self) -> None:
         """Release the backend (may block; called off the event loop by :meth:`aclose`)."""
 
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` for this model's tokenizer (no special tokens)."""
+
+    @abc.abstractmethod
+    def set_model_name(self, model_name: str) -> None:
+        """Load another model and serve it from now on (requests in flight finish on the old one)."""
+
+    @abc.abstractmethod
+    def set_device(self, device: str | None) -> None:
+        """Move the model to ``device`` once the requests in flight are done."""
+
+    @abc.abstractmethod
+    def _save_weights(self, folder: Path) -> None:
+        """Write the model and tokenizer with ``save_pretrained`` (blocking)."""
+
     def stats(self) -> dict[str, int]:
         """Engine counters; backends without an engine return an empty dict."""
         return {}
 
+    # -- generation -------------------------------------------------------------------------------------
     def validate(self, **overrides: Any) -> SamplingParams:
         """The defaults merged with ``overrides``, validated (raises before anything is queued)."""
         return self.sampling_defaults.merge(**overrides)
 
-    async def arun(self, prompt: str, **overrides: Any) -> str:
+    async def arun(self, prompt: Prompt, **overrides: Any) -> Any:
         """Generate the completion of ``prompt``.
 
         Args:
-            prompt: The prompt text.
+            prompt: A str, or a chat as a list of messages.
             **overrides: Per-request sampling parameters.
 
         Returns:
-            The generated text (stop strings and the eos token excluded).
+            The generated text (stop strings and the eos token excluded); a list of ``n`` texts
+            when ``n`` (``num_return_sequences``) is greater than 1.
 
         Raises:
             Same as :meth:`astream`; plus :class:`GenerationError` if the model step failed and
             :class:`EngineClosedError` if the LLM was closed meanwhile.
         """
+        start = time.perf_counter()
+        first: float | None = None
         parts: list[str] = []
-        async with contextlib.aclosing(self.astream(prompt, **overrides)) as stream:  # type: ignore[type-var]
+        stream = self.astream(prompt, **overrides)
+        try:
             async for delta in stream:
+                first = first or time.perf_counter()
                 parts.append(delta)
-        return "".join(parts)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        text = "".join(parts)
+        end = time.perf_counter()
+        self.metrics_recorder.record(
+            RequestMetrics(0, self.count_tokens(text), None if first is None else first - start, end - start)
+        )
+        return text
 
-    async def abatch_run(self, prompts: Iterable[str], **overrides: Any) -> list[str]:
+    async def abatch_run(self, prompts: Iterable[Prompt], **overrides: Any) -> list[Any]:
         """Generate completions of all ``prompts`` concurrently (they share the batch).
 
         Returns:
-            The texts in input order.
+            The results in input order (each a str, or a list of str when ``n`` > 1).
 
         Raises:
-            TypeError: ``prompts`` is a str or holds a non-str (checked before anything is queued).
+            TypeError: ``prompts`` is a str or holds an invalid prompt (checked before anything is queued).
             Any error of :meth:`arun`; the other requests of the call are then cancelled.
         """
         if isinstance(prompts, str):
@@ -173,16 +224,26 @@ class BaseLLM(abc.ABC):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    # -- sync wrappers --------------------------------------------------------------------------------
-    def run(self, prompt: str, **overrides: Any) -> str:
+    async def agenerate(self, prompt: Prompt, max_length: int | None = None, **overrides: Any) -> Any:
+        """:meth:`arun` with ``max_length`` (prompt plus output tokens), as in transformers."""
+        if max_length is not None:
+            overrides["max_length"] = max_length
+        return await self.arun(prompt, **overrides)
+
+    # -- sync wrappers ------------------------------------------------------------------------------------
+    def run(self, prompt: Prompt, **overrides: Any) -> Any:
         """Blocking :meth:`arun`; works with or without a running event loop in this thread."""
         return self._call_sync(self.arun, prompt, **overrides)
 
-    def batch_run(self, prompts: Iterable[str], **overrides: Any) -> list[str]:
+    def batch_run(self, prompts: Iterable[Prompt], **overrides: Any) -> list[Any]:
         """Blocking :meth:`abatch_run`; works with or without a running event loop in this thread."""
         return self._call_sync(self.abatch_run, list(prompts), **overrides)
 
-    def __call__(self, prompt: str, **overrides: Any) -> str:
+    def generate(self, prompt: Prompt, max_length: int | None = None, **overrides: Any) -> Any:
+        """Blocking :meth:`agenerate`."""
+        return self._call_sync(self.agenerate, prompt, max_length, **overrides)
+
+    def __call__(self, prompt: Prompt, **overrides: Any) -> Any:
         """Same as :meth:`run`."""
         return self.run(prompt, **overrides)
 
@@ -193,17 +254,119 @@ class BaseLLM(abc.ABC):
             loop_thread = self._sync_loop
         return loop_thread.call(fn(*args, **kwargs))
 
-    def _stop_sync_loop(self) -> None:
+    # -- metrics ------------------------------------------------------------------------------------------
+    def _num_tokens(self, text: str) -> int:
+        """Tokens in ``text`` (this model's tokenizer)."""
+        return self.count_tokens(text)
+
+    def _tokens_per_second(self) -> float:
+        """Output tokens per second of the last finished request (0.0 before any)."""
+        last = self.metrics_recorder.last
+        return last.tokens_per_second if last else 0.0
+
+    def _time_for_generation(self, task: Prompt, **overrides: Any) -> float:
+        """Run ``task`` and return the seconds it took."""
+        start = time.perf_counter()
+        self.run(task, **overrides)
+        return time.perf_counter() - start
+
+    def get_generation_time(self) -> float:
+        """Seconds the last finished request took, submission to last token (0.0 before any)."""
+        last = self.metrics_recorder.last
+        return last.latency if last else 0.0
+
+    def get_time_to_first_token(self) -> float | None:
+        """Seconds from submission to the first token of the last finished request."""
+        last = self.metrics_recorder.last
+        return last.time_to_first_token if last else None
+
+    def metrics(self) -> dict[str, Any]:
+        """Per-request aggregates (totals, tokens/s, time to first token and latency percentiles)
+        and the engine's counters."""
+        return {**self.metrics_recorder.summary(), "engine": self.stats()}
+
+    def track_resource_utilization(self) -> dict[str, Any]:
+        """CPU and memory of this process, and allocated/reserved memory on a CUDA device."""
+        return resource_utilization(getattr(self, "device", None))
+
+    # -- event log ----------------------------------------------------------------------------------------
+    def enable_logging(self, log_file: str | os.PathLike[str] = "model.log") -> None:
+        """Write the library's events (requests admitted/finished/aborted, :meth:`log_event`) to
+        ``log_file`` as JSON lines, from a background writer thread. Closed (and flushed) on close."""
+        if self._event_log is not None:
+            self._event_log.close()
+        self._event_log = EventLog(log_file)
+
+    def log_event(self, message: str, **fields: Any) -> None:
+        """Log an application event (structured ``fields`` allowed) through the library's logger."""
+        _events.info(message, **fields)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    async def asave_checkpoint(self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False) -> Path:
+        """Save settings, history and metric totals as JSON (atomically), and optionally the weights.
+
+        Returns:
+            The path of ``checkpoint.json``.
+        """
+        folder = Path(checkpoint_dir)
+        weights = None
+        if save_weights:
+            await anyio.to_thread.run_sync(self._save_weights, folder / checkpoint.WEIGHTS_DIR)
+            weights = checkpoint.WEIGHTS_DIR
+        payload = {
+            "model_name": getattr(self, "model_name", None),
+            "settings": {
+                "sampling": self.sampling_defaults.to_dict(),
+                "system_prompt": self.system_prompt,
+                "role": self.role,
+                "chat_template": self.chat_template,
+            },
+            "history": list(self.history),
+            "metrics": self.metrics_recorder.summary(),
+            "weights": weights,
+        }
+        return await checkpoint.write(folder, payload)
+
+    async def aload_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore a checkpoint written by :meth:`asave_checkpoint` (and its weights, if saved).
+
+        Raises:
+            FileNotFoundError: Nothing there. :class:`CheckpointError`: corrupt or invalid; in both
+            cases nothing is changed.
+        """
+        data = await checkpoint.read(path)
+        settings = data["settings"]
+        role = settings.get("role") or "user"
+        if role not in ROLES:
+            raise checkpoint.CheckpointError(f"invalid checkpoint {str(path)!r}: unknown role {role!r}")
+        if data["weights"] is not None:
+            await anyio.to_thread.run_sync(self.set_model_name, str(data["weights"]))
+        self.sampling_defaults = data["params"]
+        self.system_prompt = settings.get("system_prompt")
+        self.role = role
+        self.chat_template = bool(settings.get("chat_template", True))
+        self.history = [dict(m) for m in data["history"]]
+        self.metrics_recorder.restore(data["metrics"])
+
+    def save_checkpoint(self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False) -> Path:
+        """Blocking :meth:`asave_checkpoint`."""
+        return self._call_sync(self.asave_checkpoint, checkpoint_dir, save_weights)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Blocking :meth:`aload_checkpoint`."""
+        self._call_sync(self.aload_checkpoint, path)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Fail pending requests with :class:`EngineClosedError`, flush the event log, release
+        everything. Idempotent."""
+        self._close_backend()
+        if self._event_log is not None:
+            self._event_log.close()
         with self._sync_lock:
             loop_thread, self._sync_loop = self._sync_loop, None
         if loop_thread is not None:
             loop_thread.stop()
-
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Fail pending requests with :class:`EngineClosedError` and release everything. Idempotent."""
-        self._close_backend()
-        self._stop_sync_loop()
 
     async def aclose(self) -> None:
         """Async :meth:`close`; the blocking part runs in a worker thread."""

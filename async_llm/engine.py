@@ -2,14 +2,11 @@
 
 One dedicated thread owns the model and the running batch, so the batch outlives any one event
 loop, many loops (and sync callers) can submit at once, and torch computes with the GIL released.
-Callers talk to it only through :meth:`Engine.submit` and :meth:`Engine.abort`, both thread-safe.
-Results go back to each caller's loop with one ``call_soon_threadsafe`` per loop per step.
+Callers talk to it only through the thread-safe :class:`Worker` API (submit, abort, close).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,86 +15,31 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from async_llm.batch import PaddedBatch
+from async_llm.delivery import Deliveries
+from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
-from async_llm.errors import EngineClosedError, GenerationError, QueueFullError, RequestAbortedError
 from async_llm.request import FinishReason, Request
 from async_llm.sampling import SamplingBatch, apply_penalties, sample
 from async_llm.scheduler import Scheduler
-from async_llm.stream import TokenStream
+from async_llm.worker import Worker
 
 log = get_logger("async_llm.engine")
 
 
-class _Deliveries:
-    """One step's results, grouped per event loop so each loop gets one callback per step."""
-
-    def __init__(self) -> None:
-        # stream -> [text parts, token ids, finish reason, error]
-        self._items: dict[TokenStream, list[Any]] = {}
-
-    def add(
-        self,
-        request: Request,
-        text: str = "",
-        token: int | None = None,
-        reason: FinishReason | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        item = self._items.setdefault(request.stream, [[], [], None, None])
-        if text:
-            item[0].append(text)
-        if token is not None:
-            item[1].append(token)
-        if reason is not None:
-            item[2], item[3] = reason, error
-        if request.streamer is not None:
-            _feed_streamer(request, token, reason)
-
-    def flush(self) -> list[TokenStream]:
-        """Hand every loop its results; returns the streams whose loop is gone (to abort)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, str, list[int], Any, Any]]] = {}
-        for stream, (parts, tokens, reason, error) in self._items.items():
-            by_loop.setdefault(stream.loop, []).append((stream, "".join(parts), tokens, reason, error))
-        self._items.clear()
-        orphans: list[TokenStream] = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the caller's loop is closed: nobody will read these streams
-                orphans.extend(stream for stream, *_ in items)
-        return orphans
+def input_device(model: Any) -> torch.device:
+    """Where input ids go: the embedding's device (also right for accelerate-dispatched models)."""
+    return model.get_input_embeddings().weight.device
 
 
-def _deliver(items: list[tuple[TokenStream, str, list[int], Any, Any]]) -> None:
-    for stream, text, tokens, reason, error in items:
-        stream._put(text, tokens, reason, error)
-
-
-def _feed_streamer(request: Request, token: int | None, reason: FinishReason | None) -> None:
-    """Feed a transformers streamer (put/end protocol) from the engine thread.
-
-    A streamer that raises is dropped (and logged): the caller's object must not fail the step of
-    every other request in the batch.
-    """
-    streamer = request.streamer
-    try:
-        if token is not None and not (reason is FinishReason.STOP and token in request.eos_token_ids):
-            streamer.put(torch.tensor([token]))
-        if reason is not None:
-            streamer.end()
-    except Exception as exc:
-        request.streamer = None
-        log.warning("streamer failed; no longer fed", request_id=request.request_id, error=repr(exc))
-
-
-class Engine:
-    """Owns the model, the tokenizer's pad id, the scheduler and the batch; runs on its own thread.
+class Engine(Worker):
+    """Continuous batching: owns the scheduler and the padded batch; runs on its own thread.
 
     Args:
         model: A transformers causal LM, already on its device and in eval mode.
         pad_token_id: Id used for left padding (masked out, any valid id works).
         max_batch_size: Most rows decoded together.
         max_queue_size: Most requests waiting for a row; :meth:`submit` raises past it.
+        max_prefill_tokens: Most prompt tokens prefilled in one step.
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
     """
 
@@ -112,67 +54,34 @@ class Engine:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        super().__init__("async-llm-engine", max_queue_size)
         self.model = model
         self.pad_token_id = pad_token_id
-        self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_queue_size = max_queue_size
         self.scheduler = Scheduler(max_batch_size, max_prefill_tokens)
-        self.batch = PaddedBatch(
-            num_layers=model.config.get_text_config().num_hidden_layers,
-            vocab_size=self.vocab_size,
-            max_rows=max_batch_size,
-            device=self.device,
-            dtype=next(model.parameters()).dtype,
-        )
+        self.busy_seconds = 0.0  # time spent in model steps (for engine tokens/s)
         self._rng = torch.Generator()
         if seed is not None:
             self._rng.manual_seed(seed)
         else:
             self._rng.seed()
-        self._lock = threading.Condition()
-        self._inbox: list[Request] = []
-        self._aborts: set[str] = set()
-        self._num_waiting = 0  # scheduler.waiting length as of the last step (read by submitters)
-        self._closing = False
-        self.steps = 0
-        self._thread = threading.Thread(target=self._run, name="async-llm-engine", daemon=True)
-        self._thread.start()
+        self.batch = self._new_batch()
+        self.start()
 
-    # -- thread-safe API ----------------------------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        """Queue a request. Raises :class:`QueueFullError` or :class:`EngineClosedError` at once."""
-        with self._lock:
-            if self._closing:
-                raise EngineClosedError("the LLM is closed; create a new one to generate")
-            if len(self._inbox) + self._num_waiting >= self.max_queue_size:
-                raise QueueFullError(
-                    f"request queue is full ({self.max_queue_size} waiting); retry later or raise max_queue_size"
-                )
-            self._inbox.append(request)
-            self._lock.notify()
+    def _new_batch(self) -> PaddedBatch:
+        self.device = input_device(self.model)
+        return PaddedBatch(
+            num_layers=self.model.config.get_text_config().num_hidden_layers,
+            vocab_size=self.vocab_size,
+            max_rows=self.scheduler.max_batch_size,
+            device=self.device,
+            dtype=next(self.model.parameters()).dtype,
+        )
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request wherever it is; its row is freed at the next step."""
-        with self._lock:
-            self._aborts.add(request_id)
-            self._lock.notify()
-
-    def close(self, timeout: float | None = 60.0) -> None:
-        """Fail every pending request with :class:`EngineClosedError` and stop the thread. Idempotent."""
-        with self._lock:
-            self._closing = True
-            self._lock.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("engine thread did not stop in time", timeout=timeout)
-
-    @property
-    def closed(self) -> bool:
-        return self._closing
+    def move_to(self, device: torch.device) -> None:
+        """Move the model once nothing is running (engine thread only, through call_when_idle)."""
+        self.model.to(device)
+        self.batch = self._new_batch()
 
     def stats(self) -> dict[str, int]:
         """Counters of the engine (a consistent-enough snapshot; no lock on the hot path)."""
@@ -188,43 +97,32 @@ class Engine:
             "steps": self.steps,
         }
 
-    # -- engine thread --------------------------------------------------------------------------------
-    def _run(self) -> None:
-        # The whole thread runs in inference mode: batch tensors are created in one step (prefill)
-        # and updated in place in another (aborts, evictions), so every step must agree on the mode.
-        with torch.inference_mode():
-            self._serve()
+    # -- Worker hooks (engine thread) -------------------------------------------------------------------
+    def _accept(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.scheduler.add(request)
 
-    def _serve(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._inbox or self._aborts or self.scheduler.has_work or self._closing):
-                    self._lock.wait()
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, set()
-                closing = self._closing
-            out = _Deliveries()
-            try:
-                for request in inbox:
-                    self.scheduler.add(request)
-                if closing:
-                    self._fail_all(out, EngineClosedError("the LLM was closed before this request finished"))
-                    return
-                self._apply_aborts(aborts, out)
-                self._step(out)
-            except Exception as exc:
-                # A fault outside a model step (a bug, a broken tokenizer): the engine thread must not
-                # die with requests waiting on it. Fail what is live and keep serving.
-                log.exception("engine step failed", error=repr(exc))
-                self.batch.clear()
-                self._fail(list(self.scheduler.all_live()), exc, out)
-            finally:
-                self._num_waiting = len(self.scheduler.waiting)
-                for stream in out.flush():  # streams whose loop is gone: nobody will read them
-                    self.abort(stream.request_id)
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work
 
-    def _step(self, out: _Deliveries) -> None:
-        new = self.scheduler.admit()
+    def _is_idle(self) -> bool:
+        return not self.scheduler.running
+
+    def _waiting_count(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _fail_live(self, error: BaseException, out: Deliveries, reason_closed: bool) -> None:
+        self.batch.clear()
+        if reason_closed:
+            for request in self.scheduler.all_live():
+                self.scheduler.finish(request, FinishReason.ABORT)
+                out.add(request, reason=FinishReason.ABORT, error=error)
+        else:
+            self._fail(list(self.scheduler.all_live()), error, out)
+
+    def _step(self, out: Deliveries, admit: bool = True) -> None:
+        started = time.perf_counter()
+        new = self.scheduler.admit() if admit else []
         if new:
             for request in new:
                 log.info("admitted", request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
@@ -239,24 +137,33 @@ class Engine:
             except Exception as exc:  # the batch's state is unknown: fail its rows and start afresh
                 self.batch.clear()
                 self._fail(rows, exc, out)
-        self.steps += 1
+        if new or self.batch.size:
+            self.busy_seconds += time.perf_counter() - started
 
-    def _prefill(self, requests: Sequence[Request], out: _Deliveries) -> None:
-        n, p = len(requests), max(r.num_prompt_tokens for r in requests)
-        ids = torch.full((n, p), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(n, p, dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding: prompts are right-aligned
-            ids[i, p - r.num_prompt_tokens :] = torch.tensor(r.prompt_ids)
-            mask[i, p - r.num_prompt_tokens :] = 1
+    def _prefill(self, requests: Sequence[Request], out: Deliveries) -> None:
+        for r in requests:
             if r.params.seed is not None:
                 r.generator = torch.Generator().manual_seed(r.params.seed)
+        # Rows with the same prompt (the n completions of one request) share one prefill row.
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(r.prompt_ids), len(unique)) for r in requests]
+        n, u, p = len(requests), len(unique), max(len(k) for k in unique)
+        ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(u, p, dtype=torch.long)
+        for i, prompt in enumerate(unique):  # left padding: prompts are right-aligned
+            ids[i, p - len(prompt) :] = torch.tensor(prompt)
+            mask[i, p - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1].float()  # [n, V]
+        ).logits[:, -1].float()  # [u, V]
+        if u < n:
+            index = torch.tensor(row_of, device=self.device)
+            cache.batch_select_indices(index)  # [u, ...] -> [n, ...]
+            ids, mask, logits = ids[index], mask[index], logits[index]
         sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
         counts = prompt_mask = None
         if sb.uses_penalties:
@@ -271,7 +178,7 @@ class Engine:
         done = [first + i for i, (r, t) in enumerate(zip(requests, tokens.tolist())) if self._update(r, t, out)]
         self.batch.remove(done)
 
-    def _decode(self, out: _Deliveries) -> None:
+    def _decode(self, out: Deliveries) -> None:
         batch = self.batch
         b = batch.size
         logits = self.model(**batch.decode_inputs(), logits_to_keep=1).logits[:, -1].float()  # [B, V]
@@ -294,7 +201,7 @@ class Engine:
                 u[i] = torch.rand((), generator=r.generator)
         return u.to(self.device)
 
-    def _update(self, request: Request, token: int, out: _Deliveries) -> bool:
+    def _update(self, request: Request, token: int, out: Deliveries) -> bool:
         """Record one new token of a running request; returns True when the request finished."""
         request.output_ids.append(token)
         self.scheduler.record_tokens(1)
@@ -307,7 +214,7 @@ class Engine:
             reason = FinishReason.STOP
         elif len(request.output_ids) >= request.params.max_tokens:
             reason = FinishReason.LENGTH
-        out.add(request, request.detokenizer.take_delta(final=reason is not None), token, reason)
+        out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason)
         if reason is not None:
             self.scheduler.finish(request, reason)
             log.info(
@@ -316,7 +223,7 @@ class Engine:
             )
         return reason is not None
 
-    def _apply_aborts(self, request_ids: set[str], out: _Deliveries) -> None:
+    def _apply_aborts(self, request_ids: set[str], out: Deliveries) -> None:
         if not request_ids:
             return
         rows = []
@@ -331,7 +238,7 @@ class Engine:
             log.info("aborted", request_id=request_id, tokens=len(request.output_ids))
         self.batch.remove(rows)
 
-    def _fail(self, requests: Sequence[Request], exc: Exception, out: _Deliveries) -> None:
+    def _fail(self, requests: Sequence[Request], exc: Exception, out: Deliveries) -> None:
         for request in requests:
             if request.finished:
                 continue
@@ -342,9 +249,3 @@ class Engine:
             log.error("failed", request_id=request.request_id, error=repr(exc))
         # Rows of failed requests may already sit in the batch (a step can fail after merging them).
         self.batch.remove([i for i, r in enumerate(self.batch.rows) if r.finished])
-
-    def _fail_all(self, out: _Deliveries, error: BaseException) -> None:
-        for request in self.scheduler.all_live():
-            self.scheduler.finish(request, FinishReason.ABORT)
-            out.add(request, reason=FinishReason.ABORT, error=error)
-        self.batch.clear()

@@ -18,6 +18,8 @@ ALIASES: Mapping[str, str] = {
     "repition_penalty": "repetition_penalty",
     "stop_token": "stop",
     "max_new_tokens": "max_tokens",
+    "num_return_sequences": "n",
+    "beam_width": "num_beams",
 }
 
 
@@ -58,6 +60,11 @@ def _stop_tuple(value: Any) -> tuple[str, ...]:
     return stops
 
 
+# Upper bounds that keep one request from taking over the batch (rows) or the device (beams).
+MAX_N = 64
+MAX_BEAMS = 32
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. Every field is validated on construction.
@@ -78,6 +85,13 @@ class SamplingParams:
         ignore_eos: Keep generating past the end-of-sequence token (until ``max_tokens``).
         do_sample: ``None`` samples when ``temperature > 0``; ``False`` forces greedy decoding;
             ``True`` forces sampling (at temperature 1.0 when ``temperature`` is 0).
+        n: Completions per prompt (alias ``num_return_sequences``), decoded as ``n`` rows of the
+            batch sharing one prefill; a seeded request gives row ``i`` the seed ``seed + i``.
+        num_beams: Beam search width (alias ``beam_width``); > 1 decodes through a padded
+            ``model.generate`` group instead of the shared decode step.
+        length_penalty: Beam search only: exponent on the length when scoring finished beams.
+        early_stopping: Beam search only: ``True``, ``False`` or ``"never"``, as in transformers.
+        max_length: Cap on prompt plus output tokens, as in transformers (``max_tokens`` still applies).
 
     Raises:
         TypeError: A field has the wrong type.
@@ -96,6 +110,11 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
     do_sample: bool | None = None
+    n: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
@@ -133,6 +152,27 @@ class SamplingParams:
             raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be a bool or None, got {type(self.do_sample).__name__}")
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        for name, low, high in (("n", 1, MAX_N), ("num_beams", 1, MAX_BEAMS)):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        if self.num_beams > 1 and self.n > self.num_beams:
+            raise ValueError(f"n (num_return_sequences) must be <= num_beams with beam search, got {self.n} > {self.num_beams}")
+        if self.num_beams > 1 and (self.frequency_penalty or self.presence_penalty):
+            raise ValueError("frequency_penalty and presence_penalty are not supported with beam search (num_beams > 1)")
+        object.__setattr__(self, "length_penalty", _number("length_penalty", self.length_penalty))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.max_length is not None:
+            if not _is_int(self.max_length):
+                raise TypeError(f"max_length must be an int or None, got {type(self.max_length).__name__}")
+            if self.max_length < 1:
+                raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -169,6 +209,17 @@ class SamplingParams:
     def effective_temperature(self) -> float:
         """The temperature used when sampling (1.0 when sampling is forced at temperature 0)."""
         return self.temperature if self.temperature > 0 else 1.0
+
+    @property
+    def beam_search(self) -> bool:
+        """Whether this request is decoded by beam search (``num_beams > 1``)."""
+        return self.num_beams > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-friendly values (``stop`` as a list)."""
+        values = dataclasses.asdict(self)
+        values["stop"] = list(self.stop)
+        return values
 
     @property
     def uses_penalties(self) -> bool:

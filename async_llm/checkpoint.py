@@ -1,0 +1,112 @@
+"""Checkpoints of an LLM's settings, history and metrics: JSON, written atomically with aiofiles.
+
+Layout of a checkpoint folder::
+
+    checkpoint.json     {"format": "async_llm.checkpoint", "version": 1, "model_name", "settings",
+                         "history", "metrics", "weights"}
+    model/              optional: save_pretrained weights and tokenizer
+
+The JSON is written to a temporary file in the same folder and renamed over the old one, so a
+crash never leaves a half-written checkpoint. Reading validates everything before anything is
+applied: a corrupt checkpoint raises :class:`CheckpointError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from async_llm.errors import AsyncLLMError
+from async_llm.sampling_params import SamplingParams
+
+FORMAT = "async_llm.checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.json"
+WEIGHTS_DIR = "model"
+
+
+class CheckpointError(AsyncLLMError, ValueError):
+    """A checkpoint is missing pieces, malformed, or from an unknown format version."""
+
+
+async def write(folder: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as ``folder/checkpoint.json`` atomically; returns the file's path."""
+    folder = Path(folder)
+    await aiofiles.os.makedirs(folder, exist_ok=True)
+    target = folder / FILENAME
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".json", dir=folder)
+    os.close(fd)
+    try:
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as f:
+            await f.write(json.dumps({"format": FORMAT, "version": VERSION, **payload}, indent=2))
+            await f.flush()
+        await aiofiles.os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+async def read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a checkpoint (a folder or its ``checkpoint.json``).
+
+    Returns:
+        The payload with ``settings`` turned into a validated :class:`SamplingParams` under
+        ``"params"``, and ``"weights"`` as an absolute path or None.
+
+    Raises:
+        FileNotFoundError: No checkpoint there.
+        CheckpointError: Not valid JSON, wrong format/version, or invalid fields.
+    """
+    path = Path(path)
+    file = path / FILENAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r} (expected {FILENAME})")
+    async with aiofiles.open(file, encoding="utf-8") as f:
+        text = await f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {str(file)!r} is not valid JSON: {exc}") from None
+    return _validate(data, file)
+
+
+def _validate(data: Any, file: Path) -> dict[str, Any]:
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"invalid checkpoint {str(file)!r}: {why}")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise fail(f"not an {FORMAT} file")
+    if data.get("version") != VERSION:
+        raise fail(f"unsupported version {data.get('version')!r} (this library reads version {VERSION})")
+    settings = data.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("sampling"), dict):
+        raise fail("'settings.sampling' is missing")
+    try:
+        params = SamplingParams(**settings["sampling"])
+    except (TypeError, ValueError) as exc:
+        raise fail(f"bad sampling settings: {exc}") from None
+    for key in ("system_prompt", "role"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise fail(f"'settings.{key}' must be a string")
+    history = data.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history
+    ):
+        raise fail("'history' must be a list of {role, content} messages")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise fail("'metrics' must be an object")
+    weights = data.get("weights")
+    if weights is not None:
+        weights = (file.parent / weights).resolve()
+        if not (weights / "config.json").is_file():
+            raise fail(f"weights folder {str(weights)!r} has no config.json")
+    return {**data, "params": params, "history": history, "metrics": metrics, "weights": weights}

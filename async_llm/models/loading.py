@@ -1,0 +1,103 @@
+"""Loading a transformers causal LM: model ids, devices, dtypes, bitsandbytes and accelerate."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from async_llm.errors import AsyncLLMError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# bitsandbytes gained a CPU backend for 8-bit and 4-bit in 0.45.
+_BNB_CPU_SINCE = Version("0.45.0")
+
+
+class UnsupportedConfigurationError(AsyncLLMError, ValueError):
+    """A loading option that cannot work here (checked before anything is loaded)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedConfigurationError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+def resolve_model_path(model_id: str | os.PathLike[str] | None) -> str:
+    """Map ``model_id`` to what ``from_pretrained`` loads: the default model, a GGUF file (converted
+    once into a cached folder), a local folder, or a hub id (returned unchanged)."""
+    if model_id is None:
+        from async_llm.models.default import default_model_path
+
+        return str(default_model_path())
+    path = Path(model_id).expanduser()
+    if path.suffix.lower() == ".gguf":
+        from async_llm.models.gguf import convert_gguf
+
+        return str(convert_gguf(path))
+    return str(path) if path.exists() else str(model_id)
+
+
+def quantization(config: BitsAndBytesConfig | dict[str, Any] | None, device: torch.device) -> BitsAndBytesConfig | None:
+    """Validate a bitsandbytes config for ``device`` before loading anything.
+
+    Raises:
+        TypeError: Neither a ``BitsAndBytesConfig`` nor a dict (or a dict with unknown keys).
+        UnsupportedConfigurationError: bitsandbytes is missing, too old for the CPU, or the device
+            type has no bitsandbytes backend.
+    """
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        config = BitsAndBytesConfig(**config)
+    if not isinstance(config, BitsAndBytesConfig):
+        raise TypeError(f"quantization_config must be a BitsAndBytesConfig or a dict, got {type(config).__name__}")
+    if not (config.load_in_8bit or config.load_in_4bit):
+        raise UnsupportedConfigurationError("quantization_config must set load_in_8bit or load_in_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedConfigurationError("quantization_config needs bitsandbytes: pip install bitsandbytes")
+    if device.type == "cpu" and Version(importlib.metadata.version("bitsandbytes")) < _BNB_CPU_SINCE:
+        raise UnsupportedConfigurationError(f"bitsandbytes >= {_BNB_CPU_SINCE} is needed to quantize on the CPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UnsupportedConfigurationError(f"bitsandbytes quantization does not run on {device.type!r} devices")
+    return config
+
+
+@dataclass
+class LoadOptions:
+    """Everything that decides how a model is loaded (kept to load another one the same way)."""
+
+    device: torch.device
+    dtype: torch.dtype | str | None = None
+    quantization_config: BitsAndBytesConfig | None = None
+    device_map: str | dict[str, Any] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, model_id: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+        """Load ``(model, tokenizer)``, in eval mode, on the device (or dispatched by accelerate)."""
+        path = resolve_model_path(model_id)
+        kwargs = dict(self.model_kwargs)
+        if self.dtype is not None:
+            kwargs["dtype"] = self.dtype
+        if self.quantization_config is not None:
+            kwargs["quantization_config"] = self.quantization_config
+            # Quantized weights can't be moved after loading: place them while loading.
+            kwargs.setdefault("device_map", self.device_map or {"": str(self.device)})
+        elif self.device_map is not None:
+            kwargs["device_map"] = self.device_map  # accelerate dispatch ("auto", "balanced", a dict)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(self.device)
+        return model.eval(), tokenizer

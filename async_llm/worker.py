@@ -1,0 +1,178 @@
+"""Worker: a thread that owns its state and is reached only through a lock-protected inbox.
+
+The engine (continuous batching) and the beam-search runner are both workers: callers on any thread
+or event loop :meth:`Worker.submit` requests and :meth:`Worker.abort` them; the worker thread drains
+its inbox between steps, so everything it owns (model inputs, batch tensors, request states) is
+touched by one thread only.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from async_llm.delivery import Deliveries
+from async_llm.errors import EngineClosedError, QueueFullError
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.worker")
+
+
+class Worker(abc.ABC):
+    """Base of the threads that serve requests.
+
+    Subclasses implement the hooks below; :meth:`start` must be called at the end of their
+    ``__init__``.
+
+    Args:
+        name: Thread name.
+        max_queue_size: Most requests waiting to start; :meth:`submit` raises past it.
+    """
+
+    def __init__(self, name: str, max_queue_size: int) -> None:
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.max_queue_size = max_queue_size
+        self._lock = threading.Condition()
+        self._inbox: list[Any] = []  # requests (or jobs) submitted since the last step
+        self._aborts: set[str] = set()
+        self._idle_calls: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
+        self._num_waiting = 0  # waiting requests as of the last step (read by submitters)
+        self._closing = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- hooks (worker thread only) ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _accept(self, items: list[Any]) -> None:
+        """Take newly submitted requests (or jobs) into the waiting queue."""
+
+    @abc.abstractmethod
+    def _has_work(self) -> bool:
+        """Whether anything is waiting or running."""
+
+    @abc.abstractmethod
+    def _is_idle(self) -> bool:
+        """Whether nothing is running (waiting requests are allowed)."""
+
+    @abc.abstractmethod
+    def _waiting_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def _apply_aborts(self, request_ids: set[str], out: Deliveries) -> None: ...
+
+    @abc.abstractmethod
+    def _step(self, out: Deliveries, admit: bool) -> None:
+        """One unit of work; start no new request when ``admit`` is False."""
+
+    @abc.abstractmethod
+    def _fail_live(self, error: BaseException, out: Deliveries, reason_closed: bool) -> None:
+        """End every waiting and running request with ``error`` (after a fault, or at close)."""
+
+    # -- thread-safe API ----------------------------------------------------------------------------------
+    def submit(self, item: Any) -> None:
+        """Queue a request (or job). Raises :class:`QueueFullError` or :class:`EngineClosedError` at once."""
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the LLM is closed; create a new one to generate")
+            if len(self._inbox) + self._num_waiting >= self.max_queue_size:
+                raise QueueFullError(
+                    f"request queue is full ({self.max_queue_size} waiting); retry later or raise max_queue_size"
+                )
+            self._inbox.append(item)
+            self._lock.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request wherever it is; its resources are freed at the next step."""
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify()
+
+    def is_aborted(self, request_id: str) -> bool:
+        """Whether an abort of ``request_id`` is pending (for checks in the middle of a step)."""
+        with self._lock:
+            return request_id in self._aborts
+
+    def call_when_idle(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the worker thread once nothing is running; new requests wait until then."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the LLM is closed")
+            self._idle_calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Fail every pending request with :class:`EngineClosedError` and stop the thread. Idempotent."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("worker thread did not stop in time", thread=self._thread.name, timeout=timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    # -- worker thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        # The whole thread runs in inference mode: tensors are created in one step (prefill) and
+        # updated in place in another (aborts, evictions), so every step must agree on the mode.
+        with torch.inference_mode():
+            while self._iteration():
+                pass
+
+    def _iteration(self) -> bool:
+        with self._lock:
+            while not (self._inbox or self._aborts or self._idle_calls or self._closing or self._has_work()):
+                self._lock.wait()
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+            idle_calls, self._idle_calls = self._idle_calls, []
+            closing = self._closing
+        out = Deliveries()
+        try:
+            self._accept(inbox)
+            if closing:
+                self._fail_live(EngineClosedError("the LLM was closed before this request finished"), out, True)
+                for _, future in idle_calls:
+                    future.set_exception(EngineClosedError("the LLM was closed"))
+                return False
+            self._apply_aborts(aborts, out)
+            if idle_calls and self._is_idle():
+                for fn, future in idle_calls:
+                    self._call(fn, future)
+                idle_calls = []
+            self._step(out, admit=not idle_calls)
+        except Exception as exc:
+            # A fault outside a guarded model step (a bug, a broken tokenizer): the thread must not
+            # die with requests waiting on it. Fail what is live and keep serving.
+            log.exception("worker step failed", thread=self._thread.name, error=repr(exc))
+            self._fail_live(exc, out, False)
+        finally:
+            if idle_calls:  # still busy: keep them for a later step
+                with self._lock:
+                    self._idle_calls[:0] = idle_calls
+            self._num_waiting = self._waiting_count()
+            for stream in out.flush():  # streams whose loop is gone: nobody will read them
+                self.abort(stream.request_id)
+        self.steps += 1
+        return True
+
+    @staticmethod
+    def _call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
