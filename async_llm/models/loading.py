@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,11 @@ def quantization(config: BitsAndBytesConfig | dict[str, Any] | None, device: tor
     if config is None:
         return None
     if isinstance(config, dict):
+        # BitsAndBytesConfig accepts (and ignores) unknown keys: a typo would silently not quantize.
+        known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise TypeError(f"unknown quantization_config keys {unknown}; BitsAndBytesConfig takes {sorted(known)}")
         config = BitsAndBytesConfig(**config)
     if not isinstance(config, BitsAndBytesConfig):
         raise TypeError(f"quantization_config must be a BitsAndBytesConfig or a dict, got {type(config).__name__}")
