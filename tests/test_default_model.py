@@ -46,3 +46,30 @@ async def test_stop_string_on_real_text(smollm):
 def test_sync_run_and_system_prompt(smollm):
     text = smollm.run("What is the capital of France?", system_prompt="Answer in one word.", max_tokens=8)
     assert "Paris" in text
+
+
+async def test_chat_answers_from_the_conversation(smollm):
+    question = "What is the capital of the country we are talking about?"
+    alone = await smollm.arun(question, max_tokens=32)
+    smollm.clear_history()
+    await smollm.achat("Let's talk about Japan.", max_tokens=32)
+    reply = await smollm.achat(question, max_tokens=32)
+    assert "Tokyo" in reply and "Tokyo" not in alone  # the answer comes from the history
+    assert [m["role"] for m in smollm.history] == ["user", "assistant", "user", "assistant"]
+    smollm.clear_history()
+
+
+async def test_summary_keeps_the_key_facts(smollm):
+    text = (
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+        "from 1887 to 1889. It was the entrance arch to the 1889 World's Fair and is now one of the "
+        "most visited monuments in the world."
+    )
+    summary = await smollm.agenerate_summary(text, max_tokens=80)
+    assert "Eiffel" in summary and len(summary) < len(text) * 2
+
+
+async def test_beam_search_on_the_real_model(smollm):
+    answer = await smollm.arun("What is the capital of France?", num_beams=3, max_tokens=24)
+    assert "Paris" in answer
