@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,26 @@ def quantization(config: BitsAndBytesConfig | dict[str, Any] | None, device: tor
     if device.type not in ("cpu", "cuda"):
         raise UnsupportedConfigurationError(f"bitsandbytes quantization does not run on {device.type!r} devices")
     return config
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message through once (bitsandbytes warns on every 8-bit matmul call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+_BNB_MATMUL_LOGGER = logging.getLogger("bitsandbytes.autograd._functions")
+if not any(isinstance(f, _OncePerMessage) for f in _BNB_MATMUL_LOGGER.filters):
+    _BNB_MATMUL_LOGGER.addFilter(_OncePerMessage())
 
 
 @dataclass
