@@ -105,12 +105,11 @@ class PaddedBatch:
         self.start = 0
         self.end = 0
         self.kv: torch.Tensor | None = None  # [layers, 2, B_cap, H, L_cap, D]
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B_cap, L_cap]
-        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [B_cap]
-        self.last_tokens = torch.zeros(0, dtype=torch.long, device=device)  # [B_cap]
+        self.mask = self.lengths = self.last_tokens = torch.zeros(0)  # [B_cap, L_cap], [B_cap], [B_cap]
         self.counts: torch.Tensor | None = None  # [B_cap, V] output token counts, only with penalties
         self.prompt_mask: torch.Tensor | None = None  # [B_cap, V] bool, only with penalties
         self.sampling: SamplingBatch | None = None
+        self.clear()
         self.cache = PaddedKVCache(self, num_layers)
 
     @property
@@ -154,7 +153,7 @@ class PaddedBatch:
             self.kv[i, 1, rows, :, cols] = torch.where(keep, layer.values, 0)
         self.mask[rows] = 0
         self.mask[rows, cols] = prefill_mask
-        new_lengths = [len(r.prompt_ids) for r in requests]
+        new_lengths = [len(r.context_ids) for r in requests]
         self.lengths[rows] = torch.tensor(new_lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
         self._add_penalty_rows(rows, counts, prompt_mask)
@@ -239,10 +238,9 @@ class PaddedBatch:
         if self.rows:
             # Columns left of the longest row are padding for every row: trim them (no copy).
             self.start = self.end - max(self.row_lengths)
+            self._rebuild_sampling()
         else:
-            self.start = self.end = 0
-            self.counts = self.prompt_mask = None
-        self._rebuild_sampling()
+            self.clear()
 
     def _rebuild_sampling(self) -> None:
         if not self.rows:
@@ -282,9 +280,13 @@ class PaddedBatch:
             self.counts[:b].scatter_add_(1, tokens[:b, None], torch.ones(b, 1, device=self.device))
 
     def clear(self) -> None:
-        """Forget every row (after a failed step); buffers are kept for reuse."""
+        """Forget every row and give the buffers back: an idle engine holds no KV memory."""
         self.rows.clear()
         self.row_lengths.clear()
         self.start = self.end = 0
+        self.kv = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.last_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.counts = self.prompt_mask = None
         self.sampling = None

@@ -125,28 +125,51 @@ class Engine(Worker):
         new = self.scheduler.admit() if admit else []
         if new:
             for request in new:
-                log.info("admitted", request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+                event = "resumed" if request.output_ids else "admitted"
+                log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
             try:
                 self._prefill(new, out)
+            except torch.OutOfMemoryError as exc:
+                self._out_of_memory(new, exc, out)
             except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
                 self._fail(new, exc, out)
         if self.batch.size:
             rows = list(self.batch.rows)
             try:
                 self._decode(out)
+            except torch.OutOfMemoryError as exc:
+                self._out_of_memory([], exc, out)
             except Exception as exc:  # the batch's state is unknown: fail its rows and start afresh
                 self.batch.clear()
                 self._fail(rows, exc, out)
         if new or self.batch.size:
             self.busy_seconds += time.perf_counter() - started
 
+    def _out_of_memory(self, new: Sequence[Request], exc: BaseException, out: Deliveries) -> None:
+        """Split the batch and retry: rows beyond half of the live ones (the newly admitted first,
+        whose prefill did not complete) go back to the front of the queue and resume later by
+        recomputing their cache; a lone row that does not fit fails."""
+        batch = self.batch
+        batch.remove([i for i, r in enumerate(batch.rows) if r in new])  # no half-made rows stay
+        new = [r for r in new if not r.finished]
+        if batch.size + len(new) <= 1:
+            self._fail([*batch.rows, *new], exc, out)
+            return
+        keep = (batch.size + len(new)) // 2
+        evicted = batch.rows[keep:]
+        batch.remove(list(range(keep, batch.size)))
+        self.scheduler.preempt([*evicted, *new], row_limit=keep)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory: batch split", kept=keep, preempted=len(evicted) + len(new), error=repr(exc))
+
     def _prefill(self, requests: Sequence[Request], out: Deliveries) -> None:
         for r in requests:
-            if r.params.seed is not None:
+            if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator().manual_seed(r.params.seed)
         # Rows with the same prompt (the n completions of one request) share one prefill row.
         unique: dict[tuple[int, ...], int] = {}
-        row_of = [unique.setdefault(tuple(r.prompt_ids), len(unique)) for r in requests]
+        row_of = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in requests]
         n, u, p = len(requests), len(unique), max(len(k) for k in unique)
         ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(u, p, dtype=torch.long)
@@ -170,6 +193,11 @@ class Engine(Worker):
             counts = torch.zeros(n, self.vocab_size, device=self.device)
             prompt_mask = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
             prompt_mask.scatter_(1, ids, mask.bool())
+            for i, r in enumerate(requests):  # a resumed request's earlier output counts as output
+                if r.output_ids:
+                    prompt_mask[i] = False
+                    prompt_mask[i, r.prompt_ids] = True
+                    counts[i].index_add_(0, torch.tensor(r.output_ids, device=self.device), torch.ones(len(r.output_ids), device=self.device))
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(requests, sb))
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))

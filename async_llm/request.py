@@ -61,5 +61,11 @@ class Request:
         return len(self.prompt_ids)
 
     @property
+    def context_ids(self) -> list[int]:
+        """What a prefill of this request feeds: the prompt, plus the tokens generated before a
+        preemption (a resumed request recomputes its cache and continues where it stopped)."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

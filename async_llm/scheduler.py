@@ -29,7 +29,10 @@ class Scheduler:
         self.num_finished = 0
         self.num_aborted = 0
         self.num_failed = 0
+        self.num_preempted = 0
         self.peak_batch_size = 0
+        # Halved when the device runs out of memory, raised by one per finished request (AIMD).
+        self.row_limit = max_batch_size
         self.tokens_generated = 0
 
     def add(self, request: Request) -> None:
@@ -40,17 +43,28 @@ class Scheduler:
         """Move waiting requests into the running set while rows and the prefill budget allow."""
         admitted: list[Request] = []
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.row_limit:
             request = self.waiting[0]
-            if admitted and request.num_prompt_tokens > budget:
+            tokens = len(request.context_ids)
+            if admitted and tokens > budget:
                 break
             self.waiting.popleft()
-            budget -= request.num_prompt_tokens
+            budget -= tokens
             request.status = RequestStatus.RUNNING
             self.running[request.request_id] = request
             admitted.append(request)
         self.peak_batch_size = max(self.peak_batch_size, len(self.running))
         return admitted
+
+    def preempt(self, requests: Iterable[Request], row_limit: int) -> None:
+        """Send running requests back to the front of the queue (they keep their output and resume
+        by recomputing their cache), and admit at most ``row_limit`` rows for now."""
+        for request in reversed(list(requests)):
+            del self.running[request.request_id]
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+            self.num_preempted += 1
+        self.row_limit = max(1, row_limit)
 
     def record_tokens(self, count: int) -> None:
         self.tokens_generated += count
@@ -72,6 +86,7 @@ class Scheduler:
             self.num_failed += 1
         else:
             self.num_finished += 1
+            self.row_limit = min(self.max_batch_size, self.row_limit + 1)
 
     def find(self, request_id: str) -> Request | None:
         """The live request with this id, waiting or running, if any."""

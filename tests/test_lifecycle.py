@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import anyio
+import torch
 import pytest
 
 from async_llm import EngineClosedError, GenerationError, HuggingFaceLLM, QueueFullError
@@ -238,3 +239,52 @@ async def test_aborting_a_middle_row_keeps_the_other_rows_exact(llm, tiny_model)
     for result in survivors:
         assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 50)
     assert llm.stats()["num_aborted"] == 1 and llm.stats()["num_failed"] == 0
+
+
+async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_exactly(llm, tiny_model, monkeypatch):
+    """A KV-cache OOM preempts the newest half of the rows; they resume by recomputing their cache."""
+    from conftest import reference_ids
+
+    forward = llm.model.forward
+    ooms = {"n": 0}
+
+    def small_device(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            ooms["n"] += 1
+            raise torch.OutOfMemoryError("injected: KV cache does not fit")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", small_device)
+    prompts = ["Hello", "The quick brown fox", "日本語 🎉", "def hello(name):", "What is the capital of France?"]
+    with anyio.fail_after(60):
+        results = await asyncio.gather(*(
+            llm.acomplete(p, chat_template=False, max_tokens=25, ignore_eos=True, repetition_penalty=1.3) for p in prompts
+        ))
+    assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
+    for result in results:
+        ids = torch.tensor([result.prompt_token_ids])
+        expected = tiny_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, min_new_tokens=25, do_sample=False,
+            repetition_penalty=1.3, pad_token_id=0,
+        )[0, ids.shape[1] :].tolist()
+        assert result.token_ids == expected
+    stats = llm.stats()
+    assert stats["num_failed"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+async def test_out_of_memory_on_a_single_row_fails_only_that_request(llm, monkeypatch):
+    forward = llm.model.forward
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(llm.model, "forward", no_memory)
+    with pytest.raises(GenerationError, match="OutOfMemoryError"):
+        await llm.arun("Hello", max_tokens=5)
+    monkeypatch.setattr(llm.model, "forward", forward)
+    assert await llm.arun("Hello", max_tokens=5)
+
+
+async def test_idle_engine_releases_its_kv_buffers(llm):
+    await llm.abatch_run(["Hello"] * 4, max_tokens=20)
+    assert llm.engine.batch.kv is None and llm.engine.batch.mask.numel() == 0
