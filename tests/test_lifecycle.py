@@ -51,13 +51,17 @@ async def test_cancelling_the_task_aborts_and_others_continue(llm):
 
 async def test_cancel_while_waiting_for_a_row(tiny_model, tiny_tokenizer):
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=1) as llm:
-        first = asyncio.ensure_future(llm.arun("Hello", max_tokens=60, ignore_eos=True))
+        # The first request holds the only row for long enough that the second surely waits.
+        first = asyncio.ensure_future(llm.arun("Hello", max_tokens=900, ignore_eos=True))
+        await wait_for(lambda: llm.stats()["num_running"] == 1)
         second = asyncio.ensure_future(llm.arun("Hello", max_tokens=60, ignore_eos=True))
         await wait_for(lambda: llm.stats()["num_waiting"] == 1)
         second.cancel()
-        await first
         await wait_for(lambda: llm.stats()["num_aborted"] == 1)
-        assert llm.stats()["num_waiting"] == 0 and llm.stats()["peak_batch_size"] == 1
+        assert llm.stats()["num_waiting"] == 0 and llm.stats()["num_running"] == 1
+        first.cancel()
+        await wait_for(lambda: llm.stats()["num_aborted"] == 2 and llm.stats()["num_running"] == 0)
+        assert llm.stats()["peak_batch_size"] == 1
 
 
 async def test_full_queue_raises_at_once_and_accepted_requests_finish(tiny_model, tiny_tokenizer):
