@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from async_llm.delivery import Deliveries
-from async_llm.errors import GenerationError, RequestAbortedError
+from async_llm.errors import EngineClosedError, GenerationError, RequestAbortedError
 from async_llm.log import get_logger
 from async_llm.request import FinishReason, Request
 from async_llm.sampling_params import SamplingParams
@@ -43,14 +43,14 @@ class BeamJob:
 
 
 class _AbortedGroup(StoppingCriteria):
-    """Stops ``generate`` early once every request of the group was aborted."""
+    """Stops ``generate`` early once every request of the group was aborted, or the LLM is closing."""
 
     def __init__(self, runner: BeamRunner, request_ids: list[str]) -> None:
         self.runner = runner
         self.request_ids = request_ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        aborted = all(self.runner.is_aborted(i) for i in self.request_ids)
+        aborted = self.runner.closed or all(self.runner.is_aborted(i) for i in self.request_ids)
         return torch.full((input_ids.shape[0],), aborted, dtype=torch.bool, device=input_ids.device)
 
 
@@ -129,7 +129,10 @@ class BeamRunner(Worker):
         else:
             for job, sequences in zip(group, results):
                 for request, tokens in zip(job.requests, sequences):
-                    self._finish(request, tokens, out)
+                    if self.closed:  # generate was cut short by close(): not a real result
+                        self._end(request, FinishReason.ABORT, out, EngineClosedError("the LLM was closed before this request finished"))
+                    else:
+                        self._finish(request, tokens, out)
         finally:
             self.num_running = 0
 
