@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--no-chat-template", dest="chat_template", action="store_false", help="send the prompt as raw text"
     )
+
+    srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    srv.add_argument("--api-key", default=None, help="require this bearer key (default: $ASYNC_LLM_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's)")
+    srv.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (needs async-llm[ray])")
+    srv.add_argument("--replicas", type=_positive_int, default=1, help="engines with --ray (default 1)")
+    srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+
+    # Listed for --help only: main() hands `bench ...` to the suite's own parser (async-llm bench --help).
+    commands.add_parser("bench", help="benchmark suite against transformers and peers (async-llm bench --help)")
     return parser
 
 
@@ -110,13 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code (see the module docstring).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from async_llm.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:
         return _fail(f"async-llm: error: {exc}", _EXIT_USAGE)
     except SystemExit as exc:  # --help / --version: argparse has printed, report its code
         return exc.code if isinstance(exc.code, int) else 0
-    runner = _demo if args.command == "demo" else _generate
+    runner = {"demo": _demo, "generate": _generate, "serve": _serve}[args.command]
     with _CliLogging(args.verbose):
         try:
             return asyncio.run(runner(args))
@@ -198,6 +216,20 @@ def _announce_conversion(model: str | None) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from async_llm.serve.server import serve_http, serve_ray
+
+    if not args.ray:
+        _announce_conversion(args.model)
+        return await serve_http(args)
+    try:
+        return await serve_ray(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("ray"):
+            raise
+        raise _UsageError("--ray needs Ray Serve: pip install 'async-llm[ray]'") from None
 
 
 async def _generate(args: argparse.Namespace) -> int:

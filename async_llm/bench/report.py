@@ -1,0 +1,261 @@
+"""The suite's outputs: one JSON file, one Markdown file (every figure and its ratio to async_llm,
+the targets, the roofline) and PNG plots.
+
+Ratios are always "async_llm's advantage": above 1 means async_llm is better. For throughput that is
+async_llm / system; for latencies and memory it is system / async_llm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from async_llm.bench.metrics import FIGURES, HIGHER_IS_BETTER
+
+BASE = "async_llm"
+
+#: Markdown columns: (figure, header, decimals).
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("output_tokens_per_s", "tok/s", 1),
+    ("requests_per_s", "req/s", 2),
+    ("ttft_p50_ms", "TTFT p50 ms", 1),
+    ("ttft_p99_ms", "TTFT p99 ms", 1),
+    ("itl_p50_ms", "ITL p50 ms", 1),
+    ("itl_p99_ms", "ITL p99 ms", 1),
+    ("tpot_p50_ms", "TPOT p50 ms", 1),
+    ("e2e_p50_ms", "E2E p50 ms", 0),
+    ("e2e_p99_ms", "E2E p99 ms", 0),
+    ("peak_rss_mib", "peak RSS MiB", 0),
+    ("peak_gpu_mib", "peak GPU MiB", 0),
+)
+
+#: (label, workload, figure, peer, goal): async_llm's advantage on ``figure`` over ``peer`` must be >= goal
+#: (``> 1`` for "lower than"). The roofline target is handled apart (an overhead ratio, <= its goal).
+TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("burst N=16: tokens/s vs sequential generate", "burst-16", "output_tokens_per_s", "transformers-sequential", 6.0),
+    ("burst N=16: tokens/s vs static batching", "burst-16", "output_tokens_per_s", "transformers-static", 1.0),
+    ("mixed: tokens/s vs static batching", "mixed", "output_tokens_per_s", "transformers-static", 1.5),
+    ("mixed: tokens/s vs transformers CB", "mixed", "output_tokens_per_s", "transformers-cb", 1.0),
+    ("mixed: TTFT p99 lower than static batching", "mixed", "ttft_p99_ms", "transformers-static", 1.0),
+    ("mixed: TTFT p99 lower than transformers CB", "mixed", "ttft_p99_ms", "transformers-cb", 1.0),
+)
+ROOFLINE_TARGET = ("burst N=16: decode step (TPOT p50) / roofline decode step", "burst-16", 1.15)
+
+
+def advantage(figure: str, base: float | None, other: float | None) -> float | None:
+    """async_llm's advantage on ``figure``: > 1 means async_llm is better; ``None`` when undefined."""
+    if base is None or other is None or base <= 0 or other <= 0:
+        return None
+    return base / other if figure in HIGHER_IS_BETTER else other / base
+
+
+def _figure(results: dict[str, Any], workload: str, system: str, figure: str) -> float | None:
+    value = results.get(workload, {}).get(system, {}).get(figure)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its measured ratio and whether it is met (``None``: could not be measured)."""
+    results = report["results"]
+    rows = []
+    for label, workload, figure, peer, goal in TARGETS:
+        ratio = advantage(figure, _figure(results, workload, BASE, figure), _figure(results, workload, peer, figure))
+        strict = figure != "output_tokens_per_s"  # "lower than": strictly better
+        met = None if ratio is None else (ratio > goal if strict else ratio >= goal)
+        rows.append({"target": label, "measured": ratio, "goal": f"{'>' if strict else '>='} {goal}", "met": met})
+    label, workload, goal = ROOFLINE_TARGET
+    step = _figure(results, workload, BASE, "tpot_p50_ms")
+    bare = report.get("roofline", {}).get(workload, {}).get("decode_step_ms")
+    ratio = step / bare if step and bare else None
+    rows.append({"target": label, "measured": ratio, "goal": f"<= {goal}", "met": None if ratio is None else ratio <= goal})
+    for workload in results:
+        ratio = advantage(
+            "output_tokens_per_s", _figure(results, workload, BASE, "output_tokens_per_s"),
+            _figure(results, workload, "vllm", "output_tokens_per_s"),
+        )
+        if ratio is not None:
+            rows.append({"target": f"{workload}: tokens/s vs vLLM (reported, no goal)", "measured": ratio,
+                         "goal": "report", "met": None})
+    return rows
+
+
+def build_report(
+    meta: dict[str, Any],
+    workloads: list[dict[str, Any]],
+    systems: dict[str, dict[str, Any]],
+    results: dict[str, dict[str, dict[str, Any]]],
+    roofline: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Assemble the JSON document (ratios and targets included)."""
+    ratios: dict[str, dict[str, dict[str, float | None]]] = {}
+    for workload, by_system in results.items():
+        base = by_system.get(BASE, {})
+        ratios[workload] = {
+            system: {f: advantage(f, base.get(f), figures.get(f)) for f in FIGURES}
+            for system, figures in by_system.items() if "skipped" not in figures
+        }
+    report = {"meta": meta, "workloads": workloads, "systems": systems, "results": results,
+              "ratios_vs_async_llm": ratios, "roofline": roofline}
+    report["targets"] = evaluate_targets(report)
+    return report
+
+
+def _fmt(value: Any, decimals: int) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:,.{decimals}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """Targets, a throughput summary, one table of figures and one of ratios per workload, the roofline."""
+    meta, results, ratios = report["meta"], report["results"], report["ratios_vs_async_llm"]
+    columns = [c for c in COLUMNS if c[0] != "peak_gpu_mib" or meta.get("device", "cpu").startswith("cuda")]
+    systems = list(report["systems"])
+    out = ["# async_llm benchmark results", ""]
+    out.append(
+        f"Model `{meta.get('model')}` ({meta.get('dtype')}) on {meta.get('device')}, {meta.get('threads')} torch "
+        f"threads, {meta.get('cpu_count')} CPUs; torch {meta.get('torch')}, transformers {meta.get('transformers')}; "
+        f"{meta.get('date')}{' (--quick)' if meta.get('quick') else ''}. Ratios are async_llm's advantage "
+        "(> 1: async_llm better): tokens/s and req/s are async_llm ÷ system, latencies and memory system ÷ async_llm."
+    )
+    out += ["", "## Targets", ""]
+    marks = {True: "met", False: "**not met**", None: "n/a"}
+    out += _table(["Target", "Measured", "Goal", "Met"],
+                  [[t["target"], _ratio(t["measured"]), t["goal"], marks[t["met"]]] for t in report["targets"]])
+    out += ["", "## Output tokens/s (ratio = async_llm ÷ system)", ""]
+    header = ["System"] + [h for w in results for h in (w, f"{w} ratio")]
+    rows = []
+    for system in systems:
+        row = [system]
+        for workload, by_system in results.items():
+            figures = by_system.get(system, {})
+            row += [_fmt(figures.get("output_tokens_per_s"), 1),
+                    _ratio(ratios.get(workload, {}).get(system, {}).get("output_tokens_per_s"))]
+        rows.append(row)
+    roof = report.get("roofline", {})
+    if roof:
+        rows.append(["roofline (bare forwards)"] + [c for w in results for c in (
+            _fmt(roof.get(w, {}).get("output_tokens_per_s"), 1),
+            _ratio(advantage("output_tokens_per_s", _figure(results, w, BASE, "output_tokens_per_s"),
+                             roof.get(w, {}).get("output_tokens_per_s"))))])
+    out += _table(header, rows)
+    for workload, by_system in results.items():
+        description = next((w for w in report["workloads"] if w["name"] == workload), {})
+        out += ["", f"## {workload}", "", _describe(description), ""]
+        value_rows, ratio_rows = [], []
+        for system in systems:
+            figures = by_system.get(system, {})
+            if "skipped" in figures or not figures:
+                value_rows.append([system] + ["n/a"] * len(columns))
+                continue
+            value_rows.append([system] + [_fmt(figures.get(f), d) for f, _, d in columns])
+            ratio_rows.append([system] + [_ratio(ratios[workload][system].get(f)) for f, _, _ in columns])
+        out += _table(["System"] + [h for _, h, _ in columns], value_rows)
+        out += ["", "Ratios vs async_llm (> 1: async_llm better):", ""]
+        out += _table(["System"] + [f"{h} ratio" for _, h, _ in columns], ratio_rows)
+    if roof:
+        out += ["", "## Roofline: bare batched forwards vs async_llm's step", ""]
+        rows = []
+        for workload, r in roof.items():
+            step = _figure(results, workload, BASE, "tpot_p50_ms")
+            bare = r.get("decode_step_ms")
+            rows.append([workload, str(r["batch"]), str(r["prompt_width"]), _fmt(r["prefill_ms"], 1), _fmt(bare, 2),
+                         _fmt(step, 2), "n/a" if not (step and bare) else f"{step / bare:.2f}×",
+                         _fmt(r["output_tokens_per_s"], 1)])
+        out += _table(["Workload", "Batch", "Prompt width", "Prefill ms", "Decode step ms", "async_llm TPOT p50 ms",
+                       "Overhead", "Roofline tok/s"], rows)
+    out += ["", "## Systems", ""]
+    for name, info in report["systems"].items():
+        state = (f"skipped: {info['skipped']}" if info.get("skipped")
+                 else f"ran in {info.get('seconds', 0):.0f} s while other processes used "
+                      f"{100 * info.get('other_cpu_share', 0.0):.0f}% of a core")
+        out.append(f"- **{name}** ({state}): {info.get('description', '')}")
+    incomplete = [f"{s} on {w}" for w, by in results.items() for s, f in by.items() if f.get("complete") is False]
+    if incomplete:
+        out += ["", "Incomplete outputs (fewer tokens than asked): " + ", ".join(incomplete)]
+    return "\n".join(out) + "\n"
+
+
+def _describe(w: dict[str, Any]) -> str:
+    if not w:
+        return ""
+    p, o = w["prompt_tokens"], w["output_tokens"]
+    head = (f"{w['num_requests']} requests at once" if w["kind"] == "burst"
+            else f"{w['num_requests']} requests, Poisson arrivals at {w['rate']}/s ({w['length_distribution']})")
+    return (f"{head}; prompt tokens {p['min']}..{p['max']} (median {p['median']}), output tokens "
+            f"{o['min']}..{o['max']} (median {o['median']}), {w['total_output_tokens']} output tokens in all.")
+
+
+def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Throughput vs concurrency (burst), and latency percentiles (mixed, else the largest burst)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, systems = report["results"], list(report["systems"])
+    bursts = sorted((w for w in report["workloads"] if w["kind"] == "burst"), key=lambda w: w["concurrency"])
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [w["concurrency"] for w in bursts]
+    for system in systems:
+        ys = [_figure(results, w["name"], system, "output_tokens_per_s") for w in bursts]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o", label=system)
+    roof = [report.get("roofline", {}).get(w["name"], {}).get("output_tokens_per_s") for w in bursts]
+    if any(r is not None for r in roof):
+        ax.plot(xs, [math.nan if r is None else r for r in roof], "k--", marker="x", label="roofline (bare forwards)")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent requests (burst)", ylabel="output tokens/s",
+           title=f"Throughput vs concurrency ({report['meta'].get('device')})")
+    if xs:
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
+
+    target = next((w["name"] for w in report["workloads"] if w["kind"] == "mixed"), bursts[-1]["name"] if bursts else None)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    figures = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+    present = [s for s in systems if target and _figure(results, target, s, "e2e_p50_ms") is not None]
+    width = 0.8 / max(1, len(present))
+    for i, system in enumerate(present):
+        values = [_figure(results, target, system, f) or math.nan for f in figures]
+        ax.bar([j + i * width for j in range(len(figures))], values, width, label=system)
+    ax.set_xticks([j + width * (len(present) - 1) / 2 for j in range(len(figures))],
+                  ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"])
+    ax.set(yscale="log", ylabel="ms (log scale)", title=f"Latency percentiles: {target}")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "latency_percentiles.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and the plots into ``out_dir`` (created if missing)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    md_path = out_dir / "results.md"
+    md_path.write_text(to_markdown(report))
+    plots = plot(report, out_dir)
+    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in plots}}

@@ -1,0 +1,401 @@
+"""One runner per system under test, all with the same interface.
+
+``runner.run(requests, on_done)`` sends every :class:`RequestSpec` at its arrival time (offset from the
+start of the run), waits for all of them, and returns one :class:`RequestRecord` per request (token
+timestamps as the consumer sees them) plus the run's start time. ``on_done(1)`` is called as each
+request finishes (the progress bar). Every system loads the same model folder with the same dtype
+and generates exactly ``max_new_tokens`` per request, greedy, eos ignored.
+
+How each system's timestamps are taken (the honest fine print):
+  * async_llm: per text delta on the consumer's event loop, counting the new token ids it carries.
+  * transformers-sequential / -static: a streamer's ``put`` per decoding step (on CPU ``generate``
+    calls it right after each step's token is chosen); the static baseline streams too, so its time to
+    first token is when its batch's first token came out, not when the whole batch returned.
+  * transformers-cb: per streamed output taken off the manager's queue by the consuming thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from async_llm.bench.metrics import RequestRecord
+from async_llm.bench.workloads import RequestSpec
+
+OnDone = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """What every runner is built from (picklable: it crosses into the per-system process)."""
+
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    static_window_s: float = 0.05
+    threads: int = 2
+
+
+def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _records(requests: Sequence[RequestSpec], start: float) -> list[RequestRecord]:
+    return [
+        RequestRecord(r.index, start + r.arrival, prompt_tokens=len(r.prompt_ids), expected_tokens=r.max_new_tokens)
+        for r in requests
+    ]
+
+
+def load_hf(config: SystemConfig) -> tuple[Any, Any]:
+    """The model (eval mode, on its device) and tokenizer, loaded the same way for every system."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, config.dtype))
+    return model.to(config.device).eval(), tokenizer
+
+
+def pad_id(tokenizer: Any, model: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    eos = model.generation_config.eos_token_id
+    return int(eos[0] if isinstance(eos, list) else eos or 0)
+
+
+class Runner(ABC):
+    """A system under test. Subclasses set ``name`` and ``description`` (shown in the report)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, config: SystemConfig) -> None:
+        self.config = config
+        #: Extra figures of the last run (merged into its summary), e.g. engine steps.
+        self.extra: dict[str, Any] = {}
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this system cannot run here, or ``None`` when it can."""
+        return None
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]: ...
+
+    def warmup(self, requests: Sequence[RequestSpec]) -> None:
+        """A short untimed run (first-call costs: kernel selection, allocator growth, thread pools)."""
+        self.run([replace(r, arrival=0.0, max_new_tokens=min(4, r.max_new_tokens)) for r in requests], lambda n: None)
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncLLMRunner(Runner):
+    name = "async_llm"
+    description = "async_llm HuggingFaceLLM: continuous batching, one streaming consumer task per request"
+
+    def load(self) -> None:
+        from async_llm import HuggingFaceLLM
+
+        self.llm = HuggingFaceLLM(
+            self.config.model_path, device=self.config.device, dtype=getattr(torch, self.config.dtype),
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        steps = self.llm.engine.steps
+        records, start = asyncio.run(self._run(requests, on_done))
+        self.extra = {"engine_steps": self.llm.engine.steps - steps, "peak_batch_size": self.llm.stats()["peak_batch_size"]}
+        return records, start
+
+    async def _run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        start = time.perf_counter()
+        records = _records(requests, start)
+        await asyncio.gather(*(self._one(spec, record, on_done) for spec, record in zip(requests, records)))
+        return records, start
+
+    async def _one(self, spec: RequestSpec, record: RequestRecord, on_done: OnDone) -> None:
+        await asyncio.sleep(max(0.0, record.arrival - time.perf_counter()))
+        stream = await self.llm.submit(spec.text, max_tokens=spec.max_new_tokens, ignore_eos=True, chat_template=False)
+        if tuple(stream.prompt_token_ids) != spec.prompt_ids:
+            raise RuntimeError(f"request {spec.index}: async_llm tokenized the prompt differently from the workload")
+        seen = 0
+        async with stream:
+            async for _delta in stream:
+                now = time.perf_counter()
+                record.add_tokens(len(stream.token_ids) - seen, now)
+                seen = len(stream.token_ids)
+        if len(stream.token_ids) > seen:  # tokens whose text was held back until the end
+            record.add_tokens(len(stream.token_ids) - seen, stream.finished_at or time.perf_counter())
+        on_done(1)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class _StepTimes:
+    """A ``generate`` streamer that only timestamps each decoding step (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class _GenerateRunner(Runner):
+    """Shared by the plain-transformers baselines: one padded ``model.generate`` call per batch."""
+
+    def load(self) -> None:
+        self.model, self.tokenizer = load_hf(self.config)
+        self.pad = pad_id(self.tokenizer, self.model)
+
+    def _generate(self, batch: Sequence[RequestSpec]) -> list[float]:
+        """Generate for ``batch`` (left-padded to its longest prompt); returns the step timestamps."""
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        new = max(r.max_new_tokens for r in batch)
+        streamer = _StepTimes()
+        with torch.inference_mode():
+            # min_new_tokens = max_new_tokens: exactly `new` tokens, eos never ends a row early.
+            self.model.generate(
+                ids.to(self.config.device), attention_mask=mask.to(self.config.device), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, pad_token_id=self.pad, streamer=streamer,
+            )
+        return streamer.times
+
+
+class SequentialRunner(_GenerateRunner):
+    name = "transformers-sequential"
+    description = "plain transformers, one model.generate call per request, first come first served"
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        start = time.perf_counter()
+        records = _records(requests, start)
+        for spec, record in sorted(zip(requests, records), key=lambda pair: pair[1].arrival):
+            _sleep_until(record.arrival)
+            record.token_times = self._generate([spec])[: spec.max_new_tokens]
+            on_done(1)
+        return records, start
+
+
+class StaticBatchRunner(_GenerateRunner):
+    name = "transformers-static"
+    description = (
+        "transformers static batching: up to max_batch_size requests collected in a window (from the first "
+        "waiting request's arrival), one left-padded model.generate per batch"
+    )
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        start = time.perf_counter()
+        records = _records(requests, start)
+        pending = deque(sorted(zip(requests, records), key=lambda pair: pair[1].arrival))
+        limit, window = self.config.max_batch_size, self.config.static_window_s
+        batches = 0
+        while pending:
+            _sleep_until(pending[0][1].arrival)
+            close_at = pending[0][1].arrival + window
+            # Wait for the batch to fill, at most until the window closes (a request that waited through
+            # the previous batch has already used its window: go at once). Like a real server, it does
+            # not know whether more requests are coming, so a partial batch waits out its window.
+            while True:
+                now = time.perf_counter()
+                arrived = sum(1 for _, r in pending if r.arrival <= now)
+                if arrived >= limit or now >= close_at:
+                    break
+                nxt = pending[arrived][1].arrival if arrived < len(pending) else math.inf
+                _sleep_until(min(close_at, nxt))
+            now = time.perf_counter()
+            batch = []
+            while pending and len(batch) < limit and pending[0][1].arrival <= now:
+                batch.append(pending.popleft())
+            times = self._generate([spec for spec, _ in batch])
+            for spec, record in batch:
+                record.token_times = times[: spec.max_new_tokens]
+                on_done(1)
+            batches += 1
+        self.extra = {"batches": batches}
+        return records, start
+
+
+#: transformers-cb sizing: KV pages of 64 tokens; at most this many tokens per forward (prefill chunking).
+CB_PAGE_SIZE = 64
+CB_MAX_BATCH_TOKENS = 4096
+
+
+class TransformersCBRunner(Runner):
+    name = "transformers-cb"
+    description = (
+        "transformers' own continuous batching (init_continuous_batching, paged KV cache, streaming outputs), "
+        f"sized for the workload: pages of {CB_PAGE_SIZE} tokens, {CB_MAX_BATCH_TOKENS} tokens per step"
+    )
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        from transformers import GenerationMixin
+
+        if not hasattr(GenerationMixin, "init_continuous_batching"):
+            return "this transformers version has no init_continuous_batching (needs transformers >= 5)"
+        return None
+
+    def load(self) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer = load_hf(self.config)
+        # eos_token_id=-1: no eos, every request runs to its max_new_tokens.
+        self.generation_config = GenerationConfig(
+            do_sample=False, eos_token_id=-1, pad_token_id=pad_id(self.tokenizer, self.model), max_new_tokens=16
+        )
+
+    def _manager(self, requests: Sequence[RequestSpec]) -> Any:
+        from transformers import ContinuousBatchingConfig
+
+        # Left unsized, the cache is sized from free memory (many GiB on a CPU host, slow to allocate).
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        rows = min(len(requests), self.config.max_batch_size)
+        cb_config = ContinuousBatchingConfig(
+            page_size=CB_PAGE_SIZE,
+            num_blocks=rows * (math.ceil(longest / CB_PAGE_SIZE) + 1) + 8,
+            max_batch_tokens=CB_MAX_BATCH_TOKENS,
+            max_requests_per_batch=self.config.max_batch_size,
+            seed=0,
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=self.generation_config, continuous_batching_config=cb_config
+        )
+        manager.start()
+        while manager.batch_processor is None:  # the cache is allocated on the manager's thread
+            if not manager.is_running():
+                raise RuntimeError("transformers continuous batching failed to start")
+            time.sleep(0.005)
+        return manager
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        manager = self._manager(requests)
+        try:
+            return self._run(manager, requests, on_done)
+        finally:
+            manager.stop(block=True, timeout=60)
+            manager.destroy()
+
+    def _run(self, manager: Any, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        start = time.perf_counter()
+        records = _records(requests, start)
+        by_id = {f"req-{spec.index}": record for spec, record in zip(requests, records)}
+
+        def submit() -> None:
+            for spec, record in sorted(zip(requests, records), key=lambda pair: pair[1].arrival):
+                _sleep_until(record.arrival)
+                manager.add_request(
+                    list(spec.prompt_ids), request_id=f"req-{spec.index}", max_new_tokens=spec.max_new_tokens,
+                    streaming=True, eos_token_id=-1,
+                )
+
+        submitter = threading.Thread(target=submit, name="bench-cb-submit", daemon=True)
+        submitter.start()
+        seen = dict.fromkeys(by_id, 0)
+        finished = 0
+        while finished < len(records):
+            output = manager.get_result(timeout=1.0)
+            if output is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers continuous batching stopped before finishing the workload")
+                continue
+            now = time.perf_counter()
+            if output.error is not None:
+                raise RuntimeError(f"transformers continuous batching failed a request: {output.error}")
+            count = len(output.generated_tokens)
+            by_id[output.request_id].add_tokens(count - seen[output.request_id], now)
+            seen[output.request_id] = count
+            if output.is_finished():
+                finished += 1
+                on_done(1)
+        submitter.join()
+        return records, start
+
+
+class VLLMRunner(Runner):
+    name = "vllm"
+    description = "vLLM AsyncLLMEngine (its CPU build on a CPU host), token-id prompts, ignore_eos"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if importlib.util.find_spec("vllm") is None:
+            return (
+                "vllm is not installed: the PyPI wheel is the CUDA build (it pins its own CUDA torch), and vLLM's "
+                "CPU build is not on PyPI (build it from source to include it)"
+            )
+        return None
+
+    def load(self) -> None:
+        from vllm import AsyncEngineArgs, AsyncLLMEngine  # type: ignore[import-not-found]
+
+        args = AsyncEngineArgs(
+            model=self.config.model_path, dtype=self.config.dtype, max_num_seqs=self.config.max_batch_size,
+            enforce_eager=True, seed=0,
+        )
+        self.engine = AsyncLLMEngine.from_engine_args(args)
+        self._count = 0
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        return asyncio.run(self._run(requests, on_done))
+
+    async def _run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        from vllm import SamplingParams  # type: ignore[import-not-found]
+
+        start = time.perf_counter()
+        records = _records(requests, start)
+
+        async def one(spec: RequestSpec, record: RequestRecord) -> None:
+            await asyncio.sleep(max(0.0, record.arrival - time.perf_counter()))
+            params = SamplingParams(
+                temperature=0.0, max_tokens=spec.max_new_tokens, min_tokens=spec.max_new_tokens, ignore_eos=True
+            )
+            self._count += 1
+            seen = 0
+            prompt = {"prompt_token_ids": list(spec.prompt_ids)}
+            async for output in self.engine.generate(prompt, params, request_id=f"req-{self._count}"):
+                count = len(output.outputs[0].token_ids)
+                record.add_tokens(count - seen, time.perf_counter())
+                seen = count
+            on_done(1)
+
+        await asyncio.gather(*(one(spec, record) for spec, record in zip(requests, records)))
+        return records, start
+
+    def close(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+#: Every system, in the order a run measures them.
+SYSTEMS: dict[str, type[Runner]] = {
+    cls.name: cls for cls in (AsyncLLMRunner, StaticBatchRunner, TransformersCBRunner, SequentialRunner, VLLMRunner)
+}

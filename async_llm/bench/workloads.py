@@ -1,0 +1,234 @@
+"""Seeded, reproducible workloads: what is sent, when, and how many tokens each request must produce.
+
+A workload is a list of :class:`RequestSpec` (arrival offset, prompt text, its token ids, exact number
+of new tokens). Every system gets the same token ids: prompts are built so that ``tokenizer(text)``
+gives back exactly ``prompt_ids`` (the ids async_llm sees for raw text, ``chat_template=False``), and
+the transformers-based systems are fed those ids directly.
+
+Two kinds:
+  * burst: N requests all at t=0, a fixed prompt set, exactly ``new_tokens`` each (eos ignored);
+  * mixed: Poisson arrivals at ``rate`` requests/s, prompt and output lengths drawn from a bounded
+    Pareto distribution (long tail: most requests short, a few long).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The burst prompt set (raw text, no chat template): request i gets "Request i: " + BURST_PROMPTS[i % 8].
+#: The prefix keeps every prompt distinct, as concurrent users' prompts are: identical prompts would let
+#: a system prefill one row for several requests (async_llm and transformers' CB both can).
+BURST_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain continuous batching in one paragraph.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish and German.",
+    "Give me a short recipe for pancakes.",
+    "What is 17 times 23?",
+)
+
+#: Shape of the bounded Pareto for mixed lengths: 1.0 puts the median near 2x the minimum and the
+#: mean near 3.5x, with a tail up to the maximum (roughly what chat traffic looks like).
+PARETO_ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a workload.
+
+    Attributes:
+        index: Position in the workload (stable id across systems).
+        arrival: Seconds after the start of the run at which the request is sent.
+        text: The prompt as raw text (what async_llm receives).
+        prompt_ids: ``tokenizer(text).input_ids``: what every system prefills.
+        max_new_tokens: Exact number of tokens to generate (eos ignored).
+    """
+
+    index: int
+    arrival: float
+    text: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+
+
+@dataclass
+class Workload:
+    """A named list of requests plus the parameters that produced it (reported in the JSON)."""
+
+    name: str
+    kind: str  # "burst" or "mixed"
+    requests: list[RequestSpec]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def concurrency(self) -> int | None:
+        """N of a burst workload (all requests at once); ``None`` for a mixed one."""
+        return len(self.requests) if self.kind == "burst" else None
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters and length statistics, JSON-ready."""
+        prompts = [len(r.prompt_ids) for r in self.requests]
+        outputs = [r.max_new_tokens for r in self.requests]
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "num_requests": len(self.requests),
+            **self.params,
+            "prompt_tokens": _stats(prompts),
+            "output_tokens": _stats(outputs),
+            "total_output_tokens": sum(outputs),
+            "last_arrival_s": round(max((r.arrival for r in self.requests), default=0.0), 3),
+        }
+
+
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "median": ordered[len(ordered) // 2],
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "max": ordered[-1],
+    }
+
+
+def encode(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """Ids of raw ``text`` exactly as async_llm computes them with ``chat_template=False``."""
+    return tuple(tokenizer(text).input_ids)
+
+
+def burst_workload(tokenizer: Any, concurrency: int, new_tokens: int) -> Workload:
+    """``concurrency`` distinct requests at t=0 over the fixed prompt set, ``new_tokens`` each."""
+    if concurrency < 1 or new_tokens < 1:
+        raise ValueError("concurrency and new_tokens must be >= 1")
+    requests = []
+    for i in range(concurrency):
+        text = f"Request {i}: {BURST_PROMPTS[i % len(BURST_PROMPTS)]}"
+        requests.append(RequestSpec(i, 0.0, text, encode(tokenizer, text), new_tokens))
+    return Workload(f"burst-{concurrency}", "burst", requests, {"concurrency": concurrency, "new_tokens": new_tokens})
+
+
+def bounded_pareto(rng: random.Random, low: int, high: int, alpha: float = PARETO_ALPHA) -> int:
+    """An integer in [low, high] from a bounded Pareto distribution (inverse-CDF sampling)."""
+    if not 1 <= low <= high:
+        raise ValueError(f"need 1 <= low <= high, got {low}, {high}")
+    if low == high:
+        return low
+    u = rng.random()
+    ratio = (low / high) ** alpha
+    x = low / (1.0 - u * (1.0 - ratio)) ** (1.0 / alpha)
+    return max(low, min(high, int(math.floor(x))))
+
+
+def mixed_workload(
+    tokenizer: Any,
+    num_requests: int,
+    rate: float,
+    seed: int,
+    prompt_range: tuple[int, int] = (16, 512),
+    output_range: tuple[int, int] = (8, 256),
+) -> Workload:
+    """Poisson arrivals at ``rate`` requests/s with long-tailed prompt and output lengths.
+
+    Args:
+        tokenizer: The model's tokenizer (prompts are built to exact token counts with it).
+        num_requests: How many requests the run sends.
+        rate: Mean arrival rate (requests/s); inter-arrival gaps are exponential.
+        seed: Seeds arrivals, lengths and prompt words: the same seed gives the same workload.
+        prompt_range, output_range: Inclusive token-count bounds.
+
+    Raises:
+        ValueError: Non-positive counts, rate or bounds.
+    """
+    if num_requests < 1 or rate <= 0:
+        raise ValueError("num_requests must be >= 1 and rate > 0")
+    rng = random.Random(seed)
+    words = PromptBuilder(tokenizer, seed)
+    requests = []
+    t = 0.0
+    for i in range(num_requests):
+        if i:
+            t += rng.expovariate(rate)
+        n_prompt = bounded_pareto(rng, *prompt_range)
+        n_out = bounded_pareto(rng, *output_range)
+        text, ids = words.prompt(n_prompt, rng)
+        requests.append(RequestSpec(i, round(t, 6), text, ids, n_out))
+    params = {
+        "rate": rate, "seed": seed, "prompt_range": list(prompt_range), "output_range": list(output_range),
+        "length_distribution": f"bounded Pareto, alpha={PARETO_ALPHA}",
+    }
+    return Workload("mixed", "mixed", requests, params)
+
+
+class PromptBuilder:
+    """Builds prompt text of an exact token count from words that are one token each.
+
+    Words are vocabulary entries that decode to ``" word"`` (a leading space, letters only) and encode
+    back to that single id; byte-level and SentencePiece tokenizers split text on spaces before
+    merging, so n such words are n tokens. A final check adds or drops words until the count matches;
+    if a tokenizer has too few such words, the count may be off by a little (the ids are still exact).
+    """
+
+    def __init__(self, tokenizer: Any, seed: int, max_words: int = 2000) -> None:
+        self._tokenizer = tokenizer
+        self._special = len(encode(tokenizer, "a")) - len(tokenizer("a", add_special_tokens=False).input_ids)
+        self.words = self._find_words(random.Random(seed), max_words)
+
+    def _find_words(self, rng: random.Random, max_words: int) -> list[str]:
+        vocab = self._tokenizer.get_vocab()
+        ids = sorted(vocab.values())
+        rng.shuffle(ids)
+        words: list[str] = []
+        for token_id in ids:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if not isinstance(piece, str) or piece[:1] not in ("Ġ", "▁") or not piece[1:].isascii():
+                continue
+            if not piece[1:].isalpha() or len(piece) < 3:
+                continue
+            text = self._tokenizer.decode([token_id])
+            if self._tokenizer(text, add_special_tokens=False).input_ids == [token_id]:
+                words.append(text)
+                if len(words) >= max_words:
+                    break
+        if len(words) < 8:  # a tiny or unusual vocabulary: plain letters still make valid text
+            words = [" " + c for c in "abcdefghijklmnopqrstuvwxyz"]
+        return words
+
+    def prompt(self, n_tokens: int, rng: random.Random) -> tuple[str, tuple[int, ...]]:
+        """Text of ``n_tokens`` tokens (special tokens included) and its ids."""
+        target = max(1, n_tokens - self._special)
+        chosen = [rng.choice(self.words) for _ in range(target)]
+        text = "".join(chosen)  # keeps the first word's space: it is what makes it one token
+        ids = encode(self._tokenizer, text)
+        for _ in range(64):  # converge on the exact count (rarely needed)
+            if len(ids) == n_tokens:
+                break
+            if len(ids) > n_tokens and len(chosen) > 1:
+                chosen.pop()
+            else:
+                chosen.append(rng.choice(self.words))
+            text = "".join(chosen)
+            ids = encode(self._tokenizer, text)
+        return text, ids
+
+
+def build_workloads(
+    tokenizer: Any,
+    concurrency: Sequence[int],
+    new_tokens: int,
+    mixed_requests: int,
+    rate: float,
+    seed: int,
+    prompt_range: tuple[int, int] = (16, 512),
+    output_range: tuple[int, int] = (8, 256),
+) -> list[Workload]:
+    """Burst workloads for each concurrency level, then the mixed workload (skipped when 0 requests)."""
+    workloads = [burst_workload(tokenizer, n, new_tokens) for n in concurrency]
+    if mixed_requests > 0:
+        workloads.append(mixed_workload(tokenizer, mixed_requests, rate, seed, prompt_range, output_range))
+    return workloads

@@ -1,0 +1,219 @@
+"""The OpenAI-compatible ASGI app (FastAPI) over one shared engine.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
+``GET /health`` and ``GET /metrics`` (Prometheus text). With an API key, every ``/v1`` route needs
+``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open, as in vLLM, for probes and
+scrapers.
+
+A client that goes away aborts its request: a stream through sse-starlette's disconnect listener
+(which cancels the response), a plain request through :func:`_unless_disconnected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from async_llm.log import get_logger
+from async_llm.models.huggingface import HuggingFaceLLM
+from async_llm.serve.errors import APIError, from_validation_errors
+from async_llm.serve.metrics import CONTENT_TYPE
+from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from async_llm.serve.serving import ChunkStream, OpenAIServing
+
+__all__ = ["create_app"]
+
+log = get_logger("async_llm.serve")
+
+_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+
+
+def create_app(
+    llm: HuggingFaceLLM,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    owns_llm: bool = False,
+    server_id: str | None = None,
+    stream_interval_s: float = 0.0,
+) -> FastAPI:
+    """Build the OpenAI-compatible app over ``llm``.
+
+    Args:
+        llm: The engine shared by every request of this app.
+        model_name: The model id clients send and ``/v1/models`` lists (default ``llm.model_id``);
+            requests naming another model get a 404.
+        api_key: When set, ``/v1`` routes answer 401 unless ``Authorization: Bearer <api_key>``.
+        owns_llm: Close ``llm`` when the app shuts down (the CLI and Ray replicas own theirs).
+        server_id: Added to ``system_fingerprint`` (Ray replicas put their id there).
+        stream_interval_s: Pace stream chunks after the first token (see :class:`OpenAIServing`).
+
+    Returns:
+        The FastAPI app; serve it with uvicorn (``async-llm serve`` does).
+    """
+    serving = OpenAIServing(llm, model_name=model_name, server_id=server_id, stream_interval_s=stream_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owns_llm:
+                await llm.aclose()
+
+    app = FastAPI(title="async_llm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(_CountRequests, serving=serving)
+    app.include_router(_api_router(serving, api_key))
+    app.include_router(_ops_router(serving))
+    return app
+
+
+def _api_router(serving: OpenAIServing, api_key: str | None) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(api_key))] if api_key else [])
+
+    @router.get("/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(serving.models())
+
+    @router.get("/models/{model:path}")
+    async def model(model: str) -> JSONResponse:
+        serving.check_model(model)
+        return JSONResponse(serving.model_card())
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        if body.stream:
+            return _event_stream(await serving.completion_stream(body))
+        return await _unless_disconnected(request, serving.completion(body))
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        if body.stream:
+            return _event_stream(await serving.chat_completion_stream(body))
+        return await _unless_disconnected(request, serving.chat_completion(body))
+
+    return router
+
+
+def _ops_router(serving: OpenAIServing) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        if serving.llm.engine.closed:
+            return JSONResponse({"status": "closed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _bearer_auth(api_key: str) -> Callable[..., Awaitable[None]]:
+    expected = api_key.encode()
+
+    async def check(authorization: str | None = Header(default=None)) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        # compare_digest: the time taken must not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'")
+
+    return check
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+def _event_stream(chunks: ChunkStream) -> EventSourceResponse:
+    # The background task runs however the response ends (done, failed, client gone before the first
+    # byte), so every choice still running is aborted and its row freed.
+    return EventSourceResponse(_sse_data(chunks), sep="\n", background=BackgroundTask(chunks.aclose))
+
+
+async def _sse_data(chunks: ChunkStream) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+    yield "[DONE]"
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
+    """The JSON response of ``work``, or an empty 499 if the client disconnects first (``work`` is
+    then cancelled, which aborts its requests and frees their rows)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return JSONResponse(task.result())
+        log.info("client disconnected; request cancelled", path=request.url.path)
+        return Response(status_code=499)  # nobody reads it; the status tells the access log what happened
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is already read, so the next ASGI message is the disconnect (or never comes).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- errors and accounting --------------------------------------------------------------------------------
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return await _api_error(request, from_validation_errors(exc.errors()))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return await _api_error(request, error)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed", path=request.url.path, error=repr(exc))
+    return await _api_error(request, APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+class _CountRequests:
+    """Pure ASGI middleware counting API requests by endpoint and status (no body buffering)."""
+
+    def __init__(self, app: ASGIApp, serving: OpenAIServing) -> None:
+        self.app = app
+        self.serving = serving
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        # A fixed label set: arbitrary paths must not grow the metric's cardinality.
+        endpoint = path if path in _ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else None
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and endpoint is not None:
+                self.serving.metrics.observe_request(endpoint, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send if endpoint else send)

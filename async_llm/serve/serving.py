@@ -1,0 +1,318 @@
+"""OpenAIServing: OpenAI's completions and chat completions over one engine, independent of HTTP.
+
+The FastAPI app (:mod:`async_llm.serve.openai_app`) and the Ray Serve deployment's Python methods
+(:mod:`async_llm.serve.ray`) both call this class, so they answer the same requests the same way.
+
+Every request is submitted in full (all ``n`` choices of all prompts) before anything is returned,
+so invalid input, a full queue or a closed engine surface as an :class:`APIError` while the HTTP
+status can still say so; only failures during generation arrive inside a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from async_llm import __version__
+from async_llm.base import Prompt
+from async_llm.log import get_logger
+from async_llm.models.huggingface import HuggingFaceLLM
+from async_llm.serve.errors import APIError, from_exception
+from async_llm.serve.metrics import ServerMetrics
+from async_llm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    check_unsupported,
+    usage,
+)
+from async_llm.stream import TokenStream
+
+log = get_logger("async_llm.serve")
+
+Kind = Literal["completion", "chat"]
+Chunk = dict[str, Any]
+
+
+class ChunkStream:
+    """The chunks of one streaming request, as OpenAI-format dicts (the transport adds ``[DONE]``).
+
+    Iterate it once. :meth:`aclose` aborts every choice still running; call it when the transport
+    is done, even if iteration never started (a client that left before the first byte).
+    """
+
+    def __init__(self, chunks: AsyncIterator[Chunk], streams: Sequence[TokenStream]) -> None:
+        self._chunks = chunks
+        self._streams = streams
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        """Abort what is still running and release the generator. Idempotent."""
+        for stream in self._streams:
+            stream.close()
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class OpenAIServing:
+    """Answers OpenAI requests with one shared :class:`HuggingFaceLLM`.
+
+    Args:
+        llm: The engine every request goes to.
+        model_name: The model id clients must send (``model``); defaults to ``llm.model_id``.
+        server_id: Appended to ``system_fingerprint`` so clients can tell replicas apart.
+        metrics: Where to record requests; a fresh :class:`ServerMetrics` by default.
+        stream_interval_s: Send stream chunks at most this often after the first token (deltas in
+            between are joined); 0 sends each step's delta at once.
+    """
+
+    def __init__(
+        self,
+        llm: HuggingFaceLLM,
+        *,
+        model_name: str | None = None,
+        server_id: str | None = None,
+        metrics: ServerMetrics | None = None,
+        stream_interval_s: float = 0.0,
+    ) -> None:
+        if stream_interval_s < 0:
+            raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
+        self.stream_interval_s = stream_interval_s
+        self.llm = llm
+        self.model_name = model_name or llm.model_id or "default"
+        self.fingerprint = f"async_llm-{__version__}" + (f"-{server_id}" if server_id else "")
+        self.metrics = metrics if metrics is not None else ServerMetrics(llm.stats)
+        self.created = int(time.time())
+
+    # -- models -------------------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the one model this server runs."""
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "async_llm"}
+
+    def check_model(self, model: str | None) -> None:
+        """Raises a 404 ``model_not_found`` for any model but the served one (``None`` means it)."""
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404, f"The model {model!r} does not exist; this server runs {self.model_name!r}", param="model"
+            )
+
+    # -- completions ----------------------------------------------------------------------------------
+    async def completion(self, request: CompletionRequest) -> dict[str, Any]:
+        """A non-streaming ``/v1/completions`` response.
+
+        Raises:
+            APIError: 400/404 for bad input, 429 for a full queue, 500/503 if generation failed.
+        """
+        return await self._respond("completion", request, _prompts(request), chat_template=False)
+
+    async def completion_stream(self, request: CompletionRequest) -> ChunkStream:
+        """Submit a streaming ``/v1/completions`` request; raises :class:`APIError` as :meth:`completion`."""
+        return await self._open_stream("completion", request, _prompts(request), chat_template=False)
+
+    async def chat_completion(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """A non-streaming ``/v1/chat/completions`` response (raises as :meth:`completion`)."""
+        return await self._respond("chat", request, [request.chat()], chat_template=True)
+
+    async def chat_completion_stream(self, request: ChatCompletionRequest) -> ChunkStream:
+        """Submit a streaming ``/v1/chat/completions`` request (raises as :meth:`completion`)."""
+        return await self._open_stream("chat", request, [request.chat()], chat_template=True)
+
+    # -- internals --------------------------------------------------------------------------------------
+    async def _submit(self, request: SamplingRequest, prompts: list[Prompt], chat_template: bool) -> list[TokenStream]:
+        """Submit every choice: prompt-major, ``n`` per prompt (seed + i when a seed is given)."""
+        check_unsupported(request)
+        self.check_model(request.model)
+        kwargs = request.sampling_kwargs()
+        streams: list[TokenStream] = []
+        try:
+            for prompt in prompts:
+                for i in range(request.n):
+                    choice_kwargs = kwargs if not i or request.seed is None else {**kwargs, "seed": request.seed + i}
+                    streams.append(await self.llm.submit(prompt, chat_template=chat_template, **choice_kwargs))
+        except Exception as exc:
+            _close_all(streams)
+            raise from_exception(exc, request.field_name) from exc
+        except BaseException:
+            _close_all(streams)
+            raise
+        return streams
+
+    async def _respond(
+        self, kind: Kind, request: SamplingRequest, prompts: list[Prompt], chat_template: bool
+    ) -> dict[str, Any]:
+        streams = await self._submit(request, prompts, chat_template)
+        try:
+            results = await asyncio.gather(*(_drain(s) for s in streams), return_exceptions=True)
+            texts = [r for r in results if isinstance(r, str)]
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise from_exception(result, request.field_name) from result
+        finally:
+            _close_all(streams)  # aborts the others if one failed or this task was cancelled
+            self._record(streams)
+        body = self._envelope(kind, f"{_ID_PREFIX[kind]}{uuid.uuid4().hex}", int(time.time()))
+        body["choices"] = [_choice(kind, i, text, s) for i, (text, s) in enumerate(zip(texts, streams, strict=True))]
+        body["usage"] = _usage(streams, request.n)
+        return body
+
+    async def _open_stream(
+        self, kind: Kind, request: SamplingRequest, prompts: list[Prompt], chat_template: bool
+    ) -> ChunkStream:
+        streams = await self._submit(request, prompts, chat_template)
+        include_usage = request.include_usage()
+        chunks = self._chunks(kind, streams, request.n, include_usage)
+        return ChunkStream(chunks, streams)
+
+    async def _chunks(
+        self, kind: Kind, streams: list[TokenStream], n: int, include_usage: bool
+    ) -> AsyncIterator[Chunk]:
+        envelope = self._envelope(kind, f"{_ID_PREFIX[kind]}{uuid.uuid4().hex}", int(time.time()), chunk=True)
+        try:
+            if kind == "chat":  # OpenAI opens each choice with the role, before any token
+                yield {
+                    **envelope,
+                    "choices": [_delta(kind, i, {"role": "assistant", "content": ""}) for i in range(len(streams))],
+                }
+            async for index, text in _merge(streams, self.stream_interval_s):
+                if text is None:
+                    finish = streams[index].finish_reason
+                    yield {**envelope, "choices": [_delta(kind, index, None, finish.value if finish else None)]}
+                else:
+                    yield {**envelope, "choices": [_delta(kind, index, text)]}
+            if include_usage:
+                yield {**envelope, "choices": [], "usage": _usage(streams, n)}
+        except Exception as exc:  # headers are sent: the error can only travel in the stream
+            log.warning("stream failed", error=repr(exc))
+            yield from_exception(exc).body()
+        finally:
+            _close_all(streams)
+            self._record(streams)
+
+    def _envelope(self, kind: Kind, request_id: str, created: int, *, chunk: bool = False) -> dict[str, Any]:
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk" if chunk else "chat.completion"
+        return {
+            "id": request_id, "object": obj, "created": created, "model": self.model_name,
+            "system_fingerprint": self.fingerprint,
+        }  # fmt: skip
+
+    def _record(self, streams: Sequence[TokenStream]) -> None:
+        for s in streams:
+            if s.finished_at is None:
+                continue  # aborted before the engine answered: nothing to measure
+            ttft = None if s.first_token_at is None else s.first_token_at - s.created_at
+            self.metrics.observe_generation(len(s.prompt_token_ids), ttft, s.finished_at - s.created_at)
+
+
+_ID_PREFIX: dict[Kind, str] = {"completion": "cmpl-", "chat": "chatcmpl-"}
+
+
+def _prompts(request: CompletionRequest) -> list[Prompt]:
+    prompts: list[Prompt] = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not prompts:
+        raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+    return prompts
+
+
+async def _drain(stream: TokenStream) -> str:
+    return "".join([delta async for delta in stream])
+
+
+def _close_all(streams: Sequence[TokenStream]) -> None:
+    for stream in streams:
+        stream.close()  # idempotent; aborts the request only if it is still running
+
+
+async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> AsyncIterator[tuple[int, str | None]]:
+    """``(choice, delta)`` from every stream as they arrive, then ``(choice, None)`` when one ends.
+
+    With ``interval > 0``, after each yield the next read waits that long so the deltas arriving
+    meanwhile go out as one chunk (fewer, larger messages through a proxy such as Ray Serve's);
+    the first token is never held back. One stream (the usual ``n=1``) is read directly; several
+    are pumped by one task each into a queue, cancelled when the consumer stops early.
+    """
+    if len(streams) == 1:
+        async for delta in streams[0]:  # the TokenStream coalesces what arrives while we sleep
+            yield 0, delta
+            if interval:
+                await asyncio.sleep(interval)
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: TokenStream) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((index, delta, None))
+            queue.put_nowait((index, None, None))
+        except Exception as exc:
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for index, delta, error in _coalesce(items):
+                if error is not None:
+                    raise error
+                remaining -= delta is None
+                yield index, delta
+            if interval and remaining:
+                await asyncio.sleep(interval)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _coalesce(
+    items: list[tuple[int, str | None, BaseException | None]],
+) -> list[tuple[int, str | None, BaseException | None]]:
+    """Join the deltas of each choice within one batch of queue items, keeping each end after its text."""
+    out: list[tuple[int, str | None, BaseException | None]] = []
+    where: dict[int, int] = {}  # choice -> position of its open text item in `out`
+    for index, delta, error in items:
+        if delta is not None and index in where:
+            i = where[index]
+            out[i] = (index, (out[i][1] or "") + delta, None)
+            continue
+        out.append((index, delta, error))
+        if delta is not None:
+            where[index] = len(out) - 1
+        else:
+            where.pop(index, None)
+    return out
+
+
+def _choice(kind: Kind, index: int, text: str, stream: TokenStream) -> dict[str, Any]:
+    reason = stream.finish_reason.value if stream.finish_reason is not None else None
+    if kind == "completion":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": reason,
+    }
+
+
+def _delta(kind: Kind, index: int, content: str | dict[str, str] | None, finish_reason: str | None = None) -> Chunk:
+    if kind == "completion":
+        return {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+    delta = content if isinstance(content, dict) else {} if content is None else {"content": content}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(streams: Sequence[TokenStream], n: int) -> dict[str, int]:
+    # A prompt is counted once however many choices (n) it has.
+    prompt_tokens = sum(len(s.prompt_token_ids) for i, s in enumerate(streams) if i % n == 0)
+    return usage(prompt_tokens, sum(len(s.token_ids) for s in streams))

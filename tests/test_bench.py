@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark suite on the tiny model: every figure, the ratio columns, valid PNGs.
+
+Speed is not asserted (CI machines vary); this checks that the suite runs end to end and that its
+outputs have the promised shape.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from PIL import Image  # noqa: E402  (matplotlib depends on Pillow)
+
+from async_llm.bench.cli import main  # noqa: E402
+from async_llm.bench.metrics import FIGURES  # noqa: E402
+from async_llm.bench.workloads import PromptBuilder, burst_workload, mixed_workload  # noqa: E402
+
+SYSTEMS = ["async_llm", "transformers-static", "transformers-sequential"]
+
+
+@pytest.fixture(scope="module")
+def bench_out(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    code = main([
+        "--model", str(tiny_model_dir), "--out", str(out), "--concurrency", "2", "--new-tokens", "4",
+        "--mixed-requests", "3", "--rate", "50", "--prompt-range", "4,16", "--output-range", "2,6",
+        "--systems", ",".join(["roofline", *SYSTEMS, "vllm"]), "--roofline-repeats", "1", "--repeats", "2", "--threads", "1",
+        "--no-isolate", "--no-progress",
+    ])
+    assert code == 0
+    return out
+
+
+def test_json_has_every_figure_for_every_system(bench_out: Path) -> None:
+    report = json.loads((bench_out / "results.json").read_text())
+    assert set(report["results"]) == {"burst-2", "mixed"}
+    for workload, by_system in report["results"].items():
+        for system in SYSTEMS:
+            figures = by_system[system]
+            assert "skipped" not in figures, (workload, system, figures)
+            for name in FIGURES:
+                assert name in figures, (workload, system, name)
+                if name != "peak_gpu_mib":  # None on the CPU by design
+                    assert figures[name] is not None, (workload, system, name)
+            assert figures["complete"], (workload, system)
+            assert figures["output_tokens"] == figures["expected_output_tokens"]
+            assert report["ratios_vs_async_llm"][workload][system]["output_tokens_per_s"] is not None
+    burst = report["results"]["burst-2"]["async_llm"]
+    assert burst["rounds"] == 2 and len(burst["spread"]["output_tokens_per_s"]) == 2  # medians of 2 rounds
+    assert report["results"]["mixed"]["async_llm"]["rounds"] == 1
+    assert report["roofline"]["burst-2"]["decode_step_ms"] > 0
+    assert "mixed" not in report["roofline"]  # bare forwards are defined for bursts only
+    assert report["systems"]["vllm"]["skipped"] or report["results"]["mixed"]["vllm"]
+    assert {t["target"] for t in report["targets"]} >= {"mixed: tokens/s vs static batching"}
+
+
+def test_markdown_has_ratio_columns(bench_out: Path) -> None:
+    md = (bench_out / "results.md").read_text()
+    for header in ("tok/s ratio", "TTFT p99 ms ratio", "ITL p50 ms ratio", "E2E p99 ms ratio", "peak RSS MiB ratio"):
+        assert header in md
+    assert "## Targets" in md and "## Roofline" in md
+    for system in SYSTEMS:
+        assert f"| {system} |" in md
+
+
+def test_plots_are_valid_pngs(bench_out: Path) -> None:
+    for name in ("throughput_vs_concurrency.png", "latency_percentiles.png"):
+        with Image.open(bench_out / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_workloads_are_seeded_and_exact(tiny_tokenizer) -> None:
+    a = mixed_workload(tiny_tokenizer, 12, rate=5.0, seed=3, prompt_range=(4, 40), output_range=(2, 30))
+    b = mixed_workload(tiny_tokenizer, 12, rate=5.0, seed=3, prompt_range=(4, 40), output_range=(2, 30))
+    assert a.requests == b.requests
+    assert [r.arrival for r in a.requests] == sorted(r.arrival for r in a.requests)
+    for r in a.requests:  # the text re-encodes to exactly the ids every system is fed
+        assert tuple(tiny_tokenizer(r.text).input_ids) == r.prompt_ids
+        assert 4 <= len(r.prompt_ids) <= 40 and 2 <= r.max_new_tokens <= 30
+    builder = PromptBuilder(tiny_tokenizer, seed=0)
+    assert all(len(builder.prompt(n, random.Random(n))[1]) == n for n in (5, 17, 64))
+    burst = burst_workload(tiny_tokenizer, 5, 7)
+    assert len(burst.requests) == 5 and all(r.arrival == 0 and r.max_new_tokens == 7 for r in burst.requests)
+
+
+def test_bad_arguments_exit_2(tiny_model_dir: Path, tmp_path: Path) -> None:
+    assert main(["--model", str(tiny_model_dir), "--out", str(tmp_path), "--systems", "nope"]) == 2

@@ -1,0 +1,154 @@
+"""Ray Serve: the deployment in Serve's local testing mode (fast), and two replicas on a real local
+cluster behind Serve's HTTP proxy (bounded, a minute or so on 2 cores).
+
+Marked ``ray``: the plain test run deselects them (``addopts``) and ``.ci/run`` runs them with
+``-m ray`` after installing the ``ray`` extra. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+pytestmark = pytest.mark.ray
+
+MODEL = "tiny"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read by ray.init and inherited by every Ray process: no telemetry, no token files in ~/.ray.
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # In "cluster mode" Ray swaps 127.0.0.1 for the machine's address and its agents listen there;
+    # off, every Ray process listens on loopback only. The driver reads the flag at import time,
+    # so it is patched too (ray may have been imported before this fixture ran).
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'async-llm[ray]'")
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+
+
+def _app(model_dir: Path, **options: Any) -> Any:
+    from async_llm.serve.ray import build_app
+
+    return build_app(
+        str(model_dir), model_name=MODEL, device="cpu", max_tokens=16, max_batch_size=8,
+        ray_actor_options={"num_cpus": 0}, **options,
+    )  # fmt: skip
+
+
+def test_build_app_sizes_the_deployment_from_the_batch(ray_env):
+    from async_llm.serve.ray import build_app
+
+    deployment = build_app("unused", max_batch_size=16)._bound_deployment
+    # Serve's default of 5 ongoing requests would starve a batch of 16.
+    assert deployment.max_ongoing_requests == 32 and deployment.num_replicas == 1
+    scaled = build_app("unused", max_batch_size=16, autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    config = scaled._bound_deployment._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 16)
+    with pytest.raises(ValueError, match="not both"):
+        build_app("unused", num_replicas=2, autoscaling_config={"max_replicas": 4})
+
+
+async def test_local_testing_mode_answers_streams_and_aborts(ray_env, tiny_model_dir, llm):
+    from ray import serve
+
+    handle = serve.run(_app(tiny_model_dir), name="local", _local_testing_mode=True)
+    with anyio.fail_after(60):
+        body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 12}
+        response = await handle.completion.remote(body)
+        assert response["choices"][0]["text"] == await llm.arun(body["prompt"], chat_template=False, max_tokens=12)
+
+        chunks = [c async for c in handle.options(stream=True).stream_chat_completion.remote({"messages": CHAT})]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == await llm.arun(CHAT, max_tokens=16)  # the replica's default max_tokens is 16
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+        with pytest.raises(Exception, match="temperature"):
+            await handle.completion.remote({"prompt": "Hi", "temperature": -1})
+
+        # Cancelling a handle stream (what Serve does when an HTTP client leaves) aborts the request.
+        long = {"prompt": "Hi", "max_tokens": 500, "ignore_eos": True}
+        stream = handle.options(stream=True).stream_completion.remote(long)
+        assert (await stream.__anext__())["choices"][0]["finish_reason"] is None
+        stream.cancel()
+        while (stats := await handle.stats.remote())["num_aborted"] < 1 or stats["num_running"]:
+            await asyncio.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def local_cluster(ray_env) -> Iterator[int]:
+    """A 2-CPU Ray cluster on loopback with Serve's proxy on a free port; always torn down."""
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts unix sockets in it
+    port = _free_port()
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_two_replicas_stream_over_http_on_a_local_cluster(local_cluster, tiny_model_dir, tiny_model, tiny_tokenizer):
+    import openai
+    from ray import serve
+
+    from async_llm import HuggingFaceLLM
+
+    serve.run(_app(tiny_model_dir, num_replicas=2), name="llm", route_prefix="/")  # waits for both replicas
+    prompts = [f"Prompt {i}: the quick brown fox" for i in range(8)]
+
+    async def stream_all(client: openai.AsyncOpenAI) -> tuple[list[str], set[str]]:
+        async def one(prompt: str) -> tuple[str, str]:
+            stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, stream=True)
+            chunks = [chunk async for chunk in stream]
+            return "".join(c.choices[0].text for c in chunks if c.choices), chunks[0].system_fingerprint
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        return [text for text, _ in results], {fingerprint for _, fingerprint in results}
+
+    async def main() -> None:
+        async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu") as direct:
+            expected = [await direct.arun(p, chat_template=False, max_tokens=24) for p in prompts]
+        base = f"http://127.0.0.1:{local_cluster}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60) as client:
+            with anyio.fail_after(120):
+                replicas: set[str] = set()
+                for _ in range(5):  # Serve picks replicas at random: a few rounds see both
+                    texts, fingerprints = await stream_all(client)
+                    assert texts == expected
+                    replicas |= fingerprints
+                    if len(replicas) == 2:
+                        break
+                assert len(replicas) == 2, replicas
+                models = await client.models.list()
+                assert [m.id for m in models.data] == [MODEL]
+
+    asyncio.run(main())

@@ -1,0 +1,347 @@
+"""The OpenAI-compatible server, end to end: uvicorn on 127.0.0.1 (a free port) in the test's own
+event loop, the official ``openai`` client (httpx for raw framing and bad bodies), the tiny model.
+
+Greedy answers over HTTP are compared with the engine called directly, so the HTTP layer must
+neither change the prompt nor the sampling parameters. Every wait is bounded by ``anyio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from async_llm import HuggingFaceLLM
+from async_llm.serve import create_app
+from async_llm.serve.server import API_KEY_ENV, resolve_api_key, running_server
+
+MODEL = "tiny"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+async def url(llm: HuggingFaceLLM) -> AsyncIterator[str]:
+    async with running_server(create_app(llm, model_name=MODEL)) as base:
+        yield base
+
+
+@pytest.fixture
+async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (cheap, engine counters) until true, failing after ``timeout`` s."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+# -- answers equal the engine's -----------------------------------------------------------------------
+async def test_completion_equals_the_engine_and_counts_usage(client, llm):
+    prompt = "The quick brown fox"
+    with anyio.fail_after(30):
+        response = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+        expected = await llm.acomplete(prompt, chat_template=False, max_tokens=16)
+    choice = response.choices[0]
+    assert choice.text == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert response.object == "text_completion" and response.model == MODEL
+    assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+async def test_chat_equals_the_engine_with_n_and_seeds(client, llm):
+    with anyio.fail_after(30):
+        greedy = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12)
+        assert greedy.choices[0].message.content == await llm.arun(CHAT, max_tokens=12)
+        assert greedy.choices[0].message.role == "assistant"
+        sampled = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=12, n=3, seed=7, temperature=1.0, top_p=0.9
+        )
+        expected = [await llm.arun(CHAT, max_tokens=12, seed=7 + i, temperature=1.0, top_p=0.9) for i in range(3)]
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert [c.message.content for c in sampled.choices] == expected
+    assert sampled.usage.prompt_tokens == len(llm.encode(CHAT))  # one prompt, counted once
+
+
+async def test_extension_fields_reach_the_engine(client, llm):
+    body = {"top_k": 5, "repetition_penalty": 1.3, "ignore_eos": True}
+    with anyio.fail_after(30):
+        response = await client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=10, temperature=0.8, seed=3, stop=["zz"], extra_body=body
+        )
+        expected = await llm.arun(
+            "Hello", chat_template=False, max_tokens=10, temperature=0.8, seed=3, stop=["zz"], **body
+        )
+    assert response.choices[0].text == expected
+
+
+# -- streaming ----------------------------------------------------------------------------------------------
+async def test_streamed_chat_equals_the_answer_and_ends_with_usage(client, llm):
+    with anyio.fail_after(30):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        expected = await llm.acomplete(CHAT, max_tokens=16)
+    assert chunks[0].choices[0].delta.role == "assistant"  # the role opens the stream, before any token
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+
+
+async def test_streamed_completion_is_server_sent_events_ending_with_done(url, llm):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "stream": True, "n": 2, "seed": 1, "temperature": 1.0}
+    with anyio.fail_after(30):
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{url}/v1/completions", json=body)
+        expected = [
+            await llm.arun("Hello", chat_template=False, max_tokens=8, seed=1 + i, temperature=1.0) for i in range(2)
+        ]
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in response.text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    texts = ["", ""]
+    for event in events[:-1]:
+        for choice in json.loads(event[len("data: ") :])["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == expected
+
+
+async def test_sixteen_concurrent_streaming_clients(client, llm):
+    prompts = [f"Prompt number {i}: the quick brown fox" for i in range(16)]
+
+    async def one(prompt: str) -> str:
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, stream=True, extra_body={"ignore_eos": True}
+        )  # ignore_eos: every request runs its full 24 steps, so they overlap in the batch
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    with anyio.fail_after(60):
+        texts = await asyncio.gather(*(one(p) for p in prompts))
+        expected = await asyncio.gather(
+            *(llm.arun(p, chat_template=False, max_tokens=24, ignore_eos=True) for p in prompts)
+        )
+    assert texts == list(expected)
+    stats = llm.stats()
+    assert stats["peak_batch_size"] > 1, stats
+    assert stats["num_running"] == 0 and stats["num_aborted"] == 0
+
+
+# -- disconnects free the row ----------------------------------------------------------------------------
+async def test_disconnect_mid_stream_aborts_and_frees_the_row(client, llm):
+    with anyio.fail_after(30):
+        stream = await client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
+        )
+        first = await stream.__anext__()
+        assert first.choices[0].text or first.choices[0].finish_reason is None
+        assert llm.stats()["num_running"] == 1
+        await stream.close()  # closes the connection mid-stream
+    await wait_for(lambda: llm.stats()["num_aborted"] == 1 and llm.stats()["num_running"] == 0)
+    assert llm.stats()["tokens_generated"] < 900
+
+
+async def test_disconnect_during_a_plain_request_aborts_it(llm, caplog):
+    app = create_app(llm, model_name=MODEL)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True}
+    async with running_server(app) as base, httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{base}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+        await wait_for(lambda: llm.stats()["num_aborted"] == 1 and llm.stats()["num_running"] == 0)
+        labels = {"endpoint": "/v1/completions", "status": "499"}
+        registry = app.state.serving.metrics.registry
+        await wait_for(lambda: registry.get_sample_value("async_llm_http_requests_total", labels) == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # handled, not a crash
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ({"prompt": "Hi", "temperature": -1}, "temperature"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "Hi", "top_p": "high"}, "top_p"),
+    ({"prompt": "Hi", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "Hi", "n": 0}, "n"),
+    ({"prompt": "Hi", "stop": [""]}, "stop"),
+    ({"prompt": "Hi", "seed": -1}, "seed"),
+    ({"prompt": "Hi", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "Hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "Hi", "max_tokens": 5000}, "prompt"),  # beyond the model's context
+    ({"max_tokens": 4}, "prompt"),
+    ({"prompt": []}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_REQUESTS)
+async def test_bad_completion_requests_get_400_naming_the_field(url, llm, body, param):
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            response = await http.post(f"{url}/v1/completions", json={"model": MODEL, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param in error["message"]
+    assert llm.stats()["num_running"] == 0 and llm.stats()["num_waiting"] == 0  # nothing was queued
+
+
+BAD_CHATS = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+    ),
+    ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_CHATS)
+async def test_bad_chat_requests_get_400_naming_the_field(client, body, param):
+    with anyio.fail_after(10), pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model=MODEL, **body)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == param and param.split("[")[0] in info.value.message
+
+
+async def test_malformed_json_is_a_400_not_a_422(url):
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            response = await http.post(
+                f"{url}/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+            )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_model_is_a_404_and_models_lists_the_served_one(client):
+    with anyio.fail_after(10):
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+
+
+async def test_full_queue_gets_429_at_once(tiny_model, tiny_tokenizer):
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_batch_size=1, max_queue_size=1
+    ) as small:
+        async with running_server(create_app(small, model_name=MODEL)) as base:
+            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30) as c:
+                long = {
+                    "model": MODEL,
+                    "prompt": "Hi",
+                    "max_tokens": 900,
+                    "stream": True,
+                    "extra_body": {"ignore_eos": True},
+                }
+                with anyio.fail_after(30):
+                    running = await c.completions.create(**long)
+                    await wait_for(lambda: small.stats()["num_running"] == 1)
+                    waiting = await c.completions.create(**long)
+                    await wait_for(lambda: small.stats()["num_waiting"] == 1)
+                    with anyio.fail_after(2), pytest.raises(openai.RateLimitError) as info:
+                        await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+                    assert info.value.body["type"] == "rate_limit_error"
+                    await running.close()
+                    await waiting.close()
+                await wait_for(lambda: small.stats()["num_running"] == 0 and small.stats()["num_waiting"] == 0)
+
+
+async def test_generation_failure_is_a_500_or_an_error_event(client, llm, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(llm.model, "forward", broken)
+    with anyio.fail_after(20):
+        with pytest.raises(openai.InternalServerError, match="injected fault"):
+            await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        stream = await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, stream=True)
+        with pytest.raises(openai.APIError, match="injected fault"):
+            async for _ in stream:
+                pass
+    monkeypatch.undo()
+    with anyio.fail_after(20):  # the server (and the engine) keep serving
+        assert (await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)).choices[0].text
+
+
+async def test_closed_engine_is_a_503(client, url, llm):
+    await llm.aclose()
+    with anyio.fail_after(10):
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        assert info.value.status_code == 503
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/health")).status_code == 503
+
+
+# -- auth, health, metrics ---------------------------------------------------------------------------------
+async def test_api_key_is_required_when_set(llm):
+    async with running_server(create_app(llm, model_name=MODEL, api_key="s3cret")) as base:
+        with anyio.fail_after(20):
+            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0) as c:
+                with pytest.raises(openai.AuthenticationError) as info:
+                    await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+                assert info.value.body["code"] == "invalid_api_key"
+            async with httpx.AsyncClient() as http:  # no key at all, or another scheme
+                assert (await http.get(f"{base}/v1/models")).status_code == 401
+                assert (
+                    await http.get(f"{base}/v1/models", headers={"authorization": "Basic s3cret"})
+                ).status_code == 401
+                assert (await http.post(f"{base}/v1/completions", json={"nonsense": 1})).status_code == 401
+                assert (await http.get(f"{base}/health")).status_code == 200
+            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0) as c:
+                assert (await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)).choices
+
+
+def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(None) is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(None) == "from-env"
+    assert resolve_api_key("from-flag") == "from-flag"
+
+
+async def test_health_and_prometheus_metrics(client, url):
+    with anyio.fail_after(20):
+        await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/health")).json() == {"status": "ok"}
+            response = await http.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["async_llm_requests_running"] == 0 and values["async_llm_requests_waiting"] == 0
+    assert values["async_llm_generation_tokens_total"] >= 1
+    assert values["async_llm_generation_tokens_per_second"] > 0
+    assert values["async_llm_time_to_first_token_seconds_count"] == 1
+    assert values['async_llm_http_requests_total{endpoint="/v1/completions",status="200"}'] == 1
+
+
+def test_serve_command_defaults_to_loopback():
+    from async_llm import cli
+
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.command, args.host, args.port, args.api_key, args.model) == ("serve", "127.0.0.1", 8000, None, None)
+    assert (args.ray, args.replicas, args.max_batch_size) == (False, 1, 32)
+    args = cli.build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--api-key", "k", "--port", "0"])
+    assert (args.ray, args.replicas, args.api_key, args.port) == (True, 3, "k", 0)
