@@ -29,10 +29,10 @@ ALL_SYSTEMS = (ROOFLINE, "async_llm", "transformers-static", "transformers-cb", 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"concurrency": "1,4,16,64", "new_tokens": 64, "mixed_requests": 100, "rate": 2.0,
              "prompt_range": "16,512", "output_range": "8,256", "repeats": 3, "mixed_repeats": 1,
-             "roofline_repeats": 2, "system_timeout": 1800.0},
+             "roofline_repeats": 2, "system_timeout": 1800.0, "wait_quiet": 300.0, "noisy_retries": 2},
     "quick": {"concurrency": "1,4,16", "new_tokens": 24, "mixed_requests": 16, "rate": 4.0,
               "prompt_range": "16,256", "output_range": "8,48", "repeats": 1, "mixed_repeats": 1,
-              "roofline_repeats": 1, "system_timeout": 90.0},
+              "roofline_repeats": 1, "system_timeout": 90.0, "wait_quiet": 0.0, "noisy_retries": 0},
 }
 
 
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(full 2, quick 1)")
     p.add_argument("--system-timeout", type=float, default=None, help="seconds per system before it is cut off "
                    "(full 1800, quick 90)")
+    p.add_argument("--wait-quiet", type=float, default=None, help="before each run, wait up to this many seconds "
+                   "for other processes to use < 0.2 cores (full 300, quick 0)")
+    p.add_argument("--noisy-retries", type=int, default=None, help="rerun a run during which other processes used "
+                   "> 0.4 cores, this many times at most (full 2, quick 0)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every system in this process")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -148,6 +152,8 @@ def _meta(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
         "static_window_ms": args.static_window_ms,
         "isolated_processes": args.isolate,
         "repeats": {"burst": args.repeats, "mixed": args.mixed_repeats, "roofline_passes": args.roofline_repeats},
+        "wait_quiet_s": args.wait_quiet,
+        "noisy_retries": args.noisy_retries,
         "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
     }
 
@@ -195,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SystemConfig(model_path, args.device, args.dtype, args.max_batch_size, args.static_window_ms / 1000.0,
                           args.threads)
     options = SuiteOptions(args.isolate, args.system_timeout, args.roofline_repeats, args.repeats, args.mixed_repeats,
-                           args.progress)
+                           args.progress, quiet_wait_s=args.wait_quiet, noisy_retries=args.noisy_retries)
     print(f"bench: {len(workloads)} workloads x {len(args.systems)} systems on {args.device} "
           f"({model_path}), results to {args.out}", flush=True)
     load = _busy_cores()

@@ -133,15 +133,19 @@ def to_markdown(report: dict[str, Any]) -> str:
     marks = {True: "met", False: "**not met**", None: "n/a"}
     out += _table(["Target", "Measured", "Goal", "Met"],
                   [[t["target"], _ratio(t["measured"]), t["goal"], marks[t["met"]]] for t in report["targets"]])
-    out += ["", "## Output tokens/s (ratio = async_llm ÷ system)", ""]
+    out += ["", "## Output tokens/s (ratio = async_llm ÷ system)", "",
+            "Medians over rounds; (min–max over rounds) where a workload ran more than once.", ""]
     header = ["System"] + [h for w in results for h in (w, f"{w} ratio")]
     rows = []
     for system in systems:
         row = [system]
         for workload, by_system in results.items():
             figures = by_system.get(system, {})
-            row += [_fmt(figures.get("output_tokens_per_s"), 1),
-                    _ratio(ratios.get(workload, {}).get(system, {}).get("output_tokens_per_s"))]
+            spread = figures.get("spread", {}).get("output_tokens_per_s")
+            value = _fmt(figures.get("output_tokens_per_s"), 1)
+            if spread:
+                value += f" ({spread[0]:.0f}–{spread[1]:.0f})"
+            row += [value, _ratio(ratios.get(workload, {}).get(system, {}).get("output_tokens_per_s"))]
         rows.append(row)
     roof = report.get("roofline", {})
     if roof:
@@ -198,7 +202,7 @@ def _describe(w: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Throughput vs concurrency (burst), and latency percentiles (mixed, else the largest burst)."""
+    """Throughput and tail latencies vs concurrency (bursts), latency percentiles (mixed, else the largest burst)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,6 +227,19 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, figure, label in ((axes[0], "ttft_p99_ms", "TTFT p99 (ms)"), (axes[1], "itl_p99_ms", "ITL p99 (ms)")):
+        for system in systems:
+            ys = [_figure(results, w["name"], system, figure) for w in bursts]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o", label=system)
+        ax.set(xscale="log", yscale="log", xlabel="concurrent requests (burst)", ylabel=label, title=label)
+        if xs:
+            ax.set_xticks(xs, [str(x) for x in xs])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
     target = next((w["name"] for w in report["workloads"] if w["kind"] == "mixed"), bursts[-1]["name"] if bursts else None)
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -9,6 +9,9 @@ the entry point of a system's process: it answers ``("run", index)`` commands un
 from __future__ import annotations
 
 import gc
+import os
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,6 +114,18 @@ class Session:
         self._model = None
 
 
+def _exit_with_parent() -> None:
+    """Exit when the suite's process dies (killed mid-run, it cannot stop us): no orphan keeps a core busy."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bench-parent-watch", daemon=True).start()
+
+
 def serve(name: str, config: Any, workloads: Sequence[Workload], roofline_repeats: int, conn: Any) -> None:
     """Entry point of a system's process (spawned: a fresh interpreter, no state from the parent).
 
@@ -119,6 +134,7 @@ def serve(name: str, config: Any, workloads: Sequence[Workload], roofline_repeat
     """
     from transformers.utils import logging as hf_logging
 
+    _exit_with_parent()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore")

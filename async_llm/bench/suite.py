@@ -38,6 +38,9 @@ class SuiteOptions:
     repeats: int = 1  # rounds of each burst workload
     mixed_repeats: int = 1  # rounds of the mixed workload
     progress: bool = True
+    quiet_cores: float = 0.2  # other processes' CPU use (cores) above which the machine is "busy"
+    quiet_wait_s: float = 0.0  # before each run, wait up to this long for the machine to be quiet
+    noisy_retries: int = 0  # rerun a run during which other processes used more than 2 x quiet_cores
 
 
 def _applies(name: str, workload: Workload) -> bool:
@@ -55,6 +58,28 @@ def _cpu(process: psutil.Process) -> float:
     except psutil.Error:
         return 0.0
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _own_cpu(workers: dict[str, Any]) -> float:
+    """CPU seconds of the suite and every system's process so far."""
+    total = _cpu(psutil.Process())
+    for worker in workers.values():
+        proc = getattr(worker, "proc", None)
+        if proc is not None and worker.process is not None and proc.is_alive():
+            total += _cpu(worker.process)
+    return total
+
+
+def _wait_quiet(workers: dict[str, Any], options: SuiteOptions) -> float:
+    """Wait (up to ``quiet_wait_s``) until other processes use less than ``quiet_cores``; returns
+    the last measured other-process load, in cores."""
+    deadline = time.monotonic() + options.quiet_wait_s
+    while True:
+        busy0, own0, t0 = _machine_busy(), _own_cpu(workers), time.perf_counter()
+        time.sleep(1.0)
+        other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers) - own0)) / (time.perf_counter() - t0)
+        if other < options.quiet_cores or time.monotonic() > deadline:
+            return other
 
 
 class _InlineWorker:
@@ -209,7 +234,6 @@ def run_suite(
             if reason:
                 info[name]["skipped"] = reason
                 say(f"skip {name}: {reason}")
-        parent = psutil.Process()
         for index, name in plan:
             workload, worker = workloads[index], workers[name]
             if info[name]["skipped"]:
@@ -220,27 +244,37 @@ def run_suite(
 
             def sink(event: Event) -> None:
                 nonlocal ticks
-                if event[0] == "tick":
-                    ticks += event[1]
-                    bar.update(event[1])
+                if event[0] == "tick":  # (a rerun ticks again: the bar counts each request once)
+                    step = min(event[1], len(workload.requests) - ticks)
+                    ticks += step
+                    bar.update(step)
                 elif event[0] == "result":
                     runs.setdefault((event[1], name), []).append(event[2])
                 elif event[0] == "error":
                     errors[(event[1], name)] = event[2]
                     say(f"{name} on {event[1]}: failed: {event[2]}")
 
-            left = None if options.system_timeout_s is None else options.system_timeout_s - info[name]["seconds"]
-            started, busy0 = time.perf_counter(), _machine_busy()
-            own0 = _cpu(parent) + (_cpu(worker.process) if worker.process is not None else 0.0)
-            gone = worker.run(index, sink, left)
-            seconds = time.perf_counter() - started
-            own = _cpu(parent) + (_cpu(worker.process) if worker.process is not None else 0.0) - own0
-            other = max(0.0, _machine_busy() - busy0 - own) / seconds if seconds > 0 else 0.0
-            info[name]["seconds"] += seconds
-            info[name]["other_cpu_share"] = round(max(info[name]["other_cpu_share"], other), 3)
-            if (workload.name, name) in runs and len(runs[(workload.name, name)]) > 0 and not gone:
-                runs[(workload.name, name)][-1]["other_cpu_share"] = round(other, 3)
-            bar.update(len(workload.requests) - ticks)
+            for attempt in range(options.noisy_retries + 1):
+                if options.quiet_wait_s > 0:
+                    _wait_quiet(workers, options)
+                left = None if options.system_timeout_s is None else options.system_timeout_s - info[name]["seconds"]
+                done_before = len(runs.get((workload.name, name), []))
+                started, busy0, own0 = time.perf_counter(), _machine_busy(), _own_cpu(workers)
+                gone = worker.run(index, sink, left)
+                seconds = time.perf_counter() - started
+                other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers) - own0)) / max(seconds, 1e-9)
+                info[name]["seconds"] += seconds
+                fresh = runs.get((workload.name, name), [])[done_before:]
+                for figures in fresh:
+                    figures["other_cpu_share"] = round(other, 3)
+                noisy = other > 2 * options.quiet_cores and attempt < options.noisy_retries and not gone
+                if noisy and fresh:  # disturbed: drop it and run it again
+                    say(f"{name} on {workload.name}: other processes used {other:.2f} cores; running it again")
+                    del runs[(workload.name, name)][done_before:]
+                    continue
+                info[name]["other_cpu_share"] = round(max(info[name]["other_cpu_share"], other), 3)
+                break
+            bar.update(max(0, len(workload.requests) - ticks))
             if gone:
                 info[name]["skipped"] = f"stopped on {workload.name}: {gone}"
                 say(f"{name}: {gone}; its remaining runs are skipped")

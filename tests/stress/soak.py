@@ -58,6 +58,7 @@ async def run_soak(
     stop = asyncio.Event()
     workers = [asyncio.ensure_future(_client(llm, random.Random(rng.random()), stop)) for _ in range(clients)]
     rows: list[dict[str, float]] = []
+    csv_path = out / "soak.csv"
     start = time.perf_counter()
     last_tokens, last_time = llm.stats()["tokens_generated"], start
     try:
@@ -65,7 +66,7 @@ async def run_soak(
             await asyncio.sleep(min(interval, max(0.0, seconds - (now - start))))
             gc.collect()
             stats, now = llm.stats(), time.perf_counter()
-            rows.append({
+            row = {
                 "elapsed_s": round(now - start, 2),
                 "rss_mib": round(process.memory_info().rss / 2**20, 2),
                 "running": stats["num_running"],
@@ -74,17 +75,15 @@ async def run_soak(
                 "finished": stats["num_finished"],
                 "aborted": stats["num_aborted"],
                 "failed": stats["num_failed"],
-            })
+            }
+            rows.append(row)
+            _append_row(csv_path, row)  # written as sampled: a crash keeps everything up to here
             last_tokens, last_time = stats["tokens_generated"], now
     finally:
         stop.set()
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    with open(out / "soak.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     warm = max(1, len(rows) // 10)
     base, final = rows[warm - 1]["rss_mib"], rows[-1]["rss_mib"]
     summary = {
@@ -94,9 +93,20 @@ async def run_soak(
         "mean_tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1),
         "finished": rows[-1]["finished"], "aborted": rows[-1]["aborted"], "failed": rows[-1]["failed"],
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(summary, indent=2))
     _plot(rows, out / "soak.png", summary)
     return summary
+
+
+def _append_row(path: Path, row: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _plot(rows: list[dict[str, float]], path: Path, summary: dict[str, Any]) -> None:
