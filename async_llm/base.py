@@ -44,9 +44,11 @@ def check_prompt(prompt: Any) -> Prompt:
 
     Raises:
         TypeError: Neither a str nor a list of messages with str roles and contents.
-        ValueError: An empty chat or an unknown role.
+        ValueError: An empty chat, an unknown role, or text that is not valid Unicode (a lone
+            surrogate, as ``json.loads('"\\ud800"')`` gives): no tokenizer can encode it.
     """
     if isinstance(prompt, str):
+        _check_unicode(prompt, "prompt")
         return prompt
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
@@ -57,7 +59,17 @@ def check_prompt(prompt: Any) -> Prompt:
             raise TypeError(f"prompt message {i} must be a mapping with a str 'content'")
         if message.get("role") not in ROLES:
             raise ValueError(f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}")
+        _check_unicode(message["content"], f"prompt message {i}")
     return prompt
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where} is not valid Unicode: lone surrogate {text[exc.start]!r} at index {exc.start}"
+        ) from None
 
 
 class _LoopThread:

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; its ``command`` attribute names the chosen subcommand.
     """
+    from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+
     parser = _Parser(prog="async-llm", description="Run causal LMs with continuous batching and streaming.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug) to stderr")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -90,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     srv.add_argument("--api-key", default=None, help="require this bearer key (default: $ASYNC_LLM_API_KEY)")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's)")
+    srv.add_argument(
+        "--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+        help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )  # fmt: skip
+    srv.add_argument(
+        "--body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S,
+        help=f"seconds a request body may take to arrive, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )  # fmt: skip
+    srv.add_argument(
+        "--limit-concurrency", type=_positive_int, default=None,
+        help="open connections at most; more get 503 from uvicorn (default: no limit)",
+    )  # fmt: skip
     srv.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (needs async-llm[ray])")
     srv.add_argument("--replicas", type=_positive_int, default=1, help="engines with --ray (default 1)")
     srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
@@ -111,6 +125,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 

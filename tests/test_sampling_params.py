@@ -93,6 +93,10 @@ async def test_llm_rejects_bad_input_before_queueing(llm):
         await llm.arun([{"role": "user", "content": 3}])
     with pytest.raises(ValueError, match="role 'wizard'"):
         await llm.arun([{"role": "wizard", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"prompt is not valid Unicode: lone surrogate '\\udc80' at index 2"):
+        await llm.arun("ab\udc80")
+    with pytest.raises(ValueError, match="prompt message 1 is not valid Unicode"):
+        await llm.arun([{"role": "system", "content": "ok"}, {"role": "user", "content": "\ud800"}])
     with pytest.raises(ValueError, match="context of 1024 tokens"):
         await llm.arun("word " * 2000)
     with pytest.raises(ValueError, match="max_tokens"):

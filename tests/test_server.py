@@ -8,6 +8,7 @@ neither change the prompt nor the sampling parameters. Every wait is bounded by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -229,6 +230,102 @@ async def test_malformed_json_is_a_400_not_a_422(url):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+# -- bodies: media type, size, arrival time (async_llm.serve.limits) --------------------------------------------
+async def _raw_exchange(base: str, head: bytes, body_parts: list[bytes], pause: float = 0.0) -> tuple[int, bytes]:
+    """Send a request over a bare socket (``body_parts`` written ``pause`` s apart, until an answer
+    starts to arrive); return the status and the whole answer, read until the server closes."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answer = bytearray()
+
+    async def read_all() -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                answer.extend(chunk)
+
+    reading = asyncio.ensure_future(read_all())
+    try:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            for part in body_parts:
+                if answer or reading.done():
+                    break  # answered early: stop sending, as a real client does
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(pause)
+        await reading
+    finally:
+        reading.cancel()
+        writer.close()
+    return int(answer.split(b" ", 2)[1]), bytes(answer)
+
+
+def _head(path: str, length: int | None, content_type: str = "application/json") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "host: test", f"content-type: {content_type}"]
+    lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+async def test_a_body_that_is_not_json_is_a_415(url, llm, content_type):
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            response = await http.post(f"{url}/v1/completions", content=body, headers={"content-type": content_type})
+            assert response.status_code == 415
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+            assert content_type in response.json()["error"]["message"]
+            # No Content-Type at all is read as JSON (curl -d), and so is a +json type.
+            for headers in ({}, {"content-type": "application/vnd.api+json; charset=utf-8"}):
+                ok = await http.post(f"{url}/v1/completions", content=body, headers=headers)
+                assert ok.status_code == 200, ok.text
+    assert llm.stats()["num_finished"] == 2
+
+
+async def test_an_oversized_body_is_a_413_before_it_is_read(llm):
+    app = create_app(llm, model_name=MODEL, max_body_bytes=1000)
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000, "max_tokens": 2}).encode()
+    async with running_server(app) as base:
+        with anyio.fail_after(20):
+            # Declared too large: answered at once, though not one byte of the body is sent.
+            status, answer = await _raw_exchange(base, _head("/v1/completions", len(big)), [])
+            assert status == 413 and b"body_too_large" in answer and b"connection: close" in answer.lower()
+            # Chunked: counted as it comes, answered when it passes the limit.
+            chunks = [b"%x\r\n%s\r\n" % (300, big[i : i + 300]) for i in range(0, 1500, 300)]
+            status, answer = await _raw_exchange(base, _head("/v1/completions", None), chunks, pause=0.05)
+            assert status == 413
+            async with httpx.AsyncClient() as http:  # under the limit: served
+                small = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+                assert (await http.post(f"{base}/v1/completions", json=small)).status_code == 200
+    registry = app.state.serving.metrics.registry
+    assert registry.get_sample_value("async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "413"}) == 2
+    assert llm.stats()["num_finished"] == 1 and llm.stats()["num_running"] == 0
+
+
+async def test_a_body_that_trickles_in_gets_a_408_in_bounded_time(llm):
+    app = create_app(llm, model_name=MODEL, body_timeout_s=0.5)
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    async with running_server(app) as base:
+        started = asyncio.get_running_loop().time()
+        with anyio.fail_after(10):
+            parts = [body[i : i + 4] for i in range(0, len(body), 4)]  # 4 bytes every 0.1 s: > 1 s in all
+            status, answer = await _raw_exchange(base, _head("/v1/completions", len(body)), parts, pause=0.1)
+        assert status == 408 and b'"code":"timeout"' in answer
+        assert asyncio.get_running_loop().time() - started < 3
+        async with httpx.AsyncClient() as http:  # the same body sent at once is served
+            with anyio.fail_after(10):
+                response = await http.post(f"{base}/v1/completions", content=body)
+        assert response.status_code == 200
+    assert llm.stats()["num_finished"] == 1
+
+
+def test_body_limits_reject_nonsense_settings(llm):
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        create_app(llm, max_body_bytes=0)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        create_app(llm, body_timeout_s=0)
+
+
 async def test_unknown_model_is_a_404_and_models_lists_the_served_one(client):
     with anyio.fail_after(10):
         models = await client.models.list()
@@ -345,3 +442,8 @@ def test_serve_command_defaults_to_loopback():
     assert (args.ray, args.replicas, args.max_batch_size) == (False, 1, 32)
     args = cli.build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--api-key", "k", "--port", "0"])
     assert (args.ray, args.replicas, args.api_key, args.port) == (True, 3, "k", 0)
+    args = cli.build_parser().parse_args(["serve", "--max-body-bytes", "10", "--body-timeout", "2.5"])
+    assert (args.max_body_bytes, args.body_timeout, args.limit_concurrency) == (10, 2.5, None)
+    for bad in (["--body-timeout", "0"], ["--body-timeout", "nan"], ["--max-body-bytes", "0"]):
+        with pytest.raises(cli._UsageError, match=bad[0]):
+            cli.build_parser().parse_args(["serve", *bad])

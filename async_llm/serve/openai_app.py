@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from async_llm.log import get_logger
 from async_llm.models.huggingface import HuggingFaceLLM
 from async_llm.serve.errors import APIError, from_validation_errors
+from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits, check_limits
 from async_llm.serve.metrics import CONTENT_TYPE
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
 from async_llm.serve.serving import ChunkStream, OpenAIServing
@@ -49,6 +50,8 @@ def create_app(
     owns_llm: bool = False,
     server_id: str | None = None,
     stream_interval_s: float = 0.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """Build the OpenAI-compatible app over ``llm``.
 
@@ -60,10 +63,17 @@ def create_app(
         owns_llm: Close ``llm`` when the app shuts down (the CLI and Ray replicas own theirs).
         server_id: Added to ``system_fingerprint`` (Ray replicas put their id there).
         stream_interval_s: Pace stream chunks after the first token (see :class:`OpenAIServing`).
+        max_body_bytes: Larger request bodies get 413 before they reach a route.
+        body_timeout_s: A request body must arrive within this many seconds, or it gets 408
+            (slow clients cannot hold a connection forever); see :mod:`async_llm.serve.limits`.
 
     Returns:
         The FastAPI app; serve it with uvicorn (``async-llm serve`` does).
+
+    Raises:
+        ValueError: ``max_body_bytes`` or ``body_timeout_s`` is not positive.
     """
+    check_limits(max_body_bytes, body_timeout_s)  # now, not when the first request builds the stack
     serving = OpenAIServing(llm, model_name=model_name, server_id=server_id, stream_interval_s=stream_interval_s)
 
     @asynccontextmanager
@@ -80,6 +90,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
+    # Starlette runs the last middleware added first: requests are counted, then their bodies checked.
+    app.add_middleware(BodyLimits, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     app.add_middleware(_CountRequests, serving=serving)
     app.include_router(_api_router(serving, api_key))
     app.include_router(_ops_router(serving))

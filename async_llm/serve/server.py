@@ -95,10 +95,13 @@ async def serve_http(args: argparse.Namespace) -> int:
     load = functools.partial(HuggingFaceLLM, args.model, device=args.device, max_batch_size=args.max_batch_size)
     llm = await anyio.to_thread.run_sync(load)
     try:
-        app = create_app(llm, model_name=args.served_model_name, api_key=resolve_api_key(args.api_key), owns_llm=True)
+        app = create_app(
+            llm, model_name=args.served_model_name, api_key=resolve_api_key(args.api_key), owns_llm=True,
+            max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+        )  # fmt: skip
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level="debug" if args.verbose > 1 else "info",
-            access_log=args.verbose > 0, timeout_graceful_shutdown=10,
+            access_log=args.verbose > 0, timeout_graceful_shutdown=10, limit_concurrency=args.limit_concurrency,
         )  # fmt: skip
         await uvicorn.Server(config).serve()
     finally:

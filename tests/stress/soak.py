@@ -41,11 +41,12 @@ async def _client(llm: HuggingFaceLLM, rng: random.Random, stop: asyncio.Event) 
             params["stop"] = [rng.choice([".", "\n", " the"])]
         if rng.random() < 0.2:
             params["repetition_penalty"] = rng.uniform(1.0, 1.5)
+        abandon = rng.random() < 0.1  # its consumer walks away after the first delta
         stream = await llm.submit(rng.choice(PROMPTS), **params)
         async with stream:
             async for _ in stream:
-                if rng.random() < 0.1:
-                    break  # abandoned by its consumer: the engine must free the row
+                if abandon:
+                    break  # the engine must free the row
 
 
 async def run_soak(
