@@ -20,7 +20,7 @@ from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
 from async_llm.request import FinishReason, Request
 from async_llm.sampling import SamplingBatch, apply_penalties, sample
-from async_llm.scheduler import Scheduler
+from async_llm.scheduler import Scheduler, prefill_groups
 from async_llm.worker import Worker
 
 log = get_logger("async_llm.engine")
@@ -40,6 +40,10 @@ class Engine(Worker):
         max_batch_size: Most rows decoded together.
         max_queue_size: Most requests waiting for a row; :meth:`submit` raises past it.
         max_prefill_tokens: Most prompt tokens prefilled in one step.
+        prefill_overhead_tokens: The fixed cost of one forward, in tokens of compute: prompts
+            admitted together are split into prefill batches by length when the padding saved is
+            worth more than the extra forwards (default: 32 on CPU, where a forward of a few tokens
+            costs about as much as 32 more tokens of prefill; 512 elsewhere, where launches dominate).
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
     """
 
@@ -51,6 +55,7 @@ class Engine(Worker):
         max_queue_size: int = 1024,
         max_prefill_tokens: int = 8192,
         seed: int | None = None,
+        prefill_overhead_tokens: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -66,6 +71,9 @@ class Engine(Worker):
         else:
             self._rng.seed()
         self.batch = self._new_batch()
+        if prefill_overhead_tokens is None:
+            prefill_overhead_tokens = 32 if self.device.type == "cpu" else 512
+        self.prefill_overhead_tokens = prefill_overhead_tokens
         self.start()
 
     def _new_batch(self) -> PaddedBatch:
@@ -127,12 +135,15 @@ class Engine(Worker):
             for request in new:
                 event = "resumed" if request.output_ids else "admitted"
                 log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
-            try:
-                self._prefill(new, out)
-            except torch.OutOfMemoryError as exc:
-                self._out_of_memory(new, exc, out)
-            except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
-                self._fail(new, exc, out)
+            groups = self._prefill_batches(new)
+            for g, group in enumerate(groups):
+                try:
+                    self._prefill(group, out)
+                except torch.OutOfMemoryError as exc:  # this group and the ones after it wait
+                    self._out_of_memory([r for later in groups[g:] for r in later], exc, out)
+                    break
+                except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
+                    self._fail(group, exc, out)
         if self.batch.size:
             rows = list(self.batch.rows)
             try:
@@ -162,6 +173,18 @@ class Engine(Worker):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("out of memory: batch split", kept=keep, preempted=len(evicted) + len(new), error=repr(exc))
+
+    def _prefill_batches(self, requests: list[Request]) -> list[list[Request]]:
+        """The admitted requests in prefill batches that waste the least on padding (see
+        :func:`prefill_groups`); requests with the same context stay together (one shared row)."""
+        if len(requests) == 1:
+            return [requests]
+        by_context: dict[tuple[int, ...], list[Request]] = {}
+        for r in requests:
+            by_context.setdefault(tuple(r.context_ids), []).append(r)
+        contexts = list(by_context.values())
+        groups = prefill_groups([len(c[0].context_ids) for c in contexts], self.prefill_overhead_tokens)
+        return [[r for i in group for r in contexts[i]] for group in groups]
 
     def _prefill(self, requests: Sequence[Request], out: Deliveries) -> None:
         for r in requests:

@@ -101,3 +101,37 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+
+def prefill_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+    """Split prompts into left-padded prefill batches that cost the least in all.
+
+    One forward over ``k`` prompts padded to ``L`` tokens costs about ``overhead_tokens + k * L``
+    token-units: the fixed part (reading every weight once, launching every kernel) is worth
+    ``overhead_tokens`` tokens of compute. Padding a short prompt to a long one wastes ``L - l``
+    tokens; a separate forward wastes the fixed part. With the prompts sorted by length, the best
+    split is into runs of neighbours, found exactly by dynamic programming (O(n²), n <= batch size).
+
+    Args:
+        lengths: Token count of each prompt.
+        overhead_tokens: The fixed cost of one forward, in tokens (0: every distinct length alone).
+
+    Returns:
+        Groups of indices into ``lengths``, shortest prompts first.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the j shortest prompts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):  # prompts i..j-1 in one forward, padded to the longest of them
+            cost = best[i] + overhead_tokens + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]

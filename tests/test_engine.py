@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import anyio
@@ -22,6 +23,34 @@ async def test_greedy_matches_generate_alone_and_batched(llm, tiny_model):
         assert b.token_ids == expected
         assert b.text == s.text
     assert llm.stats()["peak_batch_size"] == len(PROMPTS)
+
+
+async def test_prompts_admitted_together_are_prefilled_in_length_groups(llm, tiny_model, monkeypatch):
+    """Short and long prompts arriving together are prefilled in separate forwards (no padding of the
+    short ones to the long one's width), shared prompts in one, and every answer is still exact."""
+    widths: list[tuple[int, int]] = []
+    forward = llm.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
+            widths.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", recording)
+    short, long = "Hi", "word " * 150
+    prompts = [short, long, "Hey", long]
+    gate = threading.Event()
+    llm.engine.call_when_idle(gate.wait)  # hold the engine so that the four are admitted in one step
+    tasks = [asyncio.ensure_future(llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True)) for p in prompts]
+    with anyio.fail_after(10):
+        while llm.stats()["num_waiting"] < 4:
+            await asyncio.sleep(0.005)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    for r in results:
+        assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
+    long_width = len(results[1].prompt_token_ids)
+    assert sorted(widths) == [(1, long_width), (2, max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids)))]
 
 
 async def test_late_joiner_matches_generate(llm, tiny_model):
