@@ -144,6 +144,9 @@ class Engine(Worker):
                     break
                 except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
                     self._fail(group, exc, out)
+                # First tokens go out now, not after the rest of the step: time to first token is
+                # then one prefill, not a prefill plus a decode forward of the whole batch.
+                self._flush(out)
         if self.batch.size:
             rows = list(self.batch.rows)
             try:

@@ -165,10 +165,15 @@ class Worker(abc.ABC):
                 with self._lock:
                     self._idle_calls[:0] = idle_calls
             self._num_waiting = self._waiting_count()
-            for stream in out.flush():  # streams whose loop is gone: nobody will read them
-                self.abort(stream.request_id)
+            self._flush(out)
         self.steps += 1
         return True
+
+    def _flush(self, out: Deliveries) -> None:
+        """Hand ``out``'s results to their loops now (a step may call this early, e.g. to deliver
+        first tokens before a long decode forward)."""
+        for stream in out.flush():  # streams whose loop is gone: nobody will read them
+            self.abort(stream.request_id)
 
     @staticmethod
     def _call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:

@@ -53,6 +53,40 @@ async def test_prompts_admitted_together_are_prefilled_in_length_groups(llm, tin
     assert sorted(widths) == [(1, long_width), (2, max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids)))]
 
 
+async def test_first_token_is_delivered_before_the_batch_decodes_again(llm, monkeypatch):
+    """A joiner's first token reaches its stream (on the loop) straight after its prefill: the decode
+    forward of the same step waits here until the stream has it, and would time out otherwise."""
+    running = await llm.submit("Hi", chat_template=False, max_tokens=300, ignore_eos=True)
+    await running.__anext__()
+    prefilled, waited = threading.Event(), []
+    joiner = None
+    forward = llm.model.forward
+
+    def delivered_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while joiner is None or joiner.first_token_at is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def gated(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefilled.set()
+        elif prefilled.is_set() and not waited:
+            waited.append(delivered_within(5))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", gated)
+    joiner = await llm.submit("Hello there", chat_template=False, max_tokens=4)
+    with anyio.fail_after(30):
+        while not waited:
+            await asyncio.sleep(0.005)  # the loop stays free to take the delivery
+        await joiner.aclose()
+        await running.aclose()
+    assert waited == [True]
+
+
 async def test_late_joiner_matches_generate(llm, tiny_model):
     """A request joining a running batch (longer prompt than the batch's rows) is still exact."""
     long_run = asyncio.ensure_future(llm.acomplete("Hi", chat_template=False, max_tokens=60, ignore_eos=True))
