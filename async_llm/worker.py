@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,9 @@ class Worker(abc.ABC):
         self._num_waiting = 0  # waiting requests as of the last step (read by submitters)
         self._closing = False
         self.steps = 0
+        # Burst gathering (see _gather_burst): off unless a subclass sets it.
+        self.burst_gap_s = 0.0
+        self.burst_window_s = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -137,6 +141,8 @@ class Worker(abc.ABC):
         with self._lock:
             while not (self._inbox or self._aborts or self._idle_calls or self._closing or self._has_work()):
                 self._lock.wait()
+            if self._inbox and self.burst_gap_s > 0 and not self._closing and self._is_idle():
+                self._gather_burst()
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
             idle_calls, self._idle_calls = self._idle_calls, []
@@ -174,6 +180,20 @@ class Worker(abc.ABC):
         first tokens before a long decode forward)."""
         for stream in out.flush():  # streams whose loop is gone: nobody will read them
             self.abort(stream.request_id)
+
+    def _gather_burst(self) -> None:
+        """Requests sent together (``asyncio.gather`` of many calls) reach the inbox one by one,
+        each after its own tokenization. An idle worker that started on the first would prefill a
+        fraction of the burst, then the rest in a second forward, delaying everyone. So an idle
+        worker waits while they keep coming: until no new one arrived for ``burst_gap_s``, at most
+        ``burst_window_s`` in all (a lone request waits ``burst_gap_s``). A running batch needs no
+        such wait: its steps are long, and arrivals queue up during them. Called with the lock held."""
+        deadline = time.monotonic() + self.burst_window_s
+        while (left := deadline - time.monotonic()) > 0:
+            seen = len(self._inbox)
+            self._lock.wait(min(self.burst_gap_s, left))  # a submit wakes it at once
+            if len(self._inbox) == seen or self._closing:
+                return
 
     @staticmethod
     def _call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:

@@ -16,17 +16,9 @@ import time
 import torch
 
 from async_llm import HuggingFaceLLM
+from async_llm.bench.workloads import BURST_PROMPTS
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain continuous batching in one paragraph.",
-    "List three uses of a paperclip.",
-    "Why is the sky blue?",
-    "Translate 'good morning' into Spanish and German.",
-    "Give me a short recipe for pancakes.",
-    "What is 17 times 23?",
-]
+PROMPTS = list(BURST_PROMPTS)  # the suite's burst prompt set
 
 
 def sequential_generate(llm: HuggingFaceLLM, prompt_ids: list[list[int]], tokens: int) -> float:

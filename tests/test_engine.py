@@ -53,6 +53,26 @@ async def test_prompts_admitted_together_are_prefilled_in_length_groups(llm, tin
     assert sorted(widths) == [(1, long_width), (2, max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids)))]
 
 
+async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, monkeypatch):
+    """Requests sent together reach an idle engine one by one; it waits for the burst to end (no new
+    one within burst_gap_s) and prefills them together, as static batching would."""
+    shapes: list[tuple[int, int]] = []
+    forward = llm.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
+            shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", recording)
+    llm.engine.burst_gap_s = 0.05  # generous: a loaded test machine may pause between submits
+    prompts = [f"Request {i}: hello" for i in range(8)]
+    results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts))
+    assert [rows for rows, _ in shapes] == [8]
+    for r in results:
+        assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 6)
+
+
 async def test_first_token_is_delivered_before_the_batch_decodes_again(llm, monkeypatch):
     """A joiner's first token reaches its stream (on the loop) straight after its prefill: the decode
     forward of the same step waits here until the stream has it, and would time out otherwise."""

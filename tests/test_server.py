@@ -8,7 +8,6 @@ neither change the prompt nor the sampling parameters. Every wait is bounded by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import pytest
 from async_llm import HuggingFaceLLM
 from async_llm.serve import create_app
 from async_llm.serve.server import API_KEY_ENV, resolve_api_key, running_server
+from tests.rawhttp import exchange, request_head
 
 MODEL = "tiny"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -231,41 +231,6 @@ async def test_malformed_json_is_a_400_not_a_422(url):
 
 
 # -- bodies: media type, size, arrival time (async_llm.serve.limits) --------------------------------------------
-async def _raw_exchange(base: str, head: bytes, body_parts: list[bytes], pause: float = 0.0) -> tuple[int, bytes]:
-    """Send a request over a bare socket (``body_parts`` written ``pause`` s apart, until an answer
-    starts to arrive); return the status and the whole answer, read until the server closes."""
-    host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    answer = bytearray()
-
-    async def read_all() -> None:
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
-                answer.extend(chunk)
-
-    reading = asyncio.ensure_future(read_all())
-    try:
-        with contextlib.suppress(ConnectionError):
-            writer.write(head)
-            for part in body_parts:
-                if answer or reading.done():
-                    break  # answered early: stop sending, as a real client does
-                writer.write(part)
-                await writer.drain()
-                await asyncio.sleep(pause)
-        await reading
-    finally:
-        reading.cancel()
-        writer.close()
-    return int(answer.split(b" ", 2)[1]), bytes(answer)
-
-
-def _head(path: str, length: int | None, content_type: str = "application/json") -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "host: test", f"content-type: {content_type}"]
-    lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 async def test_a_body_that_is_not_json_is_a_415(url, llm, content_type):
     body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2})
@@ -288,11 +253,11 @@ async def test_an_oversized_body_is_a_413_before_it_is_read(llm):
     async with running_server(app) as base:
         with anyio.fail_after(20):
             # Declared too large: answered at once, though not one byte of the body is sent.
-            status, answer = await _raw_exchange(base, _head("/v1/completions", len(big)), [])
+            status, answer = await exchange(base, request_head("/v1/completions", len(big)), [])
             assert status == 413 and b"body_too_large" in answer and b"connection: close" in answer.lower()
             # Chunked: counted as it comes, answered when it passes the limit.
             chunks = [b"%x\r\n%s\r\n" % (300, big[i : i + 300]) for i in range(0, 1500, 300)]
-            status, answer = await _raw_exchange(base, _head("/v1/completions", None), chunks, pause=0.05)
+            status, answer = await exchange(base, request_head("/v1/completions", None), chunks, pause=0.05)
             assert status == 413
             async with httpx.AsyncClient() as http:  # under the limit: served
                 small = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
@@ -309,7 +274,7 @@ async def test_a_body_that_trickles_in_gets_a_408_in_bounded_time(llm):
         started = asyncio.get_running_loop().time()
         with anyio.fail_after(10):
             parts = [body[i : i + 4] for i in range(0, len(body), 4)]  # 4 bytes every 0.1 s: > 1 s in all
-            status, answer = await _raw_exchange(base, _head("/v1/completions", len(body)), parts, pause=0.1)
+            status, answer = await exchange(base, request_head("/v1/completions", len(body)), parts, pause=0.1)
         assert status == 408 and b'"code":"timeout"' in answer
         assert asyncio.get_running_loop().time() - started < 3
         async with httpx.AsyncClient() as http:  # the same body sent at once is served

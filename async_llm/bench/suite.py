@@ -25,6 +25,11 @@ import psutil
 from async_llm.bench.session import ROOFLINE, Event, Session, serve
 from async_llm.bench.workloads import Workload
 
+BASE = "async_llm"
+
+#: Figures kept round by round, for the paired ratios of the targets (see ``report.evaluate_targets``).
+PAIRED_FIGURES = ("output_tokens_per_s", "ttft_p99_ms", "tpot_p50_ms")
+
 __all__ = ["ROOFLINE", "SuiteOptions", "run_suite"]
 
 
@@ -176,6 +181,7 @@ def _aggregate(runs: list[dict[str, Any]], roofline: bool) -> dict[str, Any]:
     if roofline:
         best = dict(min(runs, key=lambda r: r["total_s"]))
         best["rounds"] = len(runs)
+        best["per_round"] = {"decode_step_ms": [r.get("decode_step_ms") for r in runs]}
         return best
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
@@ -187,6 +193,9 @@ def _aggregate(runs: list[dict[str, Any]], roofline: bool) -> dict[str, Any]:
         else:
             out[key] = first
     out["rounds"] = len(runs)
+    # Round by round, in run order: the targets compare systems within each round (the same minutes
+    # of a machine whose speed drifts), then take the median of those ratios.
+    out["per_round"] = {k: [r.get(k) for r in runs] for k in PAIRED_FIGURES}
     if len(runs) > 1:
         out["spread"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)]
                          for k in ("output_tokens_per_s", "ttft_p99_ms", "tpot_p50_ms")
@@ -220,9 +229,13 @@ def run_suite(
     for index, workload in enumerate(workloads):
         rounds = options.repeats if workload.kind == "burst" else options.mixed_repeats
         for r in range(max(1, rounds)):
-            names = [n for n in systems if _applies(n, workload)]
+            names = [n for n in systems if _applies(n, workload) and n != ROOFLINE]
             shift = r % max(1, len(names))
-            plan += [(index, name) for name in names[shift:] + names[:shift]]
+            names = names[shift:] + names[:shift]
+            if ROOFLINE in systems and _applies(ROOFLINE, workload):
+                # The bare forwards run right before async_llm, so their ratio is taken minutes apart at most.
+                names.insert(names.index(BASE) if BASE in names else 0, ROOFLINE)
+            plan += [(index, name) for name in names]
     say = tqdm.write if options.progress else log
     total = sum(len(workloads[i].requests) for i, _ in plan)
     with tqdm(total=total, unit="req", desc="bench", disable=not options.progress, dynamic_ncols=True) as bar:

@@ -21,6 +21,7 @@ import httpx
 from async_llm import HuggingFaceLLM
 from async_llm.serve import create_app
 from async_llm.serve.server import running_server
+from tests.rawhttp import exchange, request_head
 from tests.stress.conftest import scaled
 
 MODEL = "tiny"
@@ -190,38 +191,13 @@ async def test_hostile_bodies_and_keys_among_good_requests(tiny_model, tiny_toke
 
 
 async def _trickle(base: str, body: bytes, step: int, pause: float, send_body: bool = True) -> tuple[int | None, float]:
-    """A slowloris client: full headers, then ``step`` bytes of body every ``pause`` s. Returns the
-    status the server answered with (None if it only closed) and when it answered."""
+    """A slowloris client: full headers, then ``step`` bytes of body every ``pause`` s (or nothing at
+    all). Returns the status the server answered with and when it answered."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
-    answer = bytearray()
-
-    async def read_all() -> None:
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
-                answer.extend(chunk)
-
-    reading = asyncio.ensure_future(read_all())
-    try:
-        with contextlib.suppress(ConnectionError):
-            writer.write(head)
-            for i in range(0, len(body) if send_body else 0, step):
-                if answer or reading.done():
-                    break
-                writer.write(body[i : i + step])
-                await writer.drain()
-                await asyncio.sleep(pause)
-        await reading
-    finally:
-        reading.cancel()
-        writer.close()
-    status = int(answer.split(b" ", 2)[1]) if answer else None
+    head = request_head("/v1/completions", len(body), {"content-type": "application/json", **AUTH})
+    parts = [body[i : i + step] for i in range(0, len(body), step)] if send_body else []
+    status, _ = await exchange(base, head, parts, pause)
     return status, loop.time() - started
 
 
