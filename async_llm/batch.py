@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from async_llm.request import Request
 from async_llm.sampling import SamplingBatch
@@ -120,7 +120,7 @@ class PaddedBatch:
     def add(
         self,
         requests: Sequence[Request],
-        prefill_cache: DynamicCache,
+        prefill_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
         prefill_mask: torch.Tensor,
         first_tokens: torch.Tensor,
         counts: torch.Tensor | None,
@@ -130,7 +130,7 @@ class PaddedBatch:
 
         Args:
             requests: The new rows' requests, in row order.
-            prefill_cache: Their cache: per layer keys/values ``[n, H, P, D]``, left-padded.
+            prefill_kv: Their cache: per layer (keys, values), each ``[n, H, P, D]``, left-padded.
             prefill_mask: ``[n, P]`` their attention mask.
             first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
             counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
@@ -139,7 +139,7 @@ class PaddedBatch:
         if self.size == 0:  # an empty batch starts over, at the left of its buffer
             self.start = self.end = p if p < self.mask.shape[1] else 0
         old_b, live = self.size, self.end - self.start
-        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_cache.layers[0].keys)
+        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_kv[0][0])
         assert self.kv is not None
         if p > self.end - self.start:
             # The new rows are longer than the live region: open columns on the left (zeroed mask).
@@ -147,10 +147,10 @@ class PaddedBatch:
             self.start = self.end - p
         rows, cols = slice(old_b, old_b + n), slice(self.end - p, self.end)
         keep = prefill_mask.bool()[:, None, :, None]  # [n, 1, P, 1]
-        for i, layer in enumerate(prefill_cache.layers):
+        for i, (keys, values) in enumerate(prefill_kv):
             # Zero the padded columns: masked attention multiplies them by 0, and 0 * NaN would poison the row.
-            self.kv[i, 0, rows, :, cols] = torch.where(keep, layer.keys, 0)
-            self.kv[i, 1, rows, :, cols] = torch.where(keep, layer.values, 0)
+            self.kv[i, 0, rows, :, cols] = torch.where(keep, keys, 0)
+            self.kv[i, 1, rows, :, cols] = torch.where(keep, values, 0)
         self.mask[rows] = 0
         self.mask[rows, cols] = prefill_mask
         new_lengths = [len(r.context_ids) for r in requests]

@@ -26,6 +26,28 @@ from async_llm.worker import Worker
 log = get_logger("async_llm.engine")
 
 
+_KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _attention_pair_cost(model: Any) -> float:
+    """Attention FLOPs of one (query, key) pair over linear-layer FLOPs of one token, for the
+    prefill cost model: ``4 * heads * head_dim * layers`` over twice the non-embedding parameters."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    return 4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1)
+
+
+def _can_pack(model: Any) -> bool:
+    """Whether prefills may pack prompts with a custom 4-D mask: SDPA attention (which takes one as
+    given), and no sliding-window layers (their own mask would be replaced by it)."""
+    config = model.config.get_text_config()
+    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    return getattr(model.config, "_attn_implementation", None) == "sdpa" and not sliding
+
+
 def input_device(model: Any) -> torch.device:
     """Where input ids go: the embedding's device (also right for accelerate-dispatched models)."""
     return model.get_input_embeddings().weight.device
@@ -75,6 +97,8 @@ class Engine(Worker):
         if prefill_overhead_tokens is None:
             prefill_overhead_tokens = 48 if self.device.type == "cpu" else 512
         self.prefill_overhead_tokens = prefill_overhead_tokens
+        self._pair_cost = _attention_pair_cost(model)
+        self._can_pack = _can_pack(model)
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
         self.start()
@@ -139,11 +163,11 @@ class Engine(Worker):
                 event = "resumed" if request.output_ids else "admitted"
                 log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
             groups = self._prefill_batches(new)
-            for g, group in enumerate(groups):
+            for g, (group, packed) in enumerate(groups):
                 try:
-                    self._prefill(group, out)
+                    self._prefill(group, out, packed)
                 except torch.OutOfMemoryError as exc:  # this group and the ones after it wait
-                    self._out_of_memory([r for later in groups[g:] for r in later], exc, out)
+                    self._out_of_memory([r for later, _ in groups[g:] for r in later], exc, out)
                     break
                 except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
                     self._fail(group, exc, out)
@@ -180,41 +204,43 @@ class Engine(Worker):
             torch.cuda.empty_cache()
         log.warning("out of memory: batch split", kept=keep, preempted=len(evicted) + len(new), error=repr(exc))
 
-    def _prefill_batches(self, requests: list[Request]) -> list[list[Request]]:
-        """The admitted requests in prefill batches that waste the least on padding (see
-        :func:`prefill_groups`); requests with the same context stay together (one shared row)."""
+    def _prefill_batches(self, requests: list[Request]) -> list[tuple[list[Request], bool]]:
+        """The admitted requests in the prefill forwards that cost the least (see
+        :func:`prefill_groups`), each padded or packed; requests with the same context stay together
+        (they share one row of the forward)."""
         if len(requests) == 1:
-            return [requests]
+            return [(requests, False)]
         by_context: dict[tuple[int, ...], list[Request]] = {}
         for r in requests:
             by_context.setdefault(tuple(r.context_ids), []).append(r)
         contexts = list(by_context.values())
-        groups = prefill_groups([len(c[0].context_ids) for c in contexts], self.prefill_overhead_tokens)
-        return [[r for i in group for r in contexts[i]] for group in groups]
+        groups = prefill_groups(
+            [len(c[0].context_ids) for c in contexts], self.prefill_overhead_tokens, self._pair_cost, self._can_pack
+        )
+        return [([r for i in group for r in contexts[i]], packed) for group, packed in groups]
 
-    def _prefill(self, requests: Sequence[Request], out: Deliveries) -> None:
+    def _prefill(self, requests: Sequence[Request], out: Deliveries, packed: bool = False) -> None:
         for r in requests:
             if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator().manual_seed(r.params.seed)
         # Rows with the same prompt (the n completions of one request) share one prefill row.
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in requests]
-        n, u, p = len(requests), len(unique), max(len(k) for k in unique)
+        prompts = list(unique)
+        n, u, p = len(requests), len(prompts), max(len(k) for k in prompts)
         ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(u, p, dtype=torch.long)
-        for i, prompt in enumerate(unique):  # left padding: prompts are right-aligned
+        for i, prompt in enumerate(prompts):  # left padding: prompts are right-aligned
             ids[i, p - len(prompt) :] = torch.tensor(prompt)
             mask[i, p - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()  # [u, V]
+        if packed:
+            logits, kv = self._forward_packed(prompts, p)
+        else:
+            logits, kv = self._forward_padded(ids, mask)
         if u < n:
             index = torch.tensor(row_of, device=self.device)
-            cache.batch_select_indices(index)  # [u, ...] -> [n, ...]
+            kv = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in kv]
             ids, mask, logits = ids[index], mask[index], logits[index]
         sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
         counts = prompt_mask = None
@@ -230,10 +256,49 @@ class Engine(Worker):
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(requests, sb))
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))
-        self.batch.add(requests, cache, mask, tokens, counts, prompt_mask)
+        self.batch.add(requests, kv, mask, tokens, counts, prompt_mask)
         first = self.batch.size - n
         done = [first + i for i, (r, t) in enumerate(zip(requests, tokens.tolist())) if self._update(r, t, out)]
         self.batch.remove(done)
+
+    def _forward_padded(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, _KV]:
+        """Prefill left-padded ``ids`` [u, P]: last-token logits [u, V] and per layer (keys, values) [u, H, P, D]."""
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()
+        return logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _forward_packed(self, prompts: list[tuple[int, ...]], p: int) -> tuple[torch.Tensor, _KV]:
+        """Prefill ``prompts`` packed into one sequence (no padding): each attends only to itself,
+        causally, through a block-diagonal 4-D mask, with positions restarting at 0 for each. Returns
+        the same as :meth:`_forward_padded`, the keys and values gathered into left-padded rows."""
+        device = self.device
+        lengths = torch.tensor([len(x) for x in prompts])
+        total, u = int(lengths.sum()), len(prompts)
+        ids = torch.tensor([t for x in prompts for t in x], device=device)[None]  # [1, T]
+        segment = torch.repeat_interleave(torch.arange(u), lengths).to(device)  # [T]
+        starts = (torch.cumsum(lengths, 0) - lengths).to(device)
+        positions = torch.arange(total, device=device) - starts[segment]
+        column = torch.arange(total, device=device)
+        allowed = (segment[:, None] == segment[None, :]) & (column[None, :] <= column[:, None])  # [T, T]
+        ends = starts + lengths.to(device) - 1
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=ids, attention_mask=allowed[None, None], position_ids=positions[None], past_key_values=cache,
+            use_cache=True, logits_to_keep=ends,
+        ).logits[0].float()  # [u, V]: the last token of each prompt
+        # Row i, column c of the padded layout holds packed position starts[i] + c - (p - len_i);
+        # columns left of the prompt read position 0 (any will do: batch.add zeroes padding).
+        source = (starts[:, None] + torch.arange(p, device=device)[None, :] - (p - lengths.to(device))[:, None]).clamp_(min=0)
+        flat = source.reshape(-1)
+        kv = []
+        for layer in cache.layers:  # [1, H, T, D] -> [u, H, P, D]
+            keys, values = (t[0].index_select(1, flat).unflatten(1, (u, p)).transpose(0, 1) for t in (layer.keys, layer.values))
+            kv.append((keys, values))
+        return logits, kv
 
     def _decode(self, out: Deliveries) -> None:
         batch = self.batch

@@ -103,35 +103,55 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
 
-def prefill_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
-    """Split prompts into left-padded prefill batches that cost the least in all.
+def prefill_groups(
+    lengths: list[int], overhead_tokens: float, pair_cost: float = 0.0, packing: bool = False
+) -> list[tuple[list[int], bool]]:
+    """Split prompts into prefill forwards that cost the least in all.
 
-    One forward over ``k`` prompts padded to ``L`` tokens costs about ``overhead_tokens + k * L``
-    token-units: the fixed part (reading every weight once, launching every kernel) is worth
-    ``overhead_tokens`` tokens of compute. Padding a short prompt to a long one wastes ``L - l``
-    tokens; a separate forward wastes the fixed part. With the prompts sorted by length, the best
-    split is into runs of neighbours, found exactly by dynamic programming (O(n²), n <= batch size).
+    Costs are in tokens of compute (the linear layers' work for one token):
+
+    - a forward's fixed part (reading every weight once, launching every kernel) is worth
+      ``overhead_tokens``;
+    - each (query, key) pair of attention is worth ``pair_cost`` (attention FLOPs per pair over
+      linear FLOPs per token: about 1/3000 for SmolLM2-135M);
+    - ``k`` prompts left-padded to the longest, ``L``, cost ``k * L`` tokens and ``k * L²`` pairs:
+      a short prompt padded to a long one wastes the difference;
+    - packed into one sequence (``packing``; block-diagonal causal mask, no padding), they cost
+      ``T = sum(lengths)`` tokens but ``T²`` pairs (dense attention over the whole sequence).
+
+    With the prompts sorted by length, the best split into runs of neighbours, each padded or
+    packed, is found by dynamic programming (O(n²), n <= the batch size). Without packing that is
+    the best split of all; with it, a split that mixes non-neighbours can be marginally cheaper.
 
     Args:
         lengths: Token count of each prompt.
-        overhead_tokens: The fixed cost of one forward, in tokens (0: every distinct length alone).
+        overhead_tokens: The fixed cost of one forward (0: every distinct length alone, unpacked).
+        pair_cost: The cost of one attention pair, in tokens.
+        packing: Whether a forward may pack its prompts instead of padding them.
 
     Returns:
-        Groups of indices into ``lengths``, shortest prompts first.
+        ``(indices into lengths, packed)`` per forward, shortest prompts first.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the j shortest prompts
-    cut = [0] * (n + 1)
+    cut, packed = [0] * (n + 1), [False] * (n + 1)
     for j in range(1, n + 1):
-        longest = lengths[order[j - 1]]
-        for i in range(j):  # prompts i..j-1 in one forward, padded to the longest of them
-            cost = best[i] + overhead_tokens + (j - i) * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups: list[list[int]] = []
+        longest, total = lengths[order[j - 1]], 0
+        for i in range(j - 1, -1, -1):  # prompts i..j-1 in one forward
+            total += lengths[order[i]]
+            k = j - i
+            padded = overhead_tokens + k * longest + k * longest * longest * pair_cost
+            cost, pack = padded, False
+            if packing and k > 1:
+                packed_cost = overhead_tokens + total + total * total * pair_cost
+                if packed_cost < padded:
+                    cost, pack = packed_cost, True
+            if best[i] + cost <= best[j]:  # on a tie, the larger group: fewer forwards
+                best[j], cut[j], packed[j] = best[i] + cost, i, pack
+    groups: list[tuple[list[int], bool]] = []
     j = n
     while j > 0:
-        groups.append(order[cut[j] : j])
+        groups.append((order[cut[j] : j], packed[j]))
         j = cut[j]
     return groups[::-1]

@@ -150,6 +150,7 @@ class Worker(abc.ABC):
         out = Deliveries()
         try:
             self._accept(inbox)
+            self._num_waiting = self._waiting_count()  # visible now, not only after a long idle call or step
             if closing:
                 self._fail_live(EngineClosedError("the LLM was closed before this request finished"), out, True)
                 for _, future in idle_calls:

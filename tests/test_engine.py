@@ -25,37 +25,8 @@ async def test_greedy_matches_generate_alone_and_batched(llm, tiny_model):
     assert llm.stats()["peak_batch_size"] == len(PROMPTS)
 
 
-async def test_prompts_admitted_together_are_prefilled_in_length_groups(llm, tiny_model, monkeypatch):
-    """Short and long prompts arriving together are prefilled in separate forwards (no padding of the
-    short ones to the long one's width), shared prompts in one, and every answer is still exact."""
-    widths: list[tuple[int, int]] = []
-    forward = llm.model.forward
-
-    def recording(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
-            widths.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(llm.model, "forward", recording)
-    short, long = "Hi", "word " * 150
-    prompts = [short, long, "Hey", long]
-    gate = threading.Event()
-    llm.engine.call_when_idle(gate.wait)  # hold the engine so that the four are admitted in one step
-    tasks = [asyncio.ensure_future(llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True)) for p in prompts]
-    with anyio.fail_after(10):
-        while llm.stats()["num_waiting"] < 4:
-            await asyncio.sleep(0.005)
-    gate.set()
-    results = await asyncio.gather(*tasks)
-    for r in results:
-        assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
-    long_width = len(results[1].prompt_token_ids)
-    assert sorted(widths) == [(1, long_width), (2, max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids)))]
-
-
-async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, monkeypatch):
-    """Requests sent together reach an idle engine one by one; it waits for the burst to end (no new
-    one within burst_gap_s) and prefills them together, as static batching would."""
+def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
+    """Shapes of the prefill forwards the engine thread runs from now on."""
     shapes: list[tuple[int, int]] = []
     forward = llm.model.forward
 
@@ -65,10 +36,66 @@ async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, m
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", recording)
+    return shapes
+
+
+async def _admitted_together(llm, calls):
+    """Run the ``calls`` (coroutine factories) so that the engine admits them in one step."""
+    gate = threading.Event()
+    llm.engine.call_when_idle(gate.wait)
+    before = llm.stats()["num_waiting"]
+    tasks = [asyncio.ensure_future(call()) for call in calls]
+    with anyio.fail_after(10):
+        while llm.stats()["num_waiting"] < before + len(calls):
+            await asyncio.sleep(0.005)
+    gate.set()
+    return await asyncio.gather(*tasks)
+
+
+async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tiny_model, monkeypatch):
+    """Prompts admitted together are packed into one sequence (block-diagonal mask, positions from 0
+    for each, no padding) when the cost model says so; greedy answers equal generate's, with a
+    shared prompt (n=2) and a penalised request among them."""
+    assert llm.engine._can_pack
+    shapes = _record_prefills(llm, monkeypatch)
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "a", "word " * 30, "日本語 🎉"]
+    calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
+    calls.append(lambda: llm.acomplete(prompts[1], chat_template=False, max_tokens=8, ignore_eos=True, n=2))
+    results = await _admitted_together(llm, calls)
+    *singles, pair = results
+    for r in [*singles, *pair]:
+        assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
+    assert shapes == [(1, sum(len(r.prompt_token_ids) for r in singles))]  # the n=2 pair shares its prompt's row
+    penalised = await _admitted_together(llm, [
+        lambda: llm.acomplete("Hello", chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+        lambda: llm.acomplete("word " * 20, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+    ])
+    assert shapes[-1][0] == 1  # packed as well
+    solo = [await llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3)
+            for p in ("Hello", "word " * 20)]
+    assert [r.token_ids for r in penalised] == [r.token_ids for r in solo]
+
+
+async def test_without_packing_short_and_long_prompts_get_separate_padded_prefills(llm, tiny_model, monkeypatch):
+    monkeypatch.setattr(llm.engine, "_can_pack", False)
+    shapes = _record_prefills(llm, monkeypatch)
+    prompts = ["Hi", "word " * 150, "Hey", "word " * 150]
+    calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
+    results = await _admitted_together(llm, calls)
+    for r in results:
+        assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
+    short = max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids))
+    assert sorted(shapes) == [(1, len(results[1].prompt_token_ids)), (2, short)]  # the long pair shares one row
+
+
+async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, monkeypatch):
+    """Requests sent together reach an idle engine one by one; it waits for the burst to end (no new
+    one within burst_gap_s) and prefills them together, as static batching would."""
+    shapes = _record_prefills(llm, monkeypatch)
     llm.engine.burst_gap_s = 0.05  # generous: a loaded test machine may pause between submits
     prompts = [f"Request {i}: hello" for i in range(8)]
     results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts))
-    assert [rows for rows, _ in shapes] == [8]
+    assert len(shapes) == 1  # one forward (packed or padded, as the cost model chose)
     for r in results:
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 6)
 
