@@ -63,7 +63,8 @@ def instrument(llm: HuggingFaceLLM) -> None:
         try:
             return timed("model forward (prefill)", forward)(*args, **kwargs)
         finally:
-            real = int(kwargs["attention_mask"].sum()) if kwargs.get("attention_mask") is not None else ids.numel()
+            mask = kwargs.get("attention_mask")
+            real = int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()  # 4-D: packed, no padding
             PREFILLS.append((ids.shape[0], ids.shape[1], real, time.perf_counter() - start))
 
     model.forward = model_forward
