@@ -117,6 +117,10 @@ async def test_bulk_disconnects_free_every_row(tiny_model, tiny_tokenizer):
             assert stats["num_failed"] == 0
             assert stats["num_finished"] + stats["num_aborted"] == submitted
             assert 0 < stats["num_aborted"] <= outcomes["left"]
+            print(
+                f"server disconnects: {total} clients, {outcomes['left']} left mid-way, {submitted - len(PROMPTS)} "
+                f"reached the engine, {stats['num_aborted']} aborted there, {len(good)} good answers exact"
+            )
             # and the server still answers exactly
             with anyio.fail_after(30):
                 assert await _good(http, base, PROMPTS[0], 24, stream=True) == solo[PROMPTS[0]]
@@ -188,6 +192,7 @@ async def test_hostile_bodies_and_keys_among_good_requests(tiny_model, tiny_toke
             assert llm.stats()["num_failed"] == 0
             registry = app.state.serving.metrics.registry
             assert registry.get_sample_value("async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "500"}) is None
+            print(f"hostile: {rounds * len(hostile)} bad requests ({len(hostile)} kinds) among {sum(texts.values())} good ones")
 
 
 async def _trickle(base: str, body: bytes, step: int, pause: float, send_body: bool = True) -> tuple[int | None, float]:
@@ -220,6 +225,8 @@ async def test_slow_bodies_are_cut_off_while_good_clients_are_served(tiny_model,
                 results = await asyncio.gather(*trickles)
         statuses = Counter(status for status, _ in results)
         assert statuses == {408: slow}, statuses
-        assert max(elapsed for _, elapsed in results) < body_timeout + 5
+        slowest = max(elapsed for _, elapsed in results)
+        assert slowest < body_timeout + 5
+        print(f"slowloris: {slow} slow clients, all 408, the last answered {slowest:.2f} s after it connected")
         await _settled(llm)
         assert llm.stats()["num_finished"] == 2 * len(PROMPTS)  # the slow ones never reached the engine
