@@ -98,7 +98,7 @@ class Engine(Worker):
             prefill_overhead_tokens = 48 if self.device.type == "cpu" else 512
         self.prefill_overhead_tokens = prefill_overhead_tokens
         self._pair_cost = _attention_pair_cost(model)
-        self._can_pack = _can_pack(model)
+        self._can_pack = _can_pack(model) and self._packing_agrees()
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
         self.start()
@@ -270,6 +270,25 @@ class Engine(Worker):
             logits_to_keep=1,
         ).logits[:, -1].float()
         return logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _packing_agrees(self) -> bool:
+        """Check once, on two short prompts, that a packed prefill gives this model's padded logits.
+        An architecture that does not honour a custom 4-D mask, or derives something else from the
+        2-D one (ALiBi biases, for one), would not; it then keeps padded prefills only."""
+        prompts = [(1, 2, 3), (4, 5, 6, 7, 8)]
+        ids = torch.tensor([[self.pad_token_id] * 2 + [1, 2, 3], [4, 5, 6, 7, 8]], device=self.device)
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=self.device)
+        try:
+            with torch.inference_mode():
+                padded, _ = self._forward_padded(ids, mask)
+                packed, _ = self._forward_packed(prompts, 5)
+        except Exception as exc:
+            log.info("packed prefill unavailable", error=repr(exc))
+            return False
+        agrees = bool((padded - packed).abs().max() <= 0.02 * padded.abs().max())
+        if not agrees:
+            log.info("packed prefill disagrees with padded prefill for this model; prefills stay padded")
+        return agrees
 
     def _forward_packed(self, prompts: list[tuple[int, ...]], p: int) -> tuple[torch.Tensor, _KV]:
         """Prefill ``prompts`` packed into one sequence (no padding): each attends only to itself,

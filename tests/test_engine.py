@@ -276,3 +276,25 @@ async def test_str_prompt_uses_system_prompt_and_template(tiny_model, tiny_token
 async def test_completion_timings_are_consistent(llm):
     result = await llm.acomplete("Hello", max_tokens=10, ignore_eos=True)
     assert 0 < result.time_to_first_token <= result.latency
+
+
+def test_packing_is_used_only_where_it_gives_the_padded_logits(tiny_model, tiny_tokenizer, monkeypatch):
+    """The engine checks packing once against padding: a model that does not honour a custom 4-D
+    mask (here it drops it, so packed prompts see each other) keeps padded prefills."""
+    engine_checks = []
+    for ignore_mask in (False, True):
+        if ignore_mask:
+            forward = tiny_model.forward
+
+            def no_custom_mask(*args, **kwargs):
+                if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
+                    kwargs["attention_mask"] = None
+                return forward(*args, **kwargs)
+
+            monkeypatch.setattr(tiny_model, "forward", no_custom_mask)
+        llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu")
+        try:
+            engine_checks.append(llm.engine._can_pack)
+        finally:
+            llm.close()
+    assert engine_checks == [True, False]
