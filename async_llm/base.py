@@ -369,9 +369,16 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         self._call_sync(self.aload_checkpoint, path)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or :meth:`aclose`) was called: new requests then raise
+        :class:`EngineClosedError`."""
+        return getattr(self, "_closed", False)
+
     def close(self) -> None:
         """Fail pending requests with :class:`EngineClosedError`, flush the event log, release
         everything. Idempotent."""
+        self._closed = True
         self._close_backend()
         if self._event_log is not None:
             self._event_log.close()

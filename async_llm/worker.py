@@ -150,7 +150,6 @@ class Worker(abc.ABC):
         out = Deliveries()
         try:
             self._accept(inbox)
-            self._num_waiting = self._waiting_count()  # visible now, not only after a long idle call or step
             if closing:
                 self._fail_live(EngineClosedError("the LLM was closed before this request finished"), out, True)
                 for _, future in idle_calls:
@@ -158,6 +157,8 @@ class Worker(abc.ABC):
                 return False
             self._apply_aborts(aborts, out)
             if idle_calls and self._is_idle():
+                # What was just accepted waits for these calls: count it now, not after them.
+                self._num_waiting = self._waiting_count()
                 for fn, future in idle_calls:
                     self._call(fn, future)
                 idle_calls = []

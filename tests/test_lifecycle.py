@@ -98,7 +98,9 @@ async def test_close_fails_pending_requests_and_leaves_no_thread(tiny_model, tin
     running = asyncio.ensure_future(llm.arun("Hello", **LONG))
     waiting = asyncio.ensure_future(llm.arun("Hello", **LONG))
     await wait_for(lambda: llm.stats()["num_running"] == 1 and llm.stats()["num_waiting"] == 1)
+    assert not llm.closed
     await llm.aclose()
+    assert llm.closed
     for task in (running, waiting):
         with pytest.raises(EngineClosedError):
             await task

@@ -130,7 +130,7 @@ def _ops_router(serving: OpenAIServing) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        if serving.llm.engine.closed:
+        if serving.llm.closed:
             return JSONResponse({"status": "closed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 

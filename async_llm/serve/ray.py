@@ -91,7 +91,7 @@ class LLMServer:
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a closed engine fails it and the replica is replaced."""
-        if self.llm.engine.closed:
+        if self.llm.closed:
             raise RuntimeError("the engine of this replica is closed")
 
     def stats(self) -> dict[str, int]:
