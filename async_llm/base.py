@@ -132,6 +132,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         self._event_log: EventLog | None = None
         self._sync_loop: _LoopThread | None = None
         self._sync_lock = threading.Lock()
+        self._closed = False
 
     # -- backend hooks ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -373,7 +374,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
     def closed(self) -> bool:
         """Whether :meth:`close` (or :meth:`aclose`) was called: new requests then raise
         :class:`EngineClosedError`."""
-        return getattr(self, "_closed", False)
+        return self._closed
 
     def close(self) -> None:
         """Fail pending requests with :class:`EngineClosedError`, flush the event log, release

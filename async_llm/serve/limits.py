@@ -4,8 +4,8 @@ A pure ASGI middleware, so it sees the body as it arrives and never buffers more
 ``max_body_bytes``:
 
 - a body that is not JSON (``Content-Type`` other than ``application/json`` or ``*/*+json``) gets
-  **415** before a byte of it is read; a request without ``Content-Type`` is read as JSON, as
-  FastAPI does (``curl -d`` users);
+  **415** before a byte of it is read; a request without ``Content-Type`` is read as JSON
+  (hand-written clients often leave it out; FastAPI alone would refuse the body);
 - a ``Content-Length`` over the limit gets **413** at once; a chunked body is counted as it comes
   and gets 413 as soon as it passes the limit;
 - the whole body must arrive within ``body_timeout_s``: a slow trickle (slowloris) gets **408**
