@@ -4,31 +4,42 @@
 
     async with HuggingFaceLLM() as llm:
         print(await llm.arun("What is the capital of France?"))
+
+Layout: ``llm/`` is what users call (:class:`BaseLLM`, :class:`HuggingFaceLLM`), ``engine/`` the
+worker threads that batch and decode (it knows request ids and an output sink, nothing of the
+callers), ``loading/`` model files, ``serve/`` the OpenAI-compatible server, ``bench/`` the
+benchmark suite. See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-from async_llm.base import BaseLLM
 from async_llm.errors import (
     AsyncLLMError,
     EngineClosedError,
     GenerationError,
+    InvalidParameterError,
     ModelNotAvailableError,
     QueueFullError,
     RequestAbortedError,
 )
-from async_llm.models.huggingface import HuggingFaceLLM
+from async_llm.llm.base import BaseLLM
+from async_llm.llm.huggingface import HuggingFaceLLM
+from async_llm.outputs import Completion, FinishReason, TokenStream
 from async_llm.sampling_params import SamplingParams
 
 __all__ = [
     "AsyncLLMError",
     "BaseLLM",
+    "Completion",
     "EngineClosedError",
+    "FinishReason",
     "GenerationError",
     "HuggingFaceLLM",
+    "InvalidParameterError",
     "ModelNotAvailableError",
     "QueueFullError",
     "RequestAbortedError",
     "SamplingParams",
+    "TokenStream",
 ]
 __version__ = "0.1.0"

@@ -224,8 +224,8 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _announce_conversion(model: str | None) -> None:
     """Warn on stderr when this run must first convert a GGUF file (tens of seconds, once)."""
-    from async_llm.models.default import find_default_gguf
-    from async_llm.models.gguf import cached_conversion
+    from async_llm.loading.default import find_default_gguf
+    from async_llm.loading.gguf import cached_conversion
 
     if model is not None and not model.lower().endswith(".gguf"):
         return

@@ -30,3 +30,27 @@ class GenerationError(AsyncLLMError):
 
 class ModelNotAvailableError(AsyncLLMError):
     """The requested model (for example the embedded default model) cannot be found or loaded."""
+
+
+class ParameterError(AsyncLLMError):
+    """A parameter of a request or setting is invalid; :attr:`param` names it.
+
+    Raised before anything is queued. Catch :class:`InvalidParameterError` (also a ``ValueError``)
+    or :class:`ParameterTypeError` (also a ``TypeError``), or this class for both.
+
+    Args:
+        param: The parameter at fault, by its library name (``max_tokens``, ``prompt``...).
+        message: What is wrong, starting with the parameter's name.
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidParameterError(ParameterError, ValueError):
+    """A parameter's value is out of range or otherwise invalid."""
+
+
+class ParameterTypeError(ParameterError, TypeError):
+    """A parameter has the wrong type, or is unknown."""

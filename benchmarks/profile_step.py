@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import async_llm.engine as engine_module  # noqa: E402
+import async_llm.engine.core as engine_module  # noqa: E402
 from async_llm import HuggingFaceLLM  # noqa: E402
 from async_llm.bench import roofline  # noqa: E402
 from async_llm.bench.workloads import RequestSpec, burst_workload, mixed_workload  # noqa: E402
-from async_llm.delivery import Deliveries  # noqa: E402
+from async_llm.engine.output import StepOutputs  # noqa: E402
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -76,7 +76,7 @@ def instrument(llm: HuggingFaceLLM) -> None:
         setattr(batch, name, timed(f"batch.{name}", getattr(batch, name)))
     engine_module.sample = timed("sampling.sample", engine_module.sample)
     engine_module.apply_penalties = timed("sampling.apply_penalties", engine_module.apply_penalties)
-    Deliveries.flush = timed("Deliveries.flush", Deliveries.flush)
+    StepOutputs.flush = timed("StepOutputs.flush", StepOutputs.flush)
 
 
 async def send(llm: HuggingFaceLLM, requests: list[RequestSpec]) -> tuple[float, list[float]]:

@@ -8,9 +8,8 @@ import threading
 import anyio
 import pytest
 import torch
-from transformers import AsyncTextIteratorStreamer, TextIteratorStreamer, TextStreamer
-
 from conftest import PROMPTS, reference_ids
+from transformers import AsyncTextIteratorStreamer, TextIteratorStreamer, TextStreamer
 
 
 async def test_n_sequences_share_one_prefill(llm, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from async_llm.detokenizer import Detokenizer
+from async_llm.engine.detokenizer import Detokenizer
 
 TEXT = "Über café naïve résumé — 日本語のテキスト 🎉 emoji and ünïcödé."
 

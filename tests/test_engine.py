@@ -8,9 +8,9 @@ import time
 
 import anyio
 import pytest
+from conftest import PROMPTS, reference_ids
 
 from async_llm import HuggingFaceLLM
-from conftest import PROMPTS, reference_ids
 
 
 async def test_greedy_matches_generate_alone_and_batched(llm, tiny_model):

@@ -1,4 +1,4 @@
-"""Tests of GGUF conversion and the embedded default model (async_llm.models.gguf / .default)."""
+"""Tests of GGUF conversion and the embedded default model (async_llm.loading.gguf / .default)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from async_llm.errors import ModelNotAvailableError
-from async_llm.models import default, gguf
+from async_llm.loading import default, gguf
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import json
 import logging
 
 import pytest
+from conftest import reference_ids
 
 from async_llm import HuggingFaceLLM
-from async_llm.chat import parse_history
-from conftest import reference_ids
+from async_llm.llm.chat import parse_history
 
 
 @pytest.fixture

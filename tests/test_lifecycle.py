@@ -6,8 +6,8 @@ import asyncio
 import threading
 
 import anyio
-import torch
 import pytest
+import torch
 
 from async_llm import EngineClosedError, GenerationError, HuggingFaceLLM, QueueFullError
 
@@ -199,7 +199,7 @@ async def test_fault_outside_a_model_step_fails_live_requests_and_engine_survive
 
 
 async def test_tokenizer_fault_fails_only_that_step(llm, monkeypatch):
-    from async_llm.detokenizer import Detokenizer
+    from async_llm.engine.detokenizer import Detokenizer
 
     original = Detokenizer.add_token
     state = {"armed": True}

@@ -6,12 +6,12 @@ import asyncio
 import json
 
 import pytest
+from conftest import reference_ids
 from transformers import BitsAndBytesConfig
 
 from async_llm import HuggingFaceLLM
-from async_llm.checkpoint import CheckpointError
-from async_llm.models.loading import UnsupportedConfigurationError
-from conftest import reference_ids
+from async_llm.llm.checkpoint import CheckpointError
+from async_llm.loading.loading import UnsupportedConfigurationError
 
 
 async def test_checkpoint_round_trip_restores_behaviour(llm, tmp_path):

@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from async_llm.sampling import SamplingBatch, apply_penalties, sample
+from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
 from async_llm.sampling_params import SamplingParams
 
 

@@ -183,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from async_llm.bench.systems import SYSTEMS, SystemConfig
     from async_llm.bench.workloads import build_workloads
     try:
-        from async_llm.models.loading import resolve_model_path
+        from async_llm.loading.loading import resolve_model_path
     except ImportError:  # older layout
-        from async_llm.models.huggingface import resolve_model_path  # type: ignore[attr-defined,no-redef]
+        from async_llm.llm.huggingface import resolve_model_path  # type: ignore[attr-defined,no-redef]
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("async-llm bench: error: --device cuda but torch sees no CUDA device", file=sys.stderr)

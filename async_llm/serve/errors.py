@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from async_llm.errors import EngineClosedError, GenerationError, QueueFullError, RequestAbortedError
-from async_llm.sampling_params import SamplingParams
+from async_llm.errors import EngineClosedError, GenerationError, ParameterError, QueueFullError, RequestAbortedError
 
 # status -> (OpenAI error type, default code)
 _TYPES: dict[int, tuple[str, str | None]] = {
@@ -21,9 +20,6 @@ _TYPES: dict[int, tuple[str, str | None]] = {
     500: ("server_error", None),
     503: ("service_unavailable", "engine_closed"),
 }
-
-# Names that library messages start with when a parameter is at fault ("top_p must be in (0, 1]...").
-_PARAMS = SamplingParams.field_names() | {"prompt"}
 
 # pydantic's names for union members and wrapped validators; not request fields.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "list[str]", "list[TextPart]"})
@@ -62,9 +58,9 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
             field the client used (``max_completion_tokens``, ``messages``).
 
     Returns:
-        400 for invalid input (``ValueError``/``TypeError``, with ``param`` when the message starts
-        with a parameter name, as :class:`~async_llm.SamplingParams` messages do), 429 for a full
-        queue, 503 for a closed engine, 500 otherwise.
+        400 for invalid input (``ValueError``/``TypeError``; with ``param`` for a
+        :class:`~async_llm.errors.ParameterError`, which names the parameter at fault), 429 for a
+        full queue, 503 for a closed engine, 500 otherwise.
     """
     if isinstance(exc, APIError):
         return exc
@@ -74,13 +70,14 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
         return APIError(503, str(exc))
     if isinstance(exc, GenerationError):
         return APIError(500, str(exc))
-    if isinstance(exc, (ValueError, TypeError)):
+    if isinstance(exc, ParameterError):
         message = str(exc)
-        first_word = message.split(" ", 1)[0]
-        param = field_name(first_word) if first_word in _PARAMS else None
-        if param is not None and not message.startswith(param):
+        param = field_name(exc.param)
+        if not message.startswith(param):
             message = f"{param}: {message}"
         return APIError(400, message, param=param)
+    if isinstance(exc, (ValueError, TypeError)):
+        return APIError(400, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 

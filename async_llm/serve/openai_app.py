@@ -27,8 +27,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
-from async_llm.models.huggingface import HuggingFaceLLM
 from async_llm.serve.errors import APIError, from_validation_errors
 from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits, check_limits
 from async_llm.serve.metrics import CONTENT_TYPE

@@ -36,8 +36,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("async_llm.serve.ray needs Ray Serve: pip install 'async-llm[ray]'") from exc
 
+from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
-from async_llm.models.huggingface import HuggingFaceLLM
 from async_llm.serve.openai_app import create_app
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
 from async_llm.serve.serving import ChunkStream, OpenAIServing

@@ -89,7 +89,7 @@ async def serve_http(args: argparse.Namespace) -> int:
     Returns:
         0 after a clean shutdown.
     """
-    from async_llm.models.huggingface import HuggingFaceLLM
+    from async_llm.llm.huggingface import HuggingFaceLLM
     from async_llm.serve.openai_app import create_app
 
     load = functools.partial(HuggingFaceLLM, args.model, device=args.device, max_batch_size=args.max_batch_size)

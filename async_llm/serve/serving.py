@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from async_llm import __version__
-from async_llm.base import Prompt
+from async_llm.llm.base import Prompt
+from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
-from async_llm.models.huggingface import HuggingFaceLLM
+from async_llm.outputs import TokenStream
 from async_llm.serve.errors import APIError, from_exception
 from async_llm.serve.metrics import ServerMetrics
 from async_llm.serve.protocol import (
@@ -29,7 +30,6 @@ from async_llm.serve.protocol import (
     check_unsupported,
     usage,
 )
-from async_llm.stream import TokenStream
 
 log = get_logger("async_llm.serve")
 

@@ -10,7 +10,6 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,20 @@ import anyio
 import torch
 from transformers import BitsAndBytesConfig
 
-from async_llm.base import BaseLLM, Message, Prompt, check_prompt
-from async_llm.beam import BeamJob, BeamRunner
-from async_llm.detokenizer import Detokenizer
-from async_llm.engine import Engine, input_device
+from async_llm.engine.beam import BeamJob, BeamRunner
+from async_llm.engine.core import Engine, input_device
+from async_llm.engine.detokenizer import Detokenizer
+from async_llm.engine.request import Request
+from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
+from async_llm.llm.frontend import Sinks
+from async_llm.llm.metrics import RequestMetrics
+from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
 from async_llm.log import get_logger
-from async_llm.metrics import RequestMetrics
-from async_llm.models.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
-from async_llm.request import Request
+from async_llm.outputs import Completion, TokenStream
 from async_llm.sampling_params import SamplingParams
-from async_llm.stream import TokenStream
 
 log = get_logger("async_llm")
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished request: its text, tokens and timings (seconds, as the caller saw them)."""
-
-    text: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated ids, the eos token included when generation stopped on it
-    finish_reason: str  # "stop" (eos or stop string) or "length" (max_tokens / max_length)
-    time_to_first_token: float | None
-    latency: float
 
 
 def _ids(value: int | Sequence[int] | None) -> set[int]:
@@ -66,6 +55,9 @@ class _Backend:
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size)
         self.beams = BeamRunner(model, pad_token_id, max_queue_size=max_queue_size)
+        self.sinks = Sinks()
+        self.engine.start()
+        self.beams.start()
 
     def close(self) -> None:
         self.engine.close()
@@ -119,10 +111,10 @@ class HuggingFaceLLM(BaseLLM):
     ) -> None:
         super().__init__(**settings)
         if model_id is not None and model_name is not None and str(model_id) != model_name:
-            raise TypeError("give model_id or model_name (an alias), not both")
+            raise ParameterTypeError('model_name', "give model_id or model_name (an alias), not both")
         model_id = model_id if model_id is not None else model_name
         if max_batch_size < 1 or max_queue_size < 1:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1")
+            raise InvalidParameterError('max_batch_size', "max_batch_size and max_queue_size must be >= 1")
         device_ = resolve_device(device)
         self._options = LoadOptions(device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {}))
         self._sizes = (max_batch_size, max_queue_size)
@@ -132,7 +124,7 @@ class HuggingFaceLLM(BaseLLM):
             self.model_id = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
             model, tokenizer = self._options.load(model_id)
         elif tokenizer is None:
-            raise TypeError("a tokenizer is required with an explicit model")
+            raise ParameterTypeError('tokenizer', "a tokenizer is required with an explicit model")
         else:
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
         self._backend = _Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size)
@@ -200,7 +192,7 @@ class HuggingFaceLLM(BaseLLM):
                 ids.insert(0, self.bos_token_id)
         else:
             if not has_template:
-                raise ValueError("this tokenizer has no chat template: pass the prompt as a str")
+                raise InvalidParameterError('prompt', "this tokenizer has no chat template: pass the prompt as a str")
             system = self.system_prompt if system_prompt is None else system_prompt
             messages: list[Message] = [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system and messages[0].get("role") != "system":
@@ -208,7 +200,7 @@ class HuggingFaceLLM(BaseLLM):
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = list(tokenizer(text, add_special_tokens=False).input_ids)
         if not ids:
-            raise ValueError("prompt is empty: it encodes to no tokens (pass chat_template=True or some text)")
+            raise InvalidParameterError('prompt', "prompt is empty: it encodes to no tokens (pass chat_template=True or some text)")
         return ids
 
     def count_tokens(self, text: str) -> int:
@@ -219,10 +211,11 @@ class HuggingFaceLLM(BaseLLM):
         if params.max_length is not None:
             room = params.max_length - len(prompt_ids)
             if room < 1:
-                raise ValueError(f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens")
+                raise InvalidParameterError('max_length', f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens")
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
         if self.max_context is not None and len(prompt_ids) + params.max_tokens > self.max_context:
-            raise ValueError(
+            raise InvalidParameterError(
+                "prompt",
                 f"prompt is {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: together they exceed "
                 f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
             )
@@ -238,7 +231,7 @@ class HuggingFaceLLM(BaseLLM):
         check_prompt(prompt)
         params = self.validate(**overrides)
         if streamer is not None and params.n > 1:
-            raise ValueError("a transformers streamer follows one sequence: use n=1 with streamer=")
+            raise InvalidParameterError('streamer', "a transformers streamer follows one sequence: use n=1 with streamer=")
         backend = self._backend
         def encode() -> list[int]:
             return self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
@@ -252,28 +245,38 @@ class HuggingFaceLLM(BaseLLM):
             prompt_ids = await anyio.to_thread.run_sync(encode)
         params = self._fit(prompt_ids, params)
         worker = backend.beams if params.beam_search else backend.engine
-        loop = asyncio.get_running_loop()
-        requests = []
+        sink = backend.sinks.for_running_loop()
+        hidden = frozenset() if params.ignore_eos else backend.eos_token_ids
+        requests, streams = [], []
         for i in range(params.n):
             row_params = params
             if params.n > 1 and not params.beam_search:  # n rows of the batch, one per sequence
                 row_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             request_id = uuid.uuid4().hex[:16]
             requests.append(Request(
-                request_id=request_id, prompt_ids=prompt_ids, params=row_params,
-                stream=TokenStream(request_id, loop, worker.abort, prompt_ids),
+                request_id=request_id, prompt_ids=prompt_ids, params=row_params, sink=sink,
                 detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
-                eos_token_ids=backend.eos_token_ids, streamer=streamer,
+                eos_token_ids=backend.eos_token_ids,
             ))
+            streams.append(TokenStream(request_id, asyncio.get_running_loop(), worker.abort, prompt_ids))
         if streamer is not None:
             # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
             streamer.put(torch.tensor([prompt_ids]))
-        if params.beam_search:
-            backend.beams.submit(BeamJob(requests))
-        else:
-            for request in requests:
-                backend.engine.submit(request)
-        return [r.stream for r in requests]
+        for stream in streams:
+            sink.register(stream, streamer, hidden)
+        try:
+            if params.beam_search:
+                backend.beams.submit(BeamJob(requests))
+            else:
+                for request in requests:
+                    backend.engine.submit(request)
+        except BaseException:
+            for request in requests:  # the ones already queued are aborted; none is left routed
+                worker.abort(request.request_id)
+            for stream in streams:
+                sink.unregister(stream.request_id)
+            raise
+        return streams
 
     async def submit(self, prompt: Prompt, **kwargs: Any) -> TokenStream:
         """Queue one request and return its stream.
@@ -295,7 +298,7 @@ class HuggingFaceLLM(BaseLLM):
             TypeError, ValueError, QueueFullError, EngineClosedError: before anything is queued.
         """
         if self.validate(**{k: v for k, v in kwargs.items() if k not in _CALL_OPTIONS}).n != 1:
-            raise ValueError("submit returns one stream: use submit_many (or arun) for n > 1")
+            raise InvalidParameterError('n', "submit returns one stream: use submit_many (or arun) for n > 1")
         (stream,) = await self.submit_many(prompt, **kwargs)
         return stream
 
@@ -307,7 +310,7 @@ class HuggingFaceLLM(BaseLLM):
         :meth:`submit`). Bad input raises here, at the call. ``n`` must be 1."""
         check_prompt(prompt)
         if self.validate(**overrides).n != 1:
-            raise ValueError("astream streams one sequence: use n=1, or arun/submit_many for n > 1")
+            raise InvalidParameterError('n', "astream streams one sequence: use n=1, or arun/submit_many for n > 1")
         return self._stream(prompt, dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides))
 
     async def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[str]:
@@ -348,13 +351,17 @@ class HuggingFaceLLM(BaseLLM):
         result = await self.acomplete(prompt, **kwargs)
         return [c.text for c in result] if isinstance(result, list) else result.text
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counters of the engine and the beam-search runner together: num_running, num_waiting,
-        num_finished, num_aborted, num_failed, tokens_generated, peak_batch_size, steps."""
-        stats = self.engine.stats()
+        num_finished, num_aborted, num_failed, num_preempted, tokens_generated (both workers), and
+        peak_batch_size, steps and engine_tokens_per_second (the batching engine's)."""
+        engine = self.engine
+        stats: dict[str, Any] = engine.stats()
         for key, value in self._backend.beams.stats().items():
-            stats[key] += value
-        stats["engine_tokens_per_second"] = round(stats["tokens_generated"] / self.engine.busy_seconds, 2) if self.engine.busy_seconds else 0.0  # type: ignore[assignment]
+            if key not in ("peak_batch_size", "steps"):
+                stats[key] += value
+        busy = engine.busy_seconds
+        stats["engine_tokens_per_second"] = round(engine.scheduler.tokens_generated / busy, 2) if busy else 0.0
         return stats
 
     # -- backend hooks ------------------------------------------------------------------------------------
@@ -378,7 +385,7 @@ class HuggingFaceLLM(BaseLLM):
         """
         target = resolve_device(device)
         if self._options.quantization_config is not None or self._options.device_map is not None:
-            from async_llm.models.loading import UnsupportedConfigurationError
+            from async_llm.loading.loading import UnsupportedConfigurationError
 
             raise UnsupportedConfigurationError("a quantized or device_map-dispatched model cannot be moved")
         backend = self._backend

@@ -4,6 +4,9 @@ The engine (continuous batching) and the beam-search runner are both workers: ca
 or event loop :meth:`Worker.submit` requests and :meth:`Worker.abort` them; the worker thread drains
 its inbox between steps, so everything it owns (model inputs, batch tensors, request states) is
 touched by one thread only.
+
+A worker is built without its thread: :meth:`Worker.start` starts it, and a test may instead drive
+it step by step with :meth:`Worker.step` from its own thread.
 """
 
 from __future__ import annotations
@@ -17,27 +20,28 @@ from typing import Any
 
 import torch
 
-from async_llm.delivery import Deliveries
+from async_llm.engine.output import StepOutputs
+from async_llm.engine.scheduler import Scheduler
 from async_llm.errors import EngineClosedError, QueueFullError
 from async_llm.log import get_logger
 
-log = get_logger("async_llm.worker")
+log = get_logger("async_llm.engine.worker")
 
 
 class Worker(abc.ABC):
     """Base of the threads that serve requests.
 
-    Subclasses implement the hooks below; :meth:`start` must be called at the end of their
-    ``__init__``.
+    Subclasses implement the hooks below. Nothing runs until :meth:`start` (or :meth:`step`).
 
     Args:
         name: Thread name.
         max_queue_size: Most requests waiting to start; :meth:`submit` raises past it.
     """
 
-    def __init__(self, name: str, max_queue_size: int) -> None:
+    def __init__(self, name: str, scheduler: Scheduler, max_queue_size: int) -> None:
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.scheduler = scheduler  # the one owner of request states and counters
         self.max_queue_size = max_queue_size
         self._lock = threading.Condition()
         self._inbox: list[Any] = []  # requests (or jobs) submitted since the last step
@@ -45,13 +49,16 @@ class Worker(abc.ABC):
         self._idle_calls: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._num_waiting = 0  # waiting requests as of the last step (read by submitters)
         self._closing = False
+        self._closed_done = False  # the closing step ran: every request was ended
         self.steps = 0
+        self.busy_seconds = 0.0  # time spent in steps that did work (for the engine's tokens/s)
         # Burst gathering (see _gather_burst): off unless a subclass sets it.
         self.burst_gap_s = 0.0
         self.burst_window_s = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        """Start the worker thread (once)."""
         self._thread.start()
 
     # -- hooks (worker thread only) ---------------------------------------------------------------------
@@ -59,27 +66,36 @@ class Worker(abc.ABC):
     def _accept(self, items: list[Any]) -> None:
         """Take newly submitted requests (or jobs) into the waiting queue."""
 
-    @abc.abstractmethod
     def _has_work(self) -> bool:
         """Whether anything is waiting or running."""
+        return self.scheduler.has_work
 
-    @abc.abstractmethod
     def _is_idle(self) -> bool:
         """Whether nothing is running (waiting requests are allowed)."""
+        return not self.scheduler.running
+
+    def _waiting_count(self) -> int:
+        return len(self.scheduler.waiting)
 
     @abc.abstractmethod
-    def _waiting_count(self) -> int: ...
+    def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None: ...
 
     @abc.abstractmethod
-    def _apply_aborts(self, request_ids: set[str], out: Deliveries) -> None: ...
+    def _step(self, out: StepOutputs, admit: bool) -> bool:
+        """One unit of work; start no new request when ``admit`` is False. Returns whether any
+        model work was done (counted in ``busy_seconds``)."""
 
     @abc.abstractmethod
-    def _step(self, out: Deliveries, admit: bool) -> None:
-        """One unit of work; start no new request when ``admit`` is False."""
-
-    @abc.abstractmethod
-    def _fail_live(self, error: BaseException, out: Deliveries, reason_closed: bool) -> None:
+    def _fail_live(self, error: BaseException, out: StepOutputs, reason_closed: bool) -> None:
         """End every waiting and running request with ``error`` (after a fault, or at close)."""
+
+    def stats(self) -> dict[str, int]:
+        """The scheduler's counters, requests submitted but not yet taken counted as waiting, and
+        steps (a consistent-enough snapshot: no lock on the hot path)."""
+        counters = self.scheduler.counters()
+        counters["num_waiting"] = len(self._inbox) + self._num_waiting
+        counters["steps"] = self.steps
+        return counters
 
     # -- thread-safe API ----------------------------------------------------------------------------------
     def submit(self, item: Any) -> None:
@@ -120,7 +136,9 @@ class Worker(abc.ABC):
         with self._lock:
             self._closing = True
             self._lock.notify()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if self._thread.ident is None:  # never started (driven by step()): end everything here
+            self.step()
+        elif self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("worker thread did not stop in time", thread=self._thread.name, timeout=timeout)
@@ -131,38 +149,57 @@ class Worker(abc.ABC):
 
     # -- worker thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
-        # The whole thread runs in inference mode: tensors are created in one step (prefill) and
-        # updated in place in another (aborts, evictions), so every step must agree on the mode.
-        with torch.inference_mode():
-            while self._iteration():
-                pass
+        while self._wait_for_work():
+            self.step()
 
-    def _iteration(self) -> bool:
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False once the worker has closed and finished."""
         with self._lock:
+            if self._closed_done:
+                return False
             while not (self._inbox or self._aborts or self._idle_calls or self._closing or self._has_work()):
                 self._lock.wait()
             if self._inbox and self.burst_gap_s > 0 and not self._closing and self._is_idle():
                 self._gather_burst()
+        return True
+
+    def step(self) -> bool:
+        """One iteration: take what was submitted, aborted or scheduled, then one unit of work, and
+        hand out its results. Runs on the worker thread, or on a test's thread when the worker was
+        never started. Returns False once the worker is closed.
+
+        Every step runs in inference mode: tensors are created in one step (prefill) and updated
+        in place in another (aborts, evictions), so every step must agree on the mode.
+        """
+        with self._lock:
+            if self._closed_done:
+                return False
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
             idle_calls, self._idle_calls = self._idle_calls, []
             closing = self._closing
-        out = Deliveries()
+        out = StepOutputs()
         try:
-            self._accept(inbox)
-            if closing:
-                self._fail_live(EngineClosedError("the LLM was closed before this request finished"), out, True)
-                for _, future in idle_calls:
-                    future.set_exception(EngineClosedError("the LLM was closed"))
-                return False
-            self._apply_aborts(aborts, out)
-            if idle_calls and self._is_idle():
-                # What was just accepted waits for these calls: count it now, not after them.
-                self._num_waiting = self._waiting_count()
-                for fn, future in idle_calls:
-                    self._call(fn, future)
-                idle_calls = []
-            self._step(out, admit=not idle_calls)
+            with torch.inference_mode():
+                self._accept(inbox)
+                if closing:
+                    self._fail_live(EngineClosedError("the LLM was closed before this request finished"), out, True)
+                    for _, future in idle_calls:
+                        future.set_exception(EngineClosedError("the LLM was closed"))
+                    idle_calls = []
+                    with self._lock:
+                        self._closed_done = True
+                    return False
+                self._apply_aborts(aborts, out)
+                if idle_calls and self._is_idle():
+                    # What was just accepted waits for these calls: count it now, not after them.
+                    self._num_waiting = self._waiting_count()
+                    for fn, future in idle_calls:
+                        self._call(fn, future)
+                    idle_calls = []
+                started = time.perf_counter()
+                if self._step(out, admit=not idle_calls):
+                    self.busy_seconds += time.perf_counter() - started
         except Exception as exc:
             # A fault outside a guarded model step (a bug, a broken tokenizer): the thread must not
             # die with requests waiting on it. Fail what is live and keep serving.
@@ -177,11 +214,11 @@ class Worker(abc.ABC):
         self.steps += 1
         return True
 
-    def _flush(self, out: Deliveries) -> None:
+    def _flush(self, out: StepOutputs) -> None:
         """Hand ``out``'s results to their loops now (a step may call this early, e.g. to deliver
         first tokens before a long decode forward)."""
-        for stream in out.flush():  # streams whose loop is gone: nobody will read them
-            self.abort(stream.request_id)
+        for request_id in out.flush():  # nobody will read these any more
+            self.abort(request_id)
 
     def _gather_burst(self) -> None:
         """Requests sent together (``asyncio.gather`` of many calls) reach the inbox one by one,

@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from async_llm.delivery import Deliveries
+from async_llm.engine.output import StepOutputs
+from async_llm.engine.request import FinishReason, Request
+from async_llm.engine.scheduler import Scheduler
+from async_llm.engine.worker import Worker
 from async_llm.errors import EngineClosedError, GenerationError, RequestAbortedError
 from async_llm.log import get_logger
-from async_llm.request import FinishReason, Request
 from async_llm.sampling_params import SamplingParams
-from async_llm.worker import Worker
 
-log = get_logger("async_llm.beam")
+log = get_logger("async_llm.engine.beam")
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,32 +66,27 @@ class BeamRunner(Worker):
     """
 
     def __init__(self, model: Any, pad_token_id: int, max_group: int = 8, max_queue_size: int = 1024) -> None:
-        super().__init__("async-llm-beams", max_queue_size)
+        # The scheduler owns the requests' states and counters; the jobs only group them.
+        super().__init__("async-llm-beams", Scheduler(max_batch_size=max_group), max_queue_size)
         self.model = model
         self.pad_token_id = pad_token_id
         self.max_group = max_group
         self.waiting: deque[BeamJob] = deque()
-        self.num_running = 0
-        self.counters = {"num_finished": 0, "num_aborted": 0, "num_failed": 0, "tokens_generated": 0}
-        self.start()
-
-    def stats(self) -> dict[str, int]:
-        return {"num_running": self.num_running, "num_waiting": len(self._inbox) + self._num_waiting, **self.counters}
 
     # -- Worker hooks ---------------------------------------------------------------------------------
     def _accept(self, items: list[BeamJob]) -> None:
+        for job in items:
+            for request in job.requests:
+                self.scheduler.add(request)
         self.waiting.extend(items)
-
-    def _has_work(self) -> bool:
-        return bool(self.waiting)
 
     def _is_idle(self) -> bool:
         return True  # a group runs to completion inside one step
 
     def _waiting_count(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting)  # in jobs, as submit() counts them against the queue bound
 
-    def _apply_aborts(self, request_ids: set[str], out: Deliveries) -> None:
+    def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None:
         for job in list(self.waiting):
             live = [r for r in job.requests if r.request_id not in request_ids]
             for r in job.requests:
@@ -101,22 +97,22 @@ class BeamRunner(Worker):
             else:
                 self.waiting.remove(job)
 
-    def _fail_live(self, error: BaseException, out: Deliveries, reason_closed: bool) -> None:
+    def _fail_live(self, error: BaseException, out: StepOutputs, reason_closed: bool) -> None:
         reason = FinishReason.ABORT if reason_closed else FinishReason.ERROR
-        while self.waiting:
-            for r in self.waiting.popleft().requests:
-                self._end(r, reason, out, error)
+        self.waiting.clear()
+        for request in list(self.scheduler.all_live()):
+            self._end(request, reason, out, error)
 
-    def _step(self, out: Deliveries, admit: bool) -> None:
+    def _step(self, out: StepOutputs, admit: bool) -> bool:
         if not (admit and self.waiting):
-            return
+            return False
         first = self.waiting.popleft()
         group = [first]
         for job in list(self.waiting):
             if len(group) < self.max_group and job.group_key == first.group_key:
                 group.append(job)
                 self.waiting.remove(job)
-        self.num_running = len(group)
+        self.scheduler.start([r for job in group for r in job.requests])
         try:
             results = self._generate(group)
         except Exception as exc:
@@ -133,8 +129,7 @@ class BeamRunner(Worker):
                         self._end(request, FinishReason.ABORT, out, EngineClosedError("the LLM was closed before this request finished"))
                     else:
                         self._finish(request, tokens, out)
-        finally:
-            self.num_running = 0
+        return True
 
     # -- work -------------------------------------------------------------------------------------------
     def _generate(self, group: list[BeamJob]) -> list[list[list[int]]]:
@@ -176,7 +171,7 @@ class BeamRunner(Worker):
         new = output[:, width:].tolist()  # [len(group) * n, new_tokens]
         return [new[i * params.n : (i + 1) * params.n] for i in range(len(group))]
 
-    def _finish(self, request: Request, tokens: list[int], out: Deliveries) -> None:
+    def _finish(self, request: Request, tokens: list[int], out: StepOutputs) -> None:
         if self.is_aborted(request.request_id):
             self._end(request, FinishReason.ABORT, out, RequestAbortedError(f"request {request.request_id} was aborted"))
             return
@@ -192,12 +187,11 @@ class BeamRunner(Worker):
                 reason = FinishReason.STOP
                 break
         request.output_ids = tokens
-        self.counters["tokens_generated"] += len(tokens)
+        self.scheduler.record_tokens(len(tokens))
+        self.scheduler.finish(request, reason)
         out.add(request, detok.take_delta(final=True), tokens, reason)
-        self.counters["num_finished"] += 1
         log.info("finished", request_id=request.request_id, reason=reason.value, tokens=len(tokens), beams=request.params.num_beams)
 
-    def _end(self, request: Request, reason: FinishReason, out: Deliveries, error: BaseException) -> None:
-        key = {FinishReason.ABORT: "num_aborted", FinishReason.ERROR: "num_failed"}.get(reason, "num_finished")
-        self.counters[key] += 1
+    def _end(self, request: Request, reason: FinishReason, out: StepOutputs, error: BaseException) -> None:
+        self.scheduler.finish(request, reason)
         out.add(request, reason=reason, error=error)

@@ -25,13 +25,14 @@ from typing import Any, TypeVar, Union
 
 import anyio
 
-from async_llm import checkpoint
-from async_llm.chat import ROLES, ChatMixin, parse_history
-from async_llm.event_log import EventLog
+from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.llm import checkpoint
+from async_llm.llm.chat import ROLES, ChatMixin, parse_history
+from async_llm.llm.event_log import EventLog
+from async_llm.llm.metrics import MetricsRecorder, RequestMetrics, resource_utilization
+from async_llm.llm.settings import SettingsMixin
 from async_llm.log import get_logger
-from async_llm.metrics import MetricsRecorder, RequestMetrics, resource_utilization
 from async_llm.sampling_params import SamplingParams
-from async_llm.settings import SettingsMixin
 
 T = TypeVar("T")
 _events = get_logger("async_llm.events")
@@ -51,14 +52,14 @@ def check_prompt(prompt: Any) -> Prompt:
         _check_unicode(prompt, "prompt")
         return prompt
     if not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+        raise ParameterTypeError('prompt', f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
     if not prompt:
-        raise ValueError("prompt is an empty list of messages")
+        raise InvalidParameterError('prompt', "prompt is an empty list of messages")
     for i, message in enumerate(prompt):
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-            raise TypeError(f"prompt message {i} must be a mapping with a str 'content'")
+            raise ParameterTypeError('prompt', f"prompt message {i} must be a mapping with a str 'content'")
         if message.get("role") not in ROLES:
-            raise ValueError(f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}")
+            raise InvalidParameterError('prompt', f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}")
         _check_unicode(message["content"], f"prompt message {i}")
     return prompt
 
@@ -67,8 +68,8 @@ def _check_unicode(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{where} is not valid Unicode: lone surrogate {text[exc.start]!r} at index {exc.start}"
+        raise InvalidParameterError(
+            "prompt", f"{where} is not valid Unicode: lone surrogate {text[exc.start]!r} at index {exc.start}"
         ) from None
 
 
@@ -122,7 +123,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         **sampling_defaults: Any,
     ) -> None:
         if system_prompt is not None and not isinstance(system_prompt, str):
-            raise TypeError(f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
+            raise ParameterTypeError('system_prompt', f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
         self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.role = role
@@ -225,7 +226,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             Any error of :meth:`arun`; the other requests of the call are then cancelled.
         """
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of prompts, not a single str (use arun)")
+            raise ParameterTypeError('prompts', "prompts must be a list of prompts, not a single str (use arun)")
         prompts = [check_prompt(p) for p in prompts]
         self.validate(**overrides)
         tasks = [asyncio.ensure_future(self.arun(p, **overrides)) for p in prompts]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-    from async_llm.detokenizer import Detokenizer
+    from async_llm.engine.detokenizer import Detokenizer
+    from async_llm.engine.output import OutputSink
     from async_llm.sampling_params import SamplingParams
-    from async_llm.stream import TokenStream
 
 
 class RequestStatus(enum.Enum):
@@ -36,17 +36,17 @@ class FinishReason(str, enum.Enum):
 class Request:
     """One generation request.
 
-    ``prompt_ids`` and ``params`` are fixed at submission; everything below them is written only by the
-    engine thread while the request is alive.
+    ``prompt_ids``, ``params`` and ``sink`` are fixed at submission; everything below them is
+    written only by the engine thread while the request is alive. The engine reports the request's
+    outputs to ``sink`` (see :mod:`async_llm.engine.output`) and knows nothing else of its caller.
     """
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    stream: TokenStream
+    sink: OutputSink
     detokenizer: Detokenizer
     eos_token_ids: frozenset[int]
-    streamer: Any = None  # optional transformers streamer fed with this request's tokens
     arrival_time: float = field(default_factory=time.perf_counter)
 
     status: RequestStatus = RequestStatus.WAITING

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from async_llm.request import Request
-from async_llm.sampling import SamplingBatch
+from async_llm.engine.request import Request
+from async_llm.engine.sampler import SamplingBatch
 
 _MIN_COLUMNS = 64
 
@@ -252,7 +252,8 @@ class PaddedBatch:
 
     # -- one decode step --------------------------------------------------------------------------
     def decode_inputs(self) -> dict[str, Any]:
-        """Model inputs for one decode step of every live row; reserves the column it writes."""
+        """Model inputs for one decode step of every live row (the cache, :attr:`cache`, goes under
+        the name the model takes it by); reserves the column it writes."""
         self._reserve(rows=self.size, columns=self.end - self.start)
         b = self.size
         self.mask[:b, self.end] = 1
@@ -260,7 +261,6 @@ class PaddedBatch:
             "input_ids": self.last_tokens[:b, None],  # [B, 1]
             "position_ids": self.lengths[:b, None],  # [B, 1]
             "attention_mask": self.mask[:b, self.start : self.end + 1],  # [B, L + 1]
-            "past_key_values": self.cache,
             "use_cache": True,
         }
 

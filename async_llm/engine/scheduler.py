@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from async_llm.request import FinishReason, Request, RequestStatus
+from async_llm.engine.request import FinishReason, Request, RequestStatus
 
 
 class Scheduler:
@@ -55,6 +55,28 @@ class Scheduler:
             admitted.append(request)
         self.peak_batch_size = max(self.peak_batch_size, len(self.running))
         return admitted
+
+    def start(self, requests: Iterable[Request]) -> None:
+        """Move these waiting requests into the running set (for workers that pick their own
+        groups, as beam search does, instead of :meth:`admit`'s first-come first-served)."""
+        for request in requests:
+            self.waiting.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running[request.request_id] = request
+        self.peak_batch_size = max(self.peak_batch_size, len(self.running))
+
+    def counters(self) -> dict[str, int]:
+        """Requests running and waiting (as of now) and the totals since start."""
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "num_finished": self.num_finished,
+            "num_aborted": self.num_aborted,
+            "num_failed": self.num_failed,
+            "num_preempted": self.num_preempted,
+            "peak_batch_size": self.peak_batch_size,
+            "tokens_generated": self.tokens_generated,
+        }
 
     def preempt(self, requests: Iterable[Request], row_limit: int) -> None:
         """Send running requests back to the front of the queue (they keep their output and resume

@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from async_llm.errors import InvalidParameterError, ParameterTypeError
+
 SUMMARY_PROMPT = (
     "Summarize the following text in two or three sentences. Keep the key facts and names; "
     "do not add anything that is not in the text.\n\nText:\n{text}"
@@ -41,7 +43,7 @@ def parse_history(history: str | Sequence[dict[str, str]]) -> list[dict[str, str
         return [{**m, "content": m["content"].strip()} for m in messages]
     if isinstance(history, Sequence):
         return [dict(m) for m in history]
-    raise TypeError(f"history must be a str or a list of messages, got {type(history).__name__}")
+    raise ParameterTypeError('history', f"history must be a str or a list of messages, got {type(history).__name__}")
 
 
 class ChatMixin:
@@ -62,7 +64,7 @@ class ChatMixin:
     @role.setter
     def role(self, role: str) -> None:
         if role not in ROLES:
-            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+            raise InvalidParameterError('role', f"role must be one of {sorted(ROLES)}, got {role!r}")
         self._role = role
 
     def set_role(self, role: str) -> None:
@@ -89,11 +91,11 @@ class ChatMixin:
             ValueError: Bad sampling parameters, or ``n`` > 1.
         """
         if not isinstance(task, str):
-            raise TypeError(f"task must be a str, got {type(task).__name__}")
+            raise ParameterTypeError('task', f"task must be a str, got {type(task).__name__}")
         context = list(self.history) if history is None else parse_history(history)
         turn = {"role": self.role, "content": task}
         if self.validate(**overrides).n != 1:  # type: ignore[attr-defined]
-            raise ValueError("chat returns one reply: n (num_return_sequences) must be 1")
+            raise InvalidParameterError('n', "chat returns one reply: n (num_return_sequences) must be 1")
         reply = await self.arun([*context, turn], **overrides)  # type: ignore[attr-defined]
         self.history.extend([turn, {"role": "assistant", "content": reply}])
         return reply
@@ -109,7 +111,7 @@ class ChatMixin:
             TypeError: ``text`` is not a str.
         """
         if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+            raise ParameterTypeError('text', f"text must be a str, got {type(text).__name__}")
         return await self.arun(SUMMARY_PROMPT.format(text=text), **overrides)  # type: ignore[attr-defined]
 
     def generate_summary(self, text: str, **overrides: Any) -> str:

@@ -7,6 +7,7 @@ Callers talk to it only through the thread-safe :class:`Worker` API (submit, abo
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,16 +15,16 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from async_llm.batch import PaddedBatch
-from async_llm.delivery import Deliveries
+from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.output import StepOutputs
+from async_llm.engine.request import FinishReason, Request
+from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
+from async_llm.engine.scheduler import Scheduler, prefill_groups
+from async_llm.engine.worker import Worker
 from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
-from async_llm.request import FinishReason, Request
-from async_llm.sampling import SamplingBatch, apply_penalties, sample
-from async_llm.scheduler import Scheduler, prefill_groups
-from async_llm.worker import Worker
 
-log = get_logger("async_llm.engine")
+log = get_logger("async_llm.engine.core")
 
 
 _KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -46,6 +47,16 @@ def _can_pack(model: Any) -> bool:
     config = model.config.get_text_config()
     sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
     return getattr(model.config, "_attn_implementation", None) == "sdpa" and not sliding
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` in the transformers
+    versions that have it (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature: assume the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def input_device(model: Any) -> torch.device:
@@ -82,12 +93,11 @@ class Engine(Worker):
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        super().__init__("async-llm-engine", max_queue_size)
+        super().__init__("async-llm-engine", Scheduler(max_batch_size, max_prefill_tokens), max_queue_size)
         self.model = model
         self.pad_token_id = pad_token_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.scheduler = Scheduler(max_batch_size, max_prefill_tokens)
-        self.busy_seconds = 0.0  # time spent in model steps (for engine tokens/s)
+        self._cache_kwarg = cache_kwarg(model)
         self._rng = torch.Generator()
         if seed is not None:
             self._rng.manual_seed(seed)
@@ -101,7 +111,6 @@ class Engine(Worker):
         self._can_pack = _can_pack(model) and self._packing_agrees()
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
-        self.start()
 
     def _new_batch(self) -> PaddedBatch:
         self.device = input_device(self.model)
@@ -118,35 +127,12 @@ class Engine(Worker):
         self.model.to(device)
         self.batch = self._new_batch()
 
-    def stats(self) -> dict[str, int]:
-        """Counters of the engine (a consistent-enough snapshot; no lock on the hot path)."""
-        s = self.scheduler
-        return {
-            "num_running": len(s.running),
-            "num_waiting": len(self._inbox) + self._num_waiting,
-            "num_finished": s.num_finished,
-            "num_aborted": s.num_aborted,
-            "num_failed": s.num_failed,
-            "peak_batch_size": s.peak_batch_size,
-            "tokens_generated": s.tokens_generated,
-            "steps": self.steps,
-        }
-
     # -- Worker hooks (engine thread) -------------------------------------------------------------------
     def _accept(self, requests: list[Request]) -> None:
         for request in requests:
             self.scheduler.add(request)
 
-    def _has_work(self) -> bool:
-        return self.scheduler.has_work
-
-    def _is_idle(self) -> bool:
-        return not self.scheduler.running
-
-    def _waiting_count(self) -> int:
-        return len(self.scheduler.waiting)
-
-    def _fail_live(self, error: BaseException, out: Deliveries, reason_closed: bool) -> None:
+    def _fail_live(self, error: BaseException, out: StepOutputs, reason_closed: bool) -> None:
         self.batch.clear()
         if reason_closed:
             for request in self.scheduler.all_live():
@@ -155,38 +141,45 @@ class Engine(Worker):
         else:
             self._fail(list(self.scheduler.all_live()), error, out)
 
-    def _step(self, out: Deliveries, admit: bool = True) -> None:
-        started = time.perf_counter()
+    def _step(self, out: StepOutputs, admit: bool = True) -> bool:
+        """schedule -> prefill the admitted -> one decode step of the batch -> (outputs flushed by the worker)."""
         new = self.scheduler.admit() if admit else []
-        if new:
-            for request in new:
-                event = "resumed" if request.output_ids else "admitted"
-                log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
-            groups = self._prefill_batches(new)
-            for g, (group, packed) in enumerate(groups):
-                try:
-                    self._prefill(group, out, packed)
-                except torch.OutOfMemoryError as exc:  # this group and the ones after it wait
-                    self._out_of_memory([r for later, _ in groups[g:] for r in later], exc, out)
-                    break
-                except Exception as exc:  # fail only the rows of this prefill; the batch is untouched
-                    self._fail(group, exc, out)
-                # First tokens go out now, not after the rest of the step: time to first token is
-                # then one prefill, not a prefill plus a decode forward of the whole batch.
-                self._flush(out)
+        groups = self._prefill_batches(new)
+        for g, (group, packed) in enumerate(groups):
+            if not self._run_prefill(group, packed, [r for later, _ in groups[g + 1 :] for r in later], out):
+                break
+            self._flush(out)  # first tokens go out now, not after the batch's decode forward
         if self.batch.size:
-            rows = list(self.batch.rows)
-            try:
-                self._decode(out)
-            except torch.OutOfMemoryError as exc:
-                self._out_of_memory([], exc, out)
-            except Exception as exc:  # the batch's state is unknown: fail its rows and start afresh
-                self.batch.clear()
-                self._fail(rows, exc, out)
-        if new or self.batch.size:
-            self.busy_seconds += time.perf_counter() - started
+            self._run_decode(out)
+        return bool(new or self.batch.size)
 
-    def _out_of_memory(self, new: Sequence[Request], exc: BaseException, out: Deliveries) -> None:
+    def _run_prefill(self, group: list[Request], packed: bool, later: list[Request], out: StepOutputs) -> bool:
+        """Prefill ``group`` and merge it into the batch; a failure fails only these rows. Returns
+        False when out of memory (``group`` and ``later`` then wait for a smaller batch)."""
+        for request in group:
+            event = "resumed" if request.output_ids else "admitted"
+            log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+        try:
+            self._prefill(group, out, packed)
+        except torch.OutOfMemoryError as exc:
+            self._out_of_memory([*group, *later], exc, out)
+            return False
+        except Exception as exc:  # the batch is untouched by a failed prefill
+            self._fail(group, exc, out)
+        return True
+
+    def _run_decode(self, out: StepOutputs) -> None:
+        """One decode step of every running row; a failure fails the batch's rows (its state is unknown)."""
+        rows = list(self.batch.rows)
+        try:
+            self._decode(out)
+        except torch.OutOfMemoryError as exc:
+            self._out_of_memory([], exc, out)
+        except Exception as exc:
+            self.batch.clear()
+            self._fail(rows, exc, out)
+
+    def _out_of_memory(self, new: Sequence[Request], exc: BaseException, out: StepOutputs) -> None:
         """Split the batch and retry: rows beyond half of the live ones (the newly admitted first,
         whose prefill did not complete) go back to the front of the queue and resume later by
         recomputing their cache; a lone row that does not fit fails."""
@@ -219,7 +212,7 @@ class Engine(Worker):
         )
         return [([r for i in group for r in contexts[i]], packed) for group, packed in groups]
 
-    def _prefill(self, requests: Sequence[Request], out: Deliveries, packed: bool = False) -> None:
+    def _prefill(self, requests: Sequence[Request], out: StepOutputs, packed: bool = False) -> None:
         for r in requests:
             if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator().manual_seed(r.params.seed)
@@ -266,8 +259,8 @@ class Engine(Worker):
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-            logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_kwarg: cache},
         ).logits[:, -1].float()
         return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -306,8 +299,8 @@ class Engine(Worker):
         ends = starts + lengths.to(device) - 1
         cache = DynamicCache()
         logits = self.model(
-            input_ids=ids, attention_mask=allowed[None, None], position_ids=positions[None], past_key_values=cache,
-            use_cache=True, logits_to_keep=ends,
+            input_ids=ids, attention_mask=allowed[None, None], position_ids=positions[None], use_cache=True,
+            logits_to_keep=ends, **{self._cache_kwarg: cache},
         ).logits[0].float()  # [u, V]: the last token of each prompt
         # Row i, column c of the padded layout holds packed position starts[i] + c - (p - len_i);
         # columns left of the prompt read position 0 (any will do: batch.add zeroes padding).
@@ -319,10 +312,11 @@ class Engine(Worker):
             kv.append((keys, values))
         return logits, kv
 
-    def _decode(self, out: Deliveries) -> None:
+    def _decode(self, out: StepOutputs) -> None:
         batch = self.batch
         b = batch.size
-        logits = self.model(**batch.decode_inputs(), logits_to_keep=1).logits[:, -1].float()  # [B, V]
+        inputs = batch.decode_inputs()
+        logits = self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache}).logits[:, -1].float()  # [B, V]
         sb = batch.sampling
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None
@@ -342,7 +336,7 @@ class Engine(Worker):
                 u[i] = torch.rand((), generator=r.generator)
         return u.to(self.device)
 
-    def _update(self, request: Request, token: int, out: Deliveries) -> bool:
+    def _update(self, request: Request, token: int, out: StepOutputs) -> bool:
         """Record one new token of a running request; returns True when the request finished."""
         request.output_ids.append(token)
         self.scheduler.record_tokens(1)
@@ -364,7 +358,7 @@ class Engine(Worker):
             )
         return reason is not None
 
-    def _apply_aborts(self, request_ids: set[str], out: Deliveries) -> None:
+    def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None:
         if not request_ids:
             return
         rows = []
@@ -379,7 +373,7 @@ class Engine(Worker):
             log.info("aborted", request_id=request_id, tokens=len(request.output_ids))
         self.batch.remove(rows)
 
-    def _fail(self, requests: Sequence[Request], exc: Exception, out: Deliveries) -> None:
+    def _fail(self, requests: Sequence[Request], exc: Exception, out: StepOutputs) -> None:
         for request in requests:
             if request.finished:
                 continue

@@ -12,7 +12,7 @@ import importlib.metadata
 import pathlib
 
 from async_llm.errors import ModelNotAvailableError
-from async_llm.models.gguf import convert_gguf
+from async_llm.loading.gguf import convert_gguf
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -64,7 +64,7 @@ def default_model_path() -> pathlib.Path:
     """Return a transformers folder holding the default model, converting it on first use.
 
     The first call converts the GGUF file (about 20-45 s on a laptop CPU) into the cache under
-    :func:`async_llm.models.gguf.cache_root`; later calls return the cached folder at once.
+    :func:`async_llm.loading.gguf.cache_root`; later calls return the cached folder at once.
 
     Returns:
         Path of the converted folder.

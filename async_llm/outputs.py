@@ -1,8 +1,9 @@
-"""TokenStream: the per-request async iterator of text deltas.
+"""What callers get back: :class:`TokenStream` (the per-request async iterator of text deltas),
+:class:`Completion` (a finished request) and :class:`FinishReason`.
 
 A stream lives on the event loop of the caller that submitted the request. The engine thread never
-touches it directly: it batches a step's results per loop and hands them over with one
-``loop.call_soon_threadsafe`` call, which runs :meth:`TokenStream._put` on the loop.
+touches it: the front end's sink (``async_llm.llm.frontend``) receives a step's outputs and runs
+:meth:`TokenStream._put` on the loop, with one ``loop.call_soon_threadsafe`` per loop per step.
 
 Deltas that arrive while the consumer is busy are coalesced into one string, so a slow consumer
 costs at most the request's own text in memory (bounded by ``max_tokens``) and never stalls the batch.
@@ -13,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
-from async_llm.request import FinishReason
+from async_llm.engine.request import FinishReason
+
+__all__ = ["Completion", "FinishReason", "TokenStream"]
 
 
 class TokenStream:
@@ -123,3 +127,15 @@ class TokenStream:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request: its text, tokens and timings (seconds, as the caller saw them)."""
+
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids, the eos token included when generation stopped on it
+    finish_reason: str  # "stop" (eos or stop string) or "length" (max_tokens / max_length)
+    time_to_first_token: float | None
+    latency: float

@@ -40,12 +40,12 @@ def resolve_model_path(model_id: str | os.PathLike[str] | None) -> str:
     """Map ``model_id`` to what ``from_pretrained`` loads: the default model, a GGUF file (converted
     once into a cached folder), a local folder, or a hub id (returned unchanged)."""
     if model_id is None:
-        from async_llm.models.default import default_model_path
+        from async_llm.loading.default import default_model_path
 
         return str(default_model_path())
     path = Path(model_id).expanduser()
     if path.suffix.lower() == ".gguf":
-        from async_llm.models.gguf import convert_gguf
+        from async_llm.loading.gguf import convert_gguf
 
         return str(convert_gguf(path))
     return str(path) if path.exists() else str(model_id)

@@ -1,0 +1,100 @@
+"""The narrow interface through which the engine hands results to a front end.
+
+The engine knows request ids and an :class:`OutputSink` per request, nothing of the callers: no
+stream, no event loop, no HTTP. It collects one step's results in :class:`StepOutputs` and hands each
+sink its batch of :class:`RequestOutput` once per step (not per token). The front end implements
+the sink (``async_llm.llm.frontend`` puts them on the caller's event loop with one
+``call_soon_threadsafe`` per loop per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from async_llm.log import get_logger
+
+if TYPE_CHECKING:
+    from async_llm.engine.request import FinishReason, Request
+
+log = get_logger("async_llm.engine.output")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request produced in one step.
+
+    ``text`` is the new text safe to show (stop strings held back); ``token_ids`` the new token
+    ids (eos included); ``finish_reason`` is set on the request's last output, with ``error`` when
+    it failed or was aborted.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class OutputSink(Protocol):
+    """Where a request's outputs go; implemented by the front end.
+
+    :meth:`deliver` runs on the engine thread, once per step per sink, and must not block (hand
+    the outputs over to where they are consumed, and return).
+    """
+
+    def deliver(self, outputs: list[RequestOutput]) -> bool:
+        """Take one step's outputs of this sink's requests.
+
+        Returns:
+            False when nobody will read them any more (the consumer is gone): the engine then
+            aborts those requests.
+        """
+        ...
+
+
+class StepOutputs:
+    """One step's outputs, grouped per sink (engine thread only)."""
+
+    def __init__(self) -> None:
+        self._by_sink: dict[OutputSink, dict[str, RequestOutput]] = {}
+
+    def add(
+        self,
+        request: Request,
+        text: str = "",
+        tokens: tuple[int, ...] | list[int] = (),
+        reason: FinishReason | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Record new text/tokens of ``request``, and its end when ``reason`` is given."""
+        outputs = self._by_sink.setdefault(request.sink, {})
+        output = outputs.get(request.request_id)
+        if output is None:
+            output = outputs[request.request_id] = RequestOutput(request.request_id)
+        output.text += text
+        output.token_ids.extend(tokens)
+        if reason is not None:
+            output.finish_reason, output.error = reason, error
+
+    def __bool__(self) -> bool:
+        return bool(self._by_sink)
+
+    def flush(self) -> list[str]:
+        """Hand every sink its outputs; returns the ids of requests nobody will read (to abort)."""
+        by_sink, self._by_sink = self._by_sink, {}
+        orphans: list[str] = []
+        for sink, outputs in by_sink.items():
+            batch = list(outputs.values())
+            try:
+                delivered = sink.deliver(batch)
+            except Exception as exc:  # a broken sink loses its own requests, never the step
+                log.exception("output sink failed", error=repr(exc))
+                delivered = False
+            if not delivered:
+                orphans.extend(o.request_id for o in batch if not o.finished)
+        return orphans

@@ -1,0 +1,117 @@
+"""The front end's side of the engine boundary: one output sink per event loop.
+
+The engine reports each step's outputs to a request's :class:`~async_llm.engine.output.OutputSink`.
+:class:`LoopSink` is that sink for every request submitted from one event loop: on the engine
+thread it feeds the requests' transformers streamers (if any) and schedules one callback on the
+loop per step, which hands each output to its :class:`~async_llm.outputs.TokenStream`. The engine
+never sees a stream, a streamer or a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from async_llm.engine.output import RequestOutput
+from async_llm.log import get_logger
+from async_llm.outputs import TokenStream
+
+log = get_logger("async_llm.frontend")
+
+
+@dataclass(slots=True)
+class _Streamer:
+    """A transformers streamer (``put``/``end``) and what it must not be shown."""
+
+    streamer: Any
+    hidden: frozenset[int]  # eos ids, unless the request ignores eos
+
+
+class LoopSink:
+    """Delivers the outputs of the requests submitted from one event loop.
+
+    Args:
+        loop: The loop the requests' streams live on.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A weak reference: the loop is the key of this sink in Sinks' weak dictionary.
+        self._loop = weakref.ref(loop)
+        # Written on the loop (register) and read on the loop (_dispatch), except the streamers:
+        # registered on the loop before the request is submitted, fed and dropped on the engine thread.
+        self._streams: dict[str, TokenStream] = {}
+        self._streamers: dict[str, _Streamer] = {}
+
+    def register(self, stream: TokenStream, streamer: Any = None, hidden: frozenset[int] = frozenset()) -> None:
+        """Route the outputs of ``stream.request_id`` to ``stream`` (and ``streamer``); call before submitting."""
+        self._streams[stream.request_id] = stream
+        if streamer is not None:
+            self._streamers[stream.request_id] = _Streamer(streamer, hidden)
+
+    def unregister(self, request_id: str) -> None:
+        """Forget a request that was never queued (its submission failed)."""
+        self._streams.pop(request_id, None)
+        self._streamers.pop(request_id, None)
+
+    # -- engine thread ----------------------------------------------------------------------------------
+    def deliver(self, outputs: list[RequestOutput]) -> bool:
+        for output in outputs:
+            feed = self._streamers.get(output.request_id)
+            if feed is not None:
+                self._feed(output, feed)
+        loop = self._loop()
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._dispatch, outputs)
+        except RuntimeError:  # the loop is closed: nobody will read these streams
+            return False
+        return True
+
+    def _feed(self, output: RequestOutput, feed: _Streamer) -> None:
+        """Feed a streamer like ``generate`` does (eos left out). One that raises is dropped (and
+        logged): a caller's object must not fail the step of every other request in the batch."""
+        shown = [t for t in output.token_ids if t not in feed.hidden]
+        try:
+            if shown:
+                feed.streamer.put(torch.tensor(shown))
+            if output.finished:
+                feed.streamer.end()
+        except Exception as exc:
+            self._streamers.pop(output.request_id, None)
+            log.warning("streamer failed; no longer fed", request_id=output.request_id, error=repr(exc))
+            return
+        if output.finished:
+            self._streamers.pop(output.request_id, None)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream._put(output.text, output.token_ids, output.finish_reason, output.error)
+
+
+class Sinks:
+    """The :class:`LoopSink` of each event loop that submits requests (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
+
+    def for_running_loop(self) -> LoopSink:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            sink = self._by_loop.get(loop)
+            if sink is None:
+                sink = self._by_loop[loop] = LoopSink(loop)
+            return sink
+

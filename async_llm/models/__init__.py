@@ -1,1 +1,0 @@
-"""Model back ends and model files: Hugging Face transformers models, GGUF conversion, the default model."""
