@@ -8,10 +8,11 @@ shows only warnings and errors). Disabled levels cost one level check.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import structlog
 
-_PROCESSORS = [
+_PROCESSORS: list[Any] = [
     structlog.stdlib.filter_by_level,
     structlog.stdlib.add_logger_name,
     structlog.stdlib.add_log_level,
@@ -23,6 +24,7 @@ _PROCESSORS = [
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger writing JSON lines to the stdlib logger ``name``."""
-    return structlog.wrap_logger(
+    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
         logging.getLogger(name), processors=_PROCESSORS, wrapper_class=structlog.stdlib.BoundLogger
     )
+    return logger

@@ -33,10 +33,10 @@ def _is_int(value: Any) -> bool:
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParameterTypeError(name, f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise InvalidParameterError(name, f"{name} must be a finite number, got {value}")
-    return value
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidParameterError(name, f"{name} must be a finite number, got {number}")
+    return number
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -52,13 +52,15 @@ def _stop_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, Iterable):
-        raise ParameterTypeError('stop', f"stop must be a str or a list of str, got {type(value).__name__}")
+        raise ParameterTypeError("stop", f"stop must be a str or a list of str, got {type(value).__name__}")
     stops = tuple(value)
     for s in stops:
         if not isinstance(s, str):
-            raise ParameterTypeError('stop', f"stop must be a str or a list of str, got an item of type {type(s).__name__}")
+            raise ParameterTypeError(
+                "stop", f"stop must be a str or a list of str, got an item of type {type(s).__name__}"
+            )
         if not s:
-            raise InvalidParameterError('stop', "stop strings must be non-empty")
+            raise InvalidParameterError("stop", "stop strings must be non-empty")
     return stops
 
 
@@ -121,13 +123,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
         if not _is_int(self.max_tokens):
-            raise ParameterTypeError('max_tokens', f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
+            raise ParameterTypeError("max_tokens", f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
-            raise InvalidParameterError('max_tokens', f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidParameterError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not _is_int(self.top_k):
-            raise ParameterTypeError('top_k', f"top_k must be an int, got {type(self.top_k).__name__}")
+            raise ParameterTypeError("top_k", f"top_k must be an int, got {type(self.top_k).__name__}")
         if self.top_k < -1:
-            raise InvalidParameterError('top_k', f"top_k must be 0 or -1 (off) or >= 1, got {self.top_k}")
+            raise InvalidParameterError("top_k", f"top_k must be 0 or -1 (off) or >= 1, got {self.top_k}")
         set_(self, "top_k", max(self.top_k, 0))
         temperature = _number("temperature", self.temperature)
         _check_range("temperature", temperature, 0.0, math.inf)
@@ -146,14 +148,16 @@ class SamplingParams:
             _check_range(name, value, -2.0, 2.0)
             set_(self, name, value)
         if self.seed is not None and not _is_int(self.seed):
-            raise ParameterTypeError('seed', f"seed must be an int or None, got {type(self.seed).__name__}")
+            raise ParameterTypeError("seed", f"seed must be an int or None, got {type(self.seed).__name__}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidParameterError('seed', f"seed must be in [0, 2**63), got {self.seed}")
+            raise InvalidParameterError("seed", f"seed must be in [0, 2**63), got {self.seed}")
         set_(self, "stop", _stop_tuple(self.stop))
         if not isinstance(self.ignore_eos, bool):
-            raise ParameterTypeError('ignore_eos', f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+            raise ParameterTypeError("ignore_eos", f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
-            raise ParameterTypeError('do_sample', f"do_sample must be a bool or None, got {type(self.do_sample).__name__}")
+            raise ParameterTypeError(
+                "do_sample", f"do_sample must be a bool or None, got {type(self.do_sample).__name__}"
+            )
         self._check_beams()
 
     def _check_beams(self) -> None:
@@ -164,17 +168,26 @@ class SamplingParams:
             if not low <= value <= high:
                 raise InvalidParameterError(name, f"{name} must be in [{low}, {high}], got {value}")
         if self.num_beams > 1 and self.n > self.num_beams:
-            raise InvalidParameterError('n', f"n (num_return_sequences) must be <= num_beams with beam search, got {self.n} > {self.num_beams}")
+            raise InvalidParameterError(
+                "n", f"n (num_return_sequences) must be <= num_beams with beam search, got {self.n} > {self.num_beams}"
+            )
         if self.num_beams > 1 and (self.frequency_penalty or self.presence_penalty):
-            raise InvalidParameterError('frequency_penalty', "frequency_penalty and presence_penalty are not supported with beam search (num_beams > 1)")
+            raise InvalidParameterError(
+                "frequency_penalty",
+                "frequency_penalty and presence_penalty are not supported with beam search (num_beams > 1)",
+            )
         object.__setattr__(self, "length_penalty", _number("length_penalty", self.length_penalty))
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise InvalidParameterError('early_stopping', f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise InvalidParameterError(
+                "early_stopping", f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
         if self.max_length is not None:
             if not _is_int(self.max_length):
-                raise ParameterTypeError('max_length', f"max_length must be an int or None, got {type(self.max_length).__name__}")
+                raise ParameterTypeError(
+                    "max_length", f"max_length must be an int or None, got {type(self.max_length).__name__}"
+                )
             if self.max_length < 1:
-                raise InvalidParameterError('max_length', f"max_length must be >= 1, got {self.max_length}")
+                raise InvalidParameterError("max_length", f"max_length must be >= 1, got {self.max_length}")
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

@@ -27,8 +27,12 @@ def sequential_generate(llm: HuggingFaceLLM, prompt_ids: list[list[int]], tokens
         for ids in prompt_ids:
             x = torch.tensor([ids], device=llm.device)
             out = llm.model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
-                do_sample=False, pad_token_id=llm.engine.pad_token_id,
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=llm.engine.pad_token_id,
             )
             assert out.shape[1] - x.shape[1] == tokens
     return time.perf_counter() - start
@@ -56,11 +60,19 @@ async def main() -> None:
         seq = sequential_generate(llm, prompt_ids, args.tokens)
         conc = await concurrent_arun(llm, prompts, args.tokens)
         total = args.requests * args.tokens
-        print(json.dumps({
-            "requests": args.requests, "tokens_each": args.tokens, "torch_threads": torch.get_num_threads(),
-            "sequential_generate_tok_s": round(total / seq, 1), "async_llm_concurrent_tok_s": round(total / conc, 1),
-            "ratio": round(seq / conc, 2), "peak_batch_size": llm.stats()["peak_batch_size"],
-        }))
+        print(
+            json.dumps(
+                {
+                    "requests": args.requests,
+                    "tokens_each": args.tokens,
+                    "torch_threads": torch.get_num_threads(),
+                    "sequential_generate_tok_s": round(total / seq, 1),
+                    "async_llm_concurrent_tok_s": round(total / conc, 1),
+                    "ratio": round(seq / conc, 2),
+                    "peak_batch_size": llm.stats()["peak_batch_size"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

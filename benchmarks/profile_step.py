@@ -6,8 +6,8 @@
 Wraps the engine's stages with timers (the model forward, sampling, batch bookkeeping, per-row
 updates, delivery), runs an untimed warm-up burst and then the timed workload, and prints per-stage
 totals, ms per call and share of the wall time, the prefills' shapes and padding, and for a burst the
-bare forward (the roofline) for the same shapes. For a sampling view of the same run: ``py-spy record -o out.svg -- python
-benchmarks/profile_step.py``.
+bare forward (the roofline) for the same shapes. For a sampling view of the same run:
+``py-spy record -o out.svg -- python benchmarks/profile_step.py``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-import async_llm.engine.core as engine_module  # noqa: E402
-from async_llm import HuggingFaceLLM  # noqa: E402
-from async_llm.bench import roofline  # noqa: E402
-from async_llm.bench.workloads import RequestSpec, burst_workload, mixed_workload  # noqa: E402
-from async_llm.engine.output import StepOutputs  # noqa: E402
+import async_llm.engine.core as engine_module
+from async_llm import HuggingFaceLLM
+from async_llm.bench import roofline
+from async_llm.bench.workloads import RequestSpec, burst_workload, mixed_workload
+from async_llm.engine.output import StepOutputs
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -115,26 +115,35 @@ def main() -> None:
     if args.workload == "burst":
         pad = llm.tokenizer.pad_token_id or 0
         bare = roofline.measure(llm.engine.model, workload, pad, "cpu", repeats=2)  # before the timers go in
-        print(f"roofline: prefill {bare['prefill_ms']:.1f} ms, decode step {bare['decode_step_ms']:.2f} ms, "
-              f"{bare['output_tokens_per_s']:.1f} tok/s, total {bare['total_s']:.3f} s")
+        print(
+            f"roofline: prefill {bare['prefill_ms']:.1f} ms, decode step {bare['decode_step_ms']:.2f} ms, "
+            f"{bare['output_tokens_per_s']:.1f} tok/s, total {bare['total_s']:.3f} s"
+        )
     instrument(llm)
     steps0 = llm.engine.steps
     wall, ttfts = asyncio.run(send(llm, workload.requests))
     steps = llm.engine.steps - steps0
     llm.close()
     tokens = sum(r.max_new_tokens for r in workload.requests)
-    print(f"{workload.name}, {len(workload.requests)} requests, {tokens} tokens: {wall:.3f} s wall, {steps} engine "
-          f"iterations; TTFT p50/max {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f}/{max(ttfts) * 1000:.0f} ms; "
-          f"{tokens / wall:.1f} tok/s")
+    print(
+        f"{workload.name}, {len(workload.requests)} requests, {tokens} tokens: {wall:.3f} s wall, {steps} engine "
+        f"iterations; TTFT p50/max {sorted(ttfts)[len(ttfts) // 2] * 1000:.0f}/{max(ttfts) * 1000:.0f} ms; "
+        f"{tokens / wall:.1f} tok/s"
+    )
     rows, width, real, secs = (sum(p[i] for p in PREFILLS) for i in range(4))
     padded = sum(p[0] * p[1] for p in PREFILLS)
-    print(f"prefills: {len(PREFILLS)}, {rows} rows, {real} prompt tokens, {padded} padded tokens "
-          f"({100 * (1 - real / max(padded, 1)):.0f}% padding), {secs:.2f} s; longest {max(p[3] for p in PREFILLS) * 1000:.0f} ms "
-          f"for [rows, width] {max(PREFILLS, key=lambda p: p[3])[:2]}")
+    print(
+        f"prefills: {len(PREFILLS)}, {rows} rows, {real} prompt tokens, {padded} padded tokens "
+        f"({100 * (1 - real / max(padded, 1)):.0f}% padding), {secs:.2f} s; "
+        f"longest {max(p[3] for p in PREFILLS) * 1000:.0f} ms "
+        f"for [rows, width] {max(PREFILLS, key=lambda p: p[3])[:2]}"
+    )
     print(f"{'stage':32s} {'calls':>6s} {'total ms':>10s} {'ms/call':>9s} {'% wall':>7s}")
     for name, total in sorted(TOTALS.items(), key=lambda kv: -kv[1]):
-        print(f"{name:32s} {CALLS[name]:6d} {total * 1000:10.1f} {total / CALLS[name] * 1000:9.3f} "
-              f"{100 * total / wall:6.1f}%")
+        print(
+            f"{name:32s} {CALLS[name]:6d} {total * 1000:10.1f} {total / CALLS[name] * 1000:9.3f} "
+            f"{100 * total / wall:6.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,16 @@ async def measure(model: str | None, name: str, config: BitsAndBytesConfig | Non
         await llm.arun("Write a short poem about the sea.", max_tokens=tokens, ignore_eos=True)
         alone = tokens / (time.perf_counter() - start)
         start = time.perf_counter()
-        await llm.abatch_run([f"Tell me fact number {i} about the sea." for i in range(requests)], max_tokens=tokens, ignore_eos=True)
+        await llm.abatch_run(
+            [f"Tell me fact number {i} about the sea." for i in range(requests)], max_tokens=tokens, ignore_eos=True
+        )
         together = requests * tokens / (time.perf_counter() - start)
         return {
-            "mode": name, "load_s": round(load, 2), "weights_mib": round(llm.model.get_memory_footprint() / 2**20),
-            "tok_s_alone": round(alone, 1), f"tok_s_{requests}_concurrent": round(together, 1),
+            "mode": name,
+            "load_s": round(load, 2),
+            "weights_mib": round(llm.model.get_memory_footprint() / 2**20),
+            "tok_s_alone": round(alone, 1),
+            f"tok_s_{requests}_concurrent": round(together, 1),
             "answers_paris": "Paris" in answer,
         }
     finally:

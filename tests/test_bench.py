@@ -15,11 +15,11 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from PIL import Image  # noqa: E402  (matplotlib depends on Pillow)
+from PIL import Image
 
-from async_llm.bench.cli import main  # noqa: E402
-from async_llm.bench.metrics import FIGURES  # noqa: E402
-from async_llm.bench.workloads import PromptBuilder, burst_workload, mixed_workload  # noqa: E402
+from async_llm.bench.cli import main
+from async_llm.bench.metrics import FIGURES
+from async_llm.bench.workloads import PromptBuilder, burst_workload, mixed_workload
 
 SYSTEMS = ["async_llm", "transformers-static", "transformers-sequential"]
 
@@ -27,12 +27,40 @@ SYSTEMS = ["async_llm", "transformers-static", "transformers-sequential"]
 @pytest.fixture(scope="module")
 def bench_out(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    code = main([
-        "--model", str(tiny_model_dir), "--out", str(out), "--concurrency", "2", "--new-tokens", "4",
-        "--mixed-requests", "3", "--rate", "50", "--prompt-range", "4,16", "--output-range", "2,6",
-        "--systems", ",".join(["roofline", *SYSTEMS, "vllm"]), "--roofline-repeats", "1", "--repeats", "2", "--threads", "1",
-        "--no-isolate", "--no-progress", "--wait-quiet", "0", "--noisy-retries", "0",
-    ])
+    code = main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--concurrency",
+            "2",
+            "--new-tokens",
+            "4",
+            "--mixed-requests",
+            "3",
+            "--rate",
+            "50",
+            "--prompt-range",
+            "4,16",
+            "--output-range",
+            "2,6",
+            "--systems",
+            ",".join(["roofline", *SYSTEMS, "vllm"]),
+            "--roofline-repeats",
+            "1",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--no-isolate",
+            "--no-progress",
+            "--wait-quiet",
+            "0",
+            "--noisy-retries",
+            "0",
+        ]
+    )
     assert code == 0
     return out
 
@@ -98,14 +126,20 @@ def test_targets_take_the_median_of_round_by_round_ratios() -> None:
     from async_llm.bench.report import evaluate_targets
 
     def entry(tok_s: list[float], tpot: list[float]) -> dict:
-        return {"output_tokens_per_s": sorted(tok_s)[1], "tpot_p50_ms": sorted(tpot)[1], "rounds": 3,
-                "per_round": {"output_tokens_per_s": tok_s, "tpot_p50_ms": tpot, "ttft_p99_ms": [1.0] * 3}}
+        return {
+            "output_tokens_per_s": sorted(tok_s)[1],
+            "tpot_p50_ms": sorted(tpot)[1],
+            "rounds": 3,
+            "per_round": {"output_tokens_per_s": tok_s, "tpot_p50_ms": tpot, "ttft_p99_ms": [1.0] * 3},
+        }
 
     # The machine slows down in round 2: both systems do; paired ratios see through it, medians do not.
     base, static = entry([100, 60, 70], [80, 130, 110]), entry([120, 50, 55], [70, 150, 120])
     roofline = {"decode_step_ms": 60, "total_s": 1.0, "per_round": {"decode_step_ms": [70, 118, 100]}}
-    report = {"results": {"burst-16": {"async_llm": base, "transformers-static": static}},
-              "roofline": {"burst-16": roofline}}
+    report = {
+        "results": {"burst-16": {"async_llm": base, "transformers-static": static}},
+        "roofline": {"burst-16": roofline},
+    }
     targets = {t["target"]: t for t in evaluate_targets(report)}
     static_target = targets["burst N=16: tokens/s vs static batching"]
     assert static_target["measured"] == pytest.approx(60 / 50)  # rounds: 0.83, 1.2, 1.27 -> 1.2 (medians: 1.27)

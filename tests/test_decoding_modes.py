@@ -47,10 +47,18 @@ def _generate_beams(model, prompt_ids, **kwargs):
 
 
 async def test_beam_search_matches_generate(llm, tiny_model):
-    result = await llm.acomplete(PROMPTS[1], num_beams=3, max_tokens=10, length_penalty=0.7, early_stopping=True, chat_template=False)
+    result = await llm.acomplete(
+        PROMPTS[1], num_beams=3, max_tokens=10, length_penalty=0.7, early_stopping=True, chat_template=False
+    )
     (expected,) = _generate_beams(
-        tiny_model, result.prompt_token_ids, num_beams=3, max_new_tokens=10, length_penalty=0.7, early_stopping=True,
-        eos_token_id=tiny_model.config.eos_token_id, do_sample=False,
+        tiny_model,
+        result.prompt_token_ids,
+        num_beams=3,
+        max_new_tokens=10,
+        length_penalty=0.7,
+        early_stopping=True,
+        eos_token_id=tiny_model.config.eos_token_id,
+        do_sample=False,
     )
     eos = tiny_model.config.eos_token_id
     if eos in expected:
@@ -71,7 +79,8 @@ async def test_beam_requests_arriving_together_share_one_generate(llm, monkeypat
     block = threading.Event()
     runner.call_when_idle(block.wait)  # hold the beam thread so both requests queue up together
     tasks = [
-        asyncio.ensure_future(llm.arun(p, beam_width=2, max_tokens=6, ignore_eos=True)) for p in ("Hello", "The quick brown fox")
+        asyncio.ensure_future(llm.arun(p, beam_width=2, max_tokens=6, ignore_eos=True))
+        for p in ("Hello", "The quick brown fox")
     ]
     with anyio.fail_after(10):
         while runner.stats()["num_waiting"] < 2:
@@ -86,8 +95,15 @@ async def test_beam_requests_arriving_together_share_one_generate(llm, monkeypat
 async def test_beam_n_returns_n_best_and_beams_run_beside_the_batch(llm, tiny_model):
     streaming = asyncio.ensure_future(llm.acomplete("Hello", max_tokens=30, ignore_eos=True, chat_template=False))
     results = await llm.acomplete("Hello", num_beams=3, n=2, max_tokens=8, ignore_eos=True, chat_template=False)
-    expected = _generate_beams(tiny_model, results[0].prompt_token_ids, num_beams=3, num_return_sequences=2,
-                               max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected = _generate_beams(
+        tiny_model,
+        results[0].prompt_token_ids,
+        num_beams=3,
+        num_return_sequences=2,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+    )
     assert [r.token_ids for r in results] == expected
     plain = await streaming
     assert plain.token_ids == reference_ids(tiny_model, plain.prompt_token_ids, 30)
@@ -114,9 +130,9 @@ async def test_text_iterator_streamers_with_concurrent_requests(llm, tiny_tokeni
     readers = [threading.Thread(target=drain, args=(i,)) for i in range(len(prompts))]
     for r in readers:
         r.start()
-    results = await asyncio.gather(*(
-        llm.acomplete(p, streamer=s, max_tokens=20, ignore_eos=True) for p, s in zip(prompts, streamers)
-    ))
+    results = await asyncio.gather(
+        *(llm.acomplete(p, streamer=s, max_tokens=20, ignore_eos=True) for p, s in zip(prompts, streamers))
+    )
     for r in readers:
         r.join(10)
     assert llm.stats()["peak_batch_size"] == 3
@@ -132,7 +148,9 @@ async def test_async_text_iterator_streamers_with_concurrent_requests(llm, tiny_
         return "".join([t async for t in streamer])
 
     readers = [asyncio.ensure_future(read(s)) for s in streamers]
-    texts = await asyncio.gather(*(llm.arun(p, streamer=s, max_tokens=20, ignore_eos=True) for p, s in zip(prompts, streamers)))
+    texts = await asyncio.gather(
+        *(llm.arun(p, streamer=s, max_tokens=20, ignore_eos=True) for p, s in zip(prompts, streamers))
+    )
     with anyio.fail_after(10):
         streamed = await asyncio.gather(*readers)
     assert streamed == texts
@@ -142,7 +160,9 @@ async def test_async_text_iterator_streamers_with_concurrent_requests(llm, tiny_
 async def test_text_streamer_prints_each_request(llm, capsys):
     prompts = PROMPTS[:2]
     streamers = [TextStreamer(llm.tokenizer, skip_prompt=True) for _ in prompts]
-    texts = await asyncio.gather(*(llm.arun(p, streamer=s, max_tokens=16, ignore_eos=True) for p, s in zip(prompts, streamers)))
+    texts = await asyncio.gather(
+        *(llm.arun(p, streamer=s, max_tokens=16, ignore_eos=True) for p, s in zip(prompts, streamers))
+    )
     printed = capsys.readouterr().out
     for text in texts:
         for word in text.split():

@@ -30,7 +30,10 @@ async def test_concurrent_real_requests_match_generate(smollm):
     for result in results:
         ids = torch.tensor([result.prompt_token_ids])
         ref = smollm.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
             pad_token_id=smollm.engine.pad_token_id,
         )[0, ids.shape[1] :].tolist()
         assert result.token_ids == ref

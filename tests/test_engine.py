@@ -66,13 +66,20 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
     for r in [*singles, *pair]:
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
     assert shapes == [(1, sum(len(r.prompt_token_ids) for r in singles))]  # the n=2 pair shares its prompt's row
-    penalised = await _admitted_together(llm, [
-        lambda: llm.acomplete("Hello", chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
-        lambda: llm.acomplete("word " * 20, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
-    ])
+    penalised = await _admitted_together(
+        llm,
+        [
+            lambda: llm.acomplete("Hello", chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+            lambda: llm.acomplete(
+                "word " * 20, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3
+            ),
+        ],
+    )
     assert shapes[-1][0] == 1  # packed as well
-    solo = [await llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3)
-            for p in ("Hello", "word " * 20)]
+    solo = [
+        await llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3)
+        for p in ("Hello", "word " * 20)
+    ]
     assert [r.token_ids for r in penalised] == [r.token_ids for r in solo]
 
 
@@ -94,7 +101,9 @@ async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, m
     shapes = _record_prefills(llm, monkeypatch)
     llm.engine.burst_gap_s = 0.05  # generous: a loaded test machine may pause between submits
     prompts = [f"Request {i}: hello" for i in range(8)]
-    results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts))
+    results = await asyncio.gather(
+        *(llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts)
+    )
     assert len(shapes) == 1  # one forward (packed or padded, as the cost model chose)
     for r in results:
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 6)
@@ -141,9 +150,10 @@ async def test_late_joiner_matches_generate(llm, tiny_model):
     late = await llm.acomplete(PROMPTS[2], chat_template=False, max_tokens=15)
     first = await long_run
     assert late.token_ids == reference_ids(llm.model, late.prompt_token_ids, 15)
-    assert first.token_ids[: len(reference_ids(llm.model, first.prompt_token_ids, 60))] == reference_ids(
-        llm.model, first.prompt_token_ids, 60
-    )[: len(first.token_ids)]
+    assert (
+        first.token_ids[: len(reference_ids(llm.model, first.prompt_token_ids, 60))]
+        == reference_ids(llm.model, first.prompt_token_ids, 60)[: len(first.token_ids)]
+    )
 
 
 async def test_late_short_request_finishes_before_earlier_long_one(llm):
@@ -286,7 +296,7 @@ def test_packing_is_used_only_where_it_gives_the_padded_logits(tiny_model, tiny_
         if ignore_mask:
             forward = tiny_model.forward
 
-            def no_custom_mask(*args, **kwargs):
+            def no_custom_mask(*args, forward=forward, **kwargs):
                 if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
                     kwargs["attention_mask"] = None
                 return forward(*args, **kwargs)

@@ -19,9 +19,22 @@ def sync_llm(tiny_model, tiny_tokenizer):
 
 
 SETTINGS = {
-    "max_tokens": 7, "temperature": 0.5, "top_k": 5, "top_p": 0.9, "seed": 3, "frequency_penalty": 0.1,
-    "presence_penalty": 0.2, "stop_token": "###", "length_penalty": 0.8, "max_length": 200, "do_sample": True,
-    "early_stopping": True, "num_beams": 1, "repition_penalty": 1.1, "num_return_sequences": 1, "role": "user",
+    "max_tokens": 7,
+    "temperature": 0.5,
+    "top_k": 5,
+    "top_p": 0.9,
+    "seed": 3,
+    "frequency_penalty": 0.1,
+    "presence_penalty": 0.2,
+    "stop_token": "###",
+    "length_penalty": 0.8,
+    "max_length": 200,
+    "do_sample": True,
+    "early_stopping": True,
+    "num_beams": 1,
+    "repition_penalty": 1.1,
+    "num_return_sequences": 1,
+    "role": "user",
     "system_prompt": "Be brief.",
 }
 
@@ -57,8 +70,12 @@ def test_setters_validate_and_apply(sync_llm):
     assert (p.num_beams, p.length_penalty, p.early_stopping, p.do_sample, p.max_length) == (2, 1.5, "never", False, 64)
     assert sync_llm.role == "system"
     for setter, bad in [
-        (sync_llm.set_temperature, -1), (sync_llm.set_top_p, 0), (sync_llm.set_max_tokens, 0),
-        (sync_llm.set_role, "wizard"), (sync_llm.set_num_beams, 0), (sync_llm.set_early_stopping, "sometimes"),
+        (sync_llm.set_temperature, -1),
+        (sync_llm.set_top_p, 0),
+        (sync_llm.set_max_tokens, 0),
+        (sync_llm.set_role, "wizard"),
+        (sync_llm.set_num_beams, 0),
+        (sync_llm.set_early_stopping, "sometimes"),
     ]:
         with pytest.raises(ValueError):
             setter(bad)
@@ -97,7 +114,9 @@ async def test_eos_and_bos_token_overrides(tiny_model, tiny_tokenizer):
     stop_at = ids[5]
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, chat_template=False, bos_token_id=1) as llm:
         assert llm.encode("Hello") == [1, *tiny_tokenizer("Hello").input_ids]
-    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, chat_template=False, eos_token_id=stop_at) as llm:
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, chat_template=False, eos_token_id=stop_at
+    ) as llm:
         assert llm.eos_token_ids == {stop_at}
         result = await llm.acomplete("Hello", max_tokens=12)
         assert result.finish_reason == "stop" and result.token_ids[-1] == stop_at
@@ -118,8 +137,10 @@ async def test_chat_keeps_history_through_the_template(llm, tiny_tokenizer):
     first = await llm.achat("Hello", max_tokens=4)
     second = await llm.achat("And then?", max_tokens=4)
     assert llm.history == [
-        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
-        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": second},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": second},
     ]
     # The second turn saw the first exchange: its prompt is the template over the whole history.
     expected = llm.encode([{"role": "system", "content": "Be brief."}, *llm.history[:3]])
@@ -147,7 +168,9 @@ async def test_chat_with_explicit_history_as_text_or_messages(llm):
 def test_sync_chat_and_generate(sync_llm):
     reply = sync_llm.chat("Hello")
     assert sync_llm.history[-1] == {"role": "assistant", "content": reply}
-    assert sync_llm.generate("Hello", max_length=len(sync_llm.encode("Hello")) + 2) == sync_llm.run("Hello", max_tokens=2)
+    assert sync_llm.generate("Hello", max_length=len(sync_llm.encode("Hello")) + 2) == sync_llm.run(
+        "Hello", max_tokens=2
+    )
 
 
 async def test_metrics_per_request_and_aggregated(llm, tiny_tokenizer):

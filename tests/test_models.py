@@ -46,7 +46,9 @@ async def test_corrupt_or_missing_checkpoint_changes_nothing(llm, tmp_path):
     for corrupt in (
         "{not json",
         json.dumps({**data, "version": 99}),
-        json.dumps({**data, "settings": {**data["settings"], "sampling": {**data["settings"]["sampling"], "top_p": 7}}}),
+        json.dumps(
+            {**data, "settings": {**data["settings"], "sampling": {**data["settings"]["sampling"], "top_p": 7}}}
+        ),
         json.dumps({**data, "history": [{"role": "user"}]}),
         json.dumps({**data, "settings": {**data["settings"], "role": "wizard"}}),
     ):

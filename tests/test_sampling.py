@@ -83,12 +83,19 @@ def test_penalties_follow_transformers_and_openai_rules():
 
 async def test_repetition_penalty_changes_greedy_output(llm, tiny_model):
     plain = await llm.acomplete("Hello", chat_template=False, max_tokens=30, ignore_eos=True)
-    penalised = await llm.acomplete("Hello", chat_template=False, max_tokens=30, ignore_eos=True, repetition_penalty=5.0)
+    penalised = await llm.acomplete(
+        "Hello", chat_template=False, max_tokens=30, ignore_eos=True, repetition_penalty=5.0
+    )
     assert plain.token_ids != penalised.token_ids
     # Same rule as transformers' RepetitionPenaltyLogitsProcessor: equal to generate with it.
     ids = torch.tensor([penalised.prompt_token_ids])
     ref = tiny_model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False, repetition_penalty=5.0,
-        eos_token_id=None, pad_token_id=0,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=30,
+        do_sample=False,
+        repetition_penalty=5.0,
+        eos_token_id=None,
+        pad_token_id=0,
     )[0, ids.shape[1] :].tolist()
     assert penalised.token_ids == ref

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -263,7 +264,10 @@ async def test_an_oversized_body_is_a_413_before_it_is_read(llm):
                 small = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
                 assert (await http.post(f"{base}/v1/completions", json=small)).status_code == 200
     registry = app.state.serving.metrics.registry
-    assert registry.get_sample_value("async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "413"}) == 2
+    assert (
+        registry.get_sample_value("async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "413"})
+        == 2
+    )
     assert llm.stats()["num_finished"] == 1 and llm.stats()["num_running"] == 0
 
 
@@ -300,30 +304,46 @@ async def test_unknown_model_is_a_404_and_models_lists_the_served_one(client):
     assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
 
 
-async def test_full_queue_gets_429_at_once(tiny_model, tiny_tokenizer):
-    async with HuggingFaceLLM(
-        model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_batch_size=1, max_queue_size=1
-    ) as small:
-        async with running_server(create_app(small, model_name=MODEL)) as base:
-            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30) as c:
-                long = {
-                    "model": MODEL,
-                    "prompt": "Hi",
-                    "max_tokens": 900,
-                    "stream": True,
-                    "extra_body": {"ignore_eos": True},
-                }
-                with anyio.fail_after(30):
-                    running = await c.completions.create(**long)
-                    await wait_for(lambda: small.stats()["num_running"] == 1)
-                    waiting = await c.completions.create(**long)
-                    await wait_for(lambda: small.stats()["num_waiting"] == 1)
-                    with anyio.fail_after(2), pytest.raises(openai.RateLimitError) as info:
-                        await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-                    assert info.value.body["type"] == "rate_limit_error"
-                    await running.close()
-                    await waiting.close()
-                await wait_for(lambda: small.stats()["num_running"] == 0 and small.stats()["num_waiting"] == 0)
+async def test_full_queue_gets_429_at_once(tiny_model, tiny_tokenizer, monkeypatch):
+    # The running request's decode steps wait on a gate, so it cannot finish (and free its row)
+    # before the test has filled the queue, however fast the machine is.
+    gate = threading.Event()
+    forward = tiny_model.forward
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[-1] == 1:  # a decode step (the prompts below are longer)
+            gate.wait(30)
+        return forward(*args, **kwargs)
+
+    async with (
+        HuggingFaceLLM(
+            model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_batch_size=1, max_queue_size=1
+        ) as small,
+        running_server(create_app(small, model_name=MODEL)) as base,
+        openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30) as c,
+    ):
+        monkeypatch.setattr(tiny_model, "forward", gated)
+        long = {
+            "model": MODEL,
+            "prompt": "The quick brown fox",
+            "max_tokens": 900,
+            "stream": True,
+            "extra_body": {"ignore_eos": True},
+        }
+        try:
+            with anyio.fail_after(30):
+                running = await c.completions.create(**long)
+                await wait_for(lambda: small.stats()["num_running"] == 1)
+                waiting = await c.completions.create(**long)
+                await wait_for(lambda: small.stats()["num_waiting"] == 1)
+                with anyio.fail_after(2), pytest.raises(openai.RateLimitError) as info:
+                    await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+                assert info.value.body["type"] == "rate_limit_error"
+                await running.close()
+                await waiting.close()
+        finally:
+            gate.set()
+        await wait_for(lambda: small.stats()["num_running"] == 0 and small.stats()["num_waiting"] == 0)
 
 
 async def test_generation_failure_is_a_500_or_an_error_event(client, llm, monkeypatch):

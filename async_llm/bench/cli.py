@@ -27,12 +27,34 @@ ALL_SYSTEMS = (ROOFLINE, "async_llm", "transformers-static", "transformers-cb", 
 
 #: Defaults of the full suite and of --quick (an explicit flag always wins).
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": {"concurrency": "1,4,16,64", "new_tokens": 64, "mixed_requests": 100, "rate": 2.0,
-             "prompt_range": "16,512", "output_range": "8,256", "repeats": 3, "mixed_repeats": 1,
-             "roofline_repeats": 2, "system_timeout": 1800.0, "wait_quiet": 300.0, "noisy_retries": 2},
-    "quick": {"concurrency": "1,4,16", "new_tokens": 24, "mixed_requests": 16, "rate": 4.0,
-              "prompt_range": "16,256", "output_range": "8,48", "repeats": 1, "mixed_repeats": 1,
-              "roofline_repeats": 1, "system_timeout": 90.0, "wait_quiet": 0.0, "noisy_retries": 0},
+    "full": {
+        "concurrency": "1,4,16,64",
+        "new_tokens": 64,
+        "mixed_requests": 100,
+        "rate": 2.0,
+        "prompt_range": "16,512",
+        "output_range": "8,256",
+        "repeats": 3,
+        "mixed_repeats": 1,
+        "roofline_repeats": 2,
+        "system_timeout": 1800.0,
+        "wait_quiet": 300.0,
+        "noisy_retries": 2,
+    },
+    "quick": {
+        "concurrency": "1,4,16",
+        "new_tokens": 24,
+        "mixed_requests": 16,
+        "rate": 4.0,
+        "prompt_range": "16,256",
+        "output_range": "8,48",
+        "repeats": 1,
+        "mixed_repeats": 1,
+        "roofline_repeats": 1,
+        "system_timeout": 90.0,
+        "wait_quiet": 0.0,
+        "noisy_retries": 0,
+    },
 }
 
 
@@ -67,21 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-range", default=None, help="mixed prompt tokens LOW,HIGH (full 16,512)")
     p.add_argument("--output-range", default=None, help="mixed output tokens LOW,HIGH (full 8,256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixed workload (default 0)")
-    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    p.add_argument(
+        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}"
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="most rows per forward, every system (default 64)")
     p.add_argument("--static-window-ms", type=float, default=50.0, help="static batching collection window (50)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
-    p.add_argument("--repeats", type=int, default=None, help="rounds of each burst workload, medians reported "
-                   "(full 3, quick 1)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="rounds of each burst workload, medians reported (full 3, quick 1)"
+    )
     p.add_argument("--mixed-repeats", type=int, default=None, help="rounds of the mixed workload (default 1)")
-    p.add_argument("--roofline-repeats", type=int, default=None, help="roofline passes per round, best kept "
-                   "(full 2, quick 1)")
-    p.add_argument("--system-timeout", type=float, default=None, help="seconds per system before it is cut off "
-                   "(full 1800, quick 90)")
-    p.add_argument("--wait-quiet", type=float, default=None, help="before each run, wait up to this many seconds "
-                   "for other processes to use < 0.2 cores (full 300, quick 0)")
-    p.add_argument("--noisy-retries", type=int, default=None, help="rerun a run during which other processes used "
-                   "> 0.4 cores, this many times at most (full 2, quick 0)")
+    p.add_argument(
+        "--roofline-repeats", type=int, default=None, help="roofline passes per round, best kept (full 2, quick 1)"
+    )
+    p.add_argument(
+        "--system-timeout",
+        type=float,
+        default=None,
+        help="seconds per system before it is cut off (full 1800, quick 90)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        help="before each run, wait up to this many seconds for other processes to use < 0.2 cores (full 300, quick 0)",
+    )
+    p.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=None,
+        help="rerun a run during which other processes used > 0.4 cores, this many times at most (full 2, quick 0)",
+    )
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every system in this process")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -100,8 +138,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown systems {unknown}; choose from {', '.join(ALL_SYSTEMS)}")
     args.systems = [s for s in ALL_SYSTEMS if s in systems]  # fixed order: async_llm heads every table
-    if min(args.new_tokens, args.max_batch_size, args.threads, args.repeats, args.mixed_repeats,
-           args.roofline_repeats) < 1 or args.mixed_requests < 0 or args.rate <= 0:
+    if (
+        min(args.new_tokens, args.max_batch_size, args.threads, args.repeats, args.mixed_repeats, args.roofline_repeats)
+        < 1
+        or args.mixed_requests < 0
+        or args.rate <= 0
+    ):
         raise argparse.ArgumentTypeError(
             "--new-tokens, --max-batch-size, --threads and the repeats must be >= 1, --rate > 0, --mixed-requests >= 0"
         )
@@ -114,7 +156,8 @@ def _busy_cores(seconds: float = 1.0) -> float:
 
     def busy() -> float:
         t = psutil.cpu_times()
-        return t.user + t.nice + t.system + getattr(t, "steal", 0.0)
+        seconds: float = t.user + t.nice + t.system + getattr(t, "steal", 0.0)
+        return seconds
 
     before = busy()
     time.sleep(seconds)
@@ -123,8 +166,13 @@ def _busy_cores(seconds: float = 1.0) -> float:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -182,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from async_llm.bench.suite import SuiteOptions, run_suite
     from async_llm.bench.systems import SYSTEMS, SystemConfig
     from async_llm.bench.workloads import build_workloads
+
     try:
         from async_llm.loading.loading import resolve_model_path
     except ImportError:  # older layout
@@ -196,18 +245,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    workloads = build_workloads(tokenizer, args.concurrency, args.new_tokens, args.mixed_requests, args.rate,
-                                args.seed, args.prompt_range, args.output_range)
-    config = SystemConfig(model_path, args.device, args.dtype, args.max_batch_size, args.static_window_ms / 1000.0,
-                          args.threads)
-    options = SuiteOptions(args.isolate, args.system_timeout, args.roofline_repeats, args.repeats, args.mixed_repeats,
-                           args.progress, quiet_wait_s=args.wait_quiet, noisy_retries=args.noisy_retries)
-    print(f"bench: {len(workloads)} workloads x {len(args.systems)} systems on {args.device} "
-          f"({model_path}), results to {args.out}", flush=True)
+    workloads = build_workloads(
+        tokenizer,
+        args.concurrency,
+        args.new_tokens,
+        args.mixed_requests,
+        args.rate,
+        args.seed,
+        args.prompt_range,
+        args.output_range,
+    )
+    config = SystemConfig(
+        model_path, args.device, args.dtype, args.max_batch_size, args.static_window_ms / 1000.0, args.threads
+    )
+    options = SuiteOptions(
+        args.isolate,
+        args.system_timeout,
+        args.roofline_repeats,
+        args.repeats,
+        args.mixed_repeats,
+        args.progress,
+        quiet_wait_s=args.wait_quiet,
+        noisy_retries=args.noisy_retries,
+    )
+    print(
+        f"bench: {len(workloads)} workloads x {len(args.systems)} systems on {args.device} "
+        f"({model_path}), results to {args.out}",
+        flush=True,
+    )
     load = _busy_cores()
     if load > 0.3:
-        print(f"bench: warning: other processes are using {load:.1f} cores: expect noisy figures", file=sys.stderr,
-              flush=True)
+        print(
+            f"bench: warning: other processes are using {load:.1f} cores: expect noisy figures",
+            file=sys.stderr,
+            flush=True,
+        )
     results, roofline, info = run_suite(config, workloads, args.systems, options)
     systems = {
         name: {"description": SYSTEMS[name].description, **info[name]} for name in args.systems if name != ROOFLINE

@@ -12,7 +12,7 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from async_llm.bench.metrics import FIGURES, HIGHER_IS_BETTER
 
@@ -58,15 +58,23 @@ def _figure(results: dict[str, Any], workload: str, system: str, figure: str) ->
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _positive(value: object) -> TypeGuard[float]:
+    """A measured figure: a finite number above zero."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 def _rounds(entry: dict[str, Any], figure: str) -> list[float] | None:
-    values = entry.get("per_round", {}).get(figure)
-    if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+    values: list[float] | None = entry.get("per_round", {}).get(figure)
+    if not values or not all(_positive(v) for v in values):
         return None
     return values
 
 
 def paired_ratio(
-    base: dict[str, Any], other: dict[str, Any], figure: str, other_figure: str | None = None,
+    base: dict[str, Any],
+    other: dict[str, Any],
+    figure: str,
+    other_figure: str | None = None,
     ratio: Callable[[float, float], float | None] | None = None,
 ) -> tuple[float | None, str]:
     """The median over rounds of the round-by-round ratio of ``base`` to ``other`` (both ran in the
@@ -79,10 +87,11 @@ def paired_ratio(
     b, o = _rounds(base, figure), _rounds(other, other_figure or figure)
     if b and o and len(b) == len(o) and len(b) > 1:
         values = [ratio(x, y) for x, y in zip(b, o, strict=True)]
-        if all(v is not None for v in values):
-            return statistics.median(values), f"median of {len(b)} paired rounds"  # type: ignore[type-var]
+        paired = [v for v in values if v is not None]
+        if len(paired) == len(values):
+            return statistics.median(paired), f"median of {len(b)} paired rounds"
     bv, ov = base.get(figure), other.get(other_figure or figure)
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (bv, ov)):
+    if not (_positive(bv) and _positive(ov)):
         return None, "not measured"
     return ratio(bv, ov), "ratio of medians" if base.get("rounds", 1) > 1 else "one round"
 
@@ -96,23 +105,41 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ratio, how = paired_ratio(by_system.get(BASE, {}), by_system.get(peer, {}), figure)
         strict = figure != "output_tokens_per_s"  # "lower than": strictly better
         met = None if ratio is None else (ratio > goal if strict else ratio >= goal)
-        rows.append({"target": label, "measured": ratio, "goal": f"{'>' if strict else '>='} {goal}", "met": met,
-                     "how": how})
+        rows.append(
+            {"target": label, "measured": ratio, "goal": f"{'>' if strict else '>='} {goal}", "met": met, "how": how}
+        )
     label, workload, goal = ROOFLINE_TARGET
     ratio, how = paired_ratio(
-        results.get(workload, {}).get(BASE, {}), report.get("roofline", {}).get(workload, {}),
-        "tpot_p50_ms", "decode_step_ms", ratio=lambda step, bare: step / bare,
+        results.get(workload, {}).get(BASE, {}),
+        report.get("roofline", {}).get(workload, {}),
+        "tpot_p50_ms",
+        "decode_step_ms",
+        ratio=lambda step, bare: step / bare,
     )
-    rows.append({"target": label, "measured": ratio, "goal": f"<= {goal}", "met": None if ratio is None else ratio <= goal,
-                 "how": how})
+    rows.append(
+        {
+            "target": label,
+            "measured": ratio,
+            "goal": f"<= {goal}",
+            "met": None if ratio is None else ratio <= goal,
+            "how": how,
+        }
+    )
     for workload in results:
         ratio = advantage(
-            "output_tokens_per_s", _figure(results, workload, BASE, "output_tokens_per_s"),
+            "output_tokens_per_s",
+            _figure(results, workload, BASE, "output_tokens_per_s"),
             _figure(results, workload, "vllm", "output_tokens_per_s"),
         )
         if ratio is not None:
-            rows.append({"target": f"{workload}: tokens/s vs vLLM (reported, no goal)", "measured": ratio,
-                         "goal": "report", "met": None})
+            rows.append(
+                {
+                    "target": f"{workload}: tokens/s vs vLLM (reported, no goal)",
+                    "measured": ratio,
+                    "goal": "report",
+                    "met": None,
+                }
+            )
     return rows
 
 
@@ -129,10 +156,17 @@ def build_report(
         base = by_system.get(BASE, {})
         ratios[workload] = {
             system: {f: advantage(f, base.get(f), figures.get(f)) for f in FIGURES}
-            for system, figures in by_system.items() if "skipped" not in figures
+            for system, figures in by_system.items()
+            if "skipped" not in figures
         }
-    report = {"meta": meta, "workloads": workloads, "systems": systems, "results": results,
-              "ratios_vs_async_llm": ratios, "roofline": roofline}
+    report = {
+        "meta": meta,
+        "workloads": workloads,
+        "systems": systems,
+        "results": results,
+        "ratios_vs_async_llm": ratios,
+        "roofline": roofline,
+    }
     report["targets"] = evaluate_targets(report)
     return report
 
@@ -166,11 +200,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     )
     out += ["", "## Targets", ""]
     marks = {True: "met", False: "**not met**", None: "n/a"}
-    out += _table(["Target", "Measured", "Goal", "Met", "How"],
-                  [[t["target"], _ratio(t["measured"]), t["goal"], marks[t["met"]], t.get("how", "")]
-                   for t in report["targets"]])
-    out += ["", "## Output tokens/s (ratio = async_llm ÷ system)", "",
-            "Medians over rounds; (min–max over rounds) where a workload ran more than once.", ""]
+    out += _table(
+        ["Target", "Measured", "Goal", "Met", "How"],
+        [[t["target"], _ratio(t["measured"]), t["goal"], marks[t["met"]], t.get("how", "")] for t in report["targets"]],
+    )
+    out += [
+        "",
+        "## Output tokens/s (ratio = async_llm ÷ system)",
+        "",
+        "Medians over rounds; (min–max over rounds) where a workload ran more than once.",
+        "",
+    ]
     header = ["System"] + [h for w in results for h in (w, f"{w} ratio")]
     rows = []
     for system in systems:
@@ -185,13 +225,26 @@ def to_markdown(report: dict[str, Any]) -> str:
         rows.append(row)
     roof = report.get("roofline", {})
     if roof:
-        rows.append(["roofline (bare forwards)"] + [c for w in results for c in (
-            _fmt(roof.get(w, {}).get("output_tokens_per_s"), 1),
-            _ratio(advantage("output_tokens_per_s", _figure(results, w, BASE, "output_tokens_per_s"),
-                             roof.get(w, {}).get("output_tokens_per_s"))))])
+        rows.append(
+            ["roofline (bare forwards)"]
+            + [
+                c
+                for w in results
+                for c in (
+                    _fmt(roof.get(w, {}).get("output_tokens_per_s"), 1),
+                    _ratio(
+                        advantage(
+                            "output_tokens_per_s",
+                            _figure(results, w, BASE, "output_tokens_per_s"),
+                            roof.get(w, {}).get("output_tokens_per_s"),
+                        )
+                    ),
+                )
+            ]
+        )
     out += _table(header, rows)
     for workload, by_system in results.items():
-        description = next((w for w in report["workloads"] if w["name"] == workload), {})
+        description: dict[str, Any] = next((w for w in report["workloads"] if w["name"] == workload), {})
         out += ["", f"## {workload}", "", _describe(description), ""]
         value_rows, ratio_rows = [], []
         for system in systems:
@@ -210,16 +263,39 @@ def to_markdown(report: dict[str, Any]) -> str:
         for workload, r in roof.items():
             step = _figure(results, workload, BASE, "tpot_p50_ms")
             bare = r.get("decode_step_ms")
-            rows.append([workload, str(r["batch"]), str(r["prompt_width"]), _fmt(r["prefill_ms"], 1), _fmt(bare, 2),
-                         _fmt(step, 2), "n/a" if not (step and bare) else f"{step / bare:.2f}×",
-                         _fmt(r["output_tokens_per_s"], 1)])
-        out += _table(["Workload", "Batch", "Prompt width", "Prefill ms", "Decode step ms", "async_llm TPOT p50 ms",
-                       "Overhead", "Roofline tok/s"], rows)
+            rows.append(
+                [
+                    workload,
+                    str(r["batch"]),
+                    str(r["prompt_width"]),
+                    _fmt(r["prefill_ms"], 1),
+                    _fmt(bare, 2),
+                    _fmt(step, 2),
+                    "n/a" if not (step and bare) else f"{step / bare:.2f}×",
+                    _fmt(r["output_tokens_per_s"], 1),
+                ]
+            )
+        out += _table(
+            [
+                "Workload",
+                "Batch",
+                "Prompt width",
+                "Prefill ms",
+                "Decode step ms",
+                "async_llm TPOT p50 ms",
+                "Overhead",
+                "Roofline tok/s",
+            ],
+            rows,
+        )
     out += ["", "## Systems", ""]
     for name, info in report["systems"].items():
-        state = (f"skipped: {info['skipped']}" if info.get("skipped")
-                 else f"ran in {info.get('seconds', 0):.0f} s while other processes used "
-                      f"{100 * info.get('other_cpu_share', 0.0):.0f}% of a core")
+        state = (
+            f"skipped: {info['skipped']}"
+            if info.get("skipped")
+            else f"ran in {info.get('seconds', 0):.0f} s while other processes used "
+            f"{100 * info.get('other_cpu_share', 0.0):.0f}% of a core"
+        )
         out.append(f"- **{name}** ({state}): {info.get('description', '')}")
     incomplete = [f"{s} on {w}" for w, by in results.items() for s, f in by.items() if f.get("complete") is False]
     if incomplete:
@@ -231,10 +307,15 @@ def _describe(w: dict[str, Any]) -> str:
     if not w:
         return ""
     p, o = w["prompt_tokens"], w["output_tokens"]
-    head = (f"{w['num_requests']} requests at once" if w["kind"] == "burst"
-            else f"{w['num_requests']} requests, Poisson arrivals at {w['rate']}/s ({w['length_distribution']})")
-    return (f"{head}; prompt tokens {p['min']}..{p['max']} (median {p['median']}), output tokens "
-            f"{o['min']}..{o['max']} (median {o['median']}), {w['total_output_tokens']} output tokens in all.")
+    head = (
+        f"{w['num_requests']} requests at once"
+        if w["kind"] == "burst"
+        else f"{w['num_requests']} requests, Poisson arrivals at {w['rate']}/s ({w['length_distribution']})"
+    )
+    return (
+        f"{head}; prompt tokens {p['min']}..{p['max']} (median {p['median']}), output tokens "
+        f"{o['min']}..{o['max']} (median {o['median']}), {w['total_output_tokens']} output tokens in all."
+    )
 
 
 def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -256,8 +337,13 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     roof = [report.get("roofline", {}).get(w["name"], {}).get("output_tokens_per_s") for w in bursts]
     if any(r is not None for r in roof):
         ax.plot(xs, [math.nan if r is None else r for r in roof], "k--", marker="x", label="roofline (bare forwards)")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent requests (burst)", ylabel="output tokens/s",
-           title=f"Throughput vs concurrency ({report['meta'].get('device')})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent requests (burst)",
+        ylabel="output tokens/s",
+        title=f"Throughput vs concurrency ({report['meta'].get('device')})",
+    )
     if xs:
         ax.set_xticks(xs, [str(x) for x in xs])
     ax.grid(True, which="both", alpha=0.3)
@@ -277,16 +363,21 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
-    target = next((w["name"] for w in report["workloads"] if w["kind"] == "mixed"), bursts[-1]["name"] if bursts else None)
+    target: str | None = next(
+        (w["name"] for w in report["workloads"] if w["kind"] == "mixed"), bursts[-1]["name"] if bursts else None
+    )
     fig, ax = plt.subplots(figsize=(8, 4.5))
     figures = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
     present = [s for s in systems if target and _figure(results, target, s, "e2e_p50_ms") is not None]
     width = 0.8 / max(1, len(present))
     for i, system in enumerate(present):
+        assert target is not None  # present is empty without a target
         values = [_figure(results, target, system, f) or math.nan for f in figures]
         ax.bar([j + i * width for j in range(len(figures))], values, width, label=system)
-    ax.set_xticks([j + width * (len(present) - 1) / 2 for j in range(len(figures))],
-                  ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"])
+    ax.set_xticks(
+        [j + width * (len(present) - 1) / 2 for j in range(len(figures))],
+        ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"],
+    )
     ax.set(yscale="log", ylabel="ms (log scale)", title=f"Latency percentiles: {target}")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from async_llm.bench.workloads import Workload
+from async_llm.engine.core import cache_kwarg
 
 
 def _inputs(workload: Workload, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -37,7 +38,9 @@ def _sync(device: str) -> None:
 
 
 @torch.inference_mode()
-def _one_pass(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, device: str) -> tuple[float, list[float]]:
+def _one_pass(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, device: str
+) -> tuple[float, list[float]]:
     n, p = ids.shape
     # Everything the loop needs, prepared up front: full mask, positions per step, the fed token.
     full_mask = torch.cat([mask, torch.ones(n, new_tokens, dtype=mask.dtype, device=mask.device)], dim=1)
@@ -46,18 +49,30 @@ def _one_pass(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int
     step_positions = [(lengths + s)[:, None] for s in range(new_tokens)]  # decode step s feeds position len + s - 1
     step_masks = [full_mask[:, : p + s] for s in range(new_tokens)]  # step s attends to p + s columns
     token = torch.zeros(n, 1, dtype=torch.long, device=ids.device)
-    cache = DynamicCache()
+    cache = {cache_kwarg(model): DynamicCache()}  # under the name this model's forward takes it
     _sync(device)
     t0 = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions, past_key_values=cache,
-          use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=prefill_positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **cache,
+    )
     _sync(device)
     prefill = time.perf_counter() - t0
     steps = []
     for s in range(1, new_tokens):
         t0 = time.perf_counter()
-        model(input_ids=token, attention_mask=step_masks[s], position_ids=step_positions[s - 1],
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=token,
+            attention_mask=step_masks[s],
+            position_ids=step_positions[s - 1],
+            use_cache=True,
+            logits_to_keep=1,
+            **cache,
+        )
         _sync(device)
         steps.append(time.perf_counter() - t0)
     return prefill, steps

@@ -73,7 +73,7 @@ class Session:
         try:
             runner.load()
             runner.warmup(_warmup_requests(self.workloads))
-        except Exception as exc:  # a peer that cannot run here is reported, not fatal to the suite
+        except Exception as exc:  # noqa: BLE001  # any failure of a peer to start is reported as a skip, not fatal
             return f"failed to start: {type(exc).__name__}: {exc}"
         self._runner = runner
         return None
@@ -99,7 +99,7 @@ class Session:
         try:
             with PeakMemory(self.config.device) as memory:
                 records, start = self._runner.run(workload.requests, on_done)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # whatever stopped the run is reported as its error; the suite goes on
             emit(("tick", len(workload.requests) - ticks))
             emit(("error", workload.name, f"{type(exc).__name__}: {exc}"))
             return
@@ -150,7 +150,7 @@ def serve(name: str, config: Any, workloads: Sequence[Workload], roofline_repeat
             conn.send(("idle",))
     except (EOFError, BrokenPipeError):
         pass  # the suite is gone
-    except BaseException as exc:  # anything left: report it instead of dying silently
+    except BaseException as exc:  # noqa: BLE001  # anything left: report it to the suite instead of dying silently
         conn.send(("skip", f"crashed: {type(exc).__name__}: {exc}"))
     finally:
         session.close()

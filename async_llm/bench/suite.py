@@ -13,6 +13,7 @@ cores' time other processes used meanwhile (0.05 = 5% of one core), so a disturb
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import statistics
 import time
@@ -54,7 +55,10 @@ def _applies(name: str, workload: Workload) -> bool:
 
 def _machine_busy() -> float:
     t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+    busy: float = (
+        t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+    )
+    return busy
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -62,7 +66,8 @@ def _cpu(process: psutil.Process) -> float:
         t = process.cpu_times()
     except psutil.Error:
         return 0.0
-    return t.user + t.system + t.children_user + t.children_system
+    seconds: float = t.user + t.system + t.children_user + t.children_system
+    return seconds
 
 
 def _own_cpu(workers: dict[str, Any]) -> float:
@@ -102,7 +107,7 @@ class _InlineWorker:
     def ready(self, timeout: float | None) -> str | None:
         try:
             return self.session.start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # a system that cannot start is reported as a skip, not fatal
             return f"crashed: {type(exc).__name__}: {exc}"
 
     def run(self, index: int, sink: Callable[[Event], None], timeout: float | None) -> str | None:
@@ -120,8 +125,12 @@ class _ProcessWorker:
         self.name = name
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(name, config, list(workloads), options.roofline_repeats, child),
-                                name=f"bench-{name}", daemon=True)
+        self.proc = ctx.Process(
+            target=serve,
+            args=(name, config, list(workloads), options.roofline_repeats, child),
+            name=f"bench-{name}",
+            daemon=True,
+        )
         self._child = child
         self.process: psutil.Process | None = None
 
@@ -139,9 +148,10 @@ class _ProcessWorker:
                 self.proc.kill()
                 return "timed out (--system-timeout)"
         try:
-            return self.conn.recv()
+            event: Event = self.conn.recv()
         except EOFError:
             return f"its process exited with code {self.proc.exitcode}"
+        return event
 
     def ready(self, timeout: float | None) -> str | None:
         event = self._receive(time.monotonic() + timeout if timeout else None)
@@ -160,15 +170,14 @@ class _ProcessWorker:
             if event[0] == "idle":
                 return None
             if event[0] == "skip":
-                return event[1]
+                reason: str = event[1]
+                return reason
             sink(event)
 
     def close(self) -> None:
         if self.proc.is_alive():
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 self.conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
             self.proc.join(timeout=60)
             if self.proc.is_alive():
                 self.proc.kill()
@@ -186,10 +195,11 @@ def _aggregate(runs: list[dict[str, Any]], roofline: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
         values = [r.get(key) for r in runs]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if all(isinstance(v, bool) for v in values):
             out[key] = all(values)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = statistics.median(values)
+        elif len(numbers) == len(values):
+            out[key] = statistics.median(numbers)
         else:
             out[key] = first
     out["rounds"] = len(runs)
@@ -197,9 +207,11 @@ def _aggregate(runs: list[dict[str, Any]], roofline: bool) -> dict[str, Any]:
     # of a machine whose speed drifts), then take the median of those ratios.
     out["per_round"] = {k: [r.get(k) for r in runs] for k in PAIRED_FIGURES}
     if len(runs) > 1:
-        out["spread"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)]
-                         for k in ("output_tokens_per_s", "ttft_p99_ms", "tpot_p50_ms")
-                         if all(isinstance(r.get(k), (int, float)) for r in runs)}
+        out["spread"] = {
+            k: [min(r[k] for r in runs), max(r[k] for r in runs)]
+            for k in ("output_tokens_per_s", "ttft_p99_ms", "tpot_p50_ms")
+            if all(isinstance(r.get(k), (int, float)) for r in runs)
+        }
     return out
 
 
@@ -222,7 +234,9 @@ def run_suite(
 
     make = _ProcessWorker if options.isolate else _InlineWorker
     workers = {name: make(name, config, workloads, options) for name in systems}
-    info: dict[str, dict[str, Any]] = {name: {"skipped": None, "seconds": 0.0, "other_cpu_share": 0.0} for name in systems}
+    info: dict[str, dict[str, Any]] = {
+        name: {"skipped": None, "seconds": 0.0, "other_cpu_share": 0.0} for name in systems
+    }
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     errors: dict[tuple[str, str], str] = {}
     plan = []
@@ -255,7 +269,8 @@ def run_suite(
             bar.set_postfix_str(f"{name} on {workload.name}")
             ticks = 0
 
-            def sink(event: Event) -> None:
+            # workload and name are bound now: the sink is only called during this iteration's runs.
+            def sink(event: Event, workload: Workload = workload, name: str = name) -> None:
                 nonlocal ticks
                 if event[0] == "tick":  # (a rerun ticks again: the bar counts each request once)
                     step = min(event[1], len(workload.requests) - ticks)

@@ -65,7 +65,8 @@ def load_hf(config: SystemConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, config.dtype))
+    # Any: transformers types its wrapped nn.Module.to() without the bound self.
+    model: Any = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, config.dtype))
     return model.to(config.device).eval(), tokenizer
 
 
@@ -102,8 +103,8 @@ class Runner(ABC):
         """A short untimed run (first-call costs: kernel selection, allocator growth, thread pools)."""
         self.run([replace(r, arrival=0.0, max_new_tokens=min(4, r.max_new_tokens)) for r in requests], lambda n: None)
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027  # an optional hook: most runners hold nothing to release
+        """Release what load() took (nothing by default)."""
 
 
 class AsyncLLMRunner(Runner):
@@ -114,14 +115,19 @@ class AsyncLLMRunner(Runner):
         from async_llm import HuggingFaceLLM
 
         self.llm = HuggingFaceLLM(
-            self.config.model_path, device=self.config.device, dtype=getattr(torch, self.config.dtype),
+            self.config.model_path,
+            device=self.config.device,
+            dtype=getattr(torch, self.config.dtype),
             max_batch_size=self.config.max_batch_size,
         )
 
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
         steps = self.llm.engine.steps
         records, start = asyncio.run(self._run(requests, on_done))
-        self.extra = {"engine_steps": self.llm.engine.steps - steps, "peak_batch_size": self.llm.stats()["peak_batch_size"]}
+        self.extra = {
+            "engine_steps": self.llm.engine.steps - steps,
+            "peak_batch_size": self.llm.stats()["peak_batch_size"],
+        }
         return records, start
 
     async def _run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
@@ -185,8 +191,13 @@ class _GenerateRunner(Runner):
         with torch.inference_mode():
             # min_new_tokens = max_new_tokens: exactly `new` tokens, eos never ends a row early.
             self.model.generate(
-                ids.to(self.config.device), attention_mask=mask.to(self.config.device), max_new_tokens=new,
-                min_new_tokens=new, do_sample=False, pad_token_id=self.pad, streamer=streamer,
+                ids.to(self.config.device),
+                attention_mask=mask.to(self.config.device),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=self.pad,
+                streamer=streamer,
             )
         return streamer.times
 
@@ -232,7 +243,7 @@ class StaticBatchRunner(_GenerateRunner):
                 nxt = pending[arrived][1].arrival if arrived < len(pending) else math.inf
                 _sleep_until(min(close_at, nxt))
             now = time.perf_counter()
-            batch = []
+            batch: list[tuple[RequestSpec, RequestRecord]] = []
             while pending and len(batch) < limit and pending[0][1].arrival <= now:
                 batch.append(pending.popleft())
             times = self._generate([spec for spec, _ in batch])
@@ -313,8 +324,11 @@ class TransformersCBRunner(Runner):
             for spec, record in sorted(zip(requests, records), key=lambda pair: pair[1].arrival):
                 _sleep_until(record.arrival)
                 manager.add_request(
-                    list(spec.prompt_ids), request_id=f"req-{spec.index}", max_new_tokens=spec.max_new_tokens,
-                    streaming=True, eos_token_id=-1,
+                    list(spec.prompt_ids),
+                    request_id=f"req-{spec.index}",
+                    max_new_tokens=spec.max_new_tokens,
+                    streaming=True,
+                    eos_token_id=-1,
                 )
 
         submitter = threading.Thread(target=submit, name="bench-cb-submit", daemon=True)
@@ -354,11 +368,14 @@ class VLLMRunner(Runner):
         return None
 
     def load(self) -> None:
-        from vllm import AsyncEngineArgs, AsyncLLMEngine  # type: ignore[import-not-found]
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         args = AsyncEngineArgs(
-            model=self.config.model_path, dtype=self.config.dtype, max_num_seqs=self.config.max_batch_size,
-            enforce_eager=True, seed=0,
+            model=self.config.model_path,
+            dtype=self.config.dtype,
+            max_num_seqs=self.config.max_batch_size,
+            enforce_eager=True,
+            seed=0,
         )
         self.engine = AsyncLLMEngine.from_engine_args(args)
         self._count = 0
@@ -367,7 +384,7 @@ class VLLMRunner(Runner):
         return asyncio.run(self._run(requests, on_done))
 
     async def _run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
-        from vllm import SamplingParams  # type: ignore[import-not-found]
+        from vllm import SamplingParams
 
         start = time.perf_counter()
         records = _records(requests, start)

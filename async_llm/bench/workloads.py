@@ -159,7 +159,10 @@ def mixed_workload(
         text, ids = words.prompt(n_prompt, rng)
         requests.append(RequestSpec(i, round(t, 6), text, ids, n_out))
     params = {
-        "rate": rate, "seed": seed, "prompt_range": list(prompt_range), "output_range": list(output_range),
+        "rate": rate,
+        "seed": seed,
+        "prompt_range": list(prompt_range),
+        "output_range": list(output_range),
         "length_distribution": f"bounded Pareto, alpha={PARETO_ALPHA}",
     }
     return Workload("mixed", "mixed", requests, params)

@@ -37,16 +37,18 @@ def _next_capacity(needed: int, current: int, limit: int | None = None) -> int:
     return min(capacity, limit) if limit is not None else capacity
 
 
-class _PaddedLayer(DynamicLayer):
+class _PaddedLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """What a model's attention layer sees of the shared buffer: write one step, read the live region."""
 
     def __init__(self, owner: PaddedKVCache, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._owner = owner
         self._layer_idx = layer_idx
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._owner.write(self._layer_idx, key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -94,7 +96,9 @@ class PaddedBatch:
         dtype: KV cache dtype (the model's).
     """
 
-    def __init__(self, num_layers: int, vocab_size: int, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, num_layers: int, vocab_size: int, max_rows: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.num_layers = num_layers
         self.vocab_size = vocab_size
         self.max_rows = max_rows

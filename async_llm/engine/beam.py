@@ -115,7 +115,7 @@ class BeamRunner(Worker):
         self.scheduler.start([r for job in group for r in job.requests])
         try:
             results = self._generate(group)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # any failure of generate fails this group only
             error = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
             for job in group:
@@ -126,7 +126,12 @@ class BeamRunner(Worker):
             for job, sequences in zip(group, results):
                 for request, tokens in zip(job.requests, sequences):
                     if self.closed:  # generate was cut short by close(): not a real result
-                        self._end(request, FinishReason.ABORT, out, EngineClosedError("the LLM was closed before this request finished"))
+                        self._end(
+                            request,
+                            FinishReason.ABORT,
+                            out,
+                            EngineClosedError("the LLM was closed before this request finished"),
+                        )
                     else:
                         self._finish(request, tokens, out)
         return True
@@ -165,15 +170,19 @@ class BeamRunner(Worker):
             kwargs["min_new_tokens"] = params.max_tokens
         ids_all = [r.request_id for job in group for r in job.requests]
         output = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            stopping_criteria=StoppingCriteriaList([_AbortedGroup(self, ids_all)]), **kwargs,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            stopping_criteria=StoppingCriteriaList([_AbortedGroup(self, ids_all)]),
+            **kwargs,
         )
         new = output[:, width:].tolist()  # [len(group) * n, new_tokens]
         return [new[i * params.n : (i + 1) * params.n] for i in range(len(group))]
 
     def _finish(self, request: Request, tokens: list[int], out: StepOutputs) -> None:
         if self.is_aborted(request.request_id):
-            self._end(request, FinishReason.ABORT, out, RequestAbortedError(f"request {request.request_id} was aborted"))
+            self._end(
+                request, FinishReason.ABORT, out, RequestAbortedError(f"request {request.request_id} was aborted")
+            )
             return
         eos_at = next((i for i, t in enumerate(tokens) if t in request.eos_token_ids), None)
         if eos_at is not None and not request.params.ignore_eos:
@@ -190,7 +199,13 @@ class BeamRunner(Worker):
         self.scheduler.record_tokens(len(tokens))
         self.scheduler.finish(request, reason)
         out.add(request, detok.take_delta(final=True), tokens, reason)
-        log.info("finished", request_id=request.request_id, reason=reason.value, tokens=len(tokens), beams=request.params.num_beams)
+        log.info(
+            "finished",
+            request_id=request.request_id,
+            reason=reason.value,
+            tokens=len(tokens),
+            beams=request.params.num_beams,
+        )
 
     def _end(self, request: Request, reason: FinishReason, out: StepOutputs, error: BaseException) -> None:
         self.scheduler.finish(request, reason)

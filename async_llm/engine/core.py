@@ -38,14 +38,29 @@ def _attention_pair_cost(model: Any) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-    return 4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1)
+    return float(4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1))
+
+
+def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values ``[B, H, L, D]`` of one layer of a prefill's cache.
+
+    Raises:
+        TypeError: The layer holds no key/value tensors (the recurrent state of a linear-attention
+            layer, as hybrid models have): such a cache does not fit the padded batch.
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors; the padded batch needs them")
+    return keys, values
 
 
 def _can_pack(model: Any) -> bool:
     """Whether prefills may pack prompts with a custom 4-D mask: SDPA attention (which takes one as
     given), and no sliding-window layers (their own mask would be replaced by it)."""
     config = model.config.get_text_config()
-    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    )
     return getattr(model.config, "_attn_implementation", None) == "sdpa" and not sliding
 
 
@@ -61,7 +76,8 @@ def cache_kwarg(model: Any) -> str:
 
 def input_device(model: Any) -> torch.device:
     """Where input ids go: the embedding's device (also right for accelerate-dispatched models)."""
-    return model.get_input_embeddings().weight.device
+    device: torch.device = model.get_input_embeddings().weight.device
+    return device
 
 
 class Engine(Worker):
@@ -164,7 +180,7 @@ class Engine(Worker):
         except torch.OutOfMemoryError as exc:
             self._out_of_memory([*group, *later], exc, out)
             return False
-        except Exception as exc:  # the batch is untouched by a failed prefill
+        except Exception as exc:  # noqa: BLE001  # any failure fails these rows only; the batch is untouched
             self._fail(group, exc, out)
         return True
 
@@ -175,7 +191,7 @@ class Engine(Worker):
             self._decode(out)
         except torch.OutOfMemoryError as exc:
             self._out_of_memory([], exc, out)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # the batch's state is unknown: fail its rows, start afresh
             self.batch.clear()
             self._fail(rows, exc, out)
 
@@ -245,7 +261,11 @@ class Engine(Worker):
                 if r.output_ids:
                     prompt_mask[i] = False
                     prompt_mask[i, r.prompt_ids] = True
-                    counts[i].index_add_(0, torch.tensor(r.output_ids, device=self.device), torch.ones(len(r.output_ids), device=self.device))
+                    counts[i].index_add_(
+                        0,
+                        torch.tensor(r.output_ids, device=self.device),
+                        torch.ones(len(r.output_ids), device=self.device),
+                    )
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(requests, sb))
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))
@@ -258,11 +278,19 @@ class Engine(Worker):
         """Prefill left-padded ``ids`` [u, P]: last-token logits [u, V] and per layer (keys, values) [u, H, P, D]."""
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{self._cache_kwarg: cache},
-        ).logits[:, -1].float()
-        return logits, [(layer.keys, layer.values) for layer in cache.layers]
+        logits = (
+            self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            )
+            .logits[:, -1]
+            .float()
+        )
+        return logits, [layer_kv(layer) for layer in cache.layers]
 
     def _packing_agrees(self) -> bool:
         """Check once, on two short prompts, that a packed prefill gives this model's padded logits.
@@ -275,7 +303,9 @@ class Engine(Worker):
             with torch.inference_mode():
                 padded, _ = self._forward_padded(ids, mask)
                 packed, _ = self._forward_packed(prompts, 5)
-        except Exception as exc:
+        except torch.OutOfMemoryError:
+            raise  # not a property of the architecture: the model does not fit, say so
+        except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain
             log.info("packed prefill unavailable", error=repr(exc))
             return False
         agrees = bool((padded - packed).abs().max() <= 0.02 * padded.abs().max())
@@ -298,17 +328,29 @@ class Engine(Worker):
         allowed = (segment[:, None] == segment[None, :]) & (column[None, :] <= column[:, None])  # [T, T]
         ends = starts + lengths.to(device) - 1
         cache = DynamicCache()
-        logits = self.model(
-            input_ids=ids, attention_mask=allowed[None, None], position_ids=positions[None], use_cache=True,
-            logits_to_keep=ends, **{self._cache_kwarg: cache},
-        ).logits[0].float()  # [u, V]: the last token of each prompt
+        logits = (
+            self.model(
+                input_ids=ids,
+                attention_mask=allowed[None, None],
+                position_ids=positions[None],
+                use_cache=True,
+                logits_to_keep=ends,
+                **{self._cache_kwarg: cache},
+            )
+            .logits[0]
+            .float()
+        )  # [u, V]: the last token of each prompt
         # Row i, column c of the padded layout holds packed position starts[i] + c - (p - len_i);
         # columns left of the prompt read position 0 (any will do: batch.add zeroes padding).
-        source = (starts[:, None] + torch.arange(p, device=device)[None, :] - (p - lengths.to(device))[:, None]).clamp_(min=0)
+        source = (starts[:, None] + torch.arange(p, device=device)[None, :] - (p - lengths.to(device))[:, None]).clamp_(
+            min=0
+        )
         flat = source.reshape(-1)
         kv = []
         for layer in cache.layers:  # [1, H, T, D] -> [u, H, P, D]
-            keys, values = (t[0].index_select(1, flat).unflatten(1, (u, p)).transpose(0, 1) for t in (layer.keys, layer.values))
+            keys, values = (
+                t[0].index_select(1, flat).view(t.shape[1], u, p, -1).transpose(0, 1) for t in layer_kv(layer)
+            )
             kv.append((keys, values))
         return logits, kv
 
@@ -316,7 +358,9 @@ class Engine(Worker):
         batch = self.batch
         b = batch.size
         inputs = batch.decode_inputs()
-        logits = self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache}).logits[:, -1].float()  # [B, V]
+        logits = (
+            self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache}).logits[:, -1].float()
+        )  # [B, V]
         sb = batch.sampling
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None
@@ -343,9 +387,7 @@ class Engine(Worker):
         if request.first_token_time is None:
             request.first_token_time = time.perf_counter()
         reason = None
-        if token in request.eos_token_ids and not request.params.ignore_eos:
-            reason = FinishReason.STOP
-        elif request.detokenizer.add_token(token):
+        if token in request.eos_token_ids and not request.params.ignore_eos or request.detokenizer.add_token(token):
             reason = FinishReason.STOP
         elif len(request.output_ids) >= request.params.max_tokens:
             reason = FinishReason.LENGTH
@@ -353,8 +395,11 @@ class Engine(Worker):
         if reason is not None:
             self.scheduler.finish(request, reason)
             log.info(
-                "finished", request_id=request.request_id, reason=reason.value,
-                tokens=len(request.output_ids), seconds=round(time.perf_counter() - request.arrival_time, 4),
+                "finished",
+                request_id=request.request_id,
+                reason=reason.value,
+                tokens=len(request.output_ids),
+                seconds=round(time.perf_counter() - request.arrival_time, 4),
             )
         return reason is not None
 
@@ -373,7 +418,7 @@ class Engine(Worker):
             log.info("aborted", request_id=request_id, tokens=len(request.output_ids))
         self.batch.remove(rows)
 
-    def _fail(self, requests: Sequence[Request], exc: Exception, out: StepOutputs) -> None:
+    def _fail(self, requests: Sequence[Request], exc: BaseException, out: StepOutputs) -> None:
         for request in requests:
             if request.finished:
                 continue

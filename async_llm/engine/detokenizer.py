@@ -93,7 +93,7 @@ class Detokenizer:
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix) :]
+        return str(full[len(prefix) :])
 
     def _append(self, chunk: str) -> None:
         # A stop string can start at most max_stop-1 characters before the new chunk.

@@ -41,10 +41,12 @@ class SamplingBatch:
     def build(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> SamplingBatch:
         """Stack the rows' parameters (called only when the batch's rows change)."""
 
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        def column(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        def optional(values: list[float], neutral: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        def optional(
+            values: Sequence[float], neutral: float, dtype: torch.dtype = torch.float32
+        ) -> torch.Tensor | None:
             return column(values, dtype) if any(v != neutral for v in values) else None
 
         greedy = [p.greedy for p in params]
@@ -129,7 +131,9 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | Non
             sorted_probs = sorted_probs.masked_fill(ranks[None, :] >= sb.top_k[:, None], 0.0)
         # Drop a token once the mass before it already reaches top_p (the first token is always kept).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= sb.top_p[:, None] * sorted_probs.sum(-1, keepdim=True), 0.0)
+        sorted_probs = sorted_probs.masked_fill(
+            mass_before >= sb.top_p[:, None] * sorted_probs.sum(-1, keepdim=True), 0.0
+        )
         if sb.min_p is not None:
             sorted_probs = sorted_probs.masked_fill(sorted_probs < sb.min_p[:, None] * sorted_probs[:, :1], 0.0)
         sampled = order.gather(1, _inverse_cdf(sorted_probs, uniforms)[:, None]).squeeze(-1)

@@ -238,5 +238,5 @@ class Worker(abc.ABC):
     def _call(fn: Callable[[], Any], future: concurrent.futures.Future[Any]) -> None:
         try:
             future.set_result(fn())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # handed to the caller through the future
             future.set_exception(exc)

@@ -7,8 +7,11 @@ metrics, event log, checkpoints) is built on them here and in the mixins.
 The sync wrappers run the coroutine on a private event loop in a daemon thread, so they work the
 same with no loop at all and when called from inside a running loop (Jupyter, a sync helper called
 from async code): ``asyncio.run`` is never nested and the caller's loop is never re-entered.
-(anyio's blocking portal would do the same, but its thread is a non-daemon executor worker that the
-interpreter joins at exit, so a script that forgot ``close()`` would hang on exit.)
+
+Why not anyio's blocking portal: its thread is a daemon (anyio 4.16), but the portal lives inside a
+context manager that must be exited explicitly. An LLM that a script never closes would leave that
+exit to garbage collection during interpreter shutdown, when daemon threads no longer run: the exit
+waits for the portal's loop forever (seen here with anyio 4.16). A bare loop thread needs no exit.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import anyio
 
@@ -37,7 +40,7 @@ from async_llm.sampling_params import SamplingParams
 T = TypeVar("T")
 _events = get_logger("async_llm.events")
 Message = Mapping[str, str]
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 
 def check_prompt(prompt: Any) -> Prompt:
@@ -52,14 +55,18 @@ def check_prompt(prompt: Any) -> Prompt:
         _check_unicode(prompt, "prompt")
         return prompt
     if not isinstance(prompt, (list, tuple)):
-        raise ParameterTypeError('prompt', f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+        raise ParameterTypeError(
+            "prompt", f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}"
+        )
     if not prompt:
-        raise InvalidParameterError('prompt', "prompt is an empty list of messages")
+        raise InvalidParameterError("prompt", "prompt is an empty list of messages")
     for i, message in enumerate(prompt):
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-            raise ParameterTypeError('prompt', f"prompt message {i} must be a mapping with a str 'content'")
+            raise ParameterTypeError("prompt", f"prompt message {i} must be a mapping with a str 'content'")
         if message.get("role") not in ROLES:
-            raise InvalidParameterError('prompt', f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}")
+            raise InvalidParameterError(
+                "prompt", f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
+            )
         _check_unicode(message["content"], f"prompt message {i}")
     return prompt
 
@@ -82,6 +89,7 @@ class _LoopThread:
         self._thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop thread and wait for its result (from any other thread)."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a sync method of the LLM was called from its own sync loop; await the async form")
@@ -123,7 +131,9 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         **sampling_defaults: Any,
     ) -> None:
         if system_prompt is not None and not isinstance(system_prompt, str):
-            raise ParameterTypeError('system_prompt', f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
+            raise ParameterTypeError(
+                "system_prompt", f"system_prompt must be a str or None, got {type(system_prompt).__name__}"
+            )
         self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.role = role
@@ -226,7 +236,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             Any error of :meth:`arun`; the other requests of the call are then cancelled.
         """
         if isinstance(prompts, str):
-            raise ParameterTypeError('prompts', "prompts must be a list of prompts, not a single str (use arun)")
+            raise ParameterTypeError("prompts", "prompts must be a list of prompts, not a single str (use arun)")
         prompts = [check_prompt(p) for p in prompts]
         self.validate(**overrides)
         tasks = [asyncio.ensure_future(self.arun(p, **overrides)) for p in prompts]
@@ -266,7 +276,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             if self._sync_loop is None:
                 self._sync_loop = _LoopThread()
             loop_thread = self._sync_loop
-        return loop_thread.call(fn(*args, **kwargs))
+        return loop_thread.call(fn(*args, **kwargs))  # type: ignore[arg-type]  # fn returns a coroutine
 
     # -- metrics ------------------------------------------------------------------------------------------
     def _num_tokens(self, text: str) -> int:
@@ -316,7 +326,9 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         _events.info(message, **fields)
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    async def asave_checkpoint(self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False) -> Path:
+    async def asave_checkpoint(
+        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
+    ) -> Path:
         """Save settings, history and metric totals as JSON (atomically), and optionally the weights.
 
         Returns:
@@ -362,7 +374,9 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         self.history = [dict(m) for m in data["history"]]
         self.metrics_recorder.restore(data["metrics"])
 
-    def save_checkpoint(self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False) -> Path:
+    def save_checkpoint(
+        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
+    ) -> Path:
         """Blocking :meth:`asave_checkpoint`."""
         return self._call_sync(self.asave_checkpoint, checkpoint_dir, save_weights)
 
@@ -396,7 +410,9 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
     def __enter__(self) -> BaseLLM:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     async def __aenter__(self) -> BaseLLM:

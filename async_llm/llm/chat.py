@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+
+if TYPE_CHECKING:
+    from async_llm.sampling_params import SamplingParams
+
+_T = TypeVar("_T")
 
 SUMMARY_PROMPT = (
     "Summarize the following text in two or three sentences. Keep the key facts and names; "
@@ -18,7 +23,7 @@ _TURN = re.compile(r"^(system|user|assistant|human|ai)\s*:\s?(.*)$", re.IGNORECA
 _ROLE_NAMES = {"human": "user", "ai": "assistant"}
 
 
-def parse_history(history: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+def parse_history(history: str | Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
     """History as chat messages.
 
     Args:
@@ -41,9 +46,9 @@ def parse_history(history: str | Sequence[dict[str, str]]) -> list[dict[str, str
             elif line.strip():
                 messages.append({"role": "system", "content": "Conversation so far:\n" + line})
         return [{**m, "content": m["content"].strip()} for m in messages]
-    if isinstance(history, Sequence):
-        return [dict(m) for m in history]
-    raise ParameterTypeError('history', f"history must be a str or a list of messages, got {type(history).__name__}")
+    if isinstance(history, Sequence) and all(isinstance(m, Mapping) for m in history):
+        return [dict(m) for m in history if isinstance(m, Mapping)]
+    raise ParameterTypeError("history", f"history must be a str or a list of messages, got {type(history).__name__}")
 
 
 class ChatMixin:
@@ -56,6 +61,14 @@ class ChatMixin:
     history: list[dict[str, str]]
     _role: str
 
+    if TYPE_CHECKING:  # provided by BaseLLM
+
+        def validate(self, **overrides: Any) -> SamplingParams: ...
+
+        async def arun(self, prompt: Any, **overrides: Any) -> Any: ...
+
+        def _call_sync(self, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T: ...
+
     @property
     def role(self) -> str:
         """The role of the caller's messages in :meth:`chat` (default ``"user"``)."""
@@ -64,7 +77,7 @@ class ChatMixin:
     @role.setter
     def role(self, role: str) -> None:
         if role not in ROLES:
-            raise InvalidParameterError('role', f"role must be one of {sorted(ROLES)}, got {role!r}")
+            raise InvalidParameterError("role", f"role must be one of {sorted(ROLES)}, got {role!r}")
         self._role = role
 
     def set_role(self, role: str) -> None:
@@ -91,18 +104,18 @@ class ChatMixin:
             ValueError: Bad sampling parameters, or ``n`` > 1.
         """
         if not isinstance(task, str):
-            raise ParameterTypeError('task', f"task must be a str, got {type(task).__name__}")
+            raise ParameterTypeError("task", f"task must be a str, got {type(task).__name__}")
         context = list(self.history) if history is None else parse_history(history)
         turn = {"role": self.role, "content": task}
-        if self.validate(**overrides).n != 1:  # type: ignore[attr-defined]
-            raise InvalidParameterError('n', "chat returns one reply: n (num_return_sequences) must be 1")
-        reply = await self.arun([*context, turn], **overrides)  # type: ignore[attr-defined]
+        if self.validate(**overrides).n != 1:
+            raise InvalidParameterError("n", "chat returns one reply: n (num_return_sequences) must be 1")
+        reply: str = await self.arun([*context, turn], **overrides)
         self.history.extend([turn, {"role": "assistant", "content": reply}])
         return reply
 
     def chat(self, task: str, history: str | Sequence[dict[str, str]] | None = None, **overrides: Any) -> str:
         """Blocking :meth:`achat`."""
-        return self._call_sync(self.achat, task, history, **overrides)  # type: ignore[attr-defined]
+        return self._call_sync(self.achat, task, history, **overrides)
 
     async def agenerate_summary(self, text: str, **overrides: Any) -> str:
         """Summarise ``text`` with the model (a summarisation instruction through the chat template).
@@ -111,9 +124,10 @@ class ChatMixin:
             TypeError: ``text`` is not a str.
         """
         if not isinstance(text, str):
-            raise ParameterTypeError('text', f"text must be a str, got {type(text).__name__}")
-        return await self.arun(SUMMARY_PROMPT.format(text=text), **overrides)  # type: ignore[attr-defined]
+            raise ParameterTypeError("text", f"text must be a str, got {type(text).__name__}")
+        summary: str = await self.arun(SUMMARY_PROMPT.format(text=text), **overrides)
+        return summary
 
     def generate_summary(self, text: str, **overrides: Any) -> str:
         """Blocking :meth:`agenerate_summary`."""
-        return self._call_sync(self.agenerate_summary, text, **overrides)  # type: ignore[attr-defined]
+        return self._call_sync(self.agenerate_summary, text, **overrides)

@@ -1,4 +1,4 @@
-"""Checkpoints of an LLM's settings, history and metrics: JSON, written atomically with aiofiles.
+"""Checkpoints of an LLM's settings, history and metrics: JSON, written atomically.
 
 Layout of a checkpoint folder::
 
@@ -9,6 +9,10 @@ Layout of a checkpoint folder::
 The JSON is written to a temporary file in the same folder and renamed over the old one, so a
 crash never leaves a half-written checkpoint. Reading validates everything before anything is
 applied: a corrupt checkpoint raises :class:`CheckpointError` and changes nothing.
+
+Each of :func:`write` and :func:`read` is a handful of small blocking file operations (a temporary
+file, a write, an fsync, a rename; or stat, read, stat): they run together in one worker thread,
+one hop off the event loop, rather than one hop per operation as aiofiles or ``anyio.Path`` would.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
+import anyio
 
 from async_llm.errors import AsyncLLMError
 from async_llm.sampling_params import SamplingParams
@@ -37,19 +40,22 @@ class CheckpointError(AsyncLLMError, ValueError):
 
 async def write(folder: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write ``payload`` as ``folder/checkpoint.json`` atomically; returns the file's path."""
-    folder = Path(folder)
-    await aiofiles.os.makedirs(folder, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "version": VERSION, **payload}, indent=2)
+    return await anyio.to_thread.run_sync(_write, Path(folder), text)
+
+
+def _write(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     target = folder / FILENAME
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".json", dir=folder)
-    os.close(fd)
     try:
-        async with aiofiles.open(tmp, "w", encoding="utf-8") as f:
-            await f.write(json.dumps({"format": FORMAT, "version": VERSION, **payload}, indent=2))
-            await f.flush()
-        await aiofiles.os.replace(tmp, target)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return target
 
@@ -65,14 +71,15 @@ async def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: No checkpoint there.
         CheckpointError: Not valid JSON, wrong format/version, or invalid fields.
     """
-    path = Path(path)
+    return await anyio.to_thread.run_sync(_read, Path(path))
+
+
+def _read(path: Path) -> dict[str, Any]:
     file = path / FILENAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r} (expected {FILENAME})")
-    async with aiofiles.open(file, encoding="utf-8") as f:
-        text = await f.read()
     try:
-        data = json.loads(text)
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {str(file)!r} is not valid JSON: {exc}") from None
     return _validate(data, file)

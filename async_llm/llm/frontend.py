@@ -82,7 +82,7 @@ class LoopSink:
                 feed.streamer.put(torch.tensor(shown))
             if output.finished:
                 feed.streamer.end()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # a caller's streamer must not fail the engine's step
             self._streamers.pop(output.request_id, None)
             log.warning("streamer failed; no longer fed", request_id=output.request_id, error=repr(exc))
             return
@@ -114,4 +114,3 @@ class Sinks:
             if sink is None:
                 sink = self._by_loop[loop] = LoopSink(loop)
             return sink
-

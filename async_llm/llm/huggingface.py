@@ -42,7 +42,15 @@ def _ids(value: int | Sequence[int] | None) -> set[int]:
 class _Backend:
     """One loaded model with its tokenizer and the workers serving it."""
 
-    def __init__(self, model: Any, tokenizer: Any, pad_token_id: int | None, eos_token_id: Any, max_batch_size: int, max_queue_size: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        pad_token_id: int | None,
+        eos_token_id: Any,
+        max_batch_size: int,
+        max_queue_size: int,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         eos = _ids(eos_token_id)
         if not eos:
@@ -111,12 +119,14 @@ class HuggingFaceLLM(BaseLLM):
     ) -> None:
         super().__init__(**settings)
         if model_id is not None and model_name is not None and str(model_id) != model_name:
-            raise ParameterTypeError('model_name', "give model_id or model_name (an alias), not both")
+            raise ParameterTypeError("model_name", "give model_id or model_name (an alias), not both")
         model_id = model_id if model_id is not None else model_name
         if max_batch_size < 1 or max_queue_size < 1:
-            raise InvalidParameterError('max_batch_size', "max_batch_size and max_queue_size must be >= 1")
+            raise InvalidParameterError("max_batch_size", "max_batch_size and max_queue_size must be >= 1")
         device_ = resolve_device(device)
-        self._options = LoadOptions(device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {}))
+        self._options = LoadOptions(
+            device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {})
+        )
         self._sizes = (max_batch_size, max_queue_size)
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
@@ -124,7 +134,7 @@ class HuggingFaceLLM(BaseLLM):
             self.model_id = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
             model, tokenizer = self._options.load(model_id)
         elif tokenizer is None:
-            raise ParameterTypeError('tokenizer', "a tokenizer is required with an explicit model")
+            raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
         else:
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
         self._backend = _Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size)
@@ -171,7 +181,9 @@ class HuggingFaceLLM(BaseLLM):
         self.set_model_name(model_name)
 
     # -- prompts ------------------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None) -> list[int]:
+    def encode(
+        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None
+    ) -> list[int]:
         """Token ids the model sees for ``prompt``.
 
         A str goes through the tokenizer's chat template as one message of :attr:`role` (after
@@ -192,15 +204,19 @@ class HuggingFaceLLM(BaseLLM):
                 ids.insert(0, self.bos_token_id)
         else:
             if not has_template:
-                raise InvalidParameterError('prompt', "this tokenizer has no chat template: pass the prompt as a str")
+                raise InvalidParameterError("prompt", "this tokenizer has no chat template: pass the prompt as a str")
             system = self.system_prompt if system_prompt is None else system_prompt
-            messages: list[Message] = [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages: list[Message] = (
+                [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            )
             if system and messages[0].get("role") != "system":
                 messages.insert(0, {"role": "system", "content": system})
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = list(tokenizer(text, add_special_tokens=False).input_ids)
         if not ids:
-            raise InvalidParameterError('prompt', "prompt is empty: it encodes to no tokens (pass chat_template=True or some text)")
+            raise InvalidParameterError(
+                "prompt", "prompt is empty: it encodes to no tokens (pass chat_template=True or some text)"
+            )
         return ids
 
     def count_tokens(self, text: str) -> int:
@@ -211,28 +227,38 @@ class HuggingFaceLLM(BaseLLM):
         if params.max_length is not None:
             room = params.max_length - len(prompt_ids)
             if room < 1:
-                raise InvalidParameterError('max_length', f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens")
+                raise InvalidParameterError(
+                    "max_length", f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens"
+                )
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
         if self.max_context is not None and len(prompt_ids) + params.max_tokens > self.max_context:
             raise InvalidParameterError(
                 "prompt",
                 f"prompt is {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: together they exceed "
-                f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
+                f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_tokens",
             )
         return params
 
     # -- async primitives ---------------------------------------------------------------------------------
     async def submit_many(
-        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None,
-        streamer: Any = None, **overrides: Any,
+        self,
+        prompt: Prompt,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        streamer: Any = None,
+        **overrides: Any,
     ) -> list[TokenStream]:
         """Queue one request and return the streams of its ``n`` sequences (the primitive the other
         methods build on). See :meth:`submit` for the arguments."""
         check_prompt(prompt)
         params = self.validate(**overrides)
         if streamer is not None and params.n > 1:
-            raise InvalidParameterError('streamer', "a transformers streamer follows one sequence: use n=1 with streamer=")
+            raise InvalidParameterError(
+                "streamer", "a transformers streamer follows one sequence: use n=1 with streamer="
+            )
         backend = self._backend
+
         def encode() -> list[int]:
             return self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
 
@@ -253,11 +279,16 @@ class HuggingFaceLLM(BaseLLM):
             if params.n > 1 and not params.beam_search:  # n rows of the batch, one per sequence
                 row_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             request_id = uuid.uuid4().hex[:16]
-            requests.append(Request(
-                request_id=request_id, prompt_ids=prompt_ids, params=row_params, sink=sink,
-                detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
-                eos_token_ids=backend.eos_token_ids,
-            ))
+            requests.append(
+                Request(
+                    request_id=request_id,
+                    prompt_ids=prompt_ids,
+                    params=row_params,
+                    sink=sink,
+                    detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                    eos_token_ids=backend.eos_token_ids,
+                )
+            )
             streams.append(TokenStream(request_id, asyncio.get_running_loop(), worker.abort, prompt_ids))
         if streamer is not None:
             # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
@@ -298,20 +329,27 @@ class HuggingFaceLLM(BaseLLM):
             TypeError, ValueError, QueueFullError, EngineClosedError: before anything is queued.
         """
         if self.validate(**{k: v for k, v in kwargs.items() if k not in _CALL_OPTIONS}).n != 1:
-            raise InvalidParameterError('n', "submit returns one stream: use submit_many (or arun) for n > 1")
+            raise InvalidParameterError("n", "submit returns one stream: use submit_many (or arun) for n > 1")
         (stream,) = await self.submit_many(prompt, **kwargs)
         return stream
 
     def astream(
-        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None,
-        streamer: Any = None, **overrides: Any,
+        self,
+        prompt: Prompt,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        streamer: Any = None,
+        **overrides: Any,
     ) -> AsyncIterator[str]:
         """Stream the completion of ``prompt`` as text deltas (see :meth:`BaseLLM.astream` and
         :meth:`submit`). Bad input raises here, at the call. ``n`` must be 1."""
         check_prompt(prompt)
         if self.validate(**overrides).n != 1:
-            raise InvalidParameterError('n', "astream streams one sequence: use n=1, or arun/submit_many for n > 1")
-        return self._stream(prompt, dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides))
+            raise InvalidParameterError("n", "astream streams one sequence: use n=1, or arun/submit_many for n > 1")
+        return self._stream(
+            prompt, dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides)
+        )
 
     async def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[str]:
         async with await self.submit(prompt, **kwargs) as stream:
@@ -331,7 +369,9 @@ class HuggingFaceLLM(BaseLLM):
             for stream in streams:
                 stream.close()
         for c in results:
-            self.metrics_recorder.record(RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency))
+            self.metrics_recorder.record(
+                RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency)
+            )
         return results[0] if len(results) == 1 else results
 
     @staticmethod
@@ -340,7 +380,9 @@ class HuggingFaceLLM(BaseLLM):
         assert stream.finish_reason is not None and stream.finished_at is not None
         first = stream.first_token_at
         return Completion(
-            text=text, prompt_token_ids=stream.prompt_token_ids, token_ids=list(stream.token_ids),
+            text=text,
+            prompt_token_ids=stream.prompt_token_ids,
+            token_ids=list(stream.token_ids),
             finish_reason=stream.finish_reason.value,
             time_to_first_token=None if first is None else first - stream.created_at,
             latency=stream.finished_at - stream.created_at,
@@ -389,7 +431,10 @@ class HuggingFaceLLM(BaseLLM):
 
             raise UnsupportedConfigurationError("a quantized or device_map-dispatched model cannot be moved")
         backend = self._backend
-        move = lambda: backend.engine.call_when_idle(lambda: backend.engine.move_to(target)).result()  # noqa: E731
+
+        def move() -> None:
+            backend.engine.call_when_idle(lambda: backend.engine.move_to(target)).result()
+
         backend.beams.call_when_idle(move).result()  # beams pause too, so no generate runs during the move
         self._options.device = target
 

@@ -54,7 +54,11 @@ class MetricsRecorder:
         """Totals, plus means and percentiles over the recent window."""
         with self._lock:
             recent = list(self._recent)
-            totals = {"requests": self.requests, "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens}
+            totals = {
+                "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "output_tokens": self.output_tokens,
+            }
         if not recent:
             return totals
         ttfts = [m.time_to_first_token for m in recent if m.time_to_first_token is not None]

@@ -35,6 +35,7 @@ class SettingsMixin:
     """Attributes and setters for the sampling defaults of an LLM."""
 
     sampling_defaults: SamplingParams
+    _before_creative: SamplingParams | None = None  # the settings to restore when creative mode ends
 
     max_tokens = SamplingField()
     temperature = SamplingField()
@@ -117,7 +118,7 @@ class SettingsMixin:
         other settings unchanged. Off: the settings from just before it was turned on come back.
         Turning it on twice, or off when it is off, changes nothing.
         """
-        saved: SamplingParams | None = getattr(self, "_before_creative", None)
+        saved = self._before_creative
         if enable and saved is None:
             self._before_creative = self.sampling_defaults
             self.sampling_defaults = self.sampling_defaults.merge(**CREATIVE_PRESET)
@@ -127,4 +128,4 @@ class SettingsMixin:
 
     @property
     def creative_mode(self) -> bool:
-        return getattr(self, "_before_creative", None) is not None
+        return self._before_creative is not None

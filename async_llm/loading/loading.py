@@ -124,7 +124,7 @@ class LoadOptions:
         elif self.device_map is not None:
             kwargs["device_map"] = self.device_map  # accelerate dispatch ("auto", "balanced", a dict)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if "device_map" not in kwargs:
             model = model.to(self.device)
         return model.eval(), tokenizer

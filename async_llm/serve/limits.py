@@ -83,8 +83,8 @@ class BodyLimits:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type and media_type != "application/json" and not media_type.endswith("+json"):
-            message = f"Content-Type must be application/json, got {media_type!r}"
-            await _reject(scope, receive, send, APIError(415, message, code="unsupported_media_type"))
+            why = f"Content-Type must be application/json, got {media_type!r}"
+            await _reject(scope, receive, send, APIError(415, why, code="unsupported_media_type"))
             return
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -33,6 +33,7 @@ import anyio
 try:
     from ray import serve
     from ray.serve.deployment import Application
+    from ray.serve.exceptions import RayServeException
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("async_llm.serve.ray needs Ray Serve: pip install 'async-llm[ray]'") from exc
 
@@ -65,7 +66,7 @@ class LLMServer:
         llm_kwargs: Keyword arguments of :class:`HuggingFaceLLM` (``max_batch_size``, ``device``...).
     """
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self,
         model_id: str | None = None,
         *,
@@ -129,7 +130,7 @@ async def _drain(chunks: ChunkStream) -> AsyncIterator[dict[str, Any]]:
 def _replica_id() -> str | None:
     try:
         return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # outside a replica (plain instantiation in tests): no id to report
+    except RayServeException:  # outside a replica (plain instantiation in tests): no id to report
         return None
 
 

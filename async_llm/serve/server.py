@@ -14,7 +14,6 @@ import functools
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -44,7 +43,12 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> AsyncIterator[str]:
+async def running_server(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 30.0,  # noqa: ASYNC109  # bounds start-up and shutdown, not a caller's await
+) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on the current event loop for the duration of the block.
 
     Args:
@@ -127,8 +131,10 @@ async def serve_ray(args: argparse.Namespace) -> int:
     from async_llm.serve.ray import build_app
 
     model = args.model
-    if model is not None and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())  # replicas may run in another directory
+    if model is not None:
+        path = await anyio.Path(model).expanduser()
+        if await path.exists():
+            model = str(await path.resolve())  # replicas may run in another directory
     ray.init(include_dashboard=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

@@ -188,7 +188,7 @@ class OpenAIServing:
                     yield {**envelope, "choices": [_delta(kind, index, text)]}
             if include_usage:
                 yield {**envelope, "choices": [], "usage": _usage(streams, n)}
-        except Exception as exc:  # headers are sent: the error can only travel in the stream
+        except Exception as exc:  # noqa: BLE001  # headers are sent: any error can only travel in the stream
             log.warning("stream failed", error=repr(exc))
             yield from_exception(exc).body()
         finally:
@@ -238,8 +238,8 @@ async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> Async
     are pumped by one task each into a queue, cancelled when the consumer stops early.
     """
     if len(streams) == 1:
-        async for delta in streams[0]:  # the TokenStream coalesces what arrives while we sleep
-            yield 0, delta
+        async for text in streams[0]:  # the TokenStream coalesces what arrives while we sleep
+            yield 0, text
             if interval:
                 await asyncio.sleep(interval)
         yield 0, None
@@ -251,7 +251,7 @@ async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> Async
             async for delta in stream:
                 queue.put_nowait((index, delta, None))
             queue.put_nowait((index, None, None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # re-raised by the consumer of the queue
             queue.put_nowait((index, None, exc))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]

@@ -1,6 +1,7 @@
 """Soak: a steady mixed load for a given time, sampled into a CSV and a PNG.
 
-    python -m tests.stress.soak [--minutes 30] [--interval 10] [--clients 12] [--model MODEL] [--out benchmarks/results/soak]
+    python -m tests.stress.soak [--minutes 30] [--interval 10] [--clients 12] [--model MODEL]
+                                [--out benchmarks/results/soak]
 
 Every client loops forever over random requests: greedy or sampled, 8..96 new tokens, some with
 stop strings or penalties, one in ten abandoned after its first delta. Every ``--interval``
@@ -26,8 +27,13 @@ import psutil
 from async_llm import HuggingFaceLLM
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about rain.", "Explain how a bicycle works.",
-    "List five fruits.", "Tell me a joke about computers.", "What is 12 times 7?", "Describe the ocean at night.",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Explain how a bicycle works.",
+    "List five fruits.",
+    "Tell me a joke about computers.",
+    "What is 12 times 7?",
+    "Describe the ocean at night.",
     "Give me three tips for learning Python.",
 ]
 
@@ -53,7 +59,7 @@ async def run_soak(
     llm: HuggingFaceLLM, seconds: float, interval: float, clients: int, out: Path, seed: int = 0
 ) -> dict[str, Any]:
     """Run the load for ``seconds``; write ``soak.csv``, ``soak.png`` and ``soak.json`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     rng = random.Random(seed)
     process = psutil.Process()
     stop = asyncio.Event()
@@ -88,16 +94,26 @@ async def run_soak(
     warm = max(1, len(rows) // 10)
     base, final = rows[warm - 1]["rss_mib"], rows[-1]["rss_mib"]
     summary = {
-        "seconds": round(rows[-1]["elapsed_s"], 1), "samples": len(rows), "clients": clients,
-        "rss_after_warmup_mib": base, "rss_final_mib": final, "rss_peak_mib": max(r["rss_mib"] for r in rows),
+        "seconds": round(rows[-1]["elapsed_s"], 1),
+        "samples": len(rows),
+        "clients": clients,
+        "rss_after_warmup_mib": base,
+        "rss_final_mib": final,
+        "rss_peak_mib": max(r["rss_mib"] for r in rows),
         "rss_growth_after_warmup": round((final - base) / base, 4),
         "mean_tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1),
-        "finished": rows[-1]["finished"], "aborted": rows[-1]["aborted"], "failed": rows[-1]["failed"],
+        "finished": rows[-1]["finished"],
+        "aborted": rows[-1]["aborted"],
+        "failed": rows[-1]["failed"],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(summary, indent=2))
+    await asyncio.to_thread(_write_summary, out / "soak.json", summary)
     _plot(rows, out / "soak.png", summary)
     return summary
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def _append_row(path: Path, row: dict[str, float]) -> None:
@@ -120,7 +136,9 @@ def _plot(rows: list[dict[str, float]], path: Path, summary: dict[str, Any]) -> 
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     axes[0].plot(minutes, [r["rss_mib"] for r in rows])
     axes[0].set_ylabel("RSS (MiB)")
-    axes[0].set_title(f"soak: {summary['clients']} clients, RSS growth after warm-up {summary['rss_growth_after_warmup']:.2%}")
+    axes[0].set_title(
+        f"soak: {summary['clients']} clients, RSS growth after warm-up {summary['rss_growth_after_warmup']:.2%}"
+    )
     axes[1].plot(minutes, [r["tokens_per_s"] for r in rows], color="tab:green")
     axes[1].set_ylabel("tokens/s")
     axes[2].plot(minutes, [r["running"] for r in rows], label="running")

@@ -17,24 +17,47 @@ prompts = st.one_of(
     st.text(max_size=200),
     st.text(alphabet=st.characters(codec=None, categories=None), max_size=50),  # lone surrogates, controls
     st.sampled_from(["", " ", "\n\t ", "\x00\x01\x02", "\u200b\u200d", "é" * 300, "word " * 3000]),
-    st.integers(), st.none(), st.binary(max_size=20), st.lists(st.text(max_size=5), max_size=3),
-    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "bot"]), "content": st.text(max_size=20)}), max_size=2),
+    st.integers(),
+    st.none(),
+    st.binary(max_size=20),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "bot"]), "content": st.text(max_size=20)}), max_size=2
+    ),
 )
 numbers = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-(2**70), max_value=2**70),
-    st.booleans(), st.none(), st.text(max_size=3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
 )
-fields = st.fixed_dictionaries({}, optional={
-    name: numbers for name in (
-        "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
-        "seed", "n", "num_beams", "length_penalty", "max_length",
-    )
-} | {
-    "max_tokens": st.one_of(numbers, st.integers(min_value=1, max_value=8)),
-    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3), numbers),
-    "ignore_eos": st.one_of(st.booleans(), numbers),
-    "do_sample": st.one_of(st.booleans(), numbers),
-})
+fields = st.fixed_dictionaries(
+    {},
+    optional={
+        name: numbers
+        for name in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+            "seed",
+            "n",
+            "num_beams",
+            "length_penalty",
+            "max_length",
+        )
+    }
+    | {
+        "max_tokens": st.one_of(numbers, st.integers(min_value=1, max_value=8)),
+        "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3), numbers),
+        "ignore_eos": st.one_of(st.booleans(), numbers),
+        "do_sample": st.one_of(st.booleans(), numbers),
+    },
+)
 
 
 @pytest.fixture(scope="module")

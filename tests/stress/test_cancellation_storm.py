@@ -13,11 +13,20 @@ import psutil
 from async_llm import HuggingFaceLLM
 from tests.stress.conftest import scaled
 
-PROMPTS = ["Hello", "The quick brown fox", "日本語 🎉", "def hello(name):", "What is the capital of France?", "a b c d e f"]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox",
+    "日本語 🎉",
+    "def hello(name):",
+    "What is the capital of France?",
+    "a b c d e f",
+]
 WAYS = ["before_admission", "during_prefill", "mid_decode", "break_loop", "cancel_task", "close_stream"]
 
 
-async def _one(llm: HuggingFaceLLM, prompt: str, tokens: int, way: str | None, rng: random.Random) -> tuple[str, str | None]:
+async def _one(
+    llm: HuggingFaceLLM, prompt: str, tokens: int, way: str | None, rng: random.Random
+) -> tuple[str, str | None]:
     """Run one request; cancel it the given way. Returns (how it ended, text if it completed)."""
     params = dict(max_tokens=tokens, ignore_eos=True)
     if way is None:
@@ -41,7 +50,11 @@ async def _one(llm: HuggingFaceLLM, prompt: str, tokens: int, way: str | None, r
                 await stream.aclose()
             break  # "mid_decode" and "break_loop": leave the loop, then close as a caller would
     await stream.aclose()
-    return ("done", "".join(parts)) if stream.finish_reason and stream.finish_reason.value != "abort" else ("cancelled", None)
+    return (
+        ("done", "".join(parts))
+        if stream.finish_reason and stream.finish_reason.value != "abort"
+        else ("cancelled", None)
+    )
 
 
 async def test_cancellation_storm(tiny_model, tiny_tokenizer):
@@ -49,7 +62,9 @@ async def test_cancellation_storm(tiny_model, tiny_tokenizer):
     total = scaled(1000, minimum=60)
     process = psutil.Process()
     engine_threads = {t for t in threading.enumerate() if t.name.startswith("async-llm")}
-    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=32, max_queue_size=total) as llm:
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=32, max_queue_size=total
+    ) as llm:
         lengths = [4, 9, 16]
         solo = {(p, n): await llm.arun(p, max_tokens=n, ignore_eos=True) for p in PROMPTS for n in lengths}
         await llm.abatch_run(PROMPTS * 4, max_tokens=16, ignore_eos=True)  # warm-up
@@ -65,7 +80,10 @@ async def test_cancellation_storm(tiny_model, tiny_tokenizer):
             submitted += 1
 
         llm.engine.submit = counting_submit
-        plan = [(rng.choice(PROMPTS), rng.choice(lengths), rng.choice(WAYS) if rng.random() < 0.5 else None) for _ in range(total)]
+        plan = [
+            (rng.choice(PROMPTS), rng.choice(lengths), rng.choice(WAYS) if rng.random() < 0.5 else None)
+            for _ in range(total)
+        ]
         with anyio.fail_after(600):
             outcomes = await asyncio.gather(*(_one(llm, p, n, way, rng) for p, n, way in plan))
             while llm.stats()["num_running"] or llm.stats()["num_waiting"]:

@@ -20,10 +20,13 @@ from tests.stress.conftest import scaled
 
 async def test_ten_times_the_queue_at_once(tiny_model, tiny_tokenizer):
     queue = scaled(100, minimum=20)
-    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=16, max_queue_size=queue) as llm:
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=16, max_queue_size=queue
+    ) as llm:
         expected = await llm.arun("Hello", max_tokens=8, ignore_eos=True)
         gc.collect()
         rss_before = psutil.Process().memory_info().rss
+
         async def timed():
             start = time.perf_counter()
             try:
@@ -43,7 +46,10 @@ async def test_ten_times_the_queue_at_once(tiny_model, tiny_tokenizer):
             assert max(rejected) < max(served)
         gc.collect()
         growth = psutil.Process().memory_info().rss - rss_before
-        print(f"overload: {10 * queue} at once, queue {queue}: {len(served)} served, {len(rejected)} rejected, RSS growth {growth / 2**20:.1f} MiB")
+        print(
+            f"overload: {10 * queue} at once, queue {queue}: {len(served)} served, {len(rejected)} rejected, "
+            f"RSS growth {growth / 2**20:.1f} MiB"
+        )
         assert growth < 64 * 2**20
         assert llm.stats()["num_running"] == 0 and llm.stats()["num_waiting"] == 0
 
@@ -70,10 +76,11 @@ async def test_aclose_with_waiting_and_running_requests(tiny_model, tiny_tokeniz
 def test_interpreter_exit_with_requests_in_flight(tmp_path):
     """A program that exits while requests run (no close, no await) does not hang."""
     script = tmp_path / "exit.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import asyncio, sys
         sys.path.insert(0, {str(tmp_path.parents[0])!r})
-        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
         from conftest import build_model, build_tokenizer
         from async_llm import HuggingFaceLLM
         tok = build_tokenizer()
@@ -84,7 +91,8 @@ def test_interpreter_exit_with_requests_in_flight(tmp_path):
             await asyncio.sleep(0.2)
             print("leaving with", llm.stats()["num_running"], "running")
         asyncio.run(main())
-    """))
+    """)
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "leaving with" in done.stdout

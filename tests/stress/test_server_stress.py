@@ -88,7 +88,9 @@ async def test_bulk_disconnects_free_every_row(tiny_model, tiny_tokenizer):
                         return "finished"
                     return "left"
                 chunks = rng.randint(0, 6)
-                async with http.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=AUTH) as r:
+                async with http.stream(
+                    "POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=AUTH
+                ) as r:
                     assert r.status_code == 200
                     seen = 0
                     async for line in r.aiter_lines():
@@ -162,7 +164,9 @@ async def test_hostile_bodies_and_keys_among_good_requests(tiny_model, tiny_toke
     rng = random.Random(11)
     max_body = 64 * 1024
     rounds = scaled(10, minimum=2)
-    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=16, max_queue_size=1000) as llm:
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=16, max_queue_size=1000
+    ) as llm:
         solo = await _solo(llm, PROMPTS, 16)
         app = create_app(llm, model_name=MODEL, api_key=KEY, max_body_bytes=max_body)
         hostile = _hostile_requests(max_body)
@@ -191,8 +195,16 @@ async def test_hostile_bodies_and_keys_among_good_requests(tiny_model, tiny_toke
             await _settled(llm)
             assert llm.stats()["num_failed"] == 0
             registry = app.state.serving.metrics.registry
-            assert registry.get_sample_value("async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "500"}) is None
-            print(f"hostile: {rounds * len(hostile)} bad requests ({len(hostile)} kinds) among {sum(texts.values())} good ones")
+            assert (
+                registry.get_sample_value(
+                    "async_llm_http_requests_total", {"endpoint": "/v1/completions", "status": "500"}
+                )
+                is None
+            )
+            print(
+                f"hostile: {rounds * len(hostile)} bad requests ({len(hostile)} kinds) "
+                f"among {sum(texts.values())} good ones"
+            )
 
 
 async def _trickle(base: str, body: bytes, step: int, pause: float, send_body: bool = True) -> tuple[int | None, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import anyio
 import pytest
 
 from async_llm import HuggingFaceLLM
@@ -18,7 +19,7 @@ async def test_short_soak_keeps_memory_flat(tiny_model, tiny_tokenizer, tmp_path
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=8) as llm:
         summary = await run_soak(llm, seconds, interval=seconds / 10, clients=8, out=tmp_path)
         assert llm.stats()["num_failed"] == 0
-    rows = list(csv.DictReader(open(tmp_path / "soak.csv")))
+    rows = list(csv.DictReader((await anyio.Path(tmp_path / "soak.csv").read_text()).splitlines()))
     assert len(rows) >= 3  # sampling every tenth of the run (fewer when the machine is loaded)
     assert [float(r["elapsed_s"]) for r in rows] == sorted(float(r["elapsed_s"]) for r in rows)
     assert sum(float(r["tokens_per_s"]) > 0 for r in rows) >= len(rows) // 2
