@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from async_llm.errors import AsyncLLMError, ModelNotAvailableError
+from async_llm.llm.concurrency import gather
 
 __all__ = ["DEMO_PROMPTS", "build_parser", "main"]
 
@@ -233,7 +235,7 @@ def _announce_conversion(model: str | None) -> None:
     if cached_conversion(gguf) is None:
         print(
             f"Converting {os.path.basename(gguf)} to a transformers folder; this happens once "
-            "(about 20-45 s), later runs load in under a second.",
+            "(tens of seconds); later runs load the converted folder.",
             file=sys.stderr,
             flush=True,
         )
@@ -299,14 +301,10 @@ async def _demo(args: argparse.Namespace) -> int:
             view.on_done(i, texts)
 
         start = time.perf_counter()
-        tasks = [asyncio.ensure_future(consume(i)) for i in range(len(prompts))]
         try:
-            await asyncio.gather(*tasks)
+            # On the first failure (or Ctrl-C) the other streams stop too; closing a stream aborts it.
+            await gather([functools.partial(consume, i) for i in range(len(prompts))])
         finally:
-            # On the first failure (or Ctrl-C) stop the other streams too; closing a stream aborts it.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             view.close(texts)
         elapsed = time.perf_counter() - start
         stats = llm.stats()

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import psutil
+
+from async_llm.llm.metrics import percentile
 
 #: The figures every system reports for every workload (the JSON and the tests rely on this list).
 FIGURES: tuple[str, ...] = (
@@ -71,7 +72,8 @@ class RequestRecord:
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) * 1000.0 if len(values) else None
+    value = percentile(values, q)
+    return None if value is None else value * 1000.0
 
 
 def summarise(

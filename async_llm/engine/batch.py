@@ -54,7 +54,9 @@ class _PaddedLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     def get_seq_length(self) -> int:
         return self._owner.end - self._owner.start
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # Newer transformers pass the query length, older ones (5.0) the query's cache positions.
+        query_length = query if isinstance(query, int) else int(query.shape[0])
         return self.get_seq_length() + query_length, 0
 
 

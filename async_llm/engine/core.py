@@ -91,9 +91,10 @@ class Engine(Worker):
         max_prefill_tokens: Most prompt tokens prefilled in one step.
         prefill_overhead_tokens: The fixed cost of one forward, in tokens of compute: prompts
             admitted together are split into prefill batches by length when the padding saved is
-            worth more than the extra forwards (default: 48 on CPU, where a forward's fixed part
-            measured about 30 tokens of prefill with SmolLM2-135M on 2 cores, with a margin for
-            the model's error toward fewer forwards; 512 elsewhere, where launches dominate).
+            worth more than the extra forwards. The default, 48 on CPU and 512 elsewhere, is the
+            time of one forward at no tokens divided by the time of one more token, measured with
+            ``benchmarks/profile_step.py`` on the default model and rounded up: erring toward fewer
+            forwards (on an accelerator, kernel launches dominate a small forward).
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
     """
 

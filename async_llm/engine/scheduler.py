@@ -135,7 +135,7 @@ def prefill_groups(
     - a forward's fixed part (reading every weight once, launching every kernel) is worth
       ``overhead_tokens``;
     - each (query, key) pair of attention is worth ``pair_cost`` (attention FLOPs per pair over
-      linear FLOPs per token: about 1/3000 for SmolLM2-135M);
+      linear FLOPs per token, computed from the model's config);
     - ``k`` prompts left-padded to the longest, ``L``, cost ``k * L`` tokens and ``k * L²`` pairs:
       a short prompt padded to a long one wastes the difference;
     - packed into one sequence (``packing``; block-diagonal causal mask, no padding), they cost

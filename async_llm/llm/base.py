@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ import anyio
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm import checkpoint
 from async_llm.llm.chat import ROLES, ChatMixin, parse_history
+from async_llm.llm.concurrency import gather
 from async_llm.llm.event_log import EventLog
 from async_llm.llm.metrics import MetricsRecorder, RequestMetrics, resource_utilization
 from async_llm.llm.settings import SettingsMixin
@@ -38,6 +40,7 @@ from async_llm.log import get_logger
 from async_llm.sampling_params import SamplingParams
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="BaseLLM")  # typing.Self needs Python 3.11
 _events = get_logger("async_llm.events")
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -239,14 +242,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             raise ParameterTypeError("prompts", "prompts must be a list of prompts, not a single str (use arun)")
         prompts = [check_prompt(p) for p in prompts]
         self.validate(**overrides)
-        tasks = [asyncio.ensure_future(self.arun(p, **overrides)) for p in prompts]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await gather([functools.partial(self.arun, p, **overrides) for p in prompts])
 
     async def agenerate(self, prompt: Prompt, max_length: int | None = None, **overrides: Any) -> Any:
         """:meth:`arun` with ``max_length`` (prompt plus output tokens), as in transformers."""
@@ -407,7 +403,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         """Async :meth:`close`; the blocking part runs in a worker thread."""
         await anyio.to_thread.run_sync(self.close)
 
-    def __enter__(self) -> BaseLLM:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(
@@ -415,7 +411,7 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
     ) -> None:
         self.close()
 
-    async def __aenter__(self) -> BaseLLM:
+    async def __aenter__(self: _Self) -> _Self:
         return self
 
     async def __aexit__(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -18,11 +19,12 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from async_llm.engine.beam import BeamJob, BeamRunner
-from async_llm.engine.core import Engine, input_device
+from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.request import Request
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
+from async_llm.llm.concurrency import gather
 from async_llm.llm.frontend import Sinks
 from async_llm.llm.metrics import RequestMetrics
 from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
@@ -157,7 +159,8 @@ class HuggingFaceLLM(BaseLLM):
 
     @property
     def device(self) -> torch.device:
-        return input_device(self._backend.model)
+        """Where the model runs (the engine's device: it owns it)."""
+        return self.engine.device
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -364,7 +367,7 @@ class HuggingFaceLLM(BaseLLM):
         """
         streams = await self.submit_many(prompt, **kwargs)
         try:
-            results = await asyncio.gather(*(self._collect(s) for s in streams))
+            results = await gather([functools.partial(self._collect, s) for s in streams])
         finally:
             for stream in streams:
                 stream.close()
@@ -452,8 +455,8 @@ class HuggingFaceLLM(BaseLLM):
 
 _CALL_OPTIONS = frozenset({"chat_template", "system_prompt", "streamer"})
 
-#: Prompts up to this many characters are tokenised on the event loop (about 1 ms at most, measured
-#: with SmolLM2's tokenizer and chat template); longer ones in a worker thread.
+#: Prompts up to this many characters are tokenised on the event loop, where a fast tokenizer
+#: takes less time than a thread hop would; longer ones in a worker thread.
 INLINE_TOKENIZE_CHARS = 2048
 
 

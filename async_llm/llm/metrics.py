@@ -6,7 +6,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,10 +66,10 @@ class MetricsRecorder:
         return {
             **totals,
             "mean_tokens_per_second": statistics.fmean(m.tokens_per_second for m in recent),
-            "ttft_p50": _percentile(ttfts, 50),
-            "ttft_p95": _percentile(ttfts, 95),
-            "latency_p50": _percentile(latencies, 50),
-            "latency_p95": _percentile(latencies, 95),
+            "ttft_p50": percentile(ttfts, 50),
+            "ttft_p95": percentile(ttfts, 95),
+            "latency_p50": percentile(latencies, 50),
+            "latency_p95": percentile(latencies, 95),
             "last": asdict(recent[-1]),
         }
 
@@ -81,11 +81,17 @@ class MetricsRecorder:
             self.output_tokens = int(totals.get("output_tokens", 0))
 
 
-def _percentile(values: list[float], pct: float) -> float | None:
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """The ``pct``-th percentile of ``values`` (linear interpolation between the closest ranks, as
+    numpy's default), or None when there are none. The one definition the library and the benchmark
+    suite share."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+    rank = pct / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 async def time_call(fn: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:

@@ -63,7 +63,7 @@ def find_default_gguf() -> pathlib.Path:
 def default_model_path() -> pathlib.Path:
     """Return a transformers folder holding the default model, converting it on first use.
 
-    The first call converts the GGUF file (about 20-45 s on a laptop CPU) into the cache under
+    The first call converts the GGUF file (tens of seconds on a CPU) into the cache under
     :func:`async_llm.loading.gguf.cache_root`; later calls return the cached folder at once.
 
     Returns:

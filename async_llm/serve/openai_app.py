@@ -12,13 +12,13 @@ A client that goes away aborts its request: a stream through sse-starlette's dis
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -169,18 +169,26 @@ async def _sse_data(chunks: ChunkStream) -> AsyncIterator[str]:
 async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
     """The JSON response of ``work``, or an empty 499 if the client disconnects first (``work`` is
     then cancelled, which aborts its requests and frees their rows)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return JSONResponse(task.result())
-        log.info("client disconnected; request cancelled", path=request.url.path)
-        return Response(status_code=499)  # nobody reads it; the status tells the access log what happened
-    finally:
-        for pending in (task, watcher):
-            pending.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
+    result: dict[str, Any] | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await _disconnected(request)
+            tg.cancel_scope.cancel()  # cancels `work` below
+
+        tg.start_soon(watch)
+        try:
+            result = await work
+        except Exception as exc:  # noqa: BLE001  # raised below as itself, once the watcher is stopped
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if result is not None:
+        return JSONResponse(result)
+    log.info("client disconnected; request cancelled", path=request.url.path)
+    return Response(status_code=499)  # nobody reads it; the status tells the access log what happened
 
 
 async def _disconnected(request: Request) -> None:

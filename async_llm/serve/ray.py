@@ -135,7 +135,7 @@ def _replica_id() -> str | None:
 
 
 #: The Serve deployment (``num_replicas``, resources etc. are set by :func:`build_app`).
-LLMDeployment = serve.deployment(serve.ingress()(LLMServer), name="AsyncLLM")
+LLMDeployment = serve.deployment(name="AsyncLLM")(serve.ingress()(LLMServer))
 
 
 def build_app(

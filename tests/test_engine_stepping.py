@@ -1,0 +1,91 @@
+"""The engine without its thread: built, driven step by step from the test, outputs by request id."""
+
+from __future__ import annotations
+
+from async_llm.engine.core import Engine
+from async_llm.engine.detokenizer import Detokenizer
+from async_llm.engine.output import RequestOutput
+from async_llm.engine.request import FinishReason, Request
+from async_llm.errors import EngineClosedError
+from async_llm.sampling_params import SamplingParams
+from tests.conftest import reference_ids
+
+
+class ListSink:
+    """An output sink that keeps what it is given (the engine calls it on the stepping thread)."""
+
+    def __init__(self, alive: bool = True) -> None:
+        self.batches: list[list[RequestOutput]] = []
+        self.alive = alive
+
+    def deliver(self, outputs: list[RequestOutput]) -> bool:
+        self.batches.append(outputs)
+        return self.alive
+
+    def tokens(self, request_id: str) -> list[int]:
+        return [t for batch in self.batches for o in batch if o.request_id == request_id for t in o.token_ids]
+
+    def last(self, request_id: str) -> RequestOutput:
+        return [o for batch in self.batches for o in batch if o.request_id == request_id][-1]
+
+
+def _request(tokenizer, request_id: str, prompt: str, sink: ListSink, max_tokens: int) -> Request:
+    ids = tokenizer(prompt).input_ids
+    return Request(
+        request_id=request_id,
+        prompt_ids=ids,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        sink=sink,
+        detokenizer=Detokenizer(tokenizer, ids),
+        eos_token_ids=frozenset({2}),
+    )
+
+
+def test_an_engine_that_was_never_started_is_stepped_by_the_test(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    sink = ListSink()
+    requests = [
+        _request(tiny_tokenizer, "a", "Hello", sink, 6),
+        _request(tiny_tokenizer, "b", "The quick brown fox", sink, 9),
+    ]
+    for request in requests:
+        engine.submit(request)
+    assert engine.stats()["num_waiting"] == 2  # nothing runs until a step
+    steps = 0
+    while engine.stats()["num_finished"] < 2:
+        assert engine.step()
+        steps += 1
+        assert steps < 50
+    for request in requests:
+        expected = reference_ids(tiny_model, request.prompt_ids, request.params.max_tokens)
+        assert sink.tokens(request.request_id) == expected
+        last = sink.last(request.request_id)
+        assert last.finish_reason is FinishReason.LENGTH and last.error is None
+    # One delivery per step at most: outputs of one step reach the sink together.
+    assert len(sink.batches) <= steps + 2  # + the early flush of first tokens after a prefill
+    assert engine.batch.size == 0
+    engine.close()
+    assert not engine.step()  # closed
+
+
+def test_a_sink_whose_consumer_is_gone_gets_its_requests_aborted(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    gone, alive = ListSink(alive=False), ListSink()
+    engine.submit(_request(tiny_tokenizer, "gone", "Hello", gone, 40))
+    engine.submit(_request(tiny_tokenizer, "alive", "Hello", alive, 5))
+    for _ in range(10):
+        engine.step()
+    stats = engine.stats()
+    assert stats["num_aborted"] == 1 and stats["num_finished"] == 1
+    assert alive.tokens("alive") == reference_ids(tiny_model, tiny_tokenizer("Hello").input_ids, 5)
+    engine.close()
+
+
+def test_closing_an_unstarted_engine_ends_what_is_pending(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, pad_token_id=0)
+    sink = ListSink()
+    engine.submit(_request(tiny_tokenizer, "a", "Hello", sink, 5))
+    engine.close()
+    last = sink.last("a")
+    assert last.finish_reason is FinishReason.ABORT and isinstance(last.error, EngineClosedError)
+    assert engine.stats()["num_aborted"] == 1
