@@ -90,8 +90,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model, tiny_to
 
 @pytest.fixture
 async def llm(tiny_model, tiny_tokenizer) -> AsyncIterator[HuggingFaceLLM]:
-    """A fresh engine over the shared tiny model (greedy, short outputs by default)."""
+    """A fresh engine over the shared tiny model (greedy, short outputs by default), decoding with
+    the fast step (the default where it applies, as for this Llama)."""
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=24) as instance:
+        assert instance.engine.fast_decoder is not None
+        yield instance
+
+
+@pytest.fixture
+async def plain_llm(tiny_model, tiny_tokenizer) -> AsyncIterator[HuggingFaceLLM]:
+    """As ``llm``, decoding with the transformers forward (``fast_path=False``): for tests that watch
+    or break decode steps through ``model.forward``."""
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=24, fast_path=False
+    ) as instance:
+        assert instance.engine.fast_decoder is None
         yield instance
 
 

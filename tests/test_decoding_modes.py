@@ -12,24 +12,24 @@ from conftest import PROMPTS, reference_ids
 from transformers import AsyncTextIteratorStreamer, TextIteratorStreamer, TextStreamer
 
 
-async def test_n_sequences_share_one_prefill(llm, monkeypatch):
+async def test_n_sequences_share_one_prefill(plain_llm, monkeypatch):
     batch_sizes: list[tuple[int, int]] = []
-    forward = llm.model.forward
+    forward = plain_llm.model.forward
 
     def spy(*args, **kwargs):
         batch_sizes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "forward", spy)
-    texts = await llm.arun("Hello", n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(plain_llm.model, "forward", spy)
+    texts = await plain_llm.arun("Hello", n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
     assert isinstance(texts, list) and len(texts) == 3 and len(set(texts)) == 3
     prefill = [s for s in batch_sizes if s[1] > 1]
     assert prefill == [(1, prefill[0][1])]  # one prompt row prefilled for the three sequences
     assert max(s[0] for s in batch_sizes) == 3  # then decoded as three rows
-    monkeypatch.setattr(llm.model, "forward", forward)
+    monkeypatch.setattr(plain_llm.model, "forward", forward)
     # Reproducible: row i is seeded with seed + i.
-    assert await llm.arun("Hello", n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True) == texts
-    assert texts[1] == await llm.arun("Hello", temperature=1.0, seed=8, max_tokens=12, ignore_eos=True)
+    assert await plain_llm.arun("Hello", n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True) == texts
+    assert texts[1] == await plain_llm.arun("Hello", temperature=1.0, seed=8, max_tokens=12, ignore_eos=True)
 
 
 async def test_greedy_n_gives_n_copies_and_astream_refuses_n(llm):

@@ -109,14 +109,14 @@ async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, m
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 6)
 
 
-async def test_first_token_is_delivered_before_the_batch_decodes_again(llm, monkeypatch):
+async def test_first_token_is_delivered_before_the_batch_decodes_again(plain_llm, monkeypatch):
     """A joiner's first token reaches its stream (on the loop) straight after its prefill: the decode
     forward of the same step waits here until the stream has it, and would time out otherwise."""
-    running = await llm.submit("Hi", chat_template=False, max_tokens=300, ignore_eos=True)
+    running = await plain_llm.submit("Hi", chat_template=False, max_tokens=300, ignore_eos=True)
     await running.__anext__()
     prefilled, waited = threading.Event(), []
     joiner = None
-    forward = llm.model.forward
+    forward = plain_llm.model.forward
 
     def delivered_within(seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -133,8 +133,8 @@ async def test_first_token_is_delivered_before_the_batch_decodes_again(llm, monk
             waited.append(delivered_within(5))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "forward", gated)
-    joiner = await llm.submit("Hello there", chat_template=False, max_tokens=4)
+    monkeypatch.setattr(plain_llm.model, "forward", gated)
+    joiner = await plain_llm.submit("Hello there", chat_template=False, max_tokens=4)
     with anyio.fail_after(30):
         while not waited:
             await asyncio.sleep(0.005)  # the loop stays free to take the delivery
@@ -315,6 +315,7 @@ def test_packing_is_used_only_where_it_gives_the_padded_logits(tiny_model, tiny_
             monkeypatch.setattr(tiny_model, "forward", no_custom_mask)
         llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu")
         try:
+            assert llm.engine.ready.wait(30)  # the check runs on the engine's thread as it starts
             engine_checks.append(llm.engine._can_pack)
         finally:
             llm.close()

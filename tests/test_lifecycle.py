@@ -77,8 +77,8 @@ async def test_full_queue_raises_at_once_and_accepted_requests_finish(tiny_model
         assert llm.stats()["num_finished"] == len(served)
 
 
-async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
-    original = llm.model.forward
+async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(plain_llm, monkeypatch):
+    original = plain_llm.model.forward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -87,12 +87,12 @@ async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(llm, 
             raise RuntimeError("injected fault")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "forward", flaky)
+    monkeypatch.setattr(plain_llm.model, "forward", flaky)
     with pytest.raises(GenerationError, match="injected fault"):
-        await llm.arun("Hello", **LONG)
-    monkeypatch.setattr(llm.model, "forward", original)
-    assert llm.stats()["num_failed"] == 1 and llm.stats()["num_running"] == 0
-    assert await llm.arun("Hello", max_tokens=5)
+        await plain_llm.arun("Hello", **LONG)
+    monkeypatch.setattr(plain_llm.model, "forward", original)
+    assert plain_llm.stats()["num_failed"] == 1 and plain_llm.stats()["num_running"] == 0
+    assert await plain_llm.arun("Hello", max_tokens=5)
 
 
 async def test_close_fails_pending_requests_and_leaves_no_thread(tiny_model, tiny_tokenizer):
@@ -249,10 +249,12 @@ async def test_aborting_a_middle_row_keeps_the_other_rows_exact(llm, tiny_model)
     assert llm.stats()["num_aborted"] == 1 and llm.stats()["num_failed"] == 0
 
 
-async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_exactly(llm, tiny_model, monkeypatch):
+async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_exactly(
+    plain_llm, tiny_model, monkeypatch
+):
     """A KV-cache OOM preempts the newest half of the rows; they resume by recomputing their cache."""
 
-    forward = llm.model.forward
+    forward = plain_llm.model.forward
     ooms = {"n": 0}
 
     def small_device(*args, **kwargs):
@@ -261,16 +263,16 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_e
             raise torch.OutOfMemoryError("injected: KV cache does not fit")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "forward", small_device)
+    monkeypatch.setattr(plain_llm.model, "forward", small_device)
     prompts = ["Hello", "The quick brown fox", "日本語 🎉", "def hello(name):", "What is the capital of France?"]
     with anyio.fail_after(60):
         results = await asyncio.gather(
             *(
-                llm.acomplete(p, chat_template=False, max_tokens=25, ignore_eos=True, repetition_penalty=1.3)
+                plain_llm.acomplete(p, chat_template=False, max_tokens=25, ignore_eos=True, repetition_penalty=1.3)
                 for p in prompts
             )
         )
-    assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
+    assert ooms["n"] > 0 and plain_llm.engine.scheduler.num_preempted > 0
     for result in results:
         ids = torch.tensor([result.prompt_token_ids])
         expected = tiny_model.generate(
@@ -283,7 +285,7 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_e
             pad_token_id=0,
         )[0, ids.shape[1] :].tolist()
         assert result.token_ids == expected
-    stats = llm.stats()
+    stats = plain_llm.stats()
     assert stats["num_failed"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
 
 

@@ -317,7 +317,12 @@ async def test_full_queue_gets_429_at_once(tiny_model, tiny_tokenizer, monkeypat
 
     async with (
         HuggingFaceLLM(
-            model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_batch_size=1, max_queue_size=1
+            model=tiny_model,
+            tokenizer=tiny_tokenizer,
+            device="cpu",
+            max_batch_size=1,
+            max_queue_size=1,
+            fast_path=False,
         ) as small,
         running_server(create_app(small, model_name=MODEL)) as base,
         openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30) as c,

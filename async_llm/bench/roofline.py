@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from async_llm.bench.workloads import Workload
-from async_llm.engine.core import cache_kwarg
+from async_llm.engine.model_api import cache_kwarg
 
 
 def _inputs(workload: Workload, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -7,7 +7,6 @@ Callers talk to it only through the thread-safe :class:`Worker` API (submit, abo
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +15,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.fast_decode import FastDecoder, prepare
+from async_llm.engine.model_api import cache_kwarg, input_device, layer_kv
 from async_llm.engine.output import StepOutputs
 from async_llm.engine.request import FinishReason, Request
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
@@ -41,19 +42,6 @@ def _attention_pair_cost(model: Any) -> float:
     return float(4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1))
 
 
-def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values ``[B, H, L, D]`` of one layer of a prefill's cache.
-
-    Raises:
-        TypeError: The layer holds no key/value tensors (the recurrent state of a linear-attention
-            layer, as hybrid models have): such a cache does not fit the padded batch.
-    """
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-        raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors; the padded batch needs them")
-    return keys, values
-
-
 def _can_pack(model: Any) -> bool:
     """Whether prefills may pack prompts with a custom 4-D mask: SDPA attention (which takes one as
     given), and no sliding-window layers (their own mask would be replaced by it)."""
@@ -62,22 +50,6 @@ def _can_pack(model: Any) -> bool:
         getattr(config, "layer_types", None) or ()
     )
     return getattr(model.config, "_attn_implementation", None) == "sdpa" and not sliding
-
-
-def cache_kwarg(model: Any) -> str:
-    """The name under which ``model.forward`` takes the KV cache: ``cache`` in the transformers
-    versions that have it (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # a forward without a signature: assume the long-standing name
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def input_device(model: Any) -> torch.device:
-    """Where input ids go: the embedding's device (also right for accelerate-dispatched models)."""
-    device: torch.device = model.get_input_embeddings().weight.device
-    return device
 
 
 class Engine(Worker):
@@ -96,6 +68,8 @@ class Engine(Worker):
             ``benchmarks/profile_step.py`` on the default model and rounded up: erring toward fewer
             forwards (on an accelerator, kernel launches dominate a small forward).
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
+        fast_path: Decode with :mod:`async_llm.engine.fast_decode` where it applies (checked on the
+            model when the engine starts; otherwise, or when False, the transformers forward).
     """
 
     def __init__(
@@ -107,6 +81,7 @@ class Engine(Worker):
         max_prefill_tokens: int = 8192,
         seed: int | None = None,
         prefill_overhead_tokens: int | None = None,
+        fast_path: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -125,7 +100,10 @@ class Engine(Worker):
             prefill_overhead_tokens = 48 if self.device.type == "cpu" else 512
         self.prefill_overhead_tokens = prefill_overhead_tokens
         self._pair_cost = _attention_pair_cost(model)
-        self._can_pack = _can_pack(model) and self._packing_agrees()
+        self.fast_path = fast_path
+        # Decided when the engine starts (on its own thread, see _prepare): both run the model.
+        self._can_pack = False
+        self.fast_decoder: FastDecoder | None = None
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
 
@@ -143,6 +121,19 @@ class Engine(Worker):
         """Move the model once nothing is running (engine thread only, through call_when_idle)."""
         self.model.to(device)
         self.batch = self._new_batch()
+        self._prepare()  # the fast step holds the weights of the old device
+
+    def _prepare(self) -> None:
+        """Checks that run the model, once, on the engine's thread before its first step: whether
+        packed prefills agree with padded ones, and whether the fast decode step applies."""
+        self._can_pack = _can_pack(self.model) and self._packing_agrees()
+        why: str | None = "fast_path=False"
+        self.fast_decoder = None
+        if self.fast_path:
+            hint = min(16, self.scheduler.max_batch_size)
+            self.fast_decoder, why = prepare(self.model, self.pad_token_id, self._cache_kwarg, batch_hint=hint)
+        if self.fast_decoder is None:
+            log.info("fast decode step off; decoding with the transformers forward", reason=why)
 
     # -- Worker hooks (engine thread) -------------------------------------------------------------------
     def _accept(self, requests: list[Request]) -> None:
@@ -359,9 +350,14 @@ class Engine(Worker):
         batch = self.batch
         b = batch.size
         inputs = batch.decode_inputs()
-        logits = (
-            self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache}).logits[:, -1].float()
-        )  # [B, V]
+        if self.fast_decoder is not None:
+            assert batch.kv is not None
+            logits = self.fast_decoder.decode(
+                inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end
+            )
+        else:
+            output = self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache})
+            logits = output.logits[:, -1].float()  # [B, V]
         sb = batch.sampling
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None

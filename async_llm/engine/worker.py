@@ -50,6 +50,8 @@ class Worker(abc.ABC):
         self._num_waiting = 0  # waiting requests as of the last step (read by submitters)
         self._closing = False
         self._closed_done = False  # the closing step ran: every request was ended
+        self._prepared = False
+        self.ready = threading.Event()  # set once _prepare has run (see Worker.start)
         self.steps = 0
         self.busy_seconds = 0.0  # time spent in steps that did work (for the engine's tokens/s)
         # Burst gathering (see _gather_burst): off unless a subclass sets it.
@@ -58,13 +60,17 @@ class Worker(abc.ABC):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        """Start the worker thread (once)."""
+        """Start the worker thread (once). It first runs :meth:`_prepare` (checks that run the
+        model), then sets :attr:`ready`; requests submitted meanwhile wait for it."""
         self._thread.start()
 
     # -- hooks (worker thread only) ---------------------------------------------------------------------
     @abc.abstractmethod
     def _accept(self, items: list[Any]) -> None:
         """Take newly submitted requests (or jobs) into the waiting queue."""
+
+    def _prepare(self) -> None:  # noqa: B027  # an optional hook: most workers have nothing to prepare
+        """Run once on the worker's thread before its first step (nothing by default)."""
 
     def _has_work(self) -> bool:
         """Whether anything is waiting or running."""
@@ -149,8 +155,21 @@ class Worker(abc.ABC):
 
     # -- worker thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
+        self._ensure_prepared()
         while self._wait_for_work():
             self.step()
+
+    def _ensure_prepared(self) -> None:
+        if self._prepared:
+            return
+        self._prepared = True  # once, even if it fails: the worker then serves without it
+        try:
+            with torch.inference_mode():
+                self._prepare()
+        except Exception as exc:  # preparation is an optimisation: serve without it
+            log.exception("worker preparation failed", thread=self._thread.name, error=repr(exc))
+        finally:
+            self.ready.set()
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False once the worker has closed and finished."""
@@ -171,6 +190,7 @@ class Worker(abc.ABC):
         Every step runs in inference mode: tensors are created in one step (prefill) and updated
         in place in another (aborts, evictions), so every step must agree on the mode.
         """
+        self._ensure_prepared()
         with self._lock:
             if self._closed_done:
                 return False

@@ -412,7 +412,12 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         self.close()
 
     async def __aenter__(self: _Self) -> _Self:
+        """The LLM, once its backend is ready (waited for off the event loop)."""
+        await anyio.to_thread.run_sync(self._wait_ready)
         return self
+
+    def _wait_ready(self) -> None:
+        """Block until the backend can serve at once (default: it always can)."""
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -52,6 +52,7 @@ class _Backend:
         eos_token_id: Any,
         max_batch_size: int,
         max_queue_size: int,
+        fast_path: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         eos = _ids(eos_token_id)
@@ -63,7 +64,7 @@ class _Backend:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size)
+        self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size, fast_path=fast_path)
         self.beams = BeamRunner(model, pad_token_id, max_queue_size=max_queue_size)
         self.sinks = Sinks()
         self.engine.start()
@@ -92,6 +93,10 @@ class HuggingFaceLLM(BaseLLM):
         bos_token_id: Prepended to raw (non-chat-template) prompts that do not start with it.
         model, tokenizer: An already loaded pair to serve instead of loading ``model_id``.
         model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+        fast_path: Decode Llama-family models (Llama, Mistral, Qwen2, Qwen3) with the engine's fast
+            step (fused projections, attention over the KV buffer in place, a prepacked output
+            projection on CPU) once a check at start-up shows it gives this model's logits; False
+            always decodes with the transformers forward. Other models always do.
         system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
@@ -117,6 +122,7 @@ class HuggingFaceLLM(BaseLLM):
         model: Any = None,
         tokenizer: Any = None,
         model_kwargs: dict[str, Any] | None = None,
+        fast_path: bool = True,
         **settings: Any,
     ) -> None:
         super().__init__(**settings)
@@ -130,6 +136,7 @@ class HuggingFaceLLM(BaseLLM):
             device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {})
         )
         self._sizes = (max_batch_size, max_queue_size)
+        self._fast_path = fast_path
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
         if model is None:
@@ -139,7 +146,9 @@ class HuggingFaceLLM(BaseLLM):
             raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
         else:
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
-        self._backend = _Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size)
+        self._backend = _Backend(
+            model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size, fast_path
+        )
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
@@ -415,7 +424,7 @@ class HuggingFaceLLM(BaseLLM):
         it from now on; requests already queued finish on the old model, which is then released."""
         model, tokenizer = self._options.load(model_name)
         old = self._backend
-        self._backend = _Backend(model, tokenizer, *self._token_ids, *self._sizes)
+        self._backend = _Backend(model, tokenizer, *self._token_ids, *self._sizes, self._fast_path)
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)
@@ -448,6 +457,11 @@ class HuggingFaceLLM(BaseLLM):
     def _save_weights(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+
+    def _wait_ready(self) -> None:
+        """Until the engine has run its start-up checks on its own thread (requests sent before
+        that simply wait in its queue; ``async with`` waits here, off the event loop)."""
+        self._backend.engine.ready.wait()
 
     def _close_backend(self) -> None:
         self._finalizer()

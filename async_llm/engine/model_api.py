@@ -1,0 +1,40 @@
+"""How the engine calls a transformers model: the names and shapes that differ across versions."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` in the transformers
+    versions that have it (``past_key_values`` is deprecated there), ``past_key_values`` before.
+
+    Read from the model's class, so a forward wrapped on the instance (accelerate's hooks, a test's
+    spy) does not hide it."""
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature: assume the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def input_device(model: Any) -> torch.device:
+    """Where input ids go: the embedding's device (also right for accelerate-dispatched models)."""
+    device: torch.device = model.get_input_embeddings().weight.device
+    return device
+
+
+def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values ``[B, H, L, D]`` of one layer of a prefill's cache.
+
+    Raises:
+        TypeError: The layer holds no key/value tensors (the recurrent state of a linear-attention
+            layer, as hybrid models have): such a cache does not fit the padded batch.
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors; the padded batch needs them")
+    return keys, values

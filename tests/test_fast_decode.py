@@ -1,0 +1,159 @@
+"""The fast decode step: same greedy tokens as the transformers step and ``generate`` on every
+Llama-family architecture it takes, the transformers step (with one log line saying why) on the
+others, and the engine's fault handling on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import anyio
+import pytest
+import torch
+import transformers
+
+from async_llm import GenerationError, HuggingFaceLLM
+from async_llm.engine import fast_decode
+from tests.conftest import PROMPTS, reference_ids
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.3,
+    eos_token_id=2,
+    pad_token_id=0,
+    bos_token_id=1,
+)
+
+
+def _model(config_class: type, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    config = config_class(vocab_size=400, **{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return model
+
+
+FAST = {
+    "llama": lambda: _model(transformers.LlamaConfig, attention_bias=True),
+    "mistral": lambda: _model(transformers.MistralConfig, sliding_window=None),
+    "qwen2": lambda: _model(transformers.Qwen2Config, use_sliding_window=False),
+    "qwen3": lambda: _model(transformers.Qwen3Config, head_dim=16, use_sliding_window=False),
+}
+PLAIN = {
+    "gpt2": lambda: _model_gpt2(),
+    "mistral with a sliding window": lambda: _model(transformers.MistralConfig, sliding_window=8),
+}
+
+
+def _model_gpt2() -> torch.nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=512, eos_token_id=2, bos_token_id=1
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+async def _greedy(model, tokenizer, fast_path: bool) -> tuple[list[list[int]], HuggingFaceLLM]:
+    llm = HuggingFaceLLM(model=model, tokenizer=tokenizer, device="cpu", fast_path=fast_path, pad_token_id=0)
+    async with llm:
+        results = await asyncio.gather(
+            *(llm.acomplete(p, chat_template=False, max_tokens=16, ignore_eos=True) for p in PROMPTS)
+        )
+    return [r.token_ids for r in results], llm
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+async def test_fast_step_gives_the_plain_steps_and_generates_greedy_tokens(name, tiny_tokenizer):
+    model = FAST[name]()
+    fast, fast_llm = await _greedy(model, tiny_tokenizer, fast_path=True)
+    assert fast_llm.engine.fast_decoder is not None, f"{name} should take the fast step"
+    plain, plain_llm = await _greedy(model, tiny_tokenizer, fast_path=False)
+    assert plain_llm.engine.fast_decoder is None
+    assert fast == plain
+    for prompt, ids in zip(PROMPTS, fast):
+        expected = reference_ids(model, tiny_tokenizer(prompt).input_ids, 16)  # generate stops at eos
+        assert ids[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_logits_agree_within_float32_reassociation(name):
+    """The start-up check's measure: fast against plain next-token logits, relative to the largest."""
+    model = FAST[name]()
+    decoder = fast_decode.FastDecoder(model)
+    with torch.inference_mode():
+        difference = fast_decode._difference(decoder, model, 0, "cache")
+    assert difference < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+async def test_other_models_decode_with_transformers_and_say_why(name, tiny_tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="async_llm")
+    model = PLAIN[name]()
+    ids, llm = await _greedy(model, tiny_tokenizer, fast_path=True)
+    assert llm.engine.fast_decoder is None
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
+    off = [e for e in events if e["event"].startswith("fast decode step off")]
+    assert len(off) == 1 and off[0]["reason"]
+    for prompt, got in zip(PROMPTS, ids):
+        assert got == reference_ids(model, tiny_tokenizer(prompt).input_ids, 16)[: len(got)]
+
+
+async def test_fast_path_false_is_said_once(tiny_model, tiny_tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="async_llm")
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, fast_path=False):
+        pass
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
+    assert [e["reason"] for e in events if e["event"].startswith("fast decode step off")] == ["fast_path=False"]
+
+
+async def test_a_failing_fast_step_fails_its_rows_and_the_engine_keeps_serving(llm, monkeypatch):
+    decoder = llm.engine.fast_decoder
+    decode = decoder.decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(decoder, "decode", broken)
+    with pytest.raises(GenerationError, match="injected fault"):
+        await llm.arun("Hello", max_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(decoder, "decode", decode)
+    stats = llm.stats()
+    assert stats["num_failed"] == 1 and stats["num_running"] == 0
+    assert await llm.arun("Hello", max_tokens=5)
+
+
+async def test_out_of_memory_in_the_fast_step_splits_the_batch_and_all_finish_exactly(llm, tiny_model, monkeypatch):
+    decoder = llm.engine.fast_decoder
+    decode = decoder.decode
+    ooms = {"n": 0}
+
+    def small_device(input_ids, *args, **kwargs):
+        if input_ids.shape[0] > 2:
+            ooms["n"] += 1
+            raise torch.OutOfMemoryError("injected: KV cache does not fit")
+        return decode(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "decode", small_device)
+    with anyio.fail_after(60):
+        results = await asyncio.gather(
+            *(llm.acomplete(p, chat_template=False, max_tokens=20, ignore_eos=True) for p in PROMPTS)
+        )
+    assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
+    for result in results:
+        expected = reference_ids(tiny_model, result.prompt_token_ids, 20)
+        assert result.token_ids[: len(expected)] == expected
+    assert llm.stats()["num_failed"] == 0
+
+
+async def test_the_fast_step_follows_the_model_to_its_device(llm):
+    """set_device rebuilds the fast step over the moved weights (here the same device)."""
+    before = llm.engine.fast_decoder
+    expected = await llm.arun("Hello", max_tokens=8)
+    await llm.aset_device("cpu")
+    assert llm.engine.fast_decoder is not None and llm.engine.fast_decoder is not before
+    assert await llm.arun("Hello", max_tokens=8) == expected
