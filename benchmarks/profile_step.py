@@ -68,6 +68,10 @@ def instrument(llm: HuggingFaceLLM) -> None:
             PREFILLS.append((ids.shape[0], ids.shape[1], real, time.perf_counter() - start))
 
     model.forward = model_forward
+    engine.ready.wait()  # the fast step is built as the engine starts
+    if engine.fast_decoder is not None:
+        decoder = engine.fast_decoder
+        decoder.decode = timed("fast decode step", decoder.decode)  # type: ignore[method-assign]
     # (Not _iteration: it includes the idle wait for work.)
     for name in ("_step", "_prefill", "_decode", "_update", "_apply_aborts"):
         setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))

@@ -7,7 +7,7 @@ operations, with no per-step mask building and no module or keyword dispatch:
   the original modules keep working on views of the concatenated weights (no extra memory);
 - attention reads the live region of the batch's KV buffer in place; grouped-query attention runs
   each key/value head against its group of query heads as a short query sequence, so keys and values
-  are never repeated; the padding mask is one boolean tensor shared by every layer;
+  are never repeated; the padding mask is one additive bias shared by every layer;
 - on a CPU in float32 the output projection (vocabulary x hidden, the largest matrix of a small
   model) runs through oneDNN with a prepacked weight, which multiplies it about twice as fast as the
   default kernel (``benchmarks/``); elsewhere it is a plain linear.
@@ -43,18 +43,19 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 TOLERANCE = 1e-3
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class _Layer:
-    """One decoder layer's weights (views of the model's own parameters)."""
+    """One decoder layer: its norms' weights and its four matrix products."""
 
     input_norm: torch.Tensor  # [E]
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, E]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [E, Hq D]
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [B, E] -> [B, (Hq + 2 Hkv) D]
+    o: Linear  # [B, Hq D] -> [B, E]
     post_norm: torch.Tensor  # [E]
-    gate_up: torch.Tensor  # [2 I, E]
-    down: torch.Tensor  # [E, I]
+    gate_up: Linear  # [B, E] -> [B, 2 I]
+    down: Linear  # [B, I] -> [B, E]
     q_norm: torch.Tensor | None  # [D] (Qwen3)
     k_norm: torch.Tensor | None
 
@@ -140,18 +141,17 @@ class FastDecoder:
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
-                    qkv=qkv,
-                    qkv_bias=qkv_bias,
-                    o=attn.o_proj.weight,
-                    o_bias=attn.o_proj.bias,
+                    qkv=_linear(qkv, qkv_bias, batch_hint),
+                    o=_linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=gate_up,
-                    down=mlp.down_proj.weight,
+                    gate_up=_linear(gate_up, None, batch_hint),
+                    down=_linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
                 )
             )
-        self.lm_head = _output_projection(model.get_output_embeddings(), batch_hint)
+        head = model.get_output_embeddings()
+        self.lm_head = _linear(head.weight, head.bias, batch_hint)
 
     def decode(
         self,
@@ -180,30 +180,35 @@ class FastDecoder:
         group = self.heads // self.kv_heads
         d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         x = self.embed(input_ids[:, 0])  # [B, E]
-        cos, sin = self.rotary(x, position_ids)  # [B, 1, D]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, 1, 1, D]: broadcast over heads
-        mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L + 1], shared by every layer
+        cos, sin = self.rotary(x, position_ids)  # [B, 1, D]: broadcast over heads
+        # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; shared by every layer.
+        bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [B, (Hq + 2 Hkv) D]
-            # Query heads of one key/value head are a "sequence" of `group` queries against it.
-            q = qkv[:, :q_width].view(b, self.kv_heads, group, d)
-            k = qkv[:, q_width : q_width + kv_width].view(b, self.kv_heads, 1, d)
-            v = qkv[:, q_width + kv_width :].view(b, self.kv_heads, 1, d)
+            qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
+            qk = qkv[:, : q_width + kv_width].view(b, self.heads + self.kv_heads, d)  # queries, then keys
             if layer.q_norm is not None and layer.k_norm is not None:
-                q = F.rms_norm(q, (d,), layer.q_norm, self.eps)
-                k = F.rms_norm(k, (d,), layer.k_norm, self.eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kv[i, 0, :b, :, end] = k[:, :, 0]
-            kv[i, 1, :b, :, end] = v[:, :, 0]
+                qk = torch.cat(
+                    (F.rms_norm(qk[:, : self.heads], (d,), layer.q_norm, self.eps),
+                     F.rms_norm(qk[:, self.heads :], (d,), layer.k_norm, self.eps)),
+                    dim=1,
+                )  # fmt: skip
+            qk = qk * cos + _rotate_half(qk) * sin  # one rotation for queries and keys
+            # Query heads of one key/value head are a "sequence" of `group` queries against it.
+            q = qk[:, : self.heads].view(b, self.kv_heads, group, d)
+            kv[i, 0, :b, :, end] = qk[:, self.heads :]
+            kv[i, 1, :b, :, end] = qkv[:, q_width + kv_width :].view(b, self.kv_heads, d)
             keys = kv[i, 0, :b, :, first : end + 1]  # [B, Hkv, L + 1, D], in place
             values = kv[i, 1, :b, :, first : end + 1]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            x = x + F.linear(attn.reshape(b, q_width), layer.o, layer.o_bias)
+            # Two batched products and a softmax: for one query per head against a short cache this
+            # is faster than the fused attention kernels, which are tuned for long queries.
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scaling).add_(bias)  # [B, Hkv, G, L + 1]
+            attn = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, Hkv, G, D]
+            x = x + layer.o(attn.reshape(b, q_width))
             h = F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         x = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
         return self.lm_head(x).float()
 
@@ -279,14 +284,16 @@ class _PackedLinear:
         return out
 
 
-def _output_projection(head: nn.Linear, batch_hint: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The output projection: oneDNN with a prepacked weight on a CPU in float32 (its own reordered
-    copy; the tied input embedding is untouched), else the module itself."""
-    weight = head.weight
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
+    """``x @ weight.T + bias``: through oneDNN with the weight prepacked once (its own reordered
+    copy) on a CPU in float32, where it is faster for these shapes than the default kernel
+    (``benchmarks/fast_path.py``); else the plain linear."""
     mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and mkldnn:
         try:
-            return _PackedLinear(weight, head.bias, batch_hint)
+            return _PackedLinear(weight, bias, batch_hint)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # a torch build without the op
-            log.info("prepacked output projection unavailable; plain linear", error=repr(exc))
-    return head
+            log.info("prepacked linear unavailable; plain linear", error=repr(exc))
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    return lambda x: F.linear(x, weight, bias)
