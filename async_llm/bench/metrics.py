@@ -8,6 +8,7 @@ share a timestamp, so inter-token latency is measured as the consumer sees it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def summarise(
 
 
 class PeakMemory:
-    """Samples this process's RSS (and CUDA's allocator peak) while a workload runs.
+    """Samples the RSS of this process and its children (and CUDA's allocator peak) while a workload runs.
 
     RSS is polled every ``interval`` seconds on a daemon thread (psutil reads /proc: cheap, and the
     thread sleeps between samples, so it does not compete for the 2 cores in any measurable way).
@@ -141,7 +142,7 @@ class PeakMemory:
         self.peak_rss = 0
 
     def __enter__(self) -> PeakMemory:
-        self.peak_rss = self._process.memory_info().rss
+        self.peak_rss = self._tree_rss()
         if self._device.startswith("cuda"):
             import torch
 
@@ -152,7 +153,16 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            self.peak_rss = max(self.peak_rss, self._tree_rss())
+
+    def _tree_rss(self) -> int:
+        """RSS of this process and its children (a peer that runs in processes of its own, as vLLM's
+        engine core and the peers' worker interpreters do, counts whole)."""
+        total = self._process.memory_info().rss
+        for child in self._process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a child that exited between listing and reading
+                total += child.memory_info().rss
+        return total
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()

@@ -42,6 +42,23 @@ TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
     ("mixed: tokens/s vs transformers CB", "mixed", "output_tokens_per_s", "transformers-cb", 1.0),
     ("mixed: TTFT p99 lower than static batching", "mixed", "ttft_p99_ms", "transformers-static", 1.0),
     ("mixed: TTFT p99 lower than transformers CB", "mixed", "ttft_p99_ms", "transformers-cb", 1.0),
+    # Against the peers people pick for speed (vLLM's CPU build, llama.cpp), on the same weights.
+    ("burst N=16: tokens/s twice static batching's", "burst-16", "output_tokens_per_s", "transformers-static", 2.0),
+    ("burst N=1: tokens/s vs sequential generate", "burst-1", "output_tokens_per_s", "transformers-sequential", 1.5),
+    ("burst N=16: tokens/s vs vLLM CPU", "burst-16", "output_tokens_per_s", "vllm-cpu", 1.3),
+    ("burst N=64: tokens/s vs vLLM CPU", "burst-64", "output_tokens_per_s", "vllm-cpu", 1.3),
+    ("burst N=16: tokens/s vs llama.cpp F32", "burst-16", "output_tokens_per_s", "llama.cpp-f32", 1.3),
+    ("burst N=64: tokens/s vs llama.cpp F32", "burst-64", "output_tokens_per_s", "llama.cpp-f32", 1.3),
+    ("burst N=1: tokens/s vs llama.cpp F32", "burst-1", "output_tokens_per_s", "llama.cpp-f32", 1.0),
+    ("mixed: tokens/s vs vLLM CPU", "mixed", "output_tokens_per_s", "vllm-cpu", 1.0),
+    ("mixed: TTFT p99 lower than vLLM CPU", "mixed", "ttft_p99_ms", "vllm-cpu", 1.0),
+    ("burst N=16: TTFT p50 lower than vLLM CPU", "burst-16", "ttft_p50_ms", "vllm-cpu", 1.0),
+    ("burst N=64: peak RSS half of vLLM CPU's", "burst-64", "peak_rss_mib", "vllm-cpu", 2.0),
+)
+#: ITL p99 over ITL p50 of async_llm itself (no spikes), at most this.
+SPIKE_TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("burst N=16: ITL p99 / ITL p50", "burst-16", 1.3),
+    ("burst N=1: ITL p99 / ITL p50", "burst-1", 1.3),
 )
 ROOFLINE_TARGET = ("burst N=16: decode step (TPOT p50) / roofline decode step", "burst-16", 1.15)
 
@@ -125,6 +142,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "how": how,
         }
     )
+    for label, workload, goal in SPIKE_TARGETS:
+        p99, p50 = (_figure(results, workload, BASE, f) for f in ("itl_p99_ms", "itl_p50_ms"))
+        ratio = None if p99 is None or p50 is None or p50 <= 0 else p99 / p50
+        met = None if ratio is None else ratio <= goal
+        rows.append({"target": label, "measured": ratio, "goal": f"<= {goal}", "met": met, "how": "median run"})
     for workload in results:
         ratio = advantage(
             "output_tokens_per_s",

@@ -66,7 +66,7 @@ class Session:
             self._pad = pad_id(tokenizer, self._model)
             return None
         runner_cls = SYSTEMS[self.name]
-        reason = runner_cls.unavailable()
+        reason = runner_cls.unavailable(self.config)
         if reason is not None:
             return reason
         runner = runner_cls(self.config)

