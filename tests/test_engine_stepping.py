@@ -89,3 +89,19 @@ def test_closing_an_unstarted_engine_ends_what_is_pending(tiny_model, tiny_token
     last = sink.last("a")
     assert last.finish_reason is FinishReason.ABORT and isinstance(last.error, EngineClosedError)
     assert engine.stats()["num_aborted"] == 1
+
+
+def test_the_kv_buffer_is_sized_at_admission_and_never_regrown_while_decoding(tiny_model, tiny_tokenizer):
+    """Growing the buffer copies all of it: a spike in every stream's inter-token latency. Rows that
+    join reserve the columns they may still generate, so decoding writes in place to the end."""
+    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    sink = ListSink()
+    for i, prompt in enumerate(["Hello", "The quick brown fox"]):
+        engine.submit(_request(tiny_tokenizer, str(i), prompt, sink, 150))
+    engine.step()  # admits, prefills, first decode
+    buffer = engine.batch.kv
+    assert buffer is not None
+    while engine.stats()["num_finished"] < 2:
+        engine.step()
+        assert engine.batch.size == 0 or engine.batch.kv is buffer
+    engine.close()

@@ -473,9 +473,10 @@ class ExternalRunner(Runner):
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
+            self._proc.wait(timeout=30)
             self._log.seek(0)
             tail = self._log.read()[-2000:]
-            raise RuntimeError(f"{self.name} exited (code {self._proc.poll()}): {tail}")
+            raise RuntimeError(f"{self.name} exited (code {self._proc.returncode}): {tail}")
         message: dict[str, Any] = json.loads(line)
         return message
 

@@ -28,6 +28,8 @@ from async_llm.engine.request import Request
 from async_llm.engine.sampler import SamplingBatch
 
 _MIN_COLUMNS = 64
+#: Most columns reserved past the live region when rows join (see PaddedBatch.add).
+_MAX_RESERVED_AHEAD = 512
 
 
 def _next_capacity(needed: int, current: int, limit: int | None = None) -> int:
@@ -145,7 +147,11 @@ class PaddedBatch:
         if self.size == 0:  # an empty batch starts over, at the left of its buffer
             self.start = self.end = p if p < self.mask.shape[1] else 0
         old_b, live = self.size, self.end - self.start
-        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_kv[0][0])
+        # Room for the tokens the rows may still generate (up to a cap): a buffer that grows in the
+        # middle of decoding copies all of it, a spike in every stream's inter-token latency.
+        remaining = max(r.params.max_tokens - len(r.output_ids) for r in [*self.rows, *requests])
+        ahead = max(1, min(remaining, _MAX_RESERVED_AHEAD))
+        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_kv[0][0], ahead=ahead)
         assert self.kv is not None
         if p > self.end - self.start:
             # The new rows are longer than the live region: open columns on the left (zeroed mask).
@@ -180,15 +186,15 @@ class PaddedBatch:
         self.counts[rows] = counts
         self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
 
-    def _reserve(self, rows: int, columns: int, keys: torch.Tensor | None = None) -> None:
-        """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and one
-        more column to write at ``end``.
+    def _reserve(self, rows: int, columns: int, keys: torch.Tensor | None = None, ahead: int = 1) -> None:
+        """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and
+        ``ahead`` more columns to write from ``end`` on.
 
         Reallocates (compacting the live region to the left) only when the buffer is too small, and
         grows geometrically, so almost every step writes in place.
         """
         b_cap, l_cap = self.mask.shape
-        if rows <= b_cap and columns <= self.end < l_cap:
+        if rows <= b_cap and columns <= self.end and self.end + ahead <= l_cap:
             return
         if self.kv is None:
             assert keys is not None, "the first reservation comes with a prefill"
@@ -196,10 +202,11 @@ class PaddedBatch:
         else:
             heads, head_dim = self.kv.shape[3], self.kv.shape[5]
         new_b = _next_capacity(rows, b_cap, self.max_rows)
-        new_l = _next_capacity(columns + _MIN_COLUMNS, max(l_cap, _MIN_COLUMNS))
+        live = self.end - self.start
+        new_l = _next_capacity(max(columns, live) + max(ahead, _MIN_COLUMNS), max(l_cap, _MIN_COLUMNS))
         kv = torch.zeros(self.num_layers, 2, new_b, heads, new_l, head_dim, dtype=self.dtype, device=self.device)
         mask = torch.zeros(new_b, new_l, dtype=torch.long, device=self.device)
-        live, b = self.end - self.start, self.size
+        b = self.size
         new_end = max(columns, live)  # right-aligned, room on the left for a longer joiner
         if self.kv is not None and b:
             kv[:, :, :b, :, new_end - live : new_end] = self.kv[:, :, :b, :, self.start : self.end]

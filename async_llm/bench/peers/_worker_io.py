@@ -13,6 +13,7 @@ worker -> suite   {"ready": true} | {"error": "..."}    once, after loading
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,7 +23,7 @@ Done = Callable[[int, list[float]], None]
 RunFn = Callable[[float, list[dict[str, Any]], Done], None]
 
 
-_PROTOCOL = sys.stdout  # kept before the peer's prints are sent to stderr
+_PROTOCOL: Any = None  # the original stdout, kept for the protocol alone (see serve)
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -35,7 +36,12 @@ def serve(load: Callable[[dict[str, Any]], RunFn]) -> None:
 
     The peer's own prints go to stderr: stdout carries the protocol only.
     """
+    global _PROTOCOL
     config = json.loads(sys.argv[1])
+    # The protocol gets a private copy of stdout; file descriptor 1 itself then points at stderr, so
+    # whatever else writes there (C code, the peer's own child processes) cannot corrupt it.
+    _PROTOCOL = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
         run = load(config)
