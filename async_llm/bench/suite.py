@@ -49,7 +49,14 @@ class SuiteOptions:
     noisy_retries: int = 0  # rerun a run during which other processes used more than 2 x quiet_cores
 
 
+#: Sequential generate serves one request at a time: its tokens/s is the same at any concurrency, so
+#: bursts larger than this only cost time (64 requests of 64 tokens take minutes).
+SEQUENTIAL_MAX_BURST = 16
+
+
 def _applies(name: str, workload: Workload) -> bool:
+    if name == "transformers-sequential" and workload.concurrency is not None:
+        return workload.concurrency <= SEQUENTIAL_MAX_BURST
     return name != ROOFLINE or workload.kind == "burst"
 
 
