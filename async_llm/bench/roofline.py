@@ -78,12 +78,43 @@ def _one_pass(
     return prefill, steps
 
 
+def matmul_limit(model: Any, batch: int, device: str, repeats: int = 3) -> tuple[float, float]:
+    """The physical limit of one decode step: every matrix product of the model's linear layers
+    (its own weights, output projection included) for ``batch`` rows, back to back, nothing else,
+    with the faster of the default kernel and oneDNN's prepacked one per matrix, best of
+    ``repeats``. Weights stream from memory as in a real step (they do not fit the caches).
+
+    Returns:
+        The step's milliseconds and its floating-point operations.
+    """
+    import torch.nn.functional as F
+
+    from async_llm.engine.fast_decode import _linear
+
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flops = float(sum(2 * batch * w.shape[0] * w.shape[1] for w in weights))
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    packed = [_linear(w, None, batch) for w in weights]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(max(1, repeats) + 1):  # the first pass warms up
+            for kernels in ([lambda x, w=w: F.linear(x, w) for w in weights], packed):
+                _sync(device)
+                start = time.perf_counter()
+                for w, kernel in zip(weights, kernels):
+                    kernel(inputs[w.shape[1]])
+                _sync(device)
+                best = min(best, time.perf_counter() - start)
+    return best * 1000.0, flops
+
+
 def measure(model: Any, workload: Workload, pad: int, device: str, repeats: int = 3) -> dict[str, Any]:
     """Time the bare forwards of ``workload`` (a burst), best of ``repeats`` (after one warm-up pass).
 
     Returns:
         batch, prompt_width, new_tokens, prefill_ms, decode_step_ms (mean of the decode forwards),
-        total_s (prefill + all decode forwards) and output_tokens_per_s (N * T / total_s).
+        total_s (prefill + all decode forwards), output_tokens_per_s (N * T / total_s), and the
+        matrix products' limit of a decode step (matmul_step_ms, matmul_gflops; see matmul_limit).
     """
     ids, mask, new_tokens = _inputs(workload, pad, device)
     _one_pass(model, ids, mask, min(new_tokens, 4), device)  # warm-up: first-call costs of these shapes
@@ -96,7 +127,10 @@ def measure(model: Any, workload: Workload, pad: int, device: str, repeats: int 
     prefill, steps = best
     total = prefill + sum(steps)
     n = ids.shape[0]
+    matmul_ms, flops = matmul_limit(model, n, device, repeats)
     return {
+        "matmul_step_ms": matmul_ms,
+        "matmul_gflops": flops / matmul_ms / 1e6 if matmul_ms else None,
         "batch": n,
         "prompt_width": ids.shape[1],
         "new_tokens": new_tokens,

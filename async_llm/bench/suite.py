@@ -29,7 +29,7 @@ from async_llm.bench.workloads import Workload
 BASE = "async_llm"
 
 #: Figures kept round by round, for the paired ratios of the targets (see ``report.evaluate_targets``).
-PAIRED_FIGURES = ("output_tokens_per_s", "ttft_p99_ms", "tpot_p50_ms")
+PAIRED_FIGURES = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "peak_rss_mib")
 
 __all__ = ["ROOFLINE", "SuiteOptions", "run_suite"]
 
@@ -197,7 +197,7 @@ def _aggregate(runs: list[dict[str, Any]], roofline: bool) -> dict[str, Any]:
     if roofline:
         best = dict(min(runs, key=lambda r: r["total_s"]))
         best["rounds"] = len(runs)
-        best["per_round"] = {"decode_step_ms": [r.get("decode_step_ms") for r in runs]}
+        best["per_round"] = {k: [r.get(k) for r in runs] for k in ("decode_step_ms", "matmul_step_ms")}
         return best
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
