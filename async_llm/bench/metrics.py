@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,8 @@ class PeakMemory:
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._children: list[psutil.Process] = []
+        self._children_due = 0.0
         self.peak_rss = 0
 
     def __enter__(self) -> PeakMemory:
@@ -157,10 +160,17 @@ class PeakMemory:
 
     def _tree_rss(self) -> int:
         """RSS of this process and its children (a peer that runs in processes of its own, as vLLM's
-        engine core and the peers' worker interpreters do, counts whole)."""
+        engine core and the peers' worker interpreters do, counts whole). Listing the children scans
+        every process on the machine, so the list is refreshed once a second, not at every sample:
+        the poller must not take the GIL from the system it measures for milliseconds at a time."""
+        now = time.monotonic()
+        if now >= self._children_due:
+            with contextlib.suppress(psutil.Error):
+                self._children = self._process.children(recursive=True)
+            self._children_due = now + 1.0
         total = self._process.memory_info().rss
-        for child in self._process.children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # a child that exited between listing and reading
+        for child in self._children:
+            with contextlib.suppress(psutil.Error):  # a child that exited since the list was taken
                 total += child.memory_info().rss
         return total
 

@@ -69,22 +69,24 @@ def _machine_busy() -> float:
 
 
 def _cpu(process: psutil.Process) -> float:
+    """CPU seconds of ``process`` and of its descendants, live or exited (a peer runs in a Python
+    of its own under its system's process, and vLLM's engine core in a process of its own)."""
     try:
         t = process.cpu_times()
+        live = process.children(recursive=True)
     except psutil.Error:
         return 0.0
     seconds: float = t.user + t.system + t.children_user + t.children_system
+    for child in live:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: counted by its parent once waited for
+            c = child.cpu_times()
+            seconds += c.user + c.system
     return seconds
 
 
 def _own_cpu(workers: dict[str, Any]) -> float:
-    """CPU seconds of the suite and every system's process so far."""
-    total = _cpu(psutil.Process())
-    for worker in workers.values():
-        proc = getattr(worker, "proc", None)
-        if proc is not None and worker.process is not None and proc.is_alive():
-            total += _cpu(worker.process)
-    return total
+    """CPU seconds of the suite and everything it started (the systems' processes and theirs) so far."""
+    return _cpu(psutil.Process())
 
 
 def _wait_quiet(workers: dict[str, Any], options: SuiteOptions) -> float:

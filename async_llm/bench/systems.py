@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -464,6 +465,7 @@ class ExternalRunner(Runner):
             stderr=self._log,
             text=True,
             env=env,
+            start_new_session=True,  # its own process group: close() can stop the peer's children too
         )
         reply = self._read()
         if "ready" not in reply:
@@ -516,6 +518,8 @@ class ExternalRunner(Runner):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # leftovers (vLLM's engine core)
+            os.killpg(proc.pid, signal.SIGKILL)
         self._log.close()
 
 

@@ -274,7 +274,6 @@ class PaddedBatch:
             "input_ids": self.last_tokens[:b, None],  # [B, 1]
             "position_ids": self.lengths[:b, None],  # [B, 1]
             "attention_mask": self.mask[:b, self.start : self.end + 1],  # [B, L + 1]
-            "use_cache": True,
         }
 
     def advance(self, tokens: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.fast_decode import FastDecoder, prepare
-from async_llm.engine.model_api import cache_kwarg, input_device, layer_kv
+from async_llm.engine.model_api import cache_kwarg, input_device, last_logits, layer_kv
 from async_llm.engine.output import StepOutputs
 from async_llm.engine.request import FinishReason, Request
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
@@ -29,6 +29,10 @@ log = get_logger("async_llm.engine.core")
 
 
 _KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+#: Prompts admitted together are prefilled in several forwards only when that saves at least this
+#: share of the compute of one (see :func:`prefill_groups`).
+PREFILL_MIN_SAVING = 0.25
 
 
 def _attention_pair_cost(model: Any) -> float:
@@ -216,7 +220,11 @@ class Engine(Worker):
             by_context.setdefault(tuple(r.context_ids), []).append(r)
         contexts = list(by_context.values())
         groups = prefill_groups(
-            [len(c[0].context_ids) for c in contexts], self.prefill_overhead_tokens, self._pair_cost, self._can_pack
+            [len(c[0].context_ids) for c in contexts],
+            self.prefill_overhead_tokens,
+            self._pair_cost,
+            self._can_pack,
+            min_saving=PREFILL_MIN_SAVING,
         )
         return [([r for i in group for r in contexts[i]], packed) for group, packed in groups]
 
@@ -270,17 +278,8 @@ class Engine(Worker):
         """Prefill left-padded ``ids`` [u, P]: last-token logits [u, V] and per layer (keys, values) [u, H, P, D]."""
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
-        logits = (
-            self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            )
-            .logits[:, -1]
-            .float()
+        logits = last_logits(
+            self.model, self._cache_kwarg, cache, input_ids=ids, attention_mask=mask, position_ids=positions
         )
         return logits, [layer_kv(layer) for layer in cache.layers]
 
@@ -356,8 +355,7 @@ class Engine(Worker):
                 inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end
             )
         else:
-            output = self.model(**inputs, logits_to_keep=1, **{self._cache_kwarg: batch.cache})
-            logits = output.logits[:, -1].float()  # [B, V]
+            logits = last_logits(self.model, self._cache_kwarg, batch.cache, **inputs)  # [B, V]
         sb = batch.sampling
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from async_llm.engine.model_api import input_device, layer_kv
+from async_llm.engine.model_api import input_device, last_logits, layer_kv
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.fast_decode")
@@ -245,8 +245,8 @@ def _difference(decoder: FastDecoder, model: Any, pad_token_id: int, name: str) 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
-    tokens = prefill.logits[:, -1].argmax(-1, keepdim=True)  # [2, 1]
+    prefill = last_logits(model, name, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+    tokens = prefill.argmax(-1, keepdim=True)  # [2, 1]
     layers = [layer_kv(layer) for layer in cache.layers]
     keys = layers[0][0]
     kv = torch.zeros(len(layers), 2, 2, keys.shape[1], 6, keys.shape[3], dtype=keys.dtype, device=device)
@@ -256,18 +256,7 @@ def _difference(decoder: FastDecoder, model: Any, pad_token_id: int, name: str) 
         kv[i, 1, :, :, :5] = torch.where(keep, v, 0)
     full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     positions = mask.sum(-1, keepdim=True)  # [2, 1]
-    plain = (
-        model(
-            input_ids=tokens,
-            attention_mask=full,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{name: cache},
-        )
-        .logits[:, -1]
-        .float()
-    )
+    plain = last_logits(model, name, cache, input_ids=tokens, attention_mask=full, position_ids=positions)
     fast = decoder.decode(tokens, positions, full, kv, end=5)
     return float((plain - fast).abs().max() / plain.abs().max().clamp(min=1e-6))
 

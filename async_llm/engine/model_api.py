@@ -27,6 +27,14 @@ def input_device(model: Any) -> torch.device:
     return device
 
 
+def last_logits(model: Any, cache_name: str, cache: Any, **inputs: Any) -> torch.Tensor:
+    """Float32 logits ``[B, V]`` of each row's last position, from one forward that fills ``cache``
+    (passed as ``cache_name``, see :func:`cache_kwarg`)."""
+    output = model(**inputs, use_cache=True, logits_to_keep=1, **{cache_name: cache})
+    logits: torch.Tensor = output.logits[:, -1].float()
+    return logits
+
+
 def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values ``[B, H, L, D]`` of one layer of a prefill's cache.
 

@@ -126,7 +126,11 @@ class Scheduler:
 
 
 def prefill_groups(
-    lengths: list[int], overhead_tokens: float, pair_cost: float = 0.0, packing: bool = False
+    lengths: list[int],
+    overhead_tokens: float,
+    pair_cost: float = 0.0,
+    packing: bool = False,
+    min_saving: float = 0.0,
 ) -> list[tuple[list[int], bool]]:
     """Split prompts into prefill forwards that cost the least in all.
 
@@ -150,6 +154,10 @@ def prefill_groups(
         overhead_tokens: The fixed cost of one forward (0: every distinct length alone, unpacked).
         pair_cost: The cost of one attention pair, in tokens.
         packing: Whether a forward may pack its prompts instead of padding them.
+        min_saving: Split only when that saves at least this share of one forward's cost. Every
+            prompt admitted in one step waits for all of its forwards before the batch decodes
+            again, so a split that saves little computes its first tokens no sooner in all and
+            stalls the rows of its earlier forwards (an inter-token gap as long as the later ones).
 
     Returns:
         ``(indices into lengths, packed)`` per forward, shortest prompts first.
@@ -171,6 +179,14 @@ def prefill_groups(
                     cost, pack = packed_cost, True
             if best[i] + cost <= best[j]:  # on a tie, the larger group: fewer forwards
                 best[j], cut[j], packed[j] = best[i] + cost, i, pack
+    if n > 1 and cut[n] > 0:  # the best plan splits: is it worth the wait it adds?
+        longest, total = lengths[order[-1]], sum(lengths)
+        whole = overhead_tokens + n * longest + n * longest * longest * pair_cost
+        pack_whole = packing and overhead_tokens + total + total * total * pair_cost < whole
+        if pack_whole:
+            whole = overhead_tokens + total + total * total * pair_cost
+        if best[n] > (1.0 - min_saving) * whole:
+            return [(order, pack_whole)]
     groups: list[tuple[list[int], bool]] = []
     j = n
     while j > 0:
