@@ -47,6 +47,9 @@ class TokenStream:
         self._error: BaseException | None = None
         self._closed = False
         self.token_ids: list[int] = []  # every generated token id, eos included
+        # When each token reached this stream's loop (perf_counter), text or not: a token whose text
+        # is held back (a special token, part of a character) still arrived on time.
+        self.token_times: list[float] = []
         self.finish_reason: FinishReason | None = None
         # Timings as the consumer sees them (perf_counter on the loop, delivery included).
         self.created_at = time.perf_counter()
@@ -71,9 +74,11 @@ class TokenStream:
         if text:
             self._pending.append(text)
         if token_ids:
+            now = time.perf_counter()
             if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
+                self.first_token_at = now
             self.token_ids.extend(token_ids)
+            self.token_times.extend([now] * len(token_ids))
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.finished_at = time.perf_counter()

