@@ -89,12 +89,12 @@ def matmul_limit(model: Any, batch: int, device: str, repeats: int = 3) -> tuple
     """
     import torch.nn.functional as F
 
-    from async_llm.engine.fast_decode import _linear
+    from async_llm.engine.fast_decode import prepacked_linear
 
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = float(sum(2 * batch * w.shape[0] * w.shape[1] for w in weights))
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    packed = [_linear(w, None, batch) for w in weights]
+    packed = [prepacked_linear(w, None, batch) for w in weights]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(max(1, repeats) + 1):  # the first pass warms up

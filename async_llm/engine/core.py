@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.fast_decode import FastDecoder, prepare
-from async_llm.engine.model_api import cache_kwarg, input_device, last_logits, layer_kv
+from async_llm.engine.model_api import PROBE_PROMPTS, cache_kwarg, input_device, last_logits, layer_kv, probe_batch
 from async_llm.engine.output import StepOutputs
 from async_llm.engine.request import FinishReason, Request
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
@@ -287,13 +287,11 @@ class Engine(Worker):
         """Check once, on two short prompts, that a packed prefill gives this model's padded logits.
         An architecture that does not honour a custom 4-D mask, or derives something else from the
         2-D one (ALiBi biases, for one), would not; it then keeps padded prefills only."""
-        prompts = [(1, 2, 3), (4, 5, 6, 7, 8)]
-        ids = torch.tensor([[self.pad_token_id] * 2 + [1, 2, 3], [4, 5, 6, 7, 8]], device=self.device)
-        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=self.device)
+        ids, mask = probe_batch(self.pad_token_id, self.device)
         try:
             with torch.inference_mode():
                 padded, _ = self._forward_padded(ids, mask)
-                packed, _ = self._forward_packed(prompts, 5)
+                packed, _ = self._forward_packed(list(PROBE_PROMPTS), ids.shape[1])
         except torch.OutOfMemoryError:
             raise  # not a property of the architecture: the model does not fit, say so
         except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from async_llm.engine.model_api import input_device, last_logits, layer_kv
+from async_llm.engine.model_api import input_device, last_logits, layer_kv, probe_batch
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.fast_decode")
@@ -79,11 +79,13 @@ def unsupported_reason(model: Any) -> str | None:
         if hasattr(module, "_hf_hook"):
             return "weights dispatched by accelerate (device_map)"
     for layer in body.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        linears = [getattr(owner, n, None) for owner, n in names]
         if any(type(m) is not nn.Linear for m in linears):
-            return "a layer that is not a plain nn.Linear (quantized or adapted)"
-        if getattr(mlp, "gate_proj", None) is None or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+            return "a layer whose projections are not plain nn.Linear (another layout, quantized or adapted)"
+        if any(m is not None and m.bias is not None for m in linears[4:6]):  # gate_proj, up_proj
             return "an MLP with biases"
     return None
 
@@ -141,17 +143,17 @@ class FastDecoder:
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
-                    qkv=_linear(qkv, qkv_bias, batch_hint),
-                    o=_linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
+                    qkv=prepacked_linear(qkv, qkv_bias, batch_hint),
+                    o=prepacked_linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=_linear(gate_up, None, batch_hint),
-                    down=_linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
+                    gate_up=prepacked_linear(gate_up, None, batch_hint),
+                    down=prepacked_linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
                 )
             )
         head = model.get_output_embeddings()
-        self.lm_head = _linear(head.weight, head.bias, batch_hint)
+        self.lm_head = prepacked_linear(head.weight, head.bias, batch_hint)
 
     def decode(
         self,
@@ -241,23 +243,24 @@ def _difference(decoder: FastDecoder, model: Any, pad_token_id: int, name: str) 
     """Largest difference of next-token logits, fast step against plain step, relative to the
     largest logit, after a left-padded prefill of two short prompts."""
     device = input_device(model)
-    ids = torch.tensor([[pad_token_id] * 2 + [1, 2, 3], [4, 5, 6, 7, 8]], device=device)
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
+    ids, mask = probe_batch(pad_token_id, device)
+    rows, width = ids.shape
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     prefill = last_logits(model, name, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
-    tokens = prefill.argmax(-1, keepdim=True)  # [2, 1]
+    tokens = prefill.argmax(-1, keepdim=True)  # [rows, 1]
     layers = [layer_kv(layer) for layer in cache.layers]
     keys = layers[0][0]
-    kv = torch.zeros(len(layers), 2, 2, keys.shape[1], 6, keys.shape[3], dtype=keys.dtype, device=device)
+    shape = (len(layers), 2, rows, keys.shape[1], width + 1, keys.shape[3])
+    kv = torch.zeros(shape, dtype=keys.dtype, device=device)
     keep = mask.bool()[:, None, :, None]
     for i, (k, v) in enumerate(layers):  # the batch's layout: padding zeroed, one free column
-        kv[i, 0, :, :, :5] = torch.where(keep, k, 0)
-        kv[i, 1, :, :, :5] = torch.where(keep, v, 0)
+        kv[i, 0, :, :, :width] = torch.where(keep, k, 0)
+        kv[i, 1, :, :, :width] = torch.where(keep, v, 0)
     full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    positions = mask.sum(-1, keepdim=True)  # [2, 1]
+    positions = mask.sum(-1, keepdim=True)  # [rows, 1]
     plain = last_logits(model, name, cache, input_ids=tokens, attention_mask=full, position_ids=positions)
-    fast = decoder.decode(tokens, positions, full, kv, end=5)
+    fast = decoder.decode(tokens, positions, full, kv, end=width)
     return float((plain - fast).abs().max() / plain.abs().max().clamp(min=1e-6))
 
 
@@ -273,7 +276,7 @@ class _PackedLinear:
         return out
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
+def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
     """``x @ weight.T + bias``: through oneDNN with the weight prepacked once (its own reordered
     copy) on a CPU in float32, where it is faster for these shapes than the default kernel
     (``benchmarks/fast_path.py``); else the plain linear."""

@@ -27,6 +27,19 @@ def input_device(model: Any) -> torch.device:
     return device
 
 
+#: The prompts of the engine's start-up checks (packed against padded prefill, fast against plain
+#: decode): two short ones of different lengths, so one row is left-padded.
+PROBE_PROMPTS: tuple[tuple[int, ...], ...] = ((1, 2, 3), (4, 5, 6, 7, 8))
+
+
+def probe_batch(pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`PROBE_PROMPTS` left-padded: ids and attention mask, both ``[2, 5]``."""
+    width = max(len(p) for p in PROBE_PROMPTS)
+    ids = [[pad_token_id] * (width - len(p)) + list(p) for p in PROBE_PROMPTS]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in PROBE_PROMPTS]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
 def last_logits(model: Any, cache_name: str, cache: Any, **inputs: Any) -> torch.Tensor:
     """Float32 logits ``[B, V]`` of each row's last position, from one forward that fills ``cache``
     (passed as ``cache_name``, see :func:`cache_kwarg`)."""

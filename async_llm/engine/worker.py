@@ -190,7 +190,6 @@ class Worker(abc.ABC):
         Every step runs in inference mode: tensors are created in one step (prefill) and updated
         in place in another (aborts, evictions), so every step must agree on the mode.
         """
-        self._ensure_prepared()
         with self._lock:
             if self._closed_done:
                 return False
@@ -198,6 +197,10 @@ class Worker(abc.ABC):
             aborts, self._aborts = self._aborts, set()
             idle_calls, self._idle_calls = self._idle_calls, []
             closing = self._closing
+        if closing:  # nothing will run: no model checks on the way out
+            self.ready.set()
+        else:
+            self._ensure_prepared()
         out = StepOutputs()
         try:
             with torch.inference_mode():
