@@ -72,6 +72,17 @@ def instrument(llm: HuggingFaceLLM) -> None:
     if engine.fast_decoder is not None:
         decoder = engine.fast_decoder
         decoder.decode = timed("fast decode step", decoder.decode)  # type: ignore[method-assign]
+        prefill = timed("fast prefill", decoder.prefill)
+
+        def fast_prefill(prompts: Any, width: int) -> Any:
+            start = time.perf_counter()
+            try:
+                return prefill(prompts, width)
+            finally:
+                real = sum(len(p) for p in prompts)  # packed: no padding
+                PREFILLS.append((1, real, real, time.perf_counter() - start))
+
+        decoder.prefill = fast_prefill  # type: ignore[method-assign]
     # (Not _iteration: it includes the idle wait for work.)
     for name in ("_step", "_prefill", "_decode", "_update", "_apply_aborts"):
         setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))

@@ -36,6 +36,15 @@ def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", recording)
+    fast = llm.engine.fast_decoder
+    if fast is not None:  # the fast prefill packs its prompts along one axis: record it as [1, T]
+        prefill = fast.prefill
+
+        def recording_fast(prompts, width):
+            shapes.append((1, sum(len(p) for p in prompts)))
+            return prefill(prompts, width)
+
+        monkeypatch.setattr(fast, "prefill", recording_fast)
     return shapes
 
 
@@ -83,7 +92,9 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
     assert [r.token_ids for r in penalised] == [r.token_ids for r in solo]
 
 
-async def test_without_packing_short_and_long_prompts_get_separate_padded_prefills(llm, tiny_model, monkeypatch):
+async def test_without_packing_short_and_long_prompts_get_separate_padded_prefills(plain_llm, tiny_model, monkeypatch):
+    """The transformers prefill of a model that cannot pack splits prompts by length."""
+    llm = plain_llm
     monkeypatch.setattr(llm.engine, "_can_pack", False)
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "word " * 150, "Hey", "word " * 150]

@@ -15,6 +15,7 @@ import transformers
 
 from async_llm import GenerationError, HuggingFaceLLM
 from async_llm.engine import fast_decode
+from async_llm.engine.model_api import cache_kwarg
 from tests.conftest import PROMPTS, reference_ids
 
 SMALL = dict(
@@ -157,3 +158,66 @@ async def test_the_fast_step_follows_the_model_to_its_device(llm):
     await llm.aset_device("cpu")
     assert llm.engine.fast_decoder is not None and llm.engine.fast_decoder is not before
     assert await llm.arun("Hello", max_tokens=8) == expected
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fast_prefill_gives_the_transformers_prefill(name):
+    """Prompts of different lengths packed into one fast prefill: each prompt's last logits and its
+    keys and values equal a transformers forward of that prompt alone; padding columns are zero."""
+    model = FAST[name]()
+    decoder = fast_decode.FastDecoder(model)
+    prompts = [tuple(range(3, 4)), tuple(range(5, 12)), tuple(range(20, 50))]
+    width = 32
+    with torch.inference_mode():
+        logits, kv = decoder.prefill(prompts, width)
+        for i, prompt in enumerate(prompts):
+            cache = transformers.DynamicCache()
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True, **{cache_kwarg(model): cache})
+            expected = out.logits[0, -1]
+            assert (logits[i] - expected).abs().max() <= 1e-5 * expected.abs().max()
+            n = len(prompt)
+            for (keys, values), layer in zip(kv, cache.layers):
+                assert torch.allclose(keys[i, :, width - n :], layer.keys[0], atol=1e-5)
+                assert torch.allclose(values[i, :, width - n :], layer.values[0], atol=1e-5)
+                assert not keys[i, :, : width - n].any() and not values[i, :, : width - n].any()
+
+
+async def test_a_fast_prefill_that_disagrees_keeps_the_transformers_steps(
+    tiny_model, tiny_tokenizer, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="async_llm")
+    prefill = fast_decode.FastDecoder.prefill
+
+    def off_by_one(self, prompts, width):
+        logits, kv = prefill(self, prompts, width)
+        return logits + 1.0, kv
+
+    monkeypatch.setattr(fast_decode.FastDecoder, "prefill", off_by_one)
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, fast_path=True) as llm:
+        assert llm.engine.fast_decoder is None
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
+    assert any("differ" in e.get("reason", "") for e in events if e["event"].startswith("fast decode step off"))
+
+
+async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish_exactly(llm, tiny_model, monkeypatch):
+    decoder = llm.engine.fast_decoder
+    prefill = decoder.prefill
+    ooms = {"n": 0}
+
+    def small_device(prompts, width):
+        if len(prompts) > 2:
+            ooms["n"] += 1
+            raise torch.OutOfMemoryError("injected: the packed prompts do not fit")
+        return prefill(prompts, width)
+
+    monkeypatch.setattr(decoder, "prefill", small_device)
+    llm.engine.burst_gap_s = 0.05  # one burst: all admitted together
+    with anyio.fail_after(60):
+        results = await asyncio.gather(
+            *(llm.acomplete(p, chat_template=False, max_tokens=12, ignore_eos=True) for p in PROMPTS)
+        )
+    assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
+    for result in results:
+        expected = reference_ids(tiny_model, result.prompt_token_ids, 12)
+        assert result.token_ids[: len(expected)] == expected
+    assert llm.stats()["num_failed"] == 0

@@ -289,17 +289,25 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_e
     assert stats["num_failed"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
 
 
-async def test_out_of_memory_on_a_single_row_fails_only_that_request(llm, monkeypatch):
-    forward = llm.model.forward
-
+async def _out_of_memory_fails_only_that_request(llm, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("injected")
 
-    monkeypatch.setattr(llm.model, "forward", no_memory)
-    with pytest.raises(GenerationError, match="OutOfMemoryError"):
-        await llm.arun("Hello", max_tokens=5)
-    monkeypatch.setattr(llm.model, "forward", forward)
+    with monkeypatch.context() as patch:
+        patch.setattr(llm.model, "forward", no_memory)
+        if llm.engine.fast_decoder is not None:
+            patch.setattr(llm.engine.fast_decoder, "prefill", no_memory)
+        with pytest.raises(GenerationError, match="OutOfMemoryError"):
+            await llm.arun("Hello", max_tokens=5)
     assert await llm.arun("Hello", max_tokens=5)
+
+
+async def test_out_of_memory_on_a_single_row_fails_only_that_request(llm, monkeypatch):
+    await _out_of_memory_fails_only_that_request(llm, monkeypatch)
+
+
+async def test_out_of_memory_in_a_transformers_prefill_fails_only_that_request(plain_llm, monkeypatch):
+    await _out_of_memory_fails_only_that_request(plain_llm, monkeypatch)
 
 
 async def test_idle_engine_releases_its_kv_buffers(llm):

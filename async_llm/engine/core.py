@@ -72,8 +72,9 @@ class Engine(Worker):
             ``benchmarks/profile_step.py`` on the default model and rounded up: erring toward fewer
             forwards (on an accelerator, kernel launches dominate a small forward).
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
-        fast_path: Decode with :mod:`async_llm.engine.fast_decode` where it applies (checked on the
-            model when the engine starts; otherwise, or when False, the transformers forward).
+        fast_path: Prefill and decode with :mod:`async_llm.engine.fast_decode` where it applies
+            (checked on the model when the engine starts; otherwise, or when False, the
+            transformers forward).
     """
 
     def __init__(
@@ -213,8 +214,8 @@ class Engine(Worker):
         """The admitted requests in the prefill forwards that cost the least (see
         :func:`prefill_groups`), each padded or packed; requests with the same context stay together
         (they share one row of the forward)."""
-        if len(requests) == 1:
-            return [(requests, False)]
+        if len(requests) == 1 or self.fast_decoder is not None:  # the fast prefill computes no padding
+            return [(requests, self.fast_decoder is not None)] if requests else []
         by_context: dict[tuple[int, ...], list[Request]] = {}
         for r in requests:
             by_context.setdefault(tuple(r.context_ids), []).append(r)
@@ -243,7 +244,9 @@ class Engine(Worker):
             ids[i, p - len(prompt) :] = torch.tensor(prompt)
             mask[i, p - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        if packed:
+        if self.fast_decoder is not None:
+            logits, kv = self.fast_decoder.prefill(prompts, p)
+        elif packed:
             logits, kv = self._forward_packed(prompts, p)
         else:
             logits, kv = self._forward_padded(ids, mask)

@@ -94,10 +94,10 @@ class HuggingFaceLLM(BaseLLM):
         bos_token_id: Prepended to raw (non-chat-template) prompts that do not start with it.
         model, tokenizer: An already loaded pair to serve instead of loading ``model_id``.
         model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
-        fast_path: Decode Llama-family models (Llama, Mistral, Qwen2, Qwen3) with the engine's fast
-            step (fused projections, attention over the KV buffer in place, a prepacked output
-            projection on CPU) once a check at start-up shows it gives this model's logits; False
-            always decodes with the transformers forward. Other models always do.
+        fast_path: Prefill and decode Llama-family models (Llama, Mistral, Qwen2, Qwen3) with the
+            engine's fast steps (packed prompts, fused projections, attention over the KV buffer in
+            place, prepacked weights on CPU) once a check at start-up shows they give this model's
+            logits; False always runs the transformers forward. Other models always do.
         system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
