@@ -19,6 +19,8 @@ from async_llm.errors import (
     GenerationError,
     InvalidParameterError,
     ModelNotAvailableError,
+    ParameterError,
+    ParameterTypeError,
     QueueFullError,
     RequestAbortedError,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "HuggingFaceLLM",
     "InvalidParameterError",
     "ModelNotAvailableError",
+    "ParameterError",
+    "ParameterTypeError",
     "QueueFullError",
     "RequestAbortedError",
     "SamplingParams",

@@ -71,20 +71,24 @@ def instrument(llm: HuggingFaceLLM) -> None:
     engine.ready.wait()  # the fast step is built as the engine starts
     if engine.fast_decoder is not None:
         decoder = engine.fast_decoder
-        decoder.decode = timed("fast decode step", decoder.decode)  # type: ignore[method-assign]
-        prefill = timed("fast prefill", decoder.prefill)
+        step = decoder.step
+        kinds = {
+            name: timed(name, step) for name in ("fast decode step", "fast prefill", "fast decode step with chunks")
+        }
 
-        def fast_prefill(prompts: Any, width: int) -> Any:
+        def fast_step(rows: Any, chunks: Any) -> Any:
+            if not chunks:
+                return kinds["fast decode step"](rows, chunks)
             start = time.perf_counter()
             try:
-                return prefill(prompts, width)
+                return kinds["fast prefill" if rows is None else "fast decode step with chunks"](rows, chunks)
             finally:
-                real = sum(len(p) for p in prompts)  # packed: no padding
+                real = sum(len(c.ids) for c in chunks)  # packed: no padding
                 PREFILLS.append((1, real, real, time.perf_counter() - start))
 
-        decoder.prefill = fast_prefill  # type: ignore[method-assign]
+        decoder.step = fast_step  # type: ignore[method-assign]
     # (Not _iteration: it includes the idle wait for work.)
-    for name in ("_step", "_prefill", "_decode", "_update", "_apply_aborts"):
+    for name in ("_step", "_join", "_decode", "_update", "_apply_aborts"):
         setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))
     batch = engine.batch
     for name in ("decode_inputs", "advance", "remove", "add"):

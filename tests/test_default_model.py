@@ -76,3 +76,33 @@ async def test_summary_keeps_the_key_facts(smollm):
 async def test_beam_search_on_the_real_model(smollm):
     answer = await smollm.arun("What is the capital of France?", num_beams=3, max_tokens=24)
     assert "Paris" in answer
+
+
+def _generate(llm: HuggingFaceLLM, prompt_ids: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = llm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+async def test_a_conversation_reuses_its_history_and_answers_as_generate_does(smollm):
+    """The second turn resends the first turn and its answer: they come from the prefix cache, and the
+    answer is still exactly generate's."""
+    history = [{"role": "user", "content": "Give me three tips for writing clear documentation. " * 3}]
+    first = await smollm.acomplete(history, max_tokens=24)
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now in one line."}]
+    before = smollm.stats()["prefix_cache_hit_tokens"]
+    second = await smollm.acomplete(history, max_tokens=24)
+    assert smollm.stats()["prefix_cache_hit_tokens"] - before >= len(first.prompt_token_ids) // 32 * 32
+    assert second.token_ids == _generate(smollm, second.prompt_token_ids, 24)
+
+
+async def test_a_long_prompt_prefilled_in_chunks_beside_a_stream_answers_as_generate_does(smollm):
+    running = await smollm.submit("Count from one to one hundred.", max_tokens=200, ignore_eos=True)
+    await running.__anext__()
+    long = "Summarise: " + "The engine batches requests and streams their tokens back. " * 40
+    result = await smollm.acomplete(long, max_tokens=16, chat_template=False)
+    await running.aclose()
+    assert result.token_ids == _generate(smollm, result.prompt_token_ids, 16)

@@ -38,13 +38,14 @@ def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
     monkeypatch.setattr(llm.model, "forward", recording)
     fast = llm.engine.fast_decoder
     if fast is not None:  # the fast prefill packs its prompts along one axis: record it as [1, T]
-        prefill = fast.prefill
+        step = fast.step
 
-        def recording_fast(prompts, width):
-            shapes.append((1, sum(len(p) for p in prompts)))
-            return prefill(prompts, width)
+        def recording_fast(rows, chunks):
+            if chunks:
+                shapes.append((1, sum(len(c.ids) for c in chunks)))
+            return step(rows, chunks)
 
-        monkeypatch.setattr(fast, "prefill", recording_fast)
+        monkeypatch.setattr(fast, "step", recording_fast)
     return shapes
 
 
@@ -95,7 +96,7 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
 async def test_without_packing_short_and_long_prompts_get_separate_padded_prefills(plain_llm, tiny_model, monkeypatch):
     """The transformers prefill of a model that cannot pack splits prompts by length."""
     llm = plain_llm
-    monkeypatch.setattr(llm.engine, "_can_pack", False)
+    monkeypatch.setattr(llm.engine.prefiller, "can_pack", False)
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "word " * 150, "Hey", "word " * 150]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]

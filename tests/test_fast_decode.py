@@ -162,24 +162,31 @@ async def test_the_fast_step_follows_the_model_to_its_device(llm):
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_fast_prefill_gives_the_transformers_prefill(name):
-    """Prompts of different lengths packed into one fast prefill: each prompt's last logits and its
-    keys and values equal a transformers forward of that prompt alone; padding columns are zero."""
+    """Prompts of different lengths packed into one fast prefill, one of them after a prefix its
+    buffer already holds: each prompt's last logits and its keys and values equal a transformers
+    forward of that prompt alone."""
     model = FAST[name]()
     decoder = fast_decode.FastDecoder(model)
     prompts = [tuple(range(3, 4)), tuple(range(5, 12)), tuple(range(20, 50))]
-    width = 32
+    buffers = [decoder.new_kv(len(p)) for p in prompts]
     with torch.inference_mode():
-        logits, kv = decoder.prefill(prompts, width)
+        first = decoder.prefill([fast_decode.Chunk(prompts[2][:13], buffers[2], logits=False)])
+        assert first.shape[0] == 0  # no logits wanted
+        logits = decoder.prefill(
+            [
+                fast_decode.Chunk(prompts[0], buffers[0]),
+                fast_decode.Chunk(prompts[1], buffers[1]),
+                fast_decode.Chunk(prompts[2][13:], buffers[2], start=13),
+            ]
+        )
         for i, prompt in enumerate(prompts):
             cache = transformers.DynamicCache()
             out = model(input_ids=torch.tensor([prompt]), use_cache=True, **{cache_kwarg(model): cache})
             expected = out.logits[0, -1]
             assert (logits[i] - expected).abs().max() <= 1e-5 * expected.abs().max()
-            n = len(prompt)
-            for (keys, values), layer in zip(kv, cache.layers):
-                assert torch.allclose(keys[i, :, width - n :], layer.keys[0], atol=1e-5)
-                assert torch.allclose(values[i, :, width - n :], layer.values[0], atol=1e-5)
-                assert not keys[i, :, : width - n].any() and not values[i, :, : width - n].any()
+            for j, layer in enumerate(cache.layers):
+                assert torch.allclose(buffers[i][j, 0], layer.keys[0], atol=1e-5)
+                assert torch.allclose(buffers[i][j, 1], layer.values[0], atol=1e-5)
 
 
 async def test_a_fast_prefill_that_disagrees_keeps_the_transformers_steps(
@@ -188,9 +195,8 @@ async def test_a_fast_prefill_that_disagrees_keeps_the_transformers_steps(
     caplog.set_level(logging.INFO, logger="async_llm")
     prefill = fast_decode.FastDecoder.prefill
 
-    def off_by_one(self, prompts, width):
-        logits, kv = prefill(self, prompts, width)
-        return logits + 1.0, kv
+    def off_by_one(self, chunks):
+        return prefill(self, chunks) + 1.0
 
     monkeypatch.setattr(fast_decode.FastDecoder, "prefill", off_by_one)
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, fast_path=True) as llm:
@@ -201,16 +207,16 @@ async def test_a_fast_prefill_that_disagrees_keeps_the_transformers_steps(
 
 async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish_exactly(llm, tiny_model, monkeypatch):
     decoder = llm.engine.fast_decoder
-    prefill = decoder.prefill
+    step = decoder.step
     ooms = {"n": 0}
 
-    def small_device(prompts, width):
-        if len(prompts) > 2:
+    def small_device(rows, chunks):
+        if len(chunks) > 2:
             ooms["n"] += 1
             raise torch.OutOfMemoryError("injected: the packed prompts do not fit")
-        return prefill(prompts, width)
+        return step(rows, chunks)
 
-    monkeypatch.setattr(decoder, "prefill", small_device)
+    monkeypatch.setattr(decoder, "step", small_device)
     llm.engine.burst_gap_s = 0.05  # one burst: all admitted together
     with anyio.fail_after(60):
         results = await asyncio.gather(

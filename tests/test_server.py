@@ -357,7 +357,7 @@ async def test_generation_failure_is_a_500_or_an_error_event(client, llm, monkey
 
     monkeypatch.setattr(llm.model, "forward", broken)
     if llm.engine.fast_decoder is not None:
-        monkeypatch.setattr(llm.engine.fast_decoder, "prefill", broken)
+        monkeypatch.setattr(llm.engine.fast_decoder, "step", broken)
     with anyio.fail_after(20):
         with pytest.raises(openai.InternalServerError, match="injected fault"):
             await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)

@@ -128,8 +128,7 @@ class PaddedBatch:
     def add(
         self,
         requests: Sequence[Request],
-        prefill_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        prefill_mask: torch.Tensor,
+        kv_rows: Sequence[torch.Tensor],
         first_tokens: torch.Tensor,
         counts: torch.Tensor | None,
         prompt_mask: torch.Tensor | None,
@@ -138,12 +137,14 @@ class PaddedBatch:
 
         Args:
             requests: The new rows' requests, in row order.
-            prefill_kv: Their cache: per layer (keys, values), each ``[n, H, P, D]``, left-padded.
-            prefill_mask: ``[n, P]`` their attention mask.
+            kv_rows: Each row's keys and values, ``[layers, 2, H, L_i, D]`` with ``L_i`` its context
+                length (rows of one request may share one tensor).
             first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
             counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
         """
-        n, p = prefill_mask.shape
+        n = len(requests)
+        lengths = [kv.shape[3] for kv in kv_rows]
+        p = max(lengths)
         if self.size == 0:  # an empty batch starts over, at the left of its buffer
             self.start = self.end = p if p < self.mask.shape[1] else 0
         old_b, live = self.size, self.end - self.start
@@ -151,27 +152,30 @@ class PaddedBatch:
         # middle of decoding copies all of it, a spike in every stream's inter-token latency.
         remaining = max(r.params.max_tokens - len(r.output_ids) for r in [*self.rows, *requests])
         ahead = max(1, min(remaining, _MAX_RESERVED_AHEAD))
-        self._reserve(rows=old_b + n, columns=max(live, p), keys=prefill_kv[0][0], ahead=ahead)
+        self._reserve(rows=old_b + n, columns=max(live, p), like=kv_rows[0], ahead=ahead)
         assert self.kv is not None
         if p > self.end - self.start:
             # The new rows are longer than the live region: open columns on the left (zeroed mask).
             self.mask[:old_b, self.end - p : self.start] = 0
             self.start = self.end - p
-        rows, cols = slice(old_b, old_b + n), slice(self.end - p, self.end)
-        keep = prefill_mask.bool()[:, None, :, None]  # [n, 1, P, 1]
-        for i, (keys, values) in enumerate(prefill_kv):
-            # Zero the padded columns: masked attention multiplies them by 0, and 0 * NaN would poison the row.
-            self.kv[i, 0, rows, :, cols] = torch.where(keep, keys, 0)
-            self.kv[i, 1, rows, :, cols] = torch.where(keep, values, 0)
+        rows = slice(old_b, old_b + n)
         self.mask[rows] = 0
-        self.mask[rows, cols] = prefill_mask
-        new_lengths = [len(r.context_ids) for r in requests]
-        self.lengths[rows] = torch.tensor(new_lengths, device=self.device)
+        for row, (kv, length) in enumerate(zip(kv_rows, lengths), start=old_b):
+            # Zero the padded columns: masked attention multiplies them by 0, and 0 * NaN would poison the row.
+            self.kv[:, :, row, :, self.end - p : self.end - length] = 0
+            self.kv[:, :, row, :, self.end - length : self.end] = kv
+            self.mask[row, self.end - length : self.end] = 1
+        self.lengths[rows] = torch.tensor(lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
         self._add_penalty_rows(rows, counts, prompt_mask)
         self.rows.extend(requests)
-        self.row_lengths.extend(new_lengths)
+        self.row_lengths.extend(lengths)
         self._rebuild_sampling()
+
+    def row_kv(self, index: int) -> torch.Tensor:
+        """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""
+        assert self.kv is not None
+        return self.kv[:, :, index, :, self.end - self.row_lengths[index] : self.end]
 
     def _add_penalty_rows(self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> None:
         if counts is None or prompt_mask is None:
@@ -186,7 +190,7 @@ class PaddedBatch:
         self.counts[rows] = counts
         self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
 
-    def _reserve(self, rows: int, columns: int, keys: torch.Tensor | None = None, ahead: int = 1) -> None:
+    def _reserve(self, rows: int, columns: int, like: torch.Tensor | None = None, ahead: int = 1) -> None:
         """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and
         ``ahead`` more columns to write from ``end`` on.
 
@@ -197,8 +201,8 @@ class PaddedBatch:
         if rows <= b_cap and columns <= self.end and self.end + ahead <= l_cap:
             return
         if self.kv is None:
-            assert keys is not None, "the first reservation comes with a prefill"
-            heads, head_dim = keys.shape[1], keys.shape[3]
+            assert like is not None, "the first reservation comes with a prefill"
+            heads, head_dim = like.shape[2], like.shape[4]
         else:
             heads, head_dim = self.kv.shape[3], self.kv.shape[5]
         new_b = _next_capacity(rows, b_cap, self.max_rows)

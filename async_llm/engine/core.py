@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.batch import PaddedBatch
-from async_llm.engine.fast_decode import FastDecoder, prepare
-from async_llm.engine.model_api import PROBE_PROMPTS, cache_kwarg, input_device, last_logits, layer_kv, probe_batch
+from async_llm.engine.fast_decode import FastDecoder, Rows, prepare
+from async_llm.engine.model_api import cache_kwarg, input_device, last_logits
 from async_llm.engine.output import StepOutputs
+from async_llm.engine.prefill import ChunkBudget, Prefiller, PrefillState, Work
+from async_llm.engine.prefix_cache import PrefixCache
 from async_llm.engine.request import FinishReason, Request
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
-from async_llm.engine.scheduler import Scheduler, prefill_groups
+from async_llm.engine.scheduler import Scheduler
 from async_llm.engine.worker import Worker
 from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
@@ -28,11 +29,12 @@ from async_llm.log import get_logger
 log = get_logger("async_llm.engine.core")
 
 
-_KV = list[tuple[torch.Tensor, torch.Tensor]]
-
-#: Prompts admitted together are prefilled in several forwards only when that saves at least this
-#: share of the compute of one (see :func:`prefill_groups`).
-PREFILL_MIN_SAVING = 0.25
+def default_prefix_cache_bytes(device: torch.device) -> int:
+    """1 GiB on a CPU; on an accelerator, a tenth of its memory free when the engine is built."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 10)
+    return 1 << 30
 
 
 def _attention_pair_cost(model: Any) -> float:
@@ -44,16 +46,6 @@ def _attention_pair_cost(model: Any) -> float:
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
     return float(4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1))
-
-
-def _can_pack(model: Any) -> bool:
-    """Whether prefills may pack prompts with a custom 4-D mask: SDPA attention (which takes one as
-    given), and no sliding-window layers (their own mask would be replaced by it)."""
-    config = model.config.get_text_config()
-    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    )
-    return getattr(model.config, "_attn_implementation", None) == "sdpa" and not sliding
 
 
 class Engine(Worker):
@@ -75,6 +67,19 @@ class Engine(Worker):
         fast_path: Prefill and decode with :mod:`async_llm.engine.fast_decode` where it applies
             (checked on the model when the engine starts; otherwise, or when False, the
             transformers forward).
+        prefix_cache: Keep the keys and values of prompts and finished requests in blocks, and start
+            later prompts that share a prefix with them after it (see
+            :mod:`async_llm.engine.prefix_cache`). Off by itself for models where a prefill after a
+            prefix would not be exact (one log line says why).
+        prefix_cache_bytes: The cache's budget; least recently used blocks are evicted past it.
+            Default: :func:`default_prefix_cache_bytes`.
+        prefill_chunk_tokens: Most prompt tokens prefilled in one step while rows are decoding:
+            a longer prompt is prefilled in chunks with a decode step of the batch between two, so
+            running streams keep their pace. None (the default) sizes each chunk from the measured
+            times of decode steps and prefill tokens, to add about 0.3 of one decode step to it
+            with the fast step, 256 tokens otherwise (see
+            :class:`~async_llm.engine.prefill.ChunkBudget`). With no row decoding a step takes up
+            to ``max_prefill_tokens``.
     """
 
     def __init__(
@@ -87,9 +92,16 @@ class Engine(Worker):
         seed: int | None = None,
         prefill_overhead_tokens: int | None = None,
         fast_path: bool = True,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int | None = None,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
         super().__init__("async-llm-engine", Scheduler(max_batch_size, max_prefill_tokens), max_queue_size)
         self.model = model
         self.pad_token_id = pad_token_id
@@ -104,10 +116,21 @@ class Engine(Worker):
         if prefill_overhead_tokens is None:
             prefill_overhead_tokens = 48 if self.device.type == "cpu" else 512
         self.prefill_overhead_tokens = prefill_overhead_tokens
-        self._pair_cost = _attention_pair_cost(model)
+        self.chunk_budget = ChunkBudget(prefill_chunk_tokens)
         self.fast_path = fast_path
-        # Decided when the engine starts (on its own thread, see _prepare): both run the model.
-        self._can_pack = False
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache:
+            budget = default_prefix_cache_bytes(self.device) if prefix_cache_bytes is None else prefix_cache_bytes
+            self.prefix_cache = PrefixCache(budget)
+        self.prefiller = Prefiller(
+            model,
+            self._cache_kwarg,
+            pad_token_id,
+            prefill_overhead_tokens,
+            _attention_pair_cost(model),
+            self.prefix_cache,
+        )
+        # Decided when the engine starts (on its own thread, see _prepare): the checks run the model.
         self.fast_decoder: FastDecoder | None = None
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
@@ -126,12 +149,13 @@ class Engine(Worker):
         """Move the model once nothing is running (engine thread only, through call_when_idle)."""
         self.model.to(device)
         self.batch = self._new_batch()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # blocks on the old device
         self._prepare()  # the fast step holds the weights of the old device
 
     def _prepare(self) -> None:
         """Checks that run the model, once, on the engine's thread before its first step: whether
-        packed prefills agree with padded ones, and whether the fast decode step applies."""
-        self._can_pack = _can_pack(self.model) and self._packing_agrees()
+        the fast steps apply, and what the transformers prefill may do (see Prefiller.prepare)."""
         why: str | None = "fast_path=False"
         self.fast_decoder = None
         if self.fast_path:
@@ -139,6 +163,25 @@ class Engine(Worker):
             self.fast_decoder, why = prepare(self.model, self.pad_token_id, self._cache_kwarg, batch_hint=hint)
         if self.fast_decoder is None:
             log.info("fast decode step off; decoding with the transformers forward", reason=why)
+        self.prefiller.prepare(self.fast_decoder)
+        # A chunk rides along with the decode step only in the fast step; a forward of its own costs
+        # about a decode step before its first token, so without it chunks are fixed and larger.
+        self.chunk_budget.fused = self.fast_decoder is not None
+        if self.prefix_cache is not None and not self.prefiller.can_resume:
+            self.prefix_cache = self.prefiller.prefix_cache = None
+
+    @property
+    def _can_pack(self) -> bool:
+        return self.prefiller.can_pack
+
+    def stats(self) -> dict[str, int]:
+        counters = super().stats()
+        cache = self.prefix_cache
+        counters["prefix_cache_hit_tokens"] = cache.hit_tokens if cache else 0
+        counters["prefix_cache_queried_tokens"] = cache.queried_tokens if cache else 0
+        counters["prefix_cache_bytes"] = cache.bytes if cache else 0
+        counters["prefill_computed_tokens"] = self.prefiller.computed_tokens
+        return counters
 
     # -- Worker hooks (engine thread) -------------------------------------------------------------------
     def _accept(self, requests: list[Request]) -> None:
@@ -147,6 +190,7 @@ class Engine(Worker):
 
     def _fail_live(self, error: BaseException, out: StepOutputs, reason_closed: bool) -> None:
         self.batch.clear()
+        self.prefiller.clear()
         if reason_closed:
             for request in self.scheduler.all_live():
                 self.scheduler.finish(request, FinishReason.ABORT)
@@ -155,37 +199,71 @@ class Engine(Worker):
             self._fail(list(self.scheduler.all_live()), error, out)
 
     def _step(self, out: StepOutputs, admit: bool = True) -> bool:
-        """schedule -> prefill the admitted -> one decode step of the batch -> (outputs flushed by the worker)."""
+        """schedule -> prefill (whole prompts, or chunks within the budget) -> one decode step of the
+        batch -> (outputs flushed by the worker)."""
         new = self.scheduler.admit() if admit else []
-        groups = self._prefill_batches(new)
-        for g, (group, packed) in enumerate(groups):
-            if not self._run_prefill(group, packed, [r for later, _ in groups[g + 1 :] for r in later], out):
+        for request in new:
+            event = "resumed" if request.output_ids else "admitted"
+            log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+        self.prefiller.add(new)
+        # With rows decoding, a long prompt goes in chunks between their steps; else as much as allowed.
+        budget = self.chunk_budget.tokens() if self.batch.size else self.scheduler.max_prefill_tokens
+        works = self.prefiller.plan(budget)
+        if self.batch.size and works and works[0].mode == "fast":  # one forward: chunks ride with the decode
+            self._run_mixed(works[0], out)
+            return True
+        for w, work in enumerate(works):
+            if not self._run_prefill(work, [r for later in works[w + 1 :] for r in later.requests], out):
                 break
             self._flush(out)  # first tokens go out now, not after the batch's decode forward
         if self.batch.size:
             self._run_decode(out)
-        return bool(new or self.batch.size)
+        return bool(new or works or self.batch.size)
 
-    def _run_prefill(self, group: list[Request], packed: bool, later: list[Request], out: StepOutputs) -> bool:
-        """Prefill ``group`` and merge it into the batch; a failure fails only these rows. Returns
-        False when out of memory (``group`` and ``later`` then wait for a smaller batch)."""
-        for request in group:
-            event = "resumed" if request.output_ids else "admitted"
-            log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+    def _run_prefill(self, work: Work, later: list[Request], out: StepOutputs) -> bool:
+        """Run one prefill forward and merge the prompts it completes into the batch; a failure fails
+        only its rows. Returns False when out of memory (its rows and ``later`` then wait for a
+        smaller batch)."""
+        start = time.perf_counter()
         try:
-            self._prefill(group, out, packed)
+            completed = self.prefiller.run(work)
+            self.chunk_budget.record_prefill(sum(n for _, n in work.items), time.perf_counter() - start)
+            self._join(completed, out)
         except torch.OutOfMemoryError as exc:
-            self._out_of_memory([*group, *later], exc, out)
+            self._out_of_memory([*work.requests, *later], exc, out)
             return False
         except Exception as exc:  # noqa: BLE001  # any failure fails these rows only; the batch is untouched
-            self._fail(group, exc, out)
+            self._fail(work.requests, exc, out)
         return True
+
+    def _run_mixed(self, work: Work, out: StepOutputs) -> None:
+        """The batch's decode step and ``work``'s prompt chunks in one fast forward; the prompts it
+        completes join the batch after it. A failure fails both (the batch's state is unknown)."""
+        batch, rows = self.batch, list(self.batch.rows)
+        start = time.perf_counter()
+        try:
+            inputs = batch.decode_inputs()
+            assert batch.kv is not None
+            decode = Rows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
+            completed = self.prefiller.run(work, decode)
+            seconds = time.perf_counter() - start
+            self.chunk_budget.record_prefill(sum(n for _, n in work.items), seconds, with_decode=True)
+            assert work.decode_logits is not None
+            self._sample_rows(work.decode_logits, out)
+            self._join(completed, out)
+        except torch.OutOfMemoryError as exc:
+            self._out_of_memory(work.requests, exc, out)
+        except Exception as exc:  # noqa: BLE001  # the batch's state is unknown: fail its rows and the chunks'
+            batch.clear()
+            self._fail([*rows, *work.requests], exc, out)
 
     def _run_decode(self, out: StepOutputs) -> None:
         """One decode step of every running row; a failure fails the batch's rows (its state is unknown)."""
         rows = list(self.batch.rows)
+        start = time.perf_counter()
         try:
             self._decode(out)
+            self.chunk_budget.record_decode(time.perf_counter() - start)
         except torch.OutOfMemoryError as exc:
             self._out_of_memory([], exc, out)
         except Exception as exc:  # noqa: BLE001  # the batch's state is unknown: fail its rows, start afresh
@@ -199,6 +277,7 @@ class Engine(Worker):
         batch = self.batch
         batch.remove([i for i, r in enumerate(batch.rows) if r in new])  # no half-made rows stay
         new = [r for r in new if not r.finished]
+        self.prefiller.drop(new)  # they start over (the prefix cache may keep part of the work)
         if batch.size + len(new) <= 1:
             self._fail([*batch.rows, *new], exc, out)
             return
@@ -210,145 +289,42 @@ class Engine(Worker):
             torch.cuda.empty_cache()
         log.warning("out of memory: batch split", kept=keep, preempted=len(evicted) + len(new), error=repr(exc))
 
-    def _prefill_batches(self, requests: list[Request]) -> list[tuple[list[Request], bool]]:
-        """The admitted requests in the prefill forwards that cost the least (see
-        :func:`prefill_groups`), each padded or packed; requests with the same context stay together
-        (they share one row of the forward)."""
-        if len(requests) == 1 or self.fast_decoder is not None:  # the fast prefill computes no padding
-            return [(requests, self.fast_decoder is not None)] if requests else []
-        by_context: dict[tuple[int, ...], list[Request]] = {}
-        for r in requests:
-            by_context.setdefault(tuple(r.context_ids), []).append(r)
-        contexts = list(by_context.values())
-        groups = prefill_groups(
-            [len(c[0].context_ids) for c in contexts],
-            self.prefill_overhead_tokens,
-            self._pair_cost,
-            self._can_pack,
-            min_saving=PREFILL_MIN_SAVING,
-        )
-        return [([r for i in group for r in contexts[i]], packed) for group, packed in groups]
-
-    def _prefill(self, requests: Sequence[Request], out: StepOutputs, packed: bool = False) -> None:
+    def _join(self, states: list[PrefillState], out: StepOutputs) -> None:
+        """Sample the first token of each row of the completed ``states`` and merge them into the
+        batch (rows of one context share its keys and values); keep their prompts' blocks."""
+        if not states:
+            return
+        requests = [r for state in states for r in state.requests]
         for r in requests:
             if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator().manual_seed(r.params.seed)
-        # Rows with the same prompt (the n completions of one request) share one prefill row.
-        unique: dict[tuple[int, ...], int] = {}
-        row_of = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in requests]
-        prompts = list(unique)
-        n, u, p = len(requests), len(prompts), max(len(k) for k in prompts)
-        ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(u, p, dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: prompts are right-aligned
-            ids[i, p - len(prompt) :] = torch.tensor(prompt)
-            mask[i, p - len(prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.fast_decoder is not None:
-            logits, kv = self.fast_decoder.prefill(prompts, p)
-        elif packed:
-            logits, kv = self._forward_packed(prompts, p)
-        else:
-            logits, kv = self._forward_padded(ids, mask)
-        if u < n:
-            index = torch.tensor(row_of, device=self.device)
-            kv = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in kv]
-            ids, mask, logits = ids[index], mask[index], logits[index]
+        logits = torch.stack([state.logits for state in states for _ in state.requests])  # type: ignore[misc]
+        n = len(requests)
         sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
         counts = prompt_mask = None
-        if sb.uses_penalties:
+        if sb.uses_penalties:  # from the tokens, never from the cache: a resumed request's output counts as output
             counts = torch.zeros(n, self.vocab_size, device=self.device)
             prompt_mask = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
-            prompt_mask.scatter_(1, ids, mask.bool())
-            for i, r in enumerate(requests):  # a resumed request's earlier output counts as output
+            for i, r in enumerate(requests):
+                prompt_mask[i, torch.tensor(r.prompt_ids, device=self.device)] = True
                 if r.output_ids:
-                    prompt_mask[i] = False
-                    prompt_mask[i, r.prompt_ids] = True
-                    counts[i].index_add_(
-                        0,
-                        torch.tensor(r.output_ids, device=self.device),
-                        torch.ones(len(r.output_ids), device=self.device),
-                    )
+                    ids = torch.tensor(r.output_ids, device=self.device)
+                    counts[i].index_add_(0, ids, torch.ones(len(ids), device=self.device))
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(requests, sb))
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))
-        self.batch.add(requests, kv, mask, tokens, counts, prompt_mask)
+        kv_rows = [state.kv for state in states for _ in state.requests]
+        self.batch.add(requests, kv_rows, tokens, counts, prompt_mask)  # type: ignore[arg-type]
+        if self.prefix_cache is not None:
+            for state in states:
+                assert state.kv is not None
+                self.prefix_cache.insert(state.tokens, state.kv)
         first = self.batch.size - n
         done = [first + i for i, (r, t) in enumerate(zip(requests, tokens.tolist())) if self._update(r, t, out)]
         self.batch.remove(done)
 
-    def _forward_padded(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, _KV]:
-        """Prefill left-padded ``ids`` [u, P]: last-token logits [u, V] and per layer (keys, values) [u, H, P, D]."""
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
-        logits = last_logits(
-            self.model, self._cache_kwarg, cache, input_ids=ids, attention_mask=mask, position_ids=positions
-        )
-        return logits, [layer_kv(layer) for layer in cache.layers]
-
-    def _packing_agrees(self) -> bool:
-        """Check once, on two short prompts, that a packed prefill gives this model's padded logits.
-        An architecture that does not honour a custom 4-D mask, or derives something else from the
-        2-D one (ALiBi biases, for one), would not; it then keeps padded prefills only."""
-        ids, mask = probe_batch(self.pad_token_id, self.device)
-        try:
-            with torch.inference_mode():
-                padded, _ = self._forward_padded(ids, mask)
-                packed, _ = self._forward_packed(list(PROBE_PROMPTS), ids.shape[1])
-        except torch.OutOfMemoryError:
-            raise  # not a property of the architecture: the model does not fit, say so
-        except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain
-            log.info("packed prefill unavailable", error=repr(exc))
-            return False
-        agrees = bool((padded - packed).abs().max() <= 0.02 * padded.abs().max())
-        if not agrees:
-            log.info("packed prefill disagrees with padded prefill for this model; prefills stay padded")
-        return agrees
-
-    def _forward_packed(self, prompts: list[tuple[int, ...]], p: int) -> tuple[torch.Tensor, _KV]:
-        """Prefill ``prompts`` packed into one sequence (no padding): each attends only to itself,
-        causally, through a block-diagonal 4-D mask, with positions restarting at 0 for each. Returns
-        the same as :meth:`_forward_padded`, the keys and values gathered into left-padded rows."""
-        device = self.device
-        lengths = torch.tensor([len(x) for x in prompts])
-        total, u = int(lengths.sum()), len(prompts)
-        ids = torch.tensor([t for x in prompts for t in x], device=device)[None]  # [1, T]
-        segment = torch.repeat_interleave(torch.arange(u), lengths).to(device)  # [T]
-        starts = (torch.cumsum(lengths, 0) - lengths).to(device)
-        positions = torch.arange(total, device=device) - starts[segment]
-        column = torch.arange(total, device=device)
-        allowed = (segment[:, None] == segment[None, :]) & (column[None, :] <= column[:, None])  # [T, T]
-        ends = starts + lengths.to(device) - 1
-        cache = DynamicCache()
-        logits = (
-            self.model(
-                input_ids=ids,
-                attention_mask=allowed[None, None],
-                position_ids=positions[None],
-                use_cache=True,
-                logits_to_keep=ends,
-                **{self._cache_kwarg: cache},
-            )
-            .logits[0]
-            .float()
-        )  # [u, V]: the last token of each prompt
-        # Row i, column c of the padded layout holds packed position starts[i] + c - (p - len_i);
-        # columns left of the prompt read position 0 (any will do: batch.add zeroes padding).
-        source = (starts[:, None] + torch.arange(p, device=device)[None, :] - (p - lengths.to(device))[:, None]).clamp_(
-            min=0
-        )
-        flat = source.reshape(-1)
-        kv = []
-        for layer in cache.layers:  # [1, H, T, D] -> [u, H, P, D]
-            keys, values = (
-                t[0].index_select(1, flat).view(t.shape[1], u, p, -1).transpose(0, 1) for t in layer_kv(layer)
-            )
-            kv.append((keys, values))
-        return logits, kv
-
     def _decode(self, out: StepOutputs) -> None:
         batch = self.batch
-        b = batch.size
         inputs = batch.decode_inputs()
         if self.fast_decoder is not None:
             assert batch.kv is not None
@@ -357,6 +333,13 @@ class Engine(Worker):
             )
         else:
             logits = last_logits(self.model, self._cache_kwarg, batch.cache, **inputs)  # [B, V]
+        self._sample_rows(logits, out)
+
+    def _sample_rows(self, logits: torch.Tensor, out: StepOutputs) -> None:
+        """Sample each row's next token from the decode step's ``logits`` [B, V], commit the step,
+        and retire the rows that finished."""
+        batch = self.batch
+        b = batch.size
         sb = batch.sampling
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None
@@ -364,7 +347,19 @@ class Engine(Worker):
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(batch.rows, sb))
         batch.advance(tokens)
         done = [i for i, (r, t) in enumerate(zip(batch.rows, tokens.tolist())) if self._update(r, t, out)]
+        self._keep_prefixes(done)
         batch.remove(done)
+
+    def _keep_prefixes(self, rows: list[int]) -> None:
+        """Keep the blocks of finished rows (prompt and output, as the next turn of a conversation
+        resends them) in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for i in rows:
+            request = self.batch.rows[i]
+            tokens = request.prompt_ids + request.output_ids[:-1]  # the last token was never fed
+            if request.finish_reason is not FinishReason.ABORT and len(tokens) == self.batch.row_lengths[i]:
+                self.prefix_cache.insert(tokens, self.batch.row_kv(i))
 
     def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:
         """One uniform per row: from the request's own generator when seeded, else the engine's."""
@@ -413,6 +408,7 @@ class Engine(Worker):
             out.add(request, reason=FinishReason.ABORT, error=RequestAbortedError(f"request {request_id} was aborted"))
             log.info("aborted", request_id=request_id, tokens=len(request.output_ids))
         self.batch.remove(rows)
+        self.prefiller.drop(r for r in self.prefiller.requests if r.finished)
 
     def _fail(self, requests: Sequence[Request], exc: BaseException, out: StepOutputs) -> None:
         for request in requests:
@@ -425,3 +421,4 @@ class Engine(Worker):
             log.error("failed", request_id=request.request_id, error=repr(exc))
         # Rows of failed requests may already sit in the batch (a step can fail after merging them).
         self.batch.remove([i for i, r in enumerate(self.batch.rows) if r.finished])
+        self.prefiller.drop(requests)

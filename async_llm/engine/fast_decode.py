@@ -39,13 +39,18 @@ log = get_logger("async_llm.engine.fast_decode")
 #: Qwen3 adds per-head q/k norms, Qwen2 biases on q/k/v.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
+#: Row counts of a prefill are rounded up to a multiple of this, and of a decode step with prompt
+#: chunks (small, where every row costs as much as a decode row) to a multiple of the second (see
+#: FastDecoder.step).
+ROWS_BUCKET = 16
+MIXED_ROWS_BUCKET = 4
+
 #: Largest difference of logits between the fast and the plain step accepted by the check, relative
 #: to the largest logit (float32 reassociation stays orders of magnitude below it).
 TOLERANCE = 1e-3
 
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
-_KVPair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -165,33 +170,86 @@ class FastDecoder:
         kv: torch.Tensor,
         end: int,
     ) -> torch.Tensor:
-        """One decode step of ``B`` rows.
+        """One decode step of ``B`` rows (see :class:`Rows`); returns ``[B, V]`` float32 logits."""
+        logits, _ = self.step(Rows(input_ids, position_ids, attention_mask, kv, end), [])
+        return logits
 
-        Args:
-            input_ids: ``[B, 1]`` the token each row feeds.
-            position_ids: ``[B, 1]`` its position.
-            attention_mask: ``[B, L + 1]`` 1 where a column of the live region (and the new column
-                ``end``) holds a real token of the row.
-            kv: ``[layers, 2, B_cap, Hkv, L_cap, D]`` the batch's buffer; the live region is the
-                ``L + 1`` columns ending at ``end`` (inclusive), and column ``end`` is written here.
-            end: The column this step writes.
+    def new_kv(self, columns: int) -> torch.Tensor:
+        """An empty ``[layers, 2, Hkv, columns, D]`` buffer for one row's keys and values."""
+        weight = self.embed.weight
+        shape = (len(self.layers), 2, self.kv_heads, columns, self.head_dim)
+        return torch.empty(shape, dtype=weight.dtype, device=weight.device)
+
+    def prefill(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """Prefill ``chunks`` packed along one token axis (see :meth:`step`); returns ``[c, V]``
+        float32 logits of the last token of each chunk with ``logits`` set."""
+        _, logits = self.step(None, chunks)
+        return logits
+
+    def step(self, rows: Rows | None, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the batch's decode rows and of prompt chunks together.
+
+        Every projection multiplies all their tokens at once, so the weights are read once for both
+        (what makes a chunk ride along with the decode step almost for free while the decode step is
+        bound by reading the weights). Attention is each part's own: decode rows over the batch's
+        buffer, each chunk causally over itself and the columns of its own buffer before it (a
+        cached prefix, or the earlier chunks of a long prompt); each chunk's keys and values are
+        written into its buffer at columns ``[start, start + n)``.
 
         Returns:
-            ``[B, V]`` float32 logits of the next token.
+            ``[B, V]`` float32 logits of the decode rows (``[0, V]`` without), and ``[c, V]`` of the
+            last token of each chunk with ``logits`` set.
         """
-        b, span = attention_mask.shape
-        first = end + 1 - span
-        group = self.heads // self.kv_heads
+        device = self.embed.weight.device
+        lengths = [len(c.ids) for c in chunks]
+        b = 0 if rows is None else rows.input_ids.shape[0]
+        # With chunks, the token axis is padded to a multiple of ROWS_BUCKET with rows nothing reads:
+        # oneDNN builds its kernels for each row count it meets (~1 ms per projection), so row
+        # counts are kept to a few that repeat.
+        pad = -(b + sum(lengths)) % (ROWS_BUCKET if rows is None else MIXED_ROWS_BUCKET) if chunks else 0
+        ids = [torch.tensor([t for c in chunks for t in c.ids] + [0] * pad, dtype=torch.long, device=device)]
+        positions = [
+            *(torch.arange(c.start, c.start + n, device=device) for c, n in zip(chunks, lengths)),
+            torch.zeros(pad, dtype=torch.long, device=device),
+        ]
+        if rows is not None:
+            ids.insert(0, rows.input_ids[:, 0])
+            positions.insert(0, rows.position_ids[:, 0])
+        x = self._layers(torch.cat(ids), torch.cat(positions), rows, chunks)  # [B + T, E]
+        ends = [b + sum(lengths[: i + 1]) - 1 for i, c in enumerate(chunks) if c.logits]
+        x = F.rms_norm(x[[*range(b), *ends]], x.shape[-1:], self.norm, self.eps)
+        logits = self.lm_head(x).float()
+        return logits[:b], logits[b:]
+
+    def _layers(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: Rows | None, chunks: Sequence[Chunk]
+    ) -> torch.Tensor:
+        """The decoder layers over ``N = B + T`` tokens (decode rows first); returns hidden states
+        ``[N, E]`` before the final norm."""
+        n = ids.shape[0]
+        b = 0 if rows is None else rows.input_ids.shape[0]
         d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        x = self.embed(input_ids[:, 0])  # [B, E]
-        cos, sin = self.rotary(x, position_ids)  # [B, 1, D]: broadcast over heads
-        # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; shared by every layer.
-        bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+        x: torch.Tensor = self.embed(ids)  # [N, E]
+        cos, sin = self.rotary(x, positions[None])  # [1, N, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
+        bias = None
+        if rows is not None:  # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; every layer
+            bias = torch.zeros(rows.attention_mask.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill_(rows.attention_mask == 0, float("-inf"))[:, None, None, :]
+        spans, first = [], b
+        for c in chunks:
+            # A chunk after a prefix sees all of it: query i may read columns up to start + i.
+            mask = None
+            if c.start:
+                columns = torch.arange(c.start + len(c.ids), device=x.device)
+                mask = columns[None, :] <= c.start + torch.arange(len(c.ids), device=x.device)[:, None]
+            spans.append((slice(first, first + len(c.ids)), mask))
+            first += len(c.ids)
+        attn = x.new_zeros(n, self.heads, d)  # padding rows stay 0
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps)
-            qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
-            qk = qkv[:, : q_width + kv_width].view(b, self.heads + self.kv_heads, d)  # queries, then keys
+            qkv = layer.qkv(h)  # [N, (Hq + 2 Hkv) D]
+            qk = qkv[:, : q_width + kv_width].view(n, self.heads + self.kv_heads, d)  # queries, then keys
             if layer.q_norm is not None and layer.k_norm is not None:
                 qk = torch.cat(
                     (F.rms_norm(qk[:, : self.heads], (d,), layer.q_norm, self.eps),
@@ -199,99 +257,91 @@ class FastDecoder:
                     dim=1,
                 )  # fmt: skip
             qk = qk * cos + _rotate_half(qk) * sin  # one rotation for queries and keys
-            # Query heads of one key/value head are a "sequence" of `group` queries against it.
-            q = qk[:, : self.heads].view(b, self.kv_heads, group, d)
-            kv[i, 0, :b, :, end] = qk[:, self.heads :]
-            kv[i, 1, :b, :, end] = qkv[:, q_width + kv_width :].view(b, self.kv_heads, d)
-            keys = kv[i, 0, :b, :, first : end + 1]  # [B, Hkv, L + 1, D], in place
-            values = kv[i, 1, :b, :, first : end + 1]
-            # Two batched products and a softmax: for one query per head against a short cache this
-            # is faster than the fused attention kernels, which are tuned for long queries.
-            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scaling).add_(bias)  # [B, Hkv, G, L + 1]
-            attn = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, Hkv, G, D]
-            x = x + layer.o(attn.reshape(b, q_width))
-            h = F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
-        return self.lm_head(x).float()
-
-    def prefill(self, prompts: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, list[_KVPair]]:
-        """Prefill ``prompts`` packed along one token axis: no padding is computed, and each prompt
-        attends causally to itself only.
-
-        Args:
-            prompts: ``u`` token id sequences.
-            width: Columns of the returned cache (at least the longest prompt).
-
-        Returns:
-            ``[u, V]`` float32 logits of each prompt's last token, and per layer (keys, values)
-            ``[u, Hkv, width, D]``, each prompt right-aligned (left columns are zero).
-        """
-        device = self.embed.weight.device
-        lengths = [len(p) for p in prompts]
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        ids = torch.tensor([t for p in prompts for t in p], device=device)  # [T]
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # restart at 0 per prompt
-        x, kv = self._packed_forward(ids, positions, list(zip(starts, lengths)))
-        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], device=device)
-        logits = self.lm_head(F.rms_norm(x.index_select(0, last), x.shape[-1:], self.norm, self.eps)).float()
-        # Packed token j of prompt i goes to row i, column width - len_i + j of the padded layout.
-        u = len(prompts)
-        target = torch.cat([torch.arange(i * width + width - n, (i + 1) * width) for i, n in enumerate(lengths)])
-        target = target.to(device)
-        padded: list[_KVPair] = []
-        for keys, values in kv:  # [T, Hkv, D] -> [u, Hkv, width, D]
-            k, v = (t.new_zeros(u * width, *t.shape[1:]).index_copy_(0, target, t) for t in (keys, values))
-            padded.append(
-                (k.view(u, width, *keys.shape[1:]).transpose(1, 2), v.view(u, width, *keys.shape[1:]).transpose(1, 2))
-            )
-        return logits, padded
-
-    def _packed_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, list[_KVPair]]:
-        """The decoder layers over ``T`` packed tokens: hidden states ``[T, E]`` before the final
-        norm, and per layer the new tokens' (keys, values) ``[T, Hkv, D]``.
-
-        ``segments`` are the ``(start, length)`` spans of the prompts along the token axis.
-        """
-        t = ids.shape[0]
-        d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        x = self.embed(ids)  # [T, E]
-        cos, sin = self.rotary(x, positions[None])  # [1, T, D]
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
-        kv: list[_KVPair] = []
-        attn = x.new_empty(t, self.heads, d)
-        for layer in self.layers:
-            h = F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps)
-            qkv = layer.qkv(h)  # [T, (Hq + 2 Hkv) D]
-            qk = qkv[:, : q_width + kv_width].view(t, self.heads + self.kv_heads, d)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                qk = torch.cat(
-                    (F.rms_norm(qk[:, : self.heads], (d,), layer.q_norm, self.eps),
-                     F.rms_norm(qk[:, self.heads :], (d,), layer.k_norm, self.eps)),
-                    dim=1,
-                )  # fmt: skip
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, keys = qk[:, : self.heads], qk[:, self.heads :].contiguous()  # [T, Hq, D], [T, Hkv, D]
-            values = qkv[:, q_width + kv_width :].reshape(t, self.kv_heads, d)
-            kv.append((keys, values))
-            for start, n in segments:  # causal attention within each prompt: [1, H, n, D]
-                span = slice(start, start + n)
+            q, keys = qk[:, : self.heads], qk[:, self.heads :]  # [N, Hq, D], [N, Hkv, D]
+            values = qkv[:, q_width + kv_width :].view(n, self.kv_heads, d)
+            if rows is not None and bias is not None:
+                attn[:b] = self._decode_attention(i, q[:b], keys[:b], values[:b], rows, bias)
+            for c, (span, mask) in zip(chunks, spans):
+                end = c.start + span.stop - span.start
+                c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
+                c.kv[i, 1, :, c.start : end] = values[span].transpose(0, 1)
                 attn[span] = F.scaled_dot_product_attention(
-                    q[span].transpose(0, 1)[None],
-                    keys[span].transpose(0, 1)[None],
-                    values[span].transpose(0, 1)[None],
-                    is_causal=True,
+                    q[span].transpose(0, 1)[None],  # [1, Hq, n, D]
+                    c.kv[i, 0, None, :, :end],  # [1, Hkv, start + n, D]
+                    c.kv[i, 1, None, :, :end],
+                    attn_mask=mask,
+                    is_causal=mask is None,
                     scale=self.scaling,
                     enable_gqa=True,
                 )[0].transpose(0, 1)
-            x = x + layer.o(attn.view(t, q_width))
+            x = x + layer.o(attn.view(n, q_width))
             h = F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        return x, kv
+        return x
+
+    def _decode_attention(
+        self,
+        i: int,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: Rows,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Layer ``i``'s attention of the decode rows (``q`` ``[B, Hq, D]``, their new ``keys`` and
+        ``values`` ``[B, Hkv, D]``) over the batch's buffer; returns ``[B, Hq, D]``."""
+        b, group, d = q.shape[0], self.heads // self.kv_heads, self.head_dim
+        kv, end = rows.kv, rows.end
+        first = end + 1 - rows.attention_mask.shape[1]
+        kv[i, 0, :b, :, end] = keys
+        kv[i, 1, :b, :, end] = values
+        # Query heads of one key/value head are a "sequence" of `group` queries against it.
+        q = q.reshape(b, self.kv_heads, group, d)
+        live_keys = kv[i, 0, :b, :, first : end + 1]  # [B, Hkv, L + 1, D], in place
+        live_values = kv[i, 1, :b, :, first : end + 1]
+        # Two batched products and a softmax: for one query per head against a short cache this is
+        # faster than the fused attention kernels, which are tuned for long queries.
+        scores = torch.matmul(q, live_keys.transpose(-1, -2)).mul_(self.scaling).add_(bias)  # [B, Hkv, G, L + 1]
+        return torch.matmul(torch.softmax(scores, dim=-1), live_values).view(b, self.heads, d)
+
+
+@dataclass
+class Rows:
+    """The running batch's decode step.
+
+    Attributes:
+        input_ids: ``[B, 1]`` the token each row feeds.
+        position_ids: ``[B, 1]`` its position.
+        attention_mask: ``[B, L + 1]`` 1 where a column of the live region (and the new column
+            ``end``) holds a real token of the row.
+        kv: ``[layers, 2, B_cap, Hkv, L_cap, D]`` the batch's buffer; the live region is the ``L + 1``
+            columns ending at ``end`` (inclusive), and column ``end`` is written here.
+        end: The column this step writes.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    kv: torch.Tensor
+    end: int
+
+
+@dataclass
+class Chunk:
+    """Tokens of one row to prefill, after the ``start`` columns its buffer already holds.
+
+    Attributes:
+        ids: The tokens, at positions ``start`` to ``start + len(ids) - 1``.
+        kv: The row's ``[layers, 2, Hkv, L, D]`` buffer (see :meth:`FastDecoder.new_kv`).
+        start: Columns of ``kv`` computed before (0 for a prompt's first chunk).
+        logits: Whether the next token's logits are wanted (the chunk ends the prompt).
+    """
+
+    ids: Sequence[int]
+    kv: torch.Tensor
+    start: int = 0
+    logits: bool = True
 
 
 def prepare(
@@ -340,7 +390,11 @@ def _difference(decoder: FastDecoder, model: Any, pad_token_id: int, name: str) 
     positions = mask.sum(-1, keepdim=True)  # [rows, 1]
     plain = last_logits(model, name, cache, input_ids=tokens, attention_mask=full, position_ids=positions)
     fast = decoder.decode(tokens, positions, full, kv, end=width)
-    fast_prefill, _ = decoder.prefill(PROBE_PROMPTS, width)
+    # The fast prefill of the same prompts, the longer one in two chunks (its second after a prefix).
+    short, long = PROBE_PROMPTS
+    buffers = [decoder.new_kv(len(short)), decoder.new_kv(len(long))]
+    fast_prefill = decoder.prefill([Chunk(short, buffers[0]), Chunk(long[:2], buffers[1], logits=False)])
+    fast_prefill = torch.cat([fast_prefill, decoder.prefill([Chunk(long[2:], buffers[1], start=2)])])
     return max(
         float((plain - fast).abs().max() / plain.abs().max().clamp(min=1e-6)),
         float((prefill - fast_prefill).abs().max() / prefill.abs().max().clamp(min=1e-6)),
