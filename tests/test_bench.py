@@ -39,6 +39,7 @@ def bench_out(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             "4",
             "--mixed-requests",
             "3",
+            "--no-prefill-workloads",
             "--rate",
             "50",
             "--prompt-range",
@@ -152,3 +153,66 @@ def test_targets_take_the_median_of_round_by_round_ratios() -> None:
     targets = {t["target"]: t for t in evaluate_targets(report)}
     assert targets["burst N=16: tokens/s vs static batching"]["measured"] == pytest.approx(70 / 35)
     assert targets["burst N=16: tokens/s vs static batching"]["how"] == "ratio of medians"
+
+
+def test_prefill_workloads_share_prefixes_as_described(tiny_tokenizer) -> None:
+    from async_llm.bench.workloads import chat_workload, long_prompt_workload, shared_prefix_workload
+
+    chat = chat_workload(tiny_tokenizer, conversations=2, turns=3, sizes=(10, 12, 6))
+    turns = chat.requests
+    assert [r.after for r in turns] == [None, 0, 1, None, 3, 4]
+    assert [r.tag for r in turns] == ["", "", "last"] * 2
+    for earlier, later in zip(turns, turns[1:]):
+        if later.after == earlier.index:  # each turn resends the whole history: the previous prompt is its prefix
+            assert later.prompt_ids[: len(earlier.prompt_ids)] == earlier.prompt_ids
+    for r in turns:
+        assert tuple(tiny_tokenizer(r.text).input_ids) == r.prompt_ids
+    shared = shared_prefix_workload(tiny_tokenizer, requests=4, prefix_tokens=40).requests
+    assert all(r.prompt_ids[:40] == shared[0].prompt_ids[:40] and r.arrival == 0 for r in shared)
+    assert len({r.prompt_ids for r in shared}) == 4
+    long = long_prompt_workload(tiny_tokenizer, streams=3, prompt_tokens=100, stream_tokens=20).requests
+    assert [r.tag for r in long] == ["stream"] * 3 + ["long"] and len(long[-1].prompt_ids) == 100
+
+
+def test_interference_and_last_turn_figures() -> None:
+    from async_llm.bench.metrics import RequestRecord, tagged_figures
+
+    stream = RequestRecord(0, 0.0, token_times=[0.1, 0.2, 0.3, 0.4, 1.0, 1.1, 1.2], tag="stream")
+    long = RequestRecord(1, 0.35, token_times=[0.9, 1.0], tag="long")  # sent at 0.35, first token at 0.9
+    last = RequestRecord(2, 2.0, token_times=[2.5], tag="last")
+    figures = tagged_figures([stream, long, last])
+    assert figures["itl_before_p50_ms"] == pytest.approx(100)  # gaps ending before 0.35: 0.1, 0.1
+    # Gaps overlapping 0.35..0.9: 0.3 -> 0.4 and 0.4 -> 1.0 (p99 interpolated between 100 and 600 ms).
+    assert figures["itl_during_p50_ms"] == pytest.approx(350)
+    assert figures["itl_during_p99_ms"] == pytest.approx(595)
+    assert figures["interference"] == pytest.approx(5.95)
+    assert figures["last_turn_ttft_p50_ms"] == pytest.approx(500)
+
+
+def test_prefill_workloads_run_with_and_without_the_prefix_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The chat turns go out as the previous ones finish; the cache saves prompt tokens; the targets
+    of the prefix cache and chunked prefill are measured (their values are the full run's business)."""
+    code = main(
+        [
+            "--model", str(tiny_model_dir), "--out", str(tmp_path), "--concurrency", "1", "--new-tokens", "2",
+            "--mixed-requests", "0", "--prefill-workloads", "--prefill-scale", "0.05",
+            "--systems", "async_llm,async_llm-no-prefix-cache,transformers-static", "--repeats", "1",
+            "--threads", "1", "--no-isolate", "--no-progress", "--wait-quiet", "0", "--noisy-retries", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    results = report["results"]
+    assert set(results) == {"burst-1", "chat", "shared-prefix", "long-prompt"}
+    assert "transformers-static" not in results["chat"]  # the prefill workloads are for the systems with a cache
+    assert "async_llm-no-prefix-cache" not in results["burst-1"]
+    cached, plain = results["shared-prefix"]["async_llm"], results["shared-prefix"]["async_llm-no-prefix-cache"]
+    assert cached["complete"] and plain["complete"]
+    assert cached["prefill_computed_tokens"] < plain["prefill_computed_tokens"]
+    assert results["chat"]["async_llm"]["prefix_cache_hit_tokens"] > 0
+    assert results["chat"]["async_llm-no-prefix-cache"]["prefix_cache_hit_tokens"] == 0
+    assert results["chat"]["async_llm"]["last_turn_ttft_p50_ms"] > 0
+    assert results["long-prompt"]["async_llm"]["interference"] > 0
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["shared-prefix: prompt tokens computed, <= 1/8 of those without the cache"]["measured"] > 1
+    assert "This workload's own figures" in (tmp_path / "results.md").read_text()

@@ -95,6 +95,18 @@ async def test_set_model_name_switches_and_retires_the_old_engine(tiny_model_dir
         assert old_engine.closed
 
 
+async def test_set_device_and_another_model_clear_the_prefix_cache(llm, tiny_model_dir):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    await llm.acomplete(prompt, chat_template=False, max_tokens=4)
+    assert llm.stats()["prefix_cache_bytes"] > 0
+    await llm.aset_device("cpu")
+    assert llm.stats()["prefix_cache_bytes"] == 0
+    await llm.acomplete(prompt, chat_template=False, max_tokens=4)
+    assert llm.stats()["prefix_cache_bytes"] > 0
+    await asyncio.to_thread(llm.set_model_name, str(tiny_model_dir))
+    assert llm.stats()["prefix_cache_bytes"] == 0
+
+
 async def test_set_device_waits_for_in_flight_requests(llm, tiny_model):
     in_flight = asyncio.ensure_future(llm.acomplete("Hello", max_tokens=30, ignore_eos=True, chat_template=False))
     while llm.stats()["num_running"] == 0:

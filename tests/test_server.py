@@ -407,9 +407,11 @@ def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     assert resolve_api_key("from-flag") == "from-flag"
 
 
-async def test_health_and_prometheus_metrics(client, url):
+async def test_health_and_prometheus_metrics(client, url, llm):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6  # more than two 32-token blocks
     with anyio.fail_after(20):
-        await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        await client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+        await client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{url}/health")).json() == {"status": "ok"}
             response = await http.get(f"{url}/metrics")
@@ -422,8 +424,13 @@ async def test_health_and_prometheus_metrics(client, url):
     assert values["async_llm_requests_running"] == 0 and values["async_llm_requests_waiting"] == 0
     assert values["async_llm_generation_tokens_total"] >= 1
     assert values["async_llm_generation_tokens_per_second"] > 0
-    assert values["async_llm_time_to_first_token_seconds_count"] == 1
-    assert values['async_llm_http_requests_total{endpoint="/v1/completions",status="200"}'] == 1
+    assert values["async_llm_time_to_first_token_seconds_count"] == 2
+    assert values['async_llm_http_requests_total{endpoint="/v1/completions",status="200"}'] == 2
+    stats = llm.stats()  # the prefix cache, as the engine counts it: the second prompt came from it
+    assert values["async_llm_prefix_cache_hits_total"] == stats["prefix_cache_hit_tokens"] >= 64
+    assert values["async_llm_prefix_cache_queries_total"] == stats["prefix_cache_queried_tokens"]
+    assert values["async_llm_prefix_cache_bytes"] == stats["prefix_cache_bytes"] > 0
+    assert values["async_llm_prefill_computed_tokens_total"] == stats["prefill_computed_tokens"]
 
 
 def test_serve_command_defaults_to_loopback():

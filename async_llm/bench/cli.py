@@ -26,6 +26,7 @@ from async_llm.bench.suite import ROOFLINE
 ALL_SYSTEMS = (
     ROOFLINE,
     "async_llm",
+    "async_llm-no-prefix-cache",
     "transformers-static",
     "transformers-cb",
     "transformers-sequential",
@@ -50,6 +51,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "system_timeout": 1800.0,
         "wait_quiet": 300.0,
         "noisy_retries": 2,
+        "prefill_workloads": True,
     },
     "quick": {
         "concurrency": "1,4,16",
@@ -64,6 +66,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "system_timeout": 90.0,
         "wait_quiet": 0.0,
         "noisy_retries": 0,
+        "prefill_workloads": False,
     },
 }
 
@@ -95,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default=None, help="burst levels, e.g. 1,4,16,64")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per burst request (full 64, quick 24)")
     p.add_argument("--mixed-requests", type=int, default=None, help="requests in the mixed workload (0: none)")
+    p.add_argument(
+        "--prefill-workloads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the chat, shared-prefix and long-prompt workloads (prefix cache, chunked prefill; full: on)",
+    )
+    p.add_argument(
+        "--prefill-scale", type=float, default=1.0, help="prompt sizes of the prefill workloads x this (default 1)"
+    )
     p.add_argument("--rate", type=float, default=None, help="mixed arrival rate, requests/s (full 2, quick 4)")
     p.add_argument("--prompt-range", default=None, help="mixed prompt tokens LOW,HIGH (full 16,512)")
     p.add_argument("--output-range", default=None, help="mixed output tokens LOW,HIGH (full 8,256)")
@@ -179,9 +191,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         < 1
         or args.mixed_requests < 0
         or args.rate <= 0
+        or not args.prefill_scale > 0
     ):
         raise argparse.ArgumentTypeError(
-            "--new-tokens, --max-batch-size, --threads and the repeats must be >= 1, --rate > 0, --mixed-requests >= 0"
+            "--new-tokens, --max-batch-size, --threads and the repeats must be >= 1, --rate and --prefill-scale > 0, "
+            "--mixed-requests >= 0"
         )
     return args
 
@@ -265,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from async_llm.bench.report import build_report, write_all
     from async_llm.bench.suite import SuiteOptions, run_suite
     from async_llm.bench.systems import SYSTEMS, SystemConfig
-    from async_llm.bench.workloads import build_workloads
+    from async_llm.bench.workloads import build_workloads, prefill_workloads
 
     try:
         from async_llm.loading.loading import resolve_model_path
@@ -291,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_range,
         args.output_range,
     )
+    if args.prefill_workloads:
+        workloads += prefill_workloads(tokenizer, args.seed, args.prefill_scale)
     gguf_q4 = gguf_f32 = None
     if args.llama_cpp_python and any(s.startswith("llama.cpp") for s in args.systems):
         gguf_q4, gguf_f32 = _gguf_files(args.model)

@@ -48,6 +48,7 @@ class RequestRecord:
         token_times: One timestamp per generated token, in order.
         prompt_tokens: Prompt length as the system saw it.
         expected_tokens: ``max_new_tokens`` of the spec (output is checked against it).
+        tag: The spec's tag (its part in the workload's own figures, see :func:`tagged_figures`).
     """
 
     index: int
@@ -55,6 +56,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     expected_tokens: int = 0
+    tag: str = ""
 
     @property
     def output_tokens(self) -> int:
@@ -124,7 +126,41 @@ def summarise(
         "expected_output_tokens": sum(r.expected_tokens for r in records),
         "makespan_s": makespan,
         "complete": all(r.output_tokens == r.expected_tokens for r in records),
+        **tagged_figures(records),
     }
+
+
+def tagged_figures(records: Sequence[RequestRecord]) -> dict[str, float | None]:
+    """The prefill workloads' own figures, from their tagged requests:
+
+    * ``last_turn_ttft_p50_ms``: time to first token of the conversations' last turns (``"last"``);
+    * with one ``"long"`` request among ``"stream"`` ones: ``itl_before_p50_ms``, the streams' ITL
+      p50 before the long prompt was sent; ``itl_during_p99_ms`` (and ``_p50_``), their gaps that
+      overlap the time from its sending to its first token; ``interference``: during p99 over
+      before p50 (1 = the streams kept their pace).
+    """
+    figures: dict[str, float | None] = {}
+    last = [r.ttft for r in records if r.tag == "last" and r.ttft is not None]
+    if last:
+        figures["last_turn_ttft_p50_ms"] = _pct(last, 50)
+    long = [r for r in records if r.tag == "long"]
+    if len(long) == 1 and long[0].token_times:
+        sent, first = long[0].arrival, long[0].token_times[0]
+        before: list[float] = []
+        during: list[float] = []
+        for r in records:
+            if r.tag == "stream":
+                for a, b in zip(r.token_times, r.token_times[1:]):
+                    if b < sent:
+                        before.append(b - a)
+                    elif a < first:
+                        during.append(b - a)
+        figures["itl_before_p50_ms"] = _pct(before, 50)
+        figures["itl_during_p50_ms"] = _pct(during, 50)
+        figures["itl_during_p99_ms"] = _pct(during, 99)
+        b50, d99 = figures["itl_before_p50_ms"], figures["itl_during_p99_ms"]
+        figures["interference"] = d99 / b50 if b50 and d99 is not None else None
+    return figures
 
 
 class PeakMemory:

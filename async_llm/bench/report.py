@@ -33,6 +33,17 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("peak_gpu_mib", "peak GPU MiB", 0),
 )
 
+#: The prefill workloads' own figures (see ``metrics.tagged_figures``), in their tables.
+PREFILL_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("last_turn_ttft_p50_ms", "last-turn TTFT p50 ms", 1),
+    ("prefill_computed_tokens", "prompt tokens computed", 0),
+    ("prefix_cache_hit_tokens", "prompt tokens from the cache", 0),
+    ("itl_before_p50_ms", "streams' ITL p50 before ms", 1),
+    ("itl_during_p50_ms", "ITL p50 during the long prefill ms", 1),
+    ("itl_during_p99_ms", "ITL p99 during ms", 1),
+    ("interference", "p99 during / p50 before", 2),
+)
+
 #: (label, workload, figure, peer, goal): async_llm's advantage on ``figure`` over ``peer`` must be >= goal
 #: (``> 1`` for "lower than"). The roofline target is handled apart (an overhead ratio, <= its goal).
 TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
@@ -54,6 +65,38 @@ TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
     ("mixed: TTFT p99 lower than vLLM CPU", "mixed", "ttft_p99_ms", "vllm-cpu", 1.0),
     ("burst N=16: TTFT p50 lower than vLLM CPU", "burst-16", "ttft_p50_ms", "vllm-cpu", 1.0),
     ("burst N=64: peak RSS half of vLLM CPU's", "burst-64", "peak_rss_mib", "vllm-cpu", 2.0),
+)
+#: What the prefix cache and chunked prefill must give (issue targets): (label, workload, figure, peer, goal)
+#: as in TARGETS, async_llm against itself without the cache.
+NO_CACHE = "async_llm-no-prefix-cache"
+PREFILL_TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("chat: last-turn TTFT p50, <= 0.25x without the prefix cache", "chat", "last_turn_ttft_p50_ms", NO_CACHE, 4.0),
+    ("shared-prefix: TTFT p50, <= 0.3x without the prefix cache", "shared-prefix", "ttft_p50_ms", NO_CACHE, 1 / 0.3),
+    (
+        "shared-prefix: prompt tokens computed, <= 1/8 of those without the cache",
+        "shared-prefix",
+        "prefill_computed_tokens",
+        NO_CACHE,
+        8.0,
+    ),
+)
+#: The same workloads against vLLM's CPU build (prefix caching and chunked prefill on by default).
+PREFILL_PEER_TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("chat: last-turn TTFT p50 vs vLLM CPU", "chat", "last_turn_ttft_p50_ms", "vllm-cpu", 1.0),
+    ("shared-prefix: TTFT p50 vs vLLM CPU", "shared-prefix", "ttft_p50_ms", "vllm-cpu", 1.0),
+    (
+        "long-prompt: streams' ITL p99 during the long prefill vs vLLM CPU",
+        "long-prompt",
+        "itl_during_p99_ms",
+        "vllm-cpu",
+        1.0,
+    ),
+)
+#: Running streams while a long prompt is prefilled: their ITL p99 meanwhile over their ITL p50 before.
+INTERFERENCE_TARGET = (
+    "long-prompt: streams' ITL p99 during the long prefill / their ITL p50 before",
+    "long-prompt",
+    2.0,
 )
 #: ITL p99 over ITL p50 of async_llm itself (no spikes), at most this.
 SPIKE_TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -117,10 +160,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target with its measured ratio and whether it is met (``None``: could not be measured)."""
     results = report["results"]
     rows = []
-    for label, workload, figure, peer, goal in TARGETS:
+    for label, workload, figure, peer, goal in TARGETS + PREFILL_TARGETS + PREFILL_PEER_TARGETS:
         by_system = results.get(workload, {})
         ratio, how = paired_ratio(by_system.get(BASE, {}), by_system.get(peer, {}), figure)
-        strict = figure != "output_tokens_per_s"  # "lower than": strictly better
+        # "lower than": strictly better; the prefill targets are "at most x times".
+        strict = figure != "output_tokens_per_s" and peer != NO_CACHE
         met = None if ratio is None else (ratio > goal if strict else ratio >= goal)
         rows.append(
             {"target": label, "measured": ratio, "goal": f"{'>' if strict else '>='} {goal}", "met": met, "how": how}
@@ -160,6 +204,10 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "how": how,
             }
         )
+    label, workload, goal = INTERFERENCE_TARGET
+    ratio = _figure(results, workload, BASE, "interference")
+    met = None if ratio is None else ratio <= goal
+    rows.append({"target": label, "measured": ratio, "goal": f"<= {goal}", "met": met, "how": "one round"})
     for label, workload, goal in SPIKE_TARGETS:
         p99, p50 = (_figure(results, workload, BASE, f) for f in ("itl_p99_ms", "itl_p50_ms"))
         ratio = None if p99 is None or p50 is None or p50 <= 0 else p99 / p50
@@ -297,6 +345,15 @@ def to_markdown(report: dict[str, Any]) -> str:
         out += _table(["System"] + [h for _, h, _ in columns], value_rows)
         out += ["", "Ratios vs async_llm (> 1: async_llm better):", ""]
         out += _table(["System"] + [f"{h} ratio" for _, h, _ in columns], ratio_rows)
+        own = [c for c in PREFILL_COLUMNS if any(_figure(results, workload, s, c[0]) is not None for s in systems)]
+        if own:
+            out += ["", "This workload's own figures:", ""]
+            rows = [
+                [s] + [_fmt(by_system.get(s, {}).get(f), d) for f, _, d in own]
+                for s in systems
+                if by_system.get(s) and "skipped" not in by_system[s]
+            ]
+            out += _table(["System"] + [h for _, h, _ in own], rows)
     if roof:
         out += ["", "## Roofline: bare batched forwards vs async_llm's step", ""]
         rows = []
@@ -347,11 +404,24 @@ def _describe(w: dict[str, Any]) -> str:
     if not w:
         return ""
     p, o = w["prompt_tokens"], w["output_tokens"]
-    head = (
-        f"{w['num_requests']} requests at once"
-        if w["kind"] == "burst"
-        else f"{w['num_requests']} requests, Poisson arrivals at {w['rate']}/s ({w['length_distribution']})"
-    )
+    heads = {
+        "burst": f"{w['num_requests']} requests at once",
+        "mixed": (
+            f"{w['num_requests']} requests, Poisson arrivals at {w.get('rate')}/s ({w.get('length_distribution')})"
+        ),
+        "chat": (
+            f"{w.get('conversations')} conversations of {w.get('turns')} turns, each turn resending the whole "
+            "history and sent when the previous one finished"
+        ),
+        "shared-prefix": (
+            f"{w['num_requests']} requests at once behind one {w.get('prefix_tokens')}-token system prompt"
+        ),
+        "long-prompt": (
+            f"{w.get('streams')} streams decoding from t=0, a {w.get('long_prompt_tokens')}-token prompt "
+            f"arriving at {w.get('long_prompt_arrival_s')} s"
+        ),
+    }
+    head = heads.get(w["kind"], f"{w['num_requests']} requests")
     return (
         f"{head}; prompt tokens {p['min']}..{p['max']} (median {p['median']}), output tokens "
         f"{o['min']}..{o['max']} (median {o['median']}), {w['total_output_tokens']} output tokens in all."

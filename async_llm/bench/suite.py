@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from async_llm.bench.session import ROOFLINE, Event, Session, serve
-from async_llm.bench.workloads import Workload
+from async_llm.bench.workloads import PREFILL_KINDS, Workload
 
 BASE = "async_llm"
 
@@ -55,9 +55,18 @@ SEQUENTIAL_MAX_BURST = 16
 
 
 def _applies(name: str, workload: Workload) -> bool:
+    from async_llm.bench.systems import SYSTEMS
+
+    if name == ROOFLINE:
+        return workload.kind == "burst"
+    runner = SYSTEMS[name]
+    if workload.kind in PREFILL_KINDS:  # the systems with a prefix cache and chunked prefill (and async_llm without)
+        return runner.prefill_workloads
+    if runner.prefill_only:
+        return False
     if name == "transformers-sequential" and workload.concurrency is not None:
         return workload.concurrency <= SEQUENTIAL_MAX_BURST
-    return name != ROOFLINE or workload.kind == "burst"
+    return True
 
 
 def _machine_busy() -> float:

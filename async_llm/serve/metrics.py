@@ -74,6 +74,25 @@ class _EngineCollector(Collector):
         for outcome in ("finished", "aborted", "failed"):
             engine_requests.add_metric([outcome], stats[f"num_{outcome}"])
         yield engine_requests
+        # The prefix cache, with vLLM's names (their ratio is the hit rate).
+        yield CounterMetricFamily(
+            "async_llm_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.get("prefix_cache_queried_tokens", 0),
+        )
+        yield CounterMetricFamily(
+            "async_llm_prefix_cache_hits",
+            "Prompt tokens whose keys and values came from the prefix cache.",
+            stats.get("prefix_cache_hit_tokens", 0),
+        )
+        yield GaugeMetricFamily(
+            "async_llm_prefix_cache_bytes", "Bytes the prefix cache holds.", stats.get("prefix_cache_bytes", 0)
+        )
+        yield CounterMetricFamily(
+            "async_llm_prefill_computed_tokens",
+            "Prompt tokens run through the model (not taken from the cache).",
+            stats.get("prefill_computed_tokens", 0),
+        )
 
 
 class ServerMetrics:

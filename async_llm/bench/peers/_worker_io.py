@@ -1,11 +1,13 @@
 """The worker side of the JSON-lines protocol shared by the peer scripts (standard library only).
 
 suite -> worker   {"cmd": "run", "start": T, "requests": [{"index", "prompt_ids", "max_new_tokens",
-                   "arrival"}, ...]}      arrival: seconds after T (time.perf_counter, one clock
-                                           for every process on the machine)
+                   "arrival", "after"}, ...]}   arrival: seconds after T (time.perf_counter, one clock
+                                           for every process on the machine); with "after" (an
+                                           index), seconds after that request finished
                   {"cmd": "stop"}
 worker -> suite   {"ready": true} | {"error": "..."}    once, after loading
-                  {"done": index, "token_times": [...]} per finished request
+                  {"done": index, "token_times": [...], "sent": t | null} per finished request
+                                           (sent: when a dependent request went out)
                   {"idle": true}                         after each run
                   {"failed": "..."}                      a run that raised
 """
@@ -19,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-Done = Callable[[int, list[float]], None]
+Done = Callable[..., None]  # (index, token_times, sent=None): sent is when a dependent request went out
 RunFn = Callable[[float, list[dict[str, Any]], Done], None]
 
 
@@ -56,7 +58,9 @@ def serve(load: Callable[[dict[str, Any]], RunFn]) -> None:
             break
         try:
             run(
-                command["start"], command["requests"], lambda index, times: _send({"done": index, "token_times": times})
+                command["start"],
+                command["requests"],
+                lambda index, times, sent=None: _send({"done": index, "token_times": times, "sent": sent}),
             )
         except Exception as exc:  # noqa: BLE001  # the run's error, reported; the worker keeps serving
             traceback.print_exc()

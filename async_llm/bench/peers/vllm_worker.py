@@ -32,8 +32,12 @@ def load(config: dict[str, Any]) -> RunFn:
     engine = loop.run_until_complete(_make(AsyncLLM, args))
     ids = itertools.count()
 
-    async def one(spec: dict[str, Any], start: float, done: Done) -> None:
-        await asyncio.sleep(max(0.0, start + spec["arrival"] - time.perf_counter()))
+    async def one(spec: dict[str, Any], start: float, done: Done, finished: dict[int, asyncio.Event]) -> None:
+        sent = None
+        if spec.get("after") is not None:  # the previous turn first; then `arrival` counts from its end
+            await finished[spec["after"]].wait()
+            sent = time.perf_counter() + spec["arrival"]
+        await asyncio.sleep(max(0.0, (sent or start + spec["arrival"]) - time.perf_counter()))
         n = spec["max_new_tokens"]
         params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
         times: list[float] = []
@@ -44,11 +48,13 @@ def load(config: dict[str, Any]) -> RunFn:
             now = time.perf_counter()
             times.extend([now] * (count - seen))
             seen = count
-        done(spec["index"], times)
+        finished[spec["index"]].set()
+        done(spec["index"], times, sent)
 
     def run(start: float, requests: list[dict[str, Any]], done: Done) -> None:
         async def all_of_them() -> None:
-            await asyncio.gather(*(one(spec, start, done) for spec in requests))
+            finished = {spec["index"]: asyncio.Event() for spec in requests}
+            await asyncio.gather(*(one(spec, start, done, finished) for spec in requests))
 
         loop.run_until_complete(all_of_them())
 
