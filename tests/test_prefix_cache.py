@@ -201,3 +201,30 @@ async def test_concurrent_prompts_behind_one_prefix_compute_it_once(llm):
     for r in together:
         assert r.token_ids == reference_ids(llm.model, r.prompt_token_ids, 6)[: len(r.token_ids)]
     assert llm.stats()["num_failed"] == 0
+
+
+async def test_a_cache_smaller_than_the_prompts_evicts_and_stays_exact(tiny_model, tiny_tokenizer):
+    results = {}
+    for budget in (20_000, None):  # about one 32-token block of the tiny model, and the default
+        async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, prefix_cache_bytes=budget) as llm:
+            results[budget] = await _greedy(llm, [BASE, *FOLLOW_UPS, BASE])
+            stats = llm.stats()
+            if budget is not None:
+                assert 0 < stats["prefix_cache_bytes"] <= budget and stats["num_failed"] == 0
+    assert results[20_000] == results[None]
+
+
+def test_waiting_prompts_share_a_chunk_budget_oldest_first():
+    """The planner's budget goes to the oldest prompts first; a prompt that does not fit gets a chunk."""
+    from async_llm.engine.prefill import Prefiller, PrefillState
+
+    prefiller = Prefiller(model=None, cache_kwarg="cache", pad_token_id=0, overhead_tokens=48, pair_cost=0.0,
+                          prefix_cache=None)  # fmt: skip
+    prefiller.can_resume, prefiller.fast = True, object()  # as with the fast step
+    first, second, third = (PrefillState([], list(range(n))) for n in (6, 8, 5))
+    prefiller.states = [first, second, third]
+    (work,) = prefiller.plan(10)
+    assert work.mode == "fast" and [(s, n) for s, n in work.items] == [(first, 6), (second, 4)]
+    prefiller.can_resume = False  # a model that cannot continue a prefill: whole prompts, at least one
+    works = prefiller.plan(3)
+    assert [n for w in works for _, n in w.items] == [6]

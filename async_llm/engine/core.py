@@ -75,11 +75,12 @@ class Engine(Worker):
             Default: :func:`default_prefix_cache_bytes`.
         prefill_chunk_tokens: Most prompt tokens prefilled in one step while rows are decoding:
             a longer prompt is prefilled in chunks with a decode step of the batch between two, so
-            running streams keep their pace. None (the default) sizes each chunk from the measured
-            times of decode steps and prefill tokens, to add about 0.3 of one decode step to it
-            with the fast step, 256 tokens otherwise (see
-            :class:`~async_llm.engine.prefill.ChunkBudget`). With no row decoding a step takes up
-            to ``max_prefill_tokens``.
+            running streams keep their pace. None (the default): a prompt whose rest is at most 256
+            tokens is finished in one step; longer ones go in chunks sized from the measured times
+            of decode steps and prefill tokens to add about a quarter of a decode step to it with
+            the fast step, of 256 tokens otherwise (see
+            :class:`~async_llm.engine.prefill.ChunkBudget`). A number fixes both. With no row
+            decoding a step takes up to ``max_prefill_tokens``.
     """
 
     def __init__(
@@ -207,8 +208,10 @@ class Engine(Worker):
             log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
         self.prefiller.add(new)
         # With rows decoding, a long prompt goes in chunks between their steps; else as much as allowed.
-        budget = self.chunk_budget.tokens() if self.batch.size else self.scheduler.max_prefill_tokens
-        works = self.prefiller.plan(budget)
+        if self.batch.size:
+            works = self.prefiller.plan(self.chunk_budget.tokens(), self.chunk_budget.whole())
+        else:
+            works = self.prefiller.plan(self.scheduler.max_prefill_tokens)
         if self.batch.size and works and works[0].mode == "fast":  # one forward: chunks ride with the decode
             self._run_mixed(works[0], out)
             return True

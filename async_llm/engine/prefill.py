@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
 from async_llm.engine.model_api import PROBE_PROMPTS, last_logits, layer_kv, probe_batch
-from async_llm.engine.prefix_cache import PrefixCache
+from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
 from async_llm.engine.scheduler import prefill_groups
 from async_llm.log import get_logger
@@ -53,6 +53,9 @@ class PrefillState:
     cached: int = 0  # of which came from the prefix cache
     started: bool = False  # a forward has computed some of it
     chain: list[int] = field(default_factory=list, repr=False)  # chained hashes of its full blocks
+    # The cached prefix's blocks until the state's first forward copies them into kv (a prompt that
+    # waits for its turn holds no buffer of its own).
+    prefix: PrefixHit | None = field(default=None, repr=False)
     logits: torch.Tensor | None = field(default=None, repr=False)  # [V] once the last token ran
 
     @property
@@ -83,6 +86,9 @@ def _sliding(model: Any) -> bool:
 
 #: The chunk of a prefill that runs as a forward of its own (the transformers path), when not fixed.
 UNFUSED_CHUNK_TOKENS = 256
+#: Prompts (or the rests of long ones) up to this many tokens are prefilled in one step even while
+#: rows decode (see ChunkBudget.whole), unless the chunk size is fixed.
+WHOLE_PROMPT_TOKENS = 256
 
 
 class ChunkBudget:
@@ -101,7 +107,7 @@ class ChunkBudget:
         smallest, largest: Bounds of the measured budget (a prompt always progresses).
     """
 
-    def __init__(self, tokens: int | None = None, share: float = 0.3, smallest: int = 4, largest: int = 2048) -> None:
+    def __init__(self, tokens: int | None = None, share: float = 0.25, smallest: int = 2, largest: int = 2048) -> None:
         self.fixed = tokens
         self.fused = True  # chunks run in the decode step's forward (else: UNFUSED_CHUNK_TOKENS)
         self.share, self.smallest, self.largest = share, smallest, largest
@@ -116,6 +122,11 @@ class ChunkBudget:
         if self._decode_s is None or self._token_s is None:
             return 4 * self.smallest  # nothing measured yet
         return int(min(self.largest, max(self.smallest, self.share * self._decode_s / self._token_s)))
+
+    def whole(self) -> int:
+        """Tokens of prompts (or their rests) finished in one step however long it takes: a short
+        prompt costs the running streams one longer step rather than many slower ones."""
+        return self.fixed if self.fixed is not None else WHOLE_PROMPT_TOKENS
 
     def record_decode(self, seconds: float) -> None:
         self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
@@ -254,10 +265,10 @@ class Prefiller:
         hit = cache.match(state.tokens, count=count)
         if hit.tokens <= state.done:
             return
-        layers, _, heads, _, head_dim = hit.blocks[0].shape
         if state.kv is None:
-            state.kv = hit.blocks[0].new_empty(layers, 2, heads, len(state.tokens), head_dim)
-        hit.copy_into(state.kv)
+            state.prefix = hit
+        else:
+            hit.copy_into(state.kv)
         cache.hit_tokens += hit.tokens - state.cached
         state.done = state.cached = hit.tokens
 
@@ -309,9 +320,14 @@ class Prefiller:
                 owners.setdefault(h, state)
         return waiting, stops
 
-    def plan(self, budget: int) -> list[Work]:
-        """The forwards of this step: states oldest first, up to ``budget`` tokens in all (a state
-        that cannot be chunked is taken whole, and the first state always gets some work)."""
+    def plan(self, budget: int, whole: int = 0) -> list[Work]:
+        """The forwards of this step, states oldest first: prompts whose rest fits in ``whole``
+        tokens (in all) are finished in this step; the others get chunks of ``budget`` tokens in
+        all. A state that cannot be chunked is taken whole, and the first state always gets some
+        work.
+
+        ``whole`` bounds the stall a short prompt may cost running streams (one step of that many
+        tokens) and spares it the slow progress of small chunks; ``budget`` paces long prompts."""
         items: list[tuple[PrefillState, int]] = []
         waiting, stops = self._shared()
         for state in self.states:
@@ -320,14 +336,17 @@ class Prefiller:
             take = state.remaining
             if id(state) in stops:
                 take = min(take, stops[id(state)] - state.done)
-            if not self.can_resume and items and take > budget:
+            if take <= whole:
+                whole -= take
+            elif not self.can_resume and items and take > budget:
                 break
-            if self.can_resume:
-                take = min(take, budget)
-            if take <= 0:
-                break
+            else:
+                if self.can_resume:
+                    take = min(take, budget)
+                if take <= 0:
+                    continue
+                budget -= take
             items.append((state, take))
-            budget -= take
         if not items:
             return []
         if self.fast is not None:
@@ -343,8 +362,8 @@ class Prefiller:
             self.can_pack,
             min_saving=PREFILL_MIN_SAVING,
         )
-        whole = [Work([fresh[i] for i in group], "packed" if packed else "padded") for group, packed in groups]
-        return [*whole, *works]
+        forwards = [Work([fresh[i] for i in group], "packed" if packed else "padded") for group, packed in groups]
+        return [*forwards, *works]
 
     def run(self, work: Work, rows: Rows | None = None) -> list[PrefillState]:
         """Compute ``work`` (with the batch's decode ``rows`` in the same forward, for the fast step:
@@ -356,6 +375,7 @@ class Prefiller:
             raise ValueError("only the fast step runs decode rows with a prefill")
         elif work.mode == "resume":
             ((state, n),) = work.items
+            self._materialize(state, None)
             logits, kv = self._forward_resume(state.tokens, state.kv, state.done, n)
             if state.kv is None:
                 state.kv = kv.new_empty(*kv.shape[:3], len(state.tokens), kv.shape[4])
@@ -376,12 +396,26 @@ class Prefiller:
         self.states = [s for s in self.states if s.remaining > 0]
         return done
 
+    @staticmethod
+    def _materialize(state: PrefillState, fast: FastDecoder | None) -> None:
+        """Give ``state`` its buffer (the fast step's layout, or the cached blocks') with its cached
+        prefix copied in, before its first forward."""
+        if state.kv is None:
+            if fast is not None:
+                state.kv = fast.new_kv(len(state.tokens))
+            elif state.prefix is not None:
+                layers, _, heads, _, head_dim = state.prefix.blocks[0].shape
+                state.kv = state.prefix.blocks[0].new_empty(layers, 2, heads, len(state.tokens), head_dim)
+        if state.prefix is not None and state.kv is not None:
+            state.prefix.copy_into(state.kv)
+            state.prefix = None
+
     def _run_fast(self, items: list[tuple[PrefillState, int]], rows: Rows | None) -> torch.Tensor:
         assert self.fast is not None
         chunks = []
         for state, n in items:
-            if state.kv is None:
-                state.kv = self.fast.new_kv(len(state.tokens))
+            self._materialize(state, self.fast)
+            assert state.kv is not None
             last = state.done + n == len(state.tokens)
             chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
         decode_logits, logits = self.fast.step(rows, chunks)  # [B, V], [completed, V]

@@ -135,11 +135,12 @@ class HuggingFaceLLM(BaseLLM):
             accelerator's free memory at start on CUDA.
         prefill_chunk_tokens: Most prompt tokens prefilled in one step while other requests are
             decoding: a longer prompt is prefilled in chunks, the running streams taking a step
-            between two, so one long prompt never freezes them. None (the default) sizes each
-            chunk with the fast step (where chunks ride in the decode step's forward) to add about
-            0.3 of a decode step, from times measured as the engine runs, so streams keep about
-            two thirds of their pace or more; 256 tokens with the transformers forward. A number
-            fixes it: larger chunks give the long prompt its first token sooner.
+            between two, so one long prompt never freezes them. None (the default): prompts (or
+            the rests of long ones) of up to 256 tokens are prefilled in one step; longer ones go in
+            chunks that, with the fast step (where chunks ride in the decode step's forward), add
+            about a quarter of a decode step, sized from times measured as the engine runs; 256
+            tokens with the transformers forward. A number fixes both: larger chunks give a long
+            prompt its first token sooner, at the running streams' expense.
         system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
