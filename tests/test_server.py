@@ -182,6 +182,17 @@ BAD_REQUESTS = [
     ({"prompt": "Hi", "seed": -1}, "seed"),
     ({"prompt": "Hi", "presence_penalty": 3}, "presence_penalty"),
     ({"prompt": "Hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "Hi", "logprobs": 0}, "logprobs"),  # a count here: 0 is the sampled token's own logprob
+    # vLLM's fields that would change the answer: refused, never silently ignored.
+    ({"prompt": "Hi", "guided_choice": ["yes", "no"]}, "guided_choice"),
+    ({"prompt": "Hi", "guided_grammar": "root ::= [a-z]+"}, "guided_grammar"),
+    ({"prompt": "Hi", "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "Hi", "stop_token_ids": [5]}, "stop_token_ids"),
+    ({"prompt": "Hi", "allowed_token_ids": [5, 6]}, "allowed_token_ids"),
+    ({"prompt": "Hi", "bad_words": ["x"]}, "bad_words"),
+    ({"prompt": "Hi", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"prompt": "Hi", "skip_special_tokens": False}, "skip_special_tokens"),
+    ({"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
     ({"prompt": "Hi", "max_tokens": 5000}, "prompt"),  # beyond the model's context
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -210,6 +221,8 @@ BAD_CHATS = [
     ),
     ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": CHAT, "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}, "chat_template_kwargs"),
+    ({"messages": CHAT, "extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
 ]
 
 

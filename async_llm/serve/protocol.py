@@ -32,6 +32,18 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),
     "guided_json": (None,),
     "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    # vLLM's token controls and output options (accepted by its server, and by the openai client
+    # through extra_body): each would change the answer if ignored.
+    "min_tokens": (None, 0),
+    "stop_token_ids": (None, []),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "prompt_logprobs": (None,),
+    "chat_template_kwargs": (None, {}),
 }
 
 
@@ -146,6 +158,10 @@ def check_unsupported(request: SamplingRequest) -> None:
     for name, neutral in _UNSUPPORTED.items():
         if name in extra and extra[name] not in neutral:
             raise APIError(400, f"{name} is not supported by this server", param=name)
+        # Completions' logprobs is a count: 0 asks for the sampled token's own logprob, not for none.
+        value = extra.get(name)
+        if name == "logprobs" and isinstance(request, CompletionRequest) and value == 0 and value is not False:
+            raise APIError(400, "logprobs is not supported by this server", param=name)
     if request.best_of is not None and request.best_of != request.n:
         raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of")
 
