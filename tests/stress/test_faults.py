@@ -14,16 +14,21 @@ from tests.stress.conftest import scaled
 
 
 async def test_forward_failing_repeatedly_fails_those_steps_only(llm, monkeypatch):
-    forward = llm.model.forward
+    """Whichever forward runs (the fast step's, or the transformers model's) fails while broken."""
     state = {"failures": 0, "broken": True}
 
-    def broken(*args, **kwargs):
-        if state["broken"]:
-            state["failures"] += 1
-            raise RuntimeError("injected: device error")
-        return forward(*args, **kwargs)
+    def breakable(forward):
+        def broken(*args, **kwargs):
+            if state["broken"]:
+                state["failures"] += 1
+                raise RuntimeError("injected: device error")
+            return forward(*args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "forward", broken)
+        return broken
+
+    monkeypatch.setattr(llm.model, "forward", breakable(llm.model.forward))
+    if llm.engine.fast_decoder is not None:
+        monkeypatch.setattr(llm.engine.fast_decoder, "step", breakable(llm.engine.fast_decoder.step))
     n = scaled(40, minimum=10)
 
     async def wave(i: int):
