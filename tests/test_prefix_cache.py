@@ -15,6 +15,7 @@ import transformers
 from async_llm import HuggingFaceLLM
 from async_llm.engine.prefix_cache import PrefixCache
 from tests.conftest import reference_ids
+from tests.test_prefix_cache_architectures import BASE, CONFIGS, FOLLOW_UPS
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -72,44 +73,11 @@ def test_a_zero_budget_keeps_nothing():
 
 
 # -- in the engine ------------------------------------------------------------------------------------
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    initializer_range=0.3,
-    eos_token_id=2,
-    pad_token_id=0,
-    bos_token_id=1,
-)
-
-
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=1024, eos_token_id=2, bos_token_id=1
-        )
-        return transformers.GPT2LMHeadModel(config).eval()
-    config_class = {
-        "llama": transformers.LlamaConfig,
-        "qwen2": transformers.Qwen2Config,
-        "mistral with a sliding window": transformers.MistralConfig,
-    }[name]
-    extra = {"sliding_window": 16} if name.startswith("mistral") else {}
-    if name == "qwen2":
-        extra = {"use_sliding_window": False}
-    return transformers.AutoModelForCausalLM.from_config(config_class(vocab_size=400, **SMALL, **extra)).eval()
-
-
-BASE = "The quick brown fox jumps over the lazy dog. " * 6  # ~80 tokens: two full blocks and more
-FOLLOW_UPS = [
-    BASE,  # all of it cached (the last token still runs)
-    BASE[: len(BASE) // 2] + "What is the capital of France?",  # about half
-    "Continuous batching lets many requests share one forward pass. " * 3,  # nothing in common
-]
+    config = CONFIGS[name]()
+    config.initializer_range = 0.3
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 async def _greedy(llm: HuggingFaceLLM, prompts: list[str], **kwargs) -> list[list[int]]:
@@ -143,7 +111,7 @@ async def test_greedy_tokens_are_the_same_with_the_cache_on_and_off(name, fast_p
 
 async def test_a_sliding_window_model_turns_the_cache_off_and_says_why(tiny_tokenizer, caplog):
     caplog.set_level(logging.INFO, logger="async_llm")
-    model = _model("mistral with a sliding window")
+    model = _model("gemma2 (sliding window)")
     async with HuggingFaceLLM(model=model, tokenizer=tiny_tokenizer, pad_token_id=0) as llm:
         got = await _greedy(llm, [BASE, BASE])
         assert llm.engine.prefix_cache is None and llm.stats()["prefix_cache_hit_tokens"] == 0

@@ -9,7 +9,13 @@ import torch
 import transformers
 
 from async_llm import HuggingFaceLLM
-from tests.test_prefix_cache import BASE, FOLLOW_UPS
+
+BASE = "The quick brown fox jumps over the lazy dog. " * 6  # ~80 tokens: two full blocks and more
+FOLLOW_UPS = [
+    BASE,  # all of it cached (the last token still runs)
+    BASE[: len(BASE) // 2] + "What is the capital of France?",  # about half
+    "Continuous batching lets many requests share one forward pass. " * 3,  # nothing in common
+]
 
 V = 400
 COMMON = dict(
