@@ -17,11 +17,11 @@ from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.fast_decode import FastDecoder, Rows, prepare
 from async_llm.engine.model_api import cache_kwarg, input_device, last_logits
 from async_llm.engine.output import StepOutputs
-from async_llm.engine.prefill import ChunkBudget, Prefiller, PrefillState, Work
+from async_llm.engine.prefill import Prefiller, PrefillState, Work
 from async_llm.engine.prefix_cache import PrefixCache
 from async_llm.engine.request import FinishReason, Request
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
-from async_llm.engine.scheduler import Scheduler
+from async_llm.engine.scheduler import ChunkBudget, Scheduler
 from async_llm.engine.worker import Worker
 from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
@@ -79,7 +79,7 @@ class Engine(Worker):
             tokens is finished in one step; longer ones go in chunks sized from the measured times
             of decode steps and prefill tokens to add about a quarter of a decode step to it with
             the fast step, of 256 tokens otherwise (see
-            :class:`~async_llm.engine.prefill.ChunkBudget`). A number fixes both. With no row
+            :class:`~async_llm.engine.scheduler.ChunkBudget`). A number fixes both. With no row
             decoding a step takes up to ``max_prefill_tokens``.
     """
 

@@ -11,10 +11,13 @@ and the batch decodes between its chunks.
 Two ways to compute:
   * the fast step (:mod:`async_llm.engine.fast_decode`): every chunk of the step packed along one token
     axis, after whatever its buffer holds;
-  * the transformers forward: prompts computed whole from nothing are padded or packed together as
-    :func:`prefill_groups` finds cheapest; a chunk after a prefix runs alone, with the prefix passed
-    as the model's cache. Models where that does not give the logits of a whole prefill (checked at
-    start-up) are prefilled whole and keep no prefix cache.
+  * the transformers forward (:mod:`async_llm.engine.transformers_prefill`): prompts computed
+    whole from nothing are padded or packed together as :func:`prefill_groups` finds cheapest; a
+    chunk after a prefix runs alone, with the prefix passed as the model's cache. Models where that
+    does not give the logits of a whole prefill (checked at start-up) are prefilled whole and keep
+    no prefix cache.
+
+How many tokens a step takes is :class:`~async_llm.engine.scheduler.ChunkBudget`'s call.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
-from async_llm.engine.model_api import PROBE_PROMPTS, last_logits, layer_kv, probe_batch
+from async_llm.engine.model_api import PROBE_PROMPTS, probe_batch
 from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
 from async_llm.engine.scheduler import prefill_groups
+from async_llm.engine.transformers_prefill import forward_packed, forward_padded, forward_resume, sliding
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.prefill")
@@ -38,8 +41,6 @@ log = get_logger("async_llm.engine.prefill")
 #: Prompts admitted together are prefilled in several forwards only when that saves at least this
 #: share of the compute of one (see :func:`prefill_groups`).
 PREFILL_MIN_SAVING = 0.25
-
-_KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(eq=False)
@@ -75,72 +76,6 @@ class Work:
     @property
     def requests(self) -> list[Request]:
         return [r for state, _ in self.items for r in state.requests]
-
-
-def _sliding(model: Any) -> bool:
-    config = model.config.get_text_config()
-    return bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    )
-
-
-#: The chunk of a prefill that runs as a forward of its own (the transformers path), when not fixed.
-UNFUSED_CHUNK_TOKENS = 256
-#: Prompts (or the rests of long ones) up to this many tokens are prefilled in one step even while
-#: rows decode (see ChunkBudget.whole), unless the chunk size is fixed.
-WHOLE_PROMPT_TOKENS = 256
-
-
-class ChunkBudget:
-    """How many prompt tokens a step prefills while rows are decoding.
-
-    Fixed (``tokens``; :data:`UNFUSED_CHUNK_TOKENS` by default where a chunk is a forward of its
-    own), or, by default with the fast step, sized so that a step's prefill takes about ``share`` of one
-    decode step of the running batch: running streams then keep at least ``1 / (1 + share)`` of
-    their pace whatever the prompt, and a long prompt still makes progress every step. Both times
-    are measured as the engine runs (exponential averages); the cost of a prompt token grows with
-    the context before it (attention), and the last chunks measured are those of the same prompt.
-
-    Args:
-        tokens: A fixed budget, or None for the measured one.
-        share: The measured budget's prefill time per decode time.
-        smallest, largest: Bounds of the measured budget (a prompt always progresses).
-    """
-
-    def __init__(self, tokens: int | None = None, share: float = 0.25, smallest: int = 2, largest: int = 2048) -> None:
-        self.fixed = tokens
-        self.fused = True  # chunks run in the decode step's forward (else: UNFUSED_CHUNK_TOKENS)
-        self.share, self.smallest, self.largest = share, smallest, largest
-        self._decode_s: float | None = None  # one decode step of the running batch
-        self._token_s: float | None = None  # one prefill token
-
-    def tokens(self) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        if not self.fused:
-            return UNFUSED_CHUNK_TOKENS
-        if self._decode_s is None or self._token_s is None:
-            return 4 * self.smallest  # nothing measured yet
-        return int(min(self.largest, max(self.smallest, self.share * self._decode_s / self._token_s)))
-
-    def whole(self) -> int:
-        """Tokens of prompts (or their rests) finished in one step however long it takes: a short
-        prompt costs the running streams one longer step rather than many slower ones."""
-        return self.fixed if self.fixed is not None else WHOLE_PROMPT_TOKENS
-
-    def record_decode(self, seconds: float) -> None:
-        self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
-
-    def record_prefill(self, tokens: int, seconds: float, with_decode: bool = False) -> None:
-        """A forward that prefilled ``tokens`` in ``seconds`` (with the decode rows: only the time
-        beyond a decode step counts)."""
-        if with_decode:
-            if self._decode_s is None:
-                return
-            seconds = max(seconds - self._decode_s, 0.1 * seconds)
-        if tokens > 0:
-            rate = seconds / tokens
-            self._token_s = rate if self._token_s is None else 0.5 * self._token_s + 0.5 * rate
 
 
 def _chain(tokens: Sequence[int], size: int) -> list[int]:
@@ -198,7 +133,7 @@ class Prefiller:
         if fast is not None:
             self.can_resume = True
             return
-        why = "sliding-window attention layers" if _sliding(self.model) else self._resume_disagrees()
+        why = "sliding-window attention layers" if sliding(self.model) else self._resume_disagrees()
         self.can_resume = why is None
         if why is not None:
             log.info("prefix cache and chunked prefill off for this model; prompts prefill whole", reason=why)
@@ -207,13 +142,13 @@ class Prefiller:
         """A packed prefill of two short prompts gives this model's padded logits. An architecture
         that does not honour a custom 4-D mask, or derives something else from the 2-D one (ALiBi
         biases, for one), would not; it then keeps padded prefills only."""
-        if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or _sliding(self.model):
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or sliding(self.model):
             return False
         ids, mask = probe_batch(self.pad_token_id, self.device)
         try:
             with torch.inference_mode():
-                padded, _ = self._forward_padded(ids, mask)
-                packed, _ = self._forward_packed([list(p) for p in PROBE_PROMPTS], ids.shape[1])
+                padded, _ = forward_padded(self.model, self.cache_kwarg, ids, mask)
+                packed, _ = forward_packed(self.model, self.cache_kwarg, [list(p) for p in PROBE_PROMPTS], ids.shape[1])
         except torch.OutOfMemoryError:
             raise  # not a property of the architecture: the model does not fit, say so
         except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain
@@ -230,9 +165,9 @@ class Prefiller:
         tokens = list(PROBE_PROMPTS[1])
         try:
             with torch.inference_mode():
-                whole = self._forward_resume(tokens, None, 0, len(tokens))[0]
-                kv = self._forward_resume(tokens, None, 0, 2)[1]
-                resumed = self._forward_resume(tokens, kv, 2, len(tokens) - 2)[0]
+                whole = forward_resume(self.model, self.cache_kwarg, tokens, None, 0, len(tokens))[0]
+                kv = forward_resume(self.model, self.cache_kwarg, tokens, None, 0, 2)[1]
+                resumed = forward_resume(self.model, self.cache_kwarg, tokens, kv, 2, len(tokens) - 2)[0]
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001  # whatever the model rejects, whole prefills remain
@@ -376,7 +311,7 @@ class Prefiller:
         elif work.mode == "resume":
             ((state, n),) = work.items
             self._materialize(state, None)
-            logits, kv = self._forward_resume(state.tokens, state.kv, state.done, n)
+            logits, kv = forward_resume(self.model, self.cache_kwarg, state.tokens, state.kv, state.done, n)
             if state.kv is None:
                 state.kv = kv.new_empty(*kv.shape[:3], len(state.tokens), kv.shape[4])
             state.kv[:, :, :, state.done : state.done + n] = kv[:, :, :, state.done :]
@@ -427,90 +362,15 @@ class Prefiller:
         """Transformers prefill of whole prompts, padded or packed; each state gets its columns."""
         u, p = len(states), max(len(s.tokens) for s in states)
         if packed:
-            logits, kv = self._forward_packed([s.tokens for s in states], p)
+            logits, kv = forward_packed(self.model, self.cache_kwarg, [s.tokens for s in states], p)
         else:
             ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros(u, p, dtype=torch.long)
             for i, state in enumerate(states):  # left padding: prompts are right-aligned
                 ids[i, p - len(state.tokens) :] = torch.tensor(state.tokens)
                 mask[i, p - len(state.tokens) :] = 1
-            logits, kv = self._forward_padded(ids.to(self.device), mask.to(self.device))
+            logits, kv = forward_padded(self.model, self.cache_kwarg, ids.to(self.device), mask.to(self.device))
         stacked = torch.stack([torch.stack(pair, dim=1) for pair in kv])  # [layers, u, 2, H, P, D]
         for i, state in enumerate(states):
             state.kv = stacked[:, i, :, :, p - len(state.tokens) :].contiguous()
             state.logits = logits[i]
-
-    # -- transformers forwards -----------------------------------------------------------------------------
-    def _forward_padded(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, _KV]:
-        """Prefill left-padded ``ids`` [u, P]: last-token logits [u, V] and per layer (keys, values) [u, H, P, D]."""
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = DynamicCache()  # full-attention layers, whatever the model's sliding-window config
-        logits = last_logits(
-            self.model, self.cache_kwarg, cache, input_ids=ids, attention_mask=mask, position_ids=positions
-        )
-        return logits, [layer_kv(layer) for layer in cache.layers]
-
-    def _forward_packed(self, prompts: Sequence[Sequence[int]], p: int) -> tuple[torch.Tensor, _KV]:
-        """Prefill ``prompts`` packed into one sequence (no padding): each attends only to itself,
-        causally, through a block-diagonal 4-D mask, with positions restarting at 0 for each. Returns
-        the same as :meth:`_forward_padded`, the keys and values gathered into left-padded rows."""
-        device = self.device
-        lengths = torch.tensor([len(x) for x in prompts])
-        total, u = int(lengths.sum()), len(prompts)
-        ids = torch.tensor([t for x in prompts for t in x], device=device)[None]  # [1, T]
-        segment = torch.repeat_interleave(torch.arange(u), lengths).to(device)  # [T]
-        starts = (torch.cumsum(lengths, 0) - lengths).to(device)
-        positions = torch.arange(total, device=device) - starts[segment]
-        column = torch.arange(total, device=device)
-        allowed = (segment[:, None] == segment[None, :]) & (column[None, :] <= column[:, None])  # [T, T]
-        ends = starts + lengths.to(device) - 1
-        cache = DynamicCache()
-        logits = (
-            self.model(
-                input_ids=ids,
-                attention_mask=allowed[None, None],
-                position_ids=positions[None],
-                use_cache=True,
-                logits_to_keep=ends,
-                **{self.cache_kwarg: cache},
-            )
-            .logits[0]
-            .float()
-        )  # [u, V]: the last token of each prompt
-        # Row i, column c of the padded layout holds packed position starts[i] + c - (p - len_i);
-        # columns left of the prompt read position 0 (any will do: the batch zeroes padding).
-        source = (starts[:, None] + torch.arange(p, device=device)[None, :] - (p - lengths.to(device))[:, None]).clamp_(
-            min=0
-        )
-        flat = source.reshape(-1)
-        kv = []
-        for layer in cache.layers:  # [1, H, T, D] -> [u, H, P, D]
-            keys, values = (
-                t[0].index_select(1, flat).view(t.shape[1], u, p, -1).transpose(0, 1) for t in layer_kv(layer)
-            )
-            kv.append((keys, values))
-        return logits, kv
-
-    def _forward_resume(
-        self, tokens: Sequence[int], kv: torch.Tensor | None, start: int, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill ``tokens[start : start + n]`` after the ``start`` columns of ``kv`` ``[layers, 2,
-        H, L, D]`` (passed as the model's cache). Returns the last token's logits ``[1, V]`` and the
-        keys and values of all ``start + n`` columns, ``[layers, 2, H, start + n, D]``."""
-        device = self.device
-        cache = DynamicCache()
-        if start:
-            assert kv is not None
-            for i in range(kv.shape[0]):
-                cache.update(kv[i, 0, None, :, :start], kv[i, 1, None, :, :start], i)
-        ids = torch.tensor([tokens[start : start + n]], device=device)
-        logits = last_logits(
-            self.model,
-            self.cache_kwarg,
-            cache,
-            input_ids=ids,
-            attention_mask=torch.ones(1, start + n, dtype=torch.long, device=device),
-            position_ids=torch.arange(start, start + n, device=device)[None],
-        )
-        layers = [layer_kv(layer) for layer in cache.layers]
-        return logits, torch.stack([torch.stack((k[0], v[0])) for k, v in layers])

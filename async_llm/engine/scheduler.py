@@ -1,4 +1,5 @@
-"""Waiting and running queues, admission and eviction. Pure Python, no torch.
+"""Waiting and running queues, admission and eviction, and how much prefill a step takes. Pure
+Python, no torch.
 
 The scheduler is the only owner of a request's status. It runs on the engine thread only.
 """
@@ -123,6 +124,65 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+
+#: The chunk of a prefill that runs as a forward of its own (the transformers path), when not fixed.
+UNFUSED_CHUNK_TOKENS = 256
+#: Prompts (or the rests of long ones) up to this many tokens are prefilled in one step even while
+#: rows decode (see ChunkBudget.whole), unless the chunk size is fixed.
+WHOLE_PROMPT_TOKENS = 256
+
+
+class ChunkBudget:
+    """How many prompt tokens a step prefills while rows are decoding.
+
+    Fixed (``tokens``; :data:`UNFUSED_CHUNK_TOKENS` by default where a chunk is a forward of its
+    own), or, by default with the fast step, sized so that a step's prefill takes about ``share`` of one
+    decode step of the running batch: running streams then keep at least ``1 / (1 + share)`` of
+    their pace whatever the prompt, and a long prompt still makes progress every step. Both times
+    are measured as the engine runs (exponential averages); the cost of a prompt token grows with
+    the context before it (attention), and the last chunks measured are those of the same prompt.
+
+    Args:
+        tokens: A fixed budget, or None for the measured one.
+        share: The measured budget's prefill time per decode time.
+        smallest, largest: Bounds of the measured budget (a prompt always progresses).
+    """
+
+    def __init__(self, tokens: int | None = None, share: float = 0.25, smallest: int = 2, largest: int = 2048) -> None:
+        self.fixed = tokens
+        self.fused = True  # chunks run in the decode step's forward (else: UNFUSED_CHUNK_TOKENS)
+        self.share, self.smallest, self.largest = share, smallest, largest
+        self._decode_s: float | None = None  # one decode step of the running batch
+        self._token_s: float | None = None  # one prefill token
+
+    def tokens(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.fused:
+            return UNFUSED_CHUNK_TOKENS
+        if self._decode_s is None or self._token_s is None:
+            return 4 * self.smallest  # nothing measured yet
+        return int(min(self.largest, max(self.smallest, self.share * self._decode_s / self._token_s)))
+
+    def whole(self) -> int:
+        """Tokens of prompts (or their rests) finished in one step however long it takes: a short
+        prompt costs the running streams one longer step rather than many slower ones."""
+        return self.fixed if self.fixed is not None else WHOLE_PROMPT_TOKENS
+
+    def record_decode(self, seconds: float) -> None:
+        self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
+
+    def record_prefill(self, tokens: int, seconds: float, with_decode: bool = False) -> None:
+        """A forward that prefilled ``tokens`` in ``seconds`` (with the decode rows: only the time
+        beyond a decode step counts)."""
+        if with_decode:
+            if self._decode_s is None:
+                return
+            seconds = max(seconds - self._decode_s, 0.1 * seconds)
+        if tokens > 0:
+            rate = seconds / tokens
+            self._token_s = rate if self._token_s is None else 0.5 * self._token_s + 0.5 * rate
 
 
 def prefill_groups(
