@@ -66,7 +66,7 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
     """Prompts admitted together are packed into one sequence (block-diagonal mask, positions from 0
     for each, no padding) when the cost model says so; greedy answers equal generate's, with a
     shared prompt (n=2) and a penalised request among them."""
-    assert llm.engine._can_pack
+    assert llm.engine.prefiller.can_pack
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "a", "word " * 30, "日本語 🎉"]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
@@ -328,7 +328,7 @@ def test_packing_is_used_only_where_it_gives_the_padded_logits(tiny_model, tiny_
         llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu")
         try:
             assert llm.engine.ready.wait(30)  # the check runs on the engine's thread as it starts
-            engine_checks.append(llm.engine._can_pack)
+            engine_checks.append(llm.engine.prefiller.can_pack)
         finally:
             llm.close()
     assert engine_checks == [True, False]

@@ -140,13 +140,19 @@ async def test_out_of_memory_in_the_fast_step_splits_the_batch_and_all_finish_ex
         return decode(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(decoder, "decode", small_device)
+    await _all_finish_exactly(llm, tiny_model, ooms, max_tokens=20)
+
+
+async def _all_finish_exactly(llm, model, ooms: dict[str, int], max_tokens: int) -> None:
+    """Every prompt of PROMPTS, sent together, ends with generate's tokens although the injected out
+    of memory struck (``ooms``) and split the batch (rows preempted)."""
     with anyio.fail_after(60):
         results = await asyncio.gather(
-            *(llm.acomplete(p, chat_template=False, max_tokens=20, ignore_eos=True) for p in PROMPTS)
+            *(llm.acomplete(p, chat_template=False, max_tokens=max_tokens, ignore_eos=True) for p in PROMPTS)
         )
     assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
     for result in results:
-        expected = reference_ids(tiny_model, result.prompt_token_ids, 20)
+        expected = reference_ids(model, result.prompt_token_ids, max_tokens)
         assert result.token_ids[: len(expected)] == expected
     assert llm.stats()["num_failed"] == 0
 
@@ -218,12 +224,4 @@ async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish
 
     monkeypatch.setattr(decoder, "step", small_device)
     llm.engine.burst_gap_s = 0.05  # one burst: all admitted together
-    with anyio.fail_after(60):
-        results = await asyncio.gather(
-            *(llm.acomplete(p, chat_template=False, max_tokens=12, ignore_eos=True) for p in PROMPTS)
-        )
-    assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
-    for result in results:
-        expected = reference_ids(tiny_model, result.prompt_token_ids, 12)
-        assert result.token_ids[: len(expected)] == expected
-    assert llm.stats()["num_failed"] == 0
+    await _all_finish_exactly(llm, tiny_model, ooms, max_tokens=12)

@@ -171,10 +171,6 @@ class Engine(Worker):
         if self.prefix_cache is not None and not self.prefiller.can_resume:
             self.prefix_cache = self.prefiller.prefix_cache = None
 
-    @property
-    def _can_pack(self) -> bool:
-        return self.prefiller.can_pack
-
     def stats(self) -> dict[str, int]:
         counters = super().stats()
         cache = self.prefix_cache
@@ -230,7 +226,7 @@ class Engine(Worker):
         start = time.perf_counter()
         try:
             completed = self.prefiller.run(work)
-            self.chunk_budget.record_prefill(sum(n for _, n in work.items), time.perf_counter() - start)
+            self.chunk_budget.record_prefill(work.tokens, time.perf_counter() - start)
             self._join(completed, out)
         except torch.OutOfMemoryError as exc:
             self._out_of_memory([*work.requests, *later], exc, out)
@@ -250,7 +246,7 @@ class Engine(Worker):
             decode = Rows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
             completed = self.prefiller.run(work, decode)
             seconds = time.perf_counter() - start
-            self.chunk_budget.record_prefill(sum(n for _, n in work.items), seconds, with_decode=True)
+            self.chunk_budget.record_prefill(work.tokens, seconds, with_decode=True)
             assert work.decode_logits is not None
             self._sample_rows(work.decode_logits, out)
             self._join(completed, out)
@@ -361,7 +357,7 @@ class Engine(Worker):
         for i in rows:
             request = self.batch.rows[i]
             tokens = request.prompt_ids + request.output_ids[:-1]  # the last token was never fed
-            if request.finish_reason is not FinishReason.ABORT and len(tokens) == self.batch.row_lengths[i]:
+            if len(tokens) == self.batch.row_lengths[i]:
                 self.prefix_cache.insert(tokens, self.batch.row_kv(i))
 
     def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:

@@ -22,14 +22,14 @@ How many tokens a step takes is :class:`~async_llm.engine.scheduler.ChunkBudget`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
-from async_llm.engine.model_api import PROBE_PROMPTS, probe_batch
+from async_llm.engine.model_api import PROBE_PROMPTS, input_device, probe_batch
 from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
 from async_llm.engine.scheduler import prefill_groups
@@ -77,14 +77,10 @@ class Work:
     def requests(self) -> list[Request]:
         return [r for state, _ in self.items for r in state.requests]
 
-
-def _chain(tokens: Sequence[int], size: int) -> list[int]:
-    """Chained hashes of the full blocks of ``tokens`` that leave at least one token after them."""
-    hashes, h = [], 0
-    for start in range(0, len(tokens) - size, size):
-        h = hash((h, tuple(tokens[start : start + size])))
-        hashes.append(h)
-    return hashes
+    @property
+    def tokens(self) -> int:
+        """Prompt tokens this forward computes."""
+        return sum(n for _, n in self.items)
 
 
 class Prefiller:
@@ -119,11 +115,6 @@ class Prefiller:
         self.can_resume = False  # a prefill may continue after a prefix (checked by prepare)
         self.computed_tokens = 0  # prompt tokens run through the model (not taken from the cache)
 
-    @property
-    def device(self) -> torch.device:
-        device: torch.device = self.model.get_input_embeddings().weight.device
-        return device
-
     # -- start-up checks (engine thread) ----------------------------------------------------------------
     def prepare(self, fast: FastDecoder | None) -> None:
         """Decide, on the model itself, what the transformers prefill may do; use ``fast`` when given
@@ -144,7 +135,7 @@ class Prefiller:
         biases, for one), would not; it then keeps padded prefills only."""
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or sliding(self.model):
             return False
-        ids, mask = probe_batch(self.pad_token_id, self.device)
+        ids, mask = probe_batch(self.pad_token_id, input_device(self.model))
         try:
             with torch.inference_mode():
                 padded, _ = forward_padded(self.model, self.cache_kwarg, ids, mask)
@@ -196,7 +187,7 @@ class Prefiller:
         if cache is None or not self.can_resume:
             return
         if not state.chain:
-            state.chain = _chain(state.tokens, cache.block_size)
+            state.chain = cache.chain(state.tokens)
         hit = cache.match(state.tokens, count=count)
         if hit.tokens <= state.done:
             return
@@ -230,8 +221,8 @@ class Prefiller:
         waiting: set[int] = set()
         stops: dict[int, int] = {}
         cache = self.prefix_cache
-        if cache is None or not self.can_resume:
-            return waiting, stops
+        if cache is None or not self.can_resume or all(state.started for state in self.states):
+            return waiting, stops  # nothing can wait: the common case of a step, kept cheap
         owners: dict[int, PrefillState] = {}  # chained block hash -> the earliest state with that prefix
         for state in self.states:
             if not state.started:
@@ -319,17 +310,23 @@ class Prefiller:
         else:
             self._run_whole([s for s, _ in work.items], packed=work.mode == "packed")
         done = []
+        self.computed_tokens += work.tokens
         for state, n in work.items:
             state.done += n
             state.started = True
-            self.computed_tokens += n
             if state.remaining == 0:
                 done.append(state)
-            elif self.prefix_cache is not None and state.kv is not None:
+            elif self._completes_a_block(state.done - n, state.done) and state.kv is not None:
+                assert self.prefix_cache is not None
                 # Blocks of a prompt still in chunks: prompts sharing them need not wait for its end.
                 self.prefix_cache.insert(state.tokens[: state.done], state.kv[:, :, :, : state.done])
         self.states = [s for s in self.states if s.remaining > 0]
         return done
+
+    def _completes_a_block(self, before: int, after: int) -> bool:
+        """Whether computing columns ``[before, after)`` filled a block the cache does not have yet."""
+        cache = self.prefix_cache
+        return cache is not None and after // cache.block_size > before // cache.block_size
 
     @staticmethod
     def _materialize(state: PrefillState, fast: FastDecoder | None) -> None:
@@ -369,7 +366,8 @@ class Prefiller:
             for i, state in enumerate(states):  # left padding: prompts are right-aligned
                 ids[i, p - len(state.tokens) :] = torch.tensor(state.tokens)
                 mask[i, p - len(state.tokens) :] = 1
-            logits, kv = forward_padded(self.model, self.cache_kwarg, ids.to(self.device), mask.to(self.device))
+            device = input_device(self.model)
+            logits, kv = forward_padded(self.model, self.cache_kwarg, ids.to(device), mask.to(device))
         stacked = torch.stack([torch.stack(pair, dim=1) for pair in kv])  # [layers, u, 2, H, P, D]
         for i, state in enumerate(states):
             state.kv = stacked[:, i, :, :, p - len(state.tokens) :].contiguous()

@@ -81,6 +81,15 @@ class PrefixCache:
         size = self.block_size
         return [(i, tuple(tokens[i : i + size])) for i in range(0, limit - size + 1, size)]
 
+    def chain(self, tokens: Sequence[int]) -> list[int]:
+        """Chained hashes of the blocks :meth:`match` would look up for ``tokens`` (each the hash of
+        the whole prefix up to its end): prompts that share ``k`` of them share ``k`` blocks."""
+        hashes, h = [], 0
+        for _, block_tokens in self._keys(tokens, len(tokens) - 1):
+            h = hash((h, block_tokens))
+            hashes.append(h)
+        return hashes
+
     def match(self, tokens: Sequence[int], count: bool = True) -> PrefixHit:
         """The longest cached prefix of ``tokens`` that leaves at least one token to compute (the
         prompt's last position must run to give the next token's logits). Counts the query and the
