@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.token_params import (
+    MAX_TOP_LOGPROBS,
+    STRUCTURED_FIELDS,
+    GrammarSpec,
+    grammar_spec,
+    int_tuple,
+    logit_bias,
+)
 
 # Spellings accepted for a field, mapped to the field's name. `repition_penalty` is the spelling
 # of the swarm_models interface this library implements; `stop_token` is its name for `stop`.
@@ -96,6 +104,29 @@ class SamplingParams:
         length_penalty: Beam search only: exponent on the length when scoring finished beams.
         early_stopping: Beam search only: ``True``, ``False`` or ``"never"``, as in transformers.
         max_length: Cap on prompt plus output tokens, as in transformers (``max_tokens`` still applies).
+        logprobs: Return the log-probability of each generated token (from the model's raw
+            distribution: before temperature, penalties, biases and masks, as vLLM's default
+            ``logprobs_mode``).
+        top_logprobs: With ``logprobs``, also the ``k`` most likely tokens at each position (0..20).
+        prompt_logprobs: Log-probabilities of the prompt's own tokens, with the ``k`` most likely
+            alternatives at each position (0..20); costs one extra forward over the prompt.
+        min_tokens: Generate at least this many tokens: eos and ``stop_token_ids`` are masked until then.
+        stop_token_ids: Token ids that end generation, like eos (the token is in ``token_ids``, not in the text).
+        logit_bias: ``{token_id: bias}`` added to the logits (bias in [-100, 100]; -100 bans, 100 forces).
+        bad_words: Words never generated: the last token of each of their tokenizations is banned
+            whenever the tokens before it were just generated.
+        allowed_token_ids: Only these token ids may be generated.
+        include_stop_str_in_output: Keep the stop string that ended generation in the text.
+        skip_special_tokens: Leave special tokens out of the text (True by default).
+        logits_processors: Callables ``f(output_ids, logits) -> logits`` (or ``f(prompt_ids,
+            output_ids, logits)``) applied to the request's ``[V]`` logits each step on the engine
+            thread; one that raises fails only its request.
+        response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema",
+            "json_schema": {"name": ..., "schema": {...}}}``: the output is JSON (following the schema).
+        guided_json: A JSON schema (dict or JSON text) the output follows.
+        guided_regex: A regular expression the whole output matches.
+        guided_choice: A list of strings; the output is exactly one of them.
+        guided_grammar: A grammar (Lark or GBNF/EBNF) the output follows.
 
     Raises:
         TypeError: A field has the wrong type.
@@ -119,6 +150,22 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     max_length: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    bad_words: tuple[str, ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logits_processors: tuple[Callable[..., Any], ...] = ()
+    response_format: Mapping[str, Any] | None = None
+    guided_json: Mapping[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: tuple[str, ...] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
@@ -159,6 +206,81 @@ class SamplingParams:
                 "do_sample", f"do_sample must be a bool or None, got {type(self.do_sample).__name__}"
             )
         self._check_beams()
+        self._check_token_controls()
+        object.__setattr__(self, "_grammar", grammar_spec(self))
+        if self.num_beams > 1:
+            for name in self.token_control_fields():
+                raise InvalidParameterError(name, f"{name} is not supported with beam search (num_beams > 1)")
+
+    def _check_token_controls(self) -> None:
+        set_ = object.__setattr__
+        for name in ("logprobs", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterTypeError(name, f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        for name in ("top_logprobs", "min_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ParameterTypeError(name, f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameterError(
+                "top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs=True")
+        if self.prompt_logprobs is not None:
+            if not _is_int(self.prompt_logprobs):
+                raise ParameterTypeError(
+                    "prompt_logprobs",
+                    f"prompt_logprobs must be an int or None, got {type(self.prompt_logprobs).__name__}",
+                )
+            if not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidParameterError(
+                    "prompt_logprobs", f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}"
+                )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidParameterError(
+                "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        set_(self, "stop_token_ids", int_tuple("stop_token_ids", self.stop_token_ids or ()))
+        if self.allowed_token_ids is not None:
+            set_(self, "allowed_token_ids", int_tuple("allowed_token_ids", self.allowed_token_ids, empty_ok=False))
+        set_(self, "logit_bias", logit_bias(self.logit_bias))
+        bad = self.bad_words or ()
+        if isinstance(bad, str) or not isinstance(bad, Iterable) or not all(isinstance(w, str) and w for w in bad):
+            raise ParameterTypeError("bad_words", "bad_words must be a list of non-empty str")
+        set_(self, "bad_words", tuple(bad))
+        processors = self.logits_processors or ()
+        if callable(processors) or not isinstance(processors, Iterable) or not all(callable(f) for f in processors):
+            raise ParameterTypeError("logits_processors", "logits_processors must be a list of callables")
+        set_(self, "logits_processors", tuple(processors))
+        if (
+            self.guided_choice is not None
+            and not isinstance(self.guided_choice, str)
+            and isinstance(self.guided_choice, Iterable)
+        ):
+            set_(self, "guided_choice", tuple(self.guided_choice))
+
+    def token_control_fields(self) -> list[str]:
+        """Names of the token controls, logprobs and structured-output fields set to other than their defaults."""
+        defaults = _DEFAULTS
+        names = (
+            "logprobs", "top_logprobs", "prompt_logprobs", "min_tokens", "stop_token_ids", "logit_bias",
+            "bad_words", "allowed_token_ids", "logits_processors", *STRUCTURED_FIELDS,
+        )  # fmt: skip
+        return [name for name in names if getattr(self, name) != getattr(defaults, name)]
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """The structured-output constraint, normalised, or None."""
+        return self._grammar  # type: ignore[attr-defined]
+
+    @property
+    def needs_controls(self) -> bool:
+        """Whether the engine must touch this row's logits beyond sampling (masks, biases, processors)."""
+        return bool(
+            self.min_tokens or self.logit_bias or self.bad_words or self.allowed_token_ids is not None
+            or self.logits_processors or self.grammar is not None
+        )  # fmt: skip
 
     def _check_beams(self) -> None:
         for name, low, high in (("n", 1, MAX_N), ("num_beams", 1, MAX_BEAMS)):
@@ -232,11 +354,17 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON-friendly values (``stop`` as a list)."""
-        values = dataclasses.asdict(self)
-        values["stop"] = list(self.stop)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits_processors"}
+        for name in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "guided_choice"):
+            if values[name] is not None:
+                values[name] = list(values[name])
+        values["logit_bias"] = {str(token): bias for token, bias in self.logit_bias}
         return values
 
     @property
     def uses_penalties(self) -> bool:
         """Whether any repetition/frequency/presence penalty is active."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+_DEFAULTS = SamplingParams()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -106,3 +107,36 @@ async def test_a_long_prompt_prefilled_in_chunks_beside_a_stream_answers_as_gene
     result = await smollm.acomplete(long, max_tokens=16, chat_template=False)
     await running.aclose()
     assert result.token_ids == _generate(smollm, result.prompt_token_ids, 16)
+
+
+async def test_a_json_answer_about_france_parses_and_names_paris(smollm):
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    result = await smollm.acomplete("What is the capital of France? Answer in JSON.", response_format=response_format)
+    answer = json.loads(result.text)
+    assert set(answer) == {"country", "capital"} and answer["capital"] == "Paris"
+    assert result.finish_reason == "stop"
+
+
+async def test_a_weather_question_calls_get_weather_for_paris(smollm):
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    question = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        result = await smollm.acomplete(question, tools=[weather], tool_choice=choice)
+        assert result.finish_reason == "tool_calls"
+        assert result.tool_calls  # "required" allows parallel calls: this small model may repeat its call
+        for call in result.tool_calls:
+            assert call["function"]["name"] == "get_weather"
+            assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}

@@ -181,18 +181,21 @@ BAD_REQUESTS = [
     ({"prompt": "Hi", "stop": [""]}, "stop"),
     ({"prompt": "Hi", "seed": -1}, "seed"),
     ({"prompt": "Hi", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": "Hi", "logprobs": 2}, "logprobs"),
-    ({"prompt": "Hi", "logprobs": 0}, "logprobs"),  # a count here: 0 is the sampled token's own logprob
-    # vLLM's fields that would change the answer: refused, never silently ignored.
-    ({"prompt": "Hi", "guided_choice": ["yes", "no"]}, "guided_choice"),
-    ({"prompt": "Hi", "guided_grammar": "root ::= [a-z]+"}, "guided_grammar"),
-    ({"prompt": "Hi", "min_tokens": 3}, "min_tokens"),
-    ({"prompt": "Hi", "stop_token_ids": [5]}, "stop_token_ids"),
-    ({"prompt": "Hi", "allowed_token_ids": [5, 6]}, "allowed_token_ids"),
-    ({"prompt": "Hi", "bad_words": ["x"]}, "bad_words"),
-    ({"prompt": "Hi", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
-    ({"prompt": "Hi", "skip_special_tokens": False}, "skip_special_tokens"),
-    ({"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),  # a count: OpenAI allows 0..20 alternatives
+    ({"prompt": "Hi", "guided_regex": "[a-"}, "guided_regex"),  # compiled before anything is queued
+    ({"prompt": "Hi", "guided_json": {"type": "nonsense"}}, "guided_json"),
+    ({"prompt": "Hi", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "Hi", "guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"prompt": "Hi", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"prompt": "Hi", "response_format": {"type": "xml"}}, "response_format"),
+    ({"prompt": "Hi", "min_tokens": 30, "max_tokens": 5}, "min_tokens"),
+    ({"prompt": "Hi", "stop_token_ids": [10**6]}, "stop_token_ids"),  # beyond the vocabulary
+    ({"prompt": "Hi", "allowed_token_ids": []}, "allowed_token_ids"),
+    ({"prompt": "Hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt": "Hi", "suffix": "!"}, "suffix"),
+    ({"prompt": "Hi", "top_logprobs": 2}, "top_logprobs"),  # chat's field, meaningless here
     ({"prompt": "Hi", "max_tokens": 5000}, "prompt"),  # beyond the model's context
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -220,9 +223,17 @@ BAD_CHATS = [
         "messages[0].content",
     ),
     ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": CHAT, "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}, "chat_template_kwargs"),
-    ({"messages": CHAT, "extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "tools"),
+    (
+        {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+        "tool_choice",
+    ),
+    ({"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
+    ({"messages": CHAT, "extra_body": {"chat_template_kwargs": {"tools": []}}}, "chat_template_kwargs"),
+    ({"messages": CHAT, "extra_body": {"guided_choice": "a"}}, "guided_choice"),
+    ({"messages": CHAT, "extra_body": {"echo": True}}, "echo"),
 ]
 
 

@@ -15,37 +15,25 @@ import torch
 
 from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.fast_decode import FastDecoder, Rows, prepare
-from async_llm.engine.model_api import cache_kwarg, input_device, last_logits
+from async_llm.engine.logprobs import TokenLogprob, send_prompt_logprobs
+from async_llm.engine.model_api import (
+    attention_pair_cost,
+    cache_kwarg,
+    default_prefix_cache_bytes,
+    input_device,
+    last_logits,
+)
 from async_llm.engine.output import StepOutputs
 from async_llm.engine.prefill import Prefiller, PrefillState, Work
 from async_llm.engine.prefix_cache import PrefixCache
 from async_llm.engine.request import FinishReason, Request
-from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
+from async_llm.engine.sampler import Choice, SamplingBatch, choose
 from async_llm.engine.scheduler import ChunkBudget, Scheduler
 from async_llm.engine.worker import Worker
 from async_llm.errors import GenerationError, RequestAbortedError
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.core")
-
-
-def default_prefix_cache_bytes(device: torch.device) -> int:
-    """1 GiB on a CPU; on an accelerator, a tenth of its memory free when the engine is built."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 10)
-    return 1 << 30
-
-
-def _attention_pair_cost(model: Any) -> float:
-    """Attention FLOPs of one (query, key) pair over linear-layer FLOPs of one token, for the
-    prefill cost model: ``4 * heads * head_dim * layers`` over twice the non-embedding parameters."""
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-    return float(4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1))
 
 
 class Engine(Worker):
@@ -128,7 +116,7 @@ class Engine(Worker):
             self._cache_kwarg,
             pad_token_id,
             prefill_overhead_tokens,
-            _attention_pair_cost(model),
+            attention_pair_cost(model),
             self.prefix_cache,
         )
         # Decided when the engine starts (on its own thread, see _prepare): the checks run the model.
@@ -309,18 +297,31 @@ class Engine(Worker):
                 if r.output_ids:
                     ids = torch.tensor(r.output_ids, device=self.device)
                     counts[i].index_add_(0, ids, torch.ones(len(ids), device=self.device))
-        tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(requests, sb))
+        prompt_failures = send_prompt_logprobs(self.model, requests, out)
+        choice = choose(logits, requests, sb, counts, prompt_mask, self._uniforms(requests, sb))
+        choice.failed.update(prompt_failures)
         if counts is not None:
-            counts.scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))
+            counts.scatter_add_(1, choice.tokens[:, None], torch.ones(n, 1, device=self.device))
         kv_rows = [state.kv for state in states for _ in state.requests]
-        self.batch.add(requests, kv_rows, tokens, counts, prompt_mask)  # type: ignore[arg-type]
+        self.batch.add(requests, kv_rows, choice.tokens, counts, prompt_mask)  # type: ignore[arg-type]
         if self.prefix_cache is not None:
             for state in states:
                 assert state.kv is not None
                 self.prefix_cache.insert(state.tokens, state.kv)
         first = self.batch.size - n
-        done = [first + i for i, (r, t) in enumerate(zip(requests, tokens.tolist())) if self._update(r, t, out)]
-        self.batch.remove(done)
+        self.batch.remove([first + i for i in self._commit(requests, choice, out)])
+
+    def _commit(self, requests: Sequence[Request], choice: Choice, out: StepOutputs) -> list[int]:
+        """Record each row's chosen token (or its failure); returns the rows that ended."""
+        ended = []
+        for i, (request, token) in enumerate(zip(requests, choice.token_list, strict=True)):
+            error = choice.failed.get(i)
+            if error is not None:
+                self._fail_one(request, error, out)
+                ended.append(i)
+            elif self._update(request, token, out, choice.logprobs.get(i), i in choice.grammar_done):
+                ended.append(i)
+        return ended
 
     def _decode(self, out: StepOutputs) -> None:
         batch = self.batch
@@ -343,10 +344,10 @@ class Engine(Worker):
         assert sb is not None
         counts = batch.counts[:b] if batch.counts is not None else None
         prompt_mask = batch.prompt_mask[:b] if batch.prompt_mask is not None else None
-        tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(batch.rows, sb))
-        batch.advance(tokens)
-        done = [i for i, (r, t) in enumerate(zip(batch.rows, tokens.tolist())) if self._update(r, t, out)]
-        self._keep_prefixes(done)
+        choice = choose(logits, batch.rows, sb, counts, prompt_mask, self._uniforms(batch.rows, sb))
+        batch.advance(choice.tokens)
+        done = self._commit(batch.rows, choice, out)
+        self._keep_prefixes([i for i in done if i not in choice.failed])
         batch.remove(done)
 
     def _keep_prefixes(self, rows: list[int]) -> None:
@@ -370,18 +371,24 @@ class Engine(Worker):
                 u[i] = torch.rand((), generator=r.generator)
         return u.to(self.device)
 
-    def _update(self, request: Request, token: int, out: StepOutputs) -> bool:
-        """Record one new token of a running request; returns True when the request finished."""
+    def _update(
+        self, request: Request, token: int, out: StepOutputs, logprob: TokenLogprob | None, grammar_done: bool
+    ) -> bool:
+        """Record one new token of a running request; returns True when the request finished
+        (eos, a stop token or string, a complete grammar, or max_tokens)."""
         request.output_ids.append(token)
         self.scheduler.record_tokens(1)
         if request.first_token_time is None:
             request.first_token_time = time.perf_counter()
+        params = request.params
         reason = None
-        if token in request.eos_token_ids and not request.params.ignore_eos or request.detokenizer.add_token(token):
+        if token in request.eos_token_ids and not params.ignore_eos or token in params.stop_token_ids:
+            reason = FinishReason.STOP  # the token ends the text; it is not part of it
+        elif request.detokenizer.add_token(token) or grammar_done:
             reason = FinishReason.STOP
-        elif len(request.output_ids) >= request.params.max_tokens:
+        elif len(request.output_ids) >= params.max_tokens:
             reason = FinishReason.LENGTH
-        out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason)
+        out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason, logprob=logprob)
         if reason is not None:
             self.scheduler.finish(request, reason)
             log.info(
@@ -392,6 +399,16 @@ class Engine(Worker):
                 seconds=round(time.perf_counter() - request.arrival_time, 4),
             )
         return reason is not None
+
+    def _fail_one(self, request: Request, exc: BaseException, out: StepOutputs) -> None:
+        """End ``request`` with a :class:`GenerationError` caused by ``exc`` (its row is removed by the caller)."""
+        if request.finished:
+            return
+        self.scheduler.finish(request, FinishReason.ERROR)
+        error = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        out.add(request, reason=FinishReason.ERROR, error=error)
+        log.error("failed", request_id=request.request_id, error=repr(exc))
 
     def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None:
         if not request_ids:
@@ -411,13 +428,7 @@ class Engine(Worker):
 
     def _fail(self, requests: Sequence[Request], exc: BaseException, out: StepOutputs) -> None:
         for request in requests:
-            if request.finished:
-                continue
-            self.scheduler.finish(request, FinishReason.ERROR)
-            error = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            out.add(request, reason=FinishReason.ERROR, error=error)
-            log.error("failed", request_id=request.request_id, error=repr(exc))
+            self._fail_one(request, exc, out)
         # Rows of failed requests may already sit in the batch (a step can fail after merging them).
         self.batch.remove([i for i, r in enumerate(self.batch.rows) if r.finished])
         self.prefiller.drop(requests)

@@ -24,10 +24,22 @@ class Detokenizer:
         tokenizer: A transformers tokenizer.
         prompt_ids: The request's prompt ids (the tail gives the decoder its context).
         stop: Stop strings; generation ends at the first one and it is cut from the text.
+        include_stop: Keep the stop string that ended generation in the text (cut after it).
+        skip_special_tokens: Leave special tokens out of the text.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        stop: tuple[str, ...] = (),
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self._stop = stop
+        self._include_stop = include_stop
+        self._skip_special = skip_special_tokens
         self._max_stop = max((len(s) for s in stop), default=0)
         self._text = ""  # all text decided so far, stop string excluded
         self._emitted = 0  # len of the prefix of _text already handed out
@@ -38,7 +50,7 @@ class Detokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             self._backend = backend
-            self._stream: DecodeStream | None = DecodeStream(context, skip_special_tokens=True)
+            self._stream: DecodeStream | None = DecodeStream(context, skip_special_tokens=skip_special_tokens)
         else:  # slow tokenizer: re-decode a short window (prefix_offset:read_offset) per token
             self._stream = None
             self._ids = context
@@ -80,7 +92,7 @@ class Detokenizer:
         # The decoder holds back the bytes of a character that never completed; decoding the whole
         # output shows them as U+FFFD. Only a pure tail is taken, so context-dependent decoders
         # (leading-space markers) that decode differently without the prompt change nothing.
-        full = self._tokenizer.decode(self._generated, skip_special_tokens=True)
+        full = self._tokenizer.decode(self._generated, skip_special_tokens=self._skip_special)
         if len(full) > len(self._text) and full.startswith(self._text):
             self._append(full[len(self._text) :])
 
@@ -88,8 +100,9 @@ class Detokenizer:
         if self._stream is not None:
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        skip = self._skip_special
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        full = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -101,9 +114,10 @@ class Detokenizer:
         self._text += chunk
         if not self._stop:
             return
-        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i != -1]
+        hits = [(i, len(s)) for s, i in ((s, self._text.find(s, search_from)) for s in self._stop) if i != -1]
         if hits:
-            self._text = self._text[: min(hits)]
+            start, length = min(hits)
+            self._text = self._text[: start + length if self._include_stop else start]
             self.stopped = True
 
     def _held_back(self) -> int:

@@ -59,3 +59,22 @@ def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
         raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors; the padded batch needs them")
     return keys, values
+
+
+def default_prefix_cache_bytes(device: torch.device) -> int:
+    """1 GiB on a CPU; on an accelerator, a tenth of its memory free when the engine is built."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 10)
+    return 1 << 30
+
+
+def attention_pair_cost(model: Any) -> float:
+    """Attention FLOPs of one (query, key) pair over linear-layer FLOPs of one token, for the
+    prefill cost model: ``4 * heads * head_dim * layers`` over twice the non-embedding parameters."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    return float(4 * heads * head_dim * config.num_hidden_layers / max(2 * params, 1))

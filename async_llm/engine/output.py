@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from async_llm.log import get_logger
 
 if TYPE_CHECKING:
+    from async_llm.engine.logprobs import TokenLogprob
     from async_llm.engine.request import FinishReason, Request
 
 log = get_logger("async_llm.engine.output")
@@ -25,8 +26,9 @@ class RequestOutput:
     """What one request produced in one step.
 
     ``text`` is the new text safe to show (stop strings held back); ``token_ids`` the new token
-    ids (eos included); ``finish_reason`` is set on the request's last output, with ``error`` when
-    it failed or was aborted.
+    ids (eos included); ``logprobs`` one entry per new token when the request asked for them;
+    ``prompt_logprobs`` on the first output when asked (``None`` for the first prompt token);
+    ``finish_reason`` is set on the request's last output, with ``error`` when it failed or was aborted.
     """
 
     request_id: str
@@ -34,6 +36,8 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -70,14 +74,23 @@ class StepOutputs:
         tokens: tuple[int, ...] | list[int] = (),
         reason: FinishReason | None = None,
         error: BaseException | None = None,
+        logprob: TokenLogprob | None = None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
     ) -> None:
-        """Record new text/tokens of ``request``, and its end when ``reason`` is given."""
+        """Record new text/tokens of ``request`` (with the new token's logprob when asked for), and
+        its end when ``reason`` is given."""
         outputs = self._by_sink.setdefault(request.sink, {})
         output = outputs.get(request.request_id)
         if output is None:
             output = outputs[request.request_id] = RequestOutput(request.request_id)
         output.text += text
         output.token_ids.extend(tokens)
+        if logprob is not None:
+            if output.logprobs is None:
+                output.logprobs = []
+            output.logprobs.append(logprob)
+        if prompt_logprobs is not None:
+            output.prompt_logprobs = prompt_logprobs
         if reason is not None:
             output.finish_reason, output.error = reason, error
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from async_llm.engine.controls import RowControls
     from async_llm.engine.detokenizer import Detokenizer
     from async_llm.engine.output import OutputSink
     from async_llm.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class Request:
     sink: OutputSink
     detokenizer: Detokenizer
     eos_token_ids: frozenset[int]
+    controls: RowControls | None = None  # grammar, masks, biases, processors; None for a plain row
     arrival_time: float = field(default_factory=time.perf_counter)
 
     status: RequestStatus = RequestStatus.WAITING
@@ -55,6 +57,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = None  # per-request RNG when `params.seed` is set
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

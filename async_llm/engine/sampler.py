@@ -9,11 +9,17 @@ and turned into a token by inverse-CDF lookup.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from async_llm.engine.controls import advance, apply_controls
+from async_llm.engine.logprobs import TokenLogprob, raw_log_softmax, rows_wanting_logprobs, step_logprobs
 from async_llm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from async_llm.engine.request import Request
 
 
 @dataclass
@@ -138,3 +144,49 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | Non
             sorted_probs = sorted_probs.masked_fill(sorted_probs < sb.min_p[:, None] * sorted_probs[:, :1], 0.0)
         sampled = order.gather(1, _inverse_cdf(sorted_probs, uniforms)[:, None]).squeeze(-1)
     return torch.where(sb.greedy, greedy_tokens, sampled)
+
+
+@dataclass
+class Choice:
+    """The tokens chosen for a batch's rows, and what else the step learnt about each row."""
+
+    tokens: torch.Tensor  # [B] long
+    token_list: list[int]
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # rows that asked for them
+    failed: dict[int, BaseException] = field(default_factory=dict)  # rows whose controls failed
+    grammar_done: set[int] = field(default_factory=set)  # rows whose grammar is complete
+
+
+def choose(
+    logits: torch.Tensor,
+    requests: Sequence[Request],
+    sb: SamplingBatch,
+    counts: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
+) -> Choice:
+    """One step's tokens: raw logprobs (rows that ask), then the rows' controls, penalties and
+    sampling; then each grammar row's matcher takes its token.
+
+    Args:
+        logits: ``[B, V]`` float32, changed in place.
+        requests: The request of each row.
+    """
+    lp_rows = rows_wanting_logprobs(requests)
+    raw = raw_log_softmax(logits, lp_rows) if lp_rows else None
+    failed = apply_controls(logits, requests)
+    if failed:
+        logits[list(failed)] = 0.0  # any finite row: its token is thrown away with its request
+    tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, uniforms)
+    token_list = tokens.tolist()
+    choice = Choice(tokens, token_list, failed=failed)
+    if raw is not None:
+        choice.logprobs = step_logprobs(raw, lp_rows, tokens, requests)
+    for i, error in advance(requests, token_list).items():
+        if i in failed:
+            continue
+        if error is None:
+            choice.grammar_done.add(i)
+        else:
+            failed[i] = error
+    return choice

@@ -64,8 +64,12 @@ def check_prompt(prompt: Any) -> Prompt:
     if not prompt:
         raise InvalidParameterError("prompt", "prompt is an empty list of messages")
     for i, message in enumerate(prompt):
-        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+        # An assistant message that calls tools may have no content (OpenAI sends null).
+        calls = isinstance(message, Mapping) and message.get("tool_calls") and message.get("content") is None
+        if not isinstance(message, Mapping) or not (calls or isinstance(message.get("content"), str)):
             raise ParameterTypeError("prompt", f"prompt message {i} must be a mapping with a str 'content'")
+        if calls:
+            continue
         if message.get("role") not in ROLES:
             raise InvalidParameterError(
                 "prompt", f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
@@ -192,9 +196,14 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         return {}
 
     # -- generation -------------------------------------------------------------------------------------
+    #: Keyword arguments of the generation methods that are not sampling parameters (the prompt's
+    #: rendering, streamers, tools); :meth:`validate` leaves them out.
+    CALL_OPTIONS: frozenset[str] = frozenset()
+
     def validate(self, **overrides: Any) -> SamplingParams:
-        """The defaults merged with ``overrides``, validated (raises before anything is queued)."""
-        return self.sampling_defaults.merge(**overrides)
+        """The defaults merged with ``overrides`` (call options left out), validated (raises before
+        anything is queued)."""
+        return self.sampling_defaults.merge(**{k: v for k, v in overrides.items() if k not in self.CALL_OPTIONS})
 
     async def arun(self, prompt: Prompt, **overrides: Any) -> Any:
         """Generate the completion of ``prompt``.

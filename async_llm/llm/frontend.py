@@ -97,7 +97,14 @@ class LoopSink:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream._put(output.text, output.token_ids, output.finish_reason, output.error)
+            stream._put(
+                output.text,
+                output.token_ids,
+                output.finish_reason,
+                output.error,
+                output.logprobs,
+                output.prompt_logprobs,
+            )
 
 
 class Sinks:

@@ -18,15 +18,17 @@ import anyio
 import torch
 from transformers import BitsAndBytesConfig
 
-from async_llm.engine.beam import BeamJob, BeamRunner
+from async_llm.engine.beam import BeamJob
 from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.request import Request
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.llm.backend import Backend
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
 from async_llm.llm.concurrency import gather
-from async_llm.llm.frontend import Sinks
+from async_llm.llm.controls import build_controls
 from async_llm.llm.metrics import RequestMetrics
+from async_llm.llm.tool_use import ToolUse, check_template_kwargs, render_chat, tool_use
 from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
 from async_llm.log import get_logger
 from async_llm.outputs import Completion, TokenStream
@@ -34,12 +36,6 @@ from async_llm.sampling_params import SamplingParams
 
 log = get_logger("async_llm")
 T = TypeVar("T")
-
-
-def _ids(value: int | Sequence[int] | None) -> set[int]:
-    if value is None:
-        return set()
-    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
 
 
 def _engine_options(
@@ -67,40 +63,6 @@ def _engine_options(
         "prefix_cache_bytes": prefix_cache_bytes,
         "prefill_chunk_tokens": prefill_chunk_tokens,
     }
-
-
-class _Backend:
-    """One loaded model with its tokenizer and the workers serving it."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        pad_token_id: int | None,
-        eos_token_id: Any,
-        max_batch_size: int,
-        max_queue_size: int,
-        engine_options: dict[str, Any],
-    ) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        eos = _ids(eos_token_id)
-        if not eos:
-            for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-                eos |= _ids(getattr(source, "eos_token_id", None))
-        self.eos_token_ids = frozenset(eos)
-        if pad_token_id is None:
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-        self.pad_token_id = pad_token_id
-        self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size, **engine_options)
-        self.beams = BeamRunner(model, pad_token_id, max_queue_size=max_queue_size)
-        self.sinks = Sinks()
-        self.engine.start()
-        self.beams.start()
-
-    def close(self) -> None:
-        self.engine.close()
-        self.beams.close()
 
 
 class HuggingFaceLLM(BaseLLM):
@@ -149,6 +111,10 @@ class HuggingFaceLLM(BaseLLM):
         TypeError, ValueError: Invalid settings.
     """
 
+    CALL_OPTIONS = frozenset(
+        {"chat_template", "system_prompt", "streamer", "tools", "tool_choice", "chat_template_kwargs"}
+    )
+
     def __init__(
         self,
         model_id: str | os.PathLike[str] | None = None,
@@ -193,7 +159,7 @@ class HuggingFaceLLM(BaseLLM):
             raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
         else:
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
-        self._backend = _Backend(
+        self._backend = Backend(
             model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size, self._engine_options
         )
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
@@ -241,13 +207,19 @@ class HuggingFaceLLM(BaseLLM):
 
     # -- prompts ------------------------------------------------------------------------------------------
     def encode(
-        self, prompt: Prompt, *, chat_template: bool | None = None, system_prompt: str | None = None
+        self,
+        prompt: Prompt,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        tools: ToolUse | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids the model sees for ``prompt``.
 
         A str goes through the tokenizer's chat template as one message of :attr:`role` (after
         ``system_prompt``) unless the template is turned off or missing; a list of messages
-        always goes through it.
+        always goes through it, with ``tools`` and ``chat_template_kwargs`` when given.
 
         Raises:
             TypeError: ``prompt`` is neither a str nor a list of messages.
@@ -257,7 +229,10 @@ class HuggingFaceLLM(BaseLLM):
         tokenizer = self.tokenizer
         use_template = self.chat_template if chat_template is None else chat_template
         has_template = bool(getattr(tokenizer, "chat_template", None))
-        if isinstance(prompt, str) and not (use_template and has_template):
+        if (tools or chat_template_kwargs) and not has_template:
+            name = "tools" if tools else "chat_template_kwargs"
+            raise InvalidParameterError(name, f"{name} needs a chat template, and this tokenizer has none")
+        if isinstance(prompt, str) and not ((use_template or tools) and has_template):
             ids = list(tokenizer(prompt).input_ids)
             if self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
                 ids.insert(0, self.bos_token_id)
@@ -270,7 +245,7 @@ class HuggingFaceLLM(BaseLLM):
             )
             if system and messages[0].get("role") != "system":
                 messages.insert(0, {"role": "system", "content": system})
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(tokenizer, messages, tools, chat_template_kwargs)
             ids = list(tokenizer(text, add_special_tokens=False).input_ids)
         if not ids:
             raise InvalidParameterError(
@@ -306,11 +281,16 @@ class HuggingFaceLLM(BaseLLM):
         chat_template: bool | None = None,
         system_prompt: str | None = None,
         streamer: Any = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        chat_template_kwargs: Any = None,
         **overrides: Any,
     ) -> list[TokenStream]:
         """Queue one request and return the streams of its ``n`` sequences (the primitive the other
         methods build on). See :meth:`submit` for the arguments."""
         check_prompt(prompt)
+        tool_spec = tool_use(tools, tool_choice, overrides)
+        template_kwargs = check_template_kwargs(chat_template_kwargs)
         params = self.validate(**overrides)
         if streamer is not None and params.n > 1:
             raise InvalidParameterError(
@@ -319,7 +299,13 @@ class HuggingFaceLLM(BaseLLM):
         backend = self._backend
 
         def encode() -> list[int]:
-            return self.encode(prompt, chat_template=chat_template, system_prompt=system_prompt)
+            return self.encode(
+                prompt,
+                chat_template=chat_template,
+                system_prompt=system_prompt,
+                tools=tool_spec,
+                chat_template_kwargs=template_kwargs,
+            )
 
         # A short prompt is tokenised in place (well under a millisecond; a thread hop costs more and
         # spreads a burst of submits over several milliseconds). A long one takes real time: it is
@@ -329,6 +315,13 @@ class HuggingFaceLLM(BaseLLM):
         else:
             prompt_ids = await anyio.to_thread.run_sync(encode)
         params = self._fit(prompt_ids, params)
+        matchers = [None] * params.n
+        if params.grammar is not None:
+            matchers = await backend.grammars.matchers(params.grammar, params.n)
+        controls = [
+            build_controls(params, self.tokenizer, backend.engine.vocab_size, backend.eos_token_ids, m)
+            for m in matchers
+        ]
         worker = backend.beams if params.beam_search else backend.engine
         sink = backend.sinks.for_running_loop()
         hidden = frozenset() if params.ignore_eos else backend.eos_token_ids
@@ -344,11 +337,20 @@ class HuggingFaceLLM(BaseLLM):
                     prompt_ids=prompt_ids,
                     params=row_params,
                     sink=sink,
-                    detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                    detokenizer=Detokenizer(
+                        self.tokenizer,
+                        prompt_ids,
+                        params.stop,
+                        include_stop=params.include_stop_str_in_output,
+                        skip_special_tokens=params.skip_special_tokens,
+                    ),
                     eos_token_ids=backend.eos_token_ids,
+                    controls=controls[i],
                 )
             )
-            streams.append(TokenStream(request_id, asyncio.get_running_loop(), worker.abort, prompt_ids))
+            stream = TokenStream(request_id, asyncio.get_running_loop(), worker.abort, prompt_ids, backend.token_text)
+            stream.tool_use = tool_spec
+            streams.append(stream)
         if streamer is not None:
             # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
             streamer.put(torch.tensor([prompt_ids]))
@@ -387,7 +389,7 @@ class HuggingFaceLLM(BaseLLM):
         Raises:
             TypeError, ValueError, QueueFullError, EngineClosedError: before anything is queued.
         """
-        if self.validate(**{k: v for k, v in kwargs.items() if k not in _CALL_OPTIONS}).n != 1:
+        if self.validate(**kwargs).n != 1:
             raise InvalidParameterError("n", "submit returns one stream: use submit_many (or arun) for n > 1")
         (stream,) = await self.submit_many(prompt, **kwargs)
         return stream
@@ -438,13 +440,23 @@ class HuggingFaceLLM(BaseLLM):
         text = "".join([delta async for delta in stream])
         assert stream.finish_reason is not None and stream.finished_at is not None
         first = stream.first_token_at
+        reason = stream.finish_reason.value
+        content, calls = text, None
+        if stream.tool_use is not None:
+            content, parsed = stream.tool_use.parse(text)
+            if parsed:
+                calls, reason = parsed, "tool_calls"
         return Completion(
             text=text,
             prompt_token_ids=stream.prompt_token_ids,
             token_ids=list(stream.token_ids),
-            finish_reason=stream.finish_reason.value,
+            finish_reason=reason,
             time_to_first_token=None if first is None else first - stream.created_at,
             latency=stream.finished_at - stream.created_at,
+            logprobs=stream.logprobs,
+            prompt_logprobs=stream.prompt_logprobs,
+            tool_calls=calls,
+            content=content,
         )
 
     async def arun(self, prompt: Prompt, **kwargs: Any) -> Any:
@@ -471,7 +483,7 @@ class HuggingFaceLLM(BaseLLM):
         it from now on; requests already queued finish on the old model, which is then released."""
         model, tokenizer = run_in_own_thread(self._options.load, model_name)
         old = self._backend
-        self._backend = _Backend(model, tokenizer, *self._token_ids, *self._sizes, self._engine_options)
+        self._backend = Backend(model, tokenizer, *self._token_ids, *self._sizes, self._engine_options)
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)
@@ -514,8 +526,6 @@ class HuggingFaceLLM(BaseLLM):
         self._finalizer()
 
 
-_CALL_OPTIONS = frozenset({"chat_template", "system_prompt", "streamer"})
-
 #: Prompts up to this many characters are tokenised on the event loop, where a fast tokenizer
 #: takes less time than a thread hop would; longer ones in a worker thread.
 INLINE_TOKENIZE_CHARS = 2048
@@ -524,7 +534,7 @@ INLINE_TOKENIZE_CHARS = 2048
 def _prompt_chars(prompt: Prompt) -> int:
     if isinstance(prompt, str):
         return len(prompt)
-    return sum(len(message["content"]) for message in prompt)
+    return sum(len(message.get("content") or "") for message in prompt)
 
 
 def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -555,7 +565,7 @@ def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
     return result[0]
 
 
-def _drain_and_close(backend: _Backend, poll: float = 0.05) -> None:
+def _drain_and_close(backend: Backend, poll: float = 0.05) -> None:
     """Close a replaced backend once its queued and running requests are done."""
     while True:
         stats = [backend.engine.stats(), backend.beams.stats()]

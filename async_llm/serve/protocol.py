@@ -18,31 +18,46 @@ from async_llm.serve.errors import APIError
 #: Most choices (``n``) one request may ask for: each is a row of the batch.
 MAX_N = 64
 
-# Fields of OpenAI's API this server cannot honour, with the values that mean "not used". A request
-# that sets one to anything else gets a 400 naming it, rather than an answer that silently ignores it.
+# Fields of OpenAI's and vLLM's APIs this server cannot honour, with the values that mean "not used".
+# A request that sets one to anything else gets a 400 naming it, rather than an answer that silently
+# ignores it. Fields that cannot change the answer (``user``, ``store``, ``metadata``,
+# ``service_tier``, ``prompt_cache_key``, ``safety_identifier``) are accepted and have no effect.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
+    "functions": (None, []),  # the deprecated form of tools
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0, 1),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "add_special_tokens": (None, False),
+    "documents": (None, []),
+    "chat_template": (None,),
+    "mm_processor_kwargs": (None, {}),
+    "structural_tag": (None,),
+    "structured_outputs": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "priority": (None, 0),
+    "logits_processors": (None, []),
+    "return_tokens_as_token_ids": (None, False),
+    "cache_salt": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    # Fields of the other endpoint (chat's on completions, completions' on chat).
+    "echo": (None, False),
+    "top_logprobs": (None, 0),
     "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    # vLLM's token controls and output options (accepted by its server, and by the openai client
-    # through extra_body): each would change the answer if ignored.
-    "min_tokens": (None, 0),
-    "stop_token_ids": (None, []),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
-    "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True),
-    "prompt_logprobs": (None,),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True),
     "chat_template_kwargs": (None, {}),
 }
 
@@ -78,6 +93,21 @@ class SamplingRequest(_Strict):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    # Token controls (OpenAI's logit_bias; vLLM's others).
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
+    # Structured output (OpenAI's response_format; vLLM's guided_*).
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`HuggingFaceLLM.submit`: the fields the client set.
@@ -87,8 +117,15 @@ class SamplingRequest(_Strict):
         names = (
             "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
             "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos",
+            "logit_bias", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
+            "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
+            "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives per generated token the client asked for; None: no logprobs."""
+        return None
 
     def field_name(self, param: str) -> str:
         """The request field that carries the sampling parameter ``param`` (for error messages)."""
@@ -99,9 +136,29 @@ class SamplingRequest(_Strict):
 
 
 class CompletionRequest(SamplingRequest):
-    """Body of ``POST /v1/completions``: ``prompt`` is raw text, sent without a chat template."""
+    """Body of ``POST /v1/completions``: ``prompt`` is raw text, sent without a chat template.
+
+    ``logprobs`` is a count (0..20: the sampled token's logprob plus that many alternatives);
+    ``echo`` puts the prompt before the text (and its tokens' logprobs before the others').
+    """
 
     prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        if self.logprobs is not None:
+            kwargs.update(logprobs=True, top_logprobs=self.logprobs)
+            if self.echo:
+                kwargs.setdefault("prompt_logprobs", self.logprobs)
+        return kwargs
+
+    def field_name(self, param: str) -> str:
+        return "logprobs" if param == "top_logprobs" else param
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Strict):
@@ -111,12 +168,27 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A call an assistant message made (sent back in the history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     """One message of a chat; content parts are joined into one text."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -131,11 +203,27 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kwargs = super().sampling_kwargs()
         if self.max_completion_tokens is not None:
             kwargs["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            kwargs["logprobs"] = True
+        if self.top_logprobs is not None:
+            kwargs["top_logprobs"] = self.top_logprobs
+        if self.tools is not None:
+            kwargs["tools"] = self.tools
+        if self.tool_choice is not None:
+            kwargs["tool_choice"] = self.tool_choice
+        if self.chat_template_kwargs is not None:
+            kwargs["chat_template_kwargs"] = self.chat_template_kwargs
         return kwargs
 
     def field_name(self, param: str) -> str:
@@ -143,9 +231,22 @@ class ChatCompletionRequest(SamplingRequest):
             return "max_completion_tokens"
         return "messages" if param == "prompt" else param
 
-    def chat(self) -> list[dict[str, str]]:
-        """The messages as the engine takes them: ``{"role", "content"}`` dicts."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def chat(self) -> list[dict[str, Any]]:
+        """The messages as the engine takes them: ``{"role", "content"}`` dicts, with the calls
+        of assistant messages and the ids of tool results."""
+        messages: list[dict[str, Any]] = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+            for key in ("tool_call_id", "name"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        return messages
 
 
 def check_unsupported(request: SamplingRequest) -> None:
@@ -158,10 +259,6 @@ def check_unsupported(request: SamplingRequest) -> None:
     for name, neutral in _UNSUPPORTED.items():
         if name in extra and extra[name] not in neutral:
             raise APIError(400, f"{name} is not supported by this server", param=name)
-        # Completions' logprobs is a count: 0 asks for the sampled token's own logprob, not for none.
-        value = extra.get(name)
-        if name == "logprobs" and isinstance(request, CompletionRequest) and value == 0 and value is not False:
-            raise APIError(400, "logprobs is not supported by this server", param=name)
     if request.best_of is not None and request.best_of != request.n:
         raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of")
 

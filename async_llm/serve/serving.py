@@ -20,7 +20,8 @@ from async_llm import __version__
 from async_llm.llm.base import Prompt
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
-from async_llm.outputs import TokenStream
+from async_llm.outputs import StreamDelta, TokenStream
+from async_llm.serve.choices import ChoiceView
 from async_llm.serve.errors import APIError, from_exception
 from async_llm.serve.metrics import ServerMetrics
 from async_llm.serve.protocol import (
@@ -158,7 +159,8 @@ class OpenAIServing:
             _close_all(streams)  # aborts the others if one failed or this task was cancelled
             self._record(streams)
         body = self._envelope(kind, f"{_ID_PREFIX[kind]}{uuid.uuid4().hex}", int(time.time()))
-        body["choices"] = [_choice(kind, i, text, s) for i, (text, s) in enumerate(zip(texts, streams, strict=True))]
+        view = ChoiceView(kind, request, prompts)
+        body["choices"] = [view.choice(i, text, s) for i, (text, s) in enumerate(zip(texts, streams, strict=True))]
         body["usage"] = _usage(streams, request.n)
         return body
 
@@ -166,28 +168,39 @@ class OpenAIServing:
         self, kind: Kind, request: SamplingRequest, prompts: list[Prompt], chat_template: bool
     ) -> ChunkStream:
         streams = await self._submit(request, prompts, chat_template)
-        include_usage = request.include_usage()
-        chunks = self._chunks(kind, streams, request.n, include_usage)
+        chunks = self._chunks(kind, streams, ChoiceView(kind, request, prompts))
         return ChunkStream(chunks, streams)
 
-    async def _chunks(
-        self, kind: Kind, streams: list[TokenStream], n: int, include_usage: bool
-    ) -> AsyncIterator[Chunk]:
+    async def _chunks(self, kind: Kind, streams: list[TokenStream], view: ChoiceView) -> AsyncIterator[Chunk]:
         envelope = self._envelope(kind, f"{_ID_PREFIX[kind]}{uuid.uuid4().hex}", int(time.time()), chunk=True)
+        parsers = [view.stream_parser(s) for s in streams]
+        started = [False] * len(streams)
         try:
             if kind == "chat":  # OpenAI opens each choice with the role, before any token
                 yield {
                     **envelope,
                     "choices": [_delta(kind, i, {"role": "assistant", "content": ""}) for i in range(len(streams))],
                 }
-            async for index, text in _merge(streams, self.stream_interval_s):
-                if text is None:
-                    finish = streams[index].finish_reason
-                    yield {**envelope, "choices": [_delta(kind, index, None, finish.value if finish else None)]}
-                else:
-                    yield {**envelope, "choices": [_delta(kind, index, text)]}
-            if include_usage:
-                yield {**envelope, "choices": [], "usage": _usage(streams, n)}
+            async for index, delta in _merge(streams, self.stream_interval_s):
+                stream, parser = streams[index], parsers[index]
+                if delta is None:
+                    for event in view.tool_events(parser, None):
+                        yield {**envelope, "choices": [_delta(kind, index, event)]}
+                    finish = view.finish_reason(stream, parser)
+                    yield {**envelope, "choices": [_delta(kind, index, None, finish)]}
+                    continue
+                first, started[index] = not started[index], True
+                logprobs = view.delta_logprobs(index, delta, stream, first)
+                if parser is None:
+                    text = view.echo(index) + delta.text if first else delta.text
+                    yield {**envelope, "choices": [_delta(kind, index, text, logprobs=logprobs)]}
+                    continue
+                events = view.tool_events(parser, delta.text) or ([{}] if logprobs else [])
+                for e, event in enumerate(events):  # the logprobs ride on the last event of the delta
+                    last = e == len(events) - 1
+                    yield {**envelope, "choices": [_delta(kind, index, event, logprobs=logprobs if last else None)]}
+            if view.request.include_usage():
+                yield {**envelope, "choices": [], "usage": _usage(streams, view.request.n)}
         except Exception as exc:  # noqa: BLE001  # headers are sent: any error can only travel in the stream
             log.warning("stream failed", error=repr(exc))
             yield from_exception(exc).body()
@@ -229,7 +242,9 @@ def _close_all(streams: Sequence[TokenStream]) -> None:
         stream.close()  # idempotent; aborts the request only if it is still running
 
 
-async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> AsyncIterator[tuple[int, str | None]]:
+async def _merge(
+    streams: Sequence[TokenStream], interval: float = 0.0
+) -> AsyncIterator[tuple[int, StreamDelta | None]]:
     """``(choice, delta)`` from every stream as they arrive, then ``(choice, None)`` when one ends.
 
     With ``interval > 0``, after each yield the next read waits that long so the deltas arriving
@@ -238,17 +253,17 @@ async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> Async
     are pumped by one task each into a queue, cancelled when the consumer stops early.
     """
     if len(streams) == 1:
-        async for text in streams[0]:  # the TokenStream coalesces what arrives while we sleep
-            yield 0, text
+        async for only in streams[0].deltas():  # the TokenStream coalesces what arrives while we sleep
+            yield 0, only
             if interval:
                 await asyncio.sleep(interval)
         yield 0, None
         return
-    queue: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, StreamDelta | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: TokenStream) -> None:
         try:
-            async for delta in stream:
+            async for delta in stream.deltas():
                 queue.put_nowait((index, delta, None))
             queue.put_nowait((index, None, None))
         except Exception as exc:  # noqa: BLE001  # re-raised by the consumer of the queue
@@ -275,15 +290,19 @@ async def _merge(streams: Sequence[TokenStream], interval: float = 0.0) -> Async
 
 
 def _coalesce(
-    items: list[tuple[int, str | None, BaseException | None]],
-) -> list[tuple[int, str | None, BaseException | None]]:
+    items: list[tuple[int, StreamDelta | None, BaseException | None]],
+) -> list[tuple[int, StreamDelta | None, BaseException | None]]:
     """Join the deltas of each choice within one batch of queue items, keeping each end after its text."""
-    out: list[tuple[int, str | None, BaseException | None]] = []
+    out: list[tuple[int, StreamDelta | None, BaseException | None]] = []
     where: dict[int, int] = {}  # choice -> position of its open text item in `out`
     for index, delta, error in items:
         if delta is not None and index in where:
             i = where[index]
-            out[i] = (index, (out[i][1] or "") + delta, None)
+            before = out[i][1]
+            assert before is not None
+            logprobs = None if before.logprobs is None else [*before.logprobs, *(delta.logprobs or [])]
+            joined = StreamDelta(before.text + delta.text, [*before.token_ids, *delta.token_ids], logprobs)
+            out[i] = (index, joined, None)
             continue
         out.append((index, delta, error))
         if delta is not None:
@@ -293,23 +312,18 @@ def _coalesce(
     return out
 
 
-def _choice(kind: Kind, index: int, text: str, stream: TokenStream) -> dict[str, Any]:
-    reason = stream.finish_reason.value if stream.finish_reason is not None else None
+def _delta(
+    kind: Kind,
+    index: int,
+    content: str | dict[str, Any] | None,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> Chunk:
     if kind == "completion":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": reason,
-    }
-
-
-def _delta(kind: Kind, index: int, content: str | dict[str, str] | None, finish_reason: str | None = None) -> Chunk:
-    if kind == "completion":
-        return {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+        text = content if isinstance(content, str) else ""
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     delta = content if isinstance(content, dict) else {} if content is None else {"content": content}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _usage(streams: Sequence[TokenStream], n: int) -> dict[str, int]:

@@ -1,0 +1,258 @@
+"""Tool calls as they stream: OpenAI chat-completion-chunk deltas (``content``, then each call's
+name once and its arguments as they grow), agreeing with :func:`~async_llm.llm.tools.parse_tool_calls`
+on the finished text however it is split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import partial_json_parser  # type: ignore[import-untyped]
+
+from async_llm.llm.tools import (
+    _ARGS_KEY,
+    CLOSE,
+    OPEN,
+    Delta,
+    ToolChoice,
+    _call,
+    _call_from,
+    _decode,
+    _functions,
+    _new_id,
+    _skip_ws,
+)
+
+_NO_PARTIAL_STR = partial_json_parser.Allow.ALL & ~partial_json_parser.Allow.STR
+
+
+@dataclass
+class _Item:
+    """One call's JSON object while it streams in; offsets index the parser's buffer."""
+
+    start: int  # its "{"
+    index: int | None = None  # OpenAI's tool_calls index, set when the name is sent
+    call_id: str = ""
+    name: str = ""
+    rejected: bool = False  # known not to be a call of a known tool
+    args_at: int | None = None  # where the arguments value starts
+    args_sent: int = 0  # the arguments text before this offset has been sent
+    streamed: bool = False  # the value is an object, sent raw as it grows (else sent once, re-serialised)
+    args_done: bool = False
+    end: int | None = None  # just past the object, once it parses
+    valid: bool = False  # complete and well-formed: it is in tool_calls
+
+
+class ToolCallStreamParser:
+    """Turns text deltas into OpenAI chat-completion-chunk deltas (``content`` or ``tool_calls``).
+
+    Agrees with :func:`parse_tool_calls` on the same text however it is split, except on output that
+    breaks after a call's name was sent (only truncation can, when ``tool_choice`` constrains the output):
+    that call is dropped, neither in :attr:`tool_calls` nor repeated as content, and the calls of a
+    plain-JSON list sent before it breaks (or holds a non-call) stay calls, where the parse keeps it all
+    as content.
+
+    Args:
+        tools, tool_choice: Checked by :func:`check_tools` and :func:`check_tool_choice`.
+    """
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice) -> None:
+        self._names = _functions(tools)
+        self._named: str | None = tool_choice["function"]["name"] if isinstance(tool_choice, Mapping) else None
+        self._raw = tool_choice == "none" or not self._names
+        self._buf = ""
+        self._pos = 0  # the text before this offset is sent or decided
+        self._state = "start"  # start | text | block | json | tail: the method _<state> reads on
+        self._item: _Item | None = None
+        self._block_at = 0  # offset of the current "<tool_call>"
+        self._cursor = 0  # next offset to read in a plain-JSON output
+        self._list = False
+        self._committed = False  # a plain-JSON output was taken for calls: no going back
+        self._headers = 0
+        self._calls: list[dict[str, Any]] = []
+        self._ws = ""  # content's trailing whitespace, sent only if more content follows (content is stripped)
+        self._content_started = False
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The complete calls so far, shaped as in :func:`parse_tool_calls`."""
+        return list(self._calls)
+
+    def feed(self, delta: str) -> list[Delta]:
+        """Take the next text ``delta``; returns the chunk deltas to send (text may be held back)."""
+        if self._raw:
+            return [{"content": delta}] if delta else []
+        self._buf += delta
+        return self._run(final=False)
+
+    def finish(self) -> list[Delta]:
+        """At the end of the output, returns the last deltas (held-back text that is content)."""
+        out = [] if self._raw else self._run(final=True)
+        self._ws = ""
+        return out
+
+    def _run(self, final: bool) -> list[Delta]:
+        out: list[Delta] = []
+        while getattr(self, "_" + self._state)(out, final):
+            pass
+        return out
+
+    def _start(self, out: list[Delta], final: bool) -> bool:
+        j = _skip_ws(self._buf, self._pos)
+        if j == len(self._buf):
+            return False  # leading whitespace is never sent: content is stripped
+        first, self._pos = self._buf[j], j
+        if self._named is not None and first == "{":  # the arguments object of a known call: one JSON item
+            self._item = _Item(j, args_at=j, args_sent=j, streamed=True)
+            self._commit(self._item, self._named, out)
+            self._state, self._committed = "json", True
+        elif self._named is None and first in "{[":
+            self._state, self._list, self._cursor = "json", first == "[", j + (first == "[")
+        else:
+            self._state = "tail" if self._named is not None else "text"
+        return True
+
+    def _text(self, out: list[Delta], final: bool) -> bool:
+        buf = self._buf
+        at = buf.find(OPEN, self._pos)
+        if at < 0:  # a trailing "<tool" may be the start of a block: hold it back until it is known
+            hold = buf.rfind("<", self._pos)
+            stop = hold if hold >= 0 and not final and OPEN.startswith(buf[hold:]) else len(buf)
+            self._emit(out, buf[self._pos : stop])
+            self._pos = stop
+            return False
+        self._emit(out, buf[self._pos : at])
+        self._block_at, self._pos, self._item, self._state = at, at + len(OPEN), None, "block"
+        return True
+
+    def _block(self, out: list[Delta], final: bool) -> bool:
+        buf = self._buf
+        close = buf.find(CLOSE, self._pos)
+        limit = close if close >= 0 else len(buf)
+        if self._item is None:
+            j = _skip_ws(buf, self._pos, limit)
+            if j < limit and buf[j] == "{":
+                self._item = _Item(j)
+            elif j < limit or close >= 0 or final:
+                self._item = _Item(j, rejected=True, end=j)  # no JSON object: the block is content
+            else:
+                return False
+        item = self._item
+        if item.end is None:
+            self._advance(item, limit, out)
+        if close < 0 and not final:
+            return False
+        stop = close + len(CLOSE) if close >= 0 else len(buf)
+        if item.valid and item.end is not None:
+            self._emit(out, buf[item.end : limit].strip())
+        elif item.index is None:
+            self._emit(out, buf[self._block_at : stop])
+        self._pos, self._item, self._state = stop, None, "text"
+        return True
+
+    def _json(self, out: list[Delta], final: bool) -> bool:
+        buf = self._buf
+        while True:
+            if self._item is None:
+                j = _skip_ws(buf, self._cursor)
+                if j < len(buf) and self._list and buf[j] == ",":
+                    self._cursor = j + 1
+                    continue
+                if j == len(buf):
+                    break
+                if buf[j] != "{":  # the list ends ("]") or is not made of calls
+                    return self._json_over(j + (buf[j] == "]"))
+                self._item = _Item(j)
+            item = self._item
+            self._advance(item, len(buf), out)
+            self._committed |= item.index is not None
+            if not self._committed and (item.rejected or item.end is not None):
+                return self._json_over(len(buf))
+            if item.end is None:
+                break
+            self._cursor, self._item = item.end, None
+            if not self._list:
+                return self._json_over(item.end)
+        # Truncated: all content when nothing was sent as a call, else the unfinished call is dropped.
+        return self._json_over(len(buf)) if final else False
+
+    def _json_over(self, stop: int) -> bool:
+        # After a JSON value of calls comes content; a JSON value that holds no call is all content.
+        self._pos, self._item, self._state = stop if self._committed else self._pos, None, "tail"
+        return True
+
+    def _tail(self, out: list[Delta], final: bool) -> bool:
+        self._emit(out, self._buf[self._pos :])
+        self._pos = len(self._buf)
+        return False
+
+    def _advance(self, item: _Item, limit: int, out: list[Delta]) -> None:
+        """Learn the name, stream the arguments and complete the call of ``item``, reading up to ``limit``."""
+        text = self._buf if limit == len(self._buf) else self._buf[:limit]
+        obj, end = _decode(text, item.start)
+        if item.args_at is None and (key := _ARGS_KEY.search(text, item.start, end or limit)):
+            item.args_at = item.args_sent = key.end()
+            item.streamed = text[key.end()] == "{"
+        if item.index is None and not item.rejected:
+            seen = obj if end else _partial(text[item.start :])
+            name = seen.get("name") if isinstance(seen, dict) else None
+            known = isinstance(name, str) and name in self._names
+            # Sent once the arguments are known to stream as an object, or the call is complete and valid,
+            # so that string or missing arguments cannot turn a sent call invalid.
+            if known and (item.streamed or (end and _call_from(obj, self._names))):
+                self._commit(item, str(name), out)
+            elif end or (name is not None and not known) or seen is None:
+                item.rejected = True
+        if item.index is not None and item.streamed and not item.args_done:
+            self._stream_args(item, text, end or limit, out)
+        if not end:
+            return
+        item.end = end
+        found = _call_from(obj, self._names) if self._named is None else (self._named, obj)
+        if item.index is None or found is None:
+            return  # not a call, or (rarely) its name was sent and it is malformed: dropped
+        arguments = json.dumps(found[1], ensure_ascii=False) if self._named is None else text[item.start : end]
+        if not item.streamed:
+            out.append(_args_delta(item, arguments))
+        item.valid = True
+        self._calls.append(_call(item.name, arguments, item.call_id))
+
+    def _commit(self, item: _Item, name: str, out: list[Delta]) -> None:
+        item.index, item.call_id, item.name = self._headers, _new_id(), name
+        self._headers += 1
+        head = {"index": item.index, "id": item.call_id, "type": "function"}
+        out.append({"tool_calls": [head | {"function": {"name": name, "arguments": ""}}]})
+
+    def _stream_args(self, item: _Item, text: str, bound: int, out: list[Delta]) -> None:
+        assert item.args_at is not None  # streamed implies located
+        stop = _decode(text, item.args_at)[1]  # until the value parses, all the text so far belongs to it
+        item.args_done = bool(stop)
+        stop = stop or bound
+        if stop > item.args_sent:
+            out.append(_args_delta(item, text[item.args_sent : stop]))
+            item.args_sent = stop
+
+    def _emit(self, out: list[Delta], text: str) -> None:
+        text = self._ws + (text if self._content_started else text.lstrip())
+        body = text.rstrip()
+        self._ws = text[len(body) :]
+        if body:
+            self._content_started = True
+            out.append({"content": body})
+
+
+def _args_delta(item: _Item, text: str) -> Delta:
+    return {"tool_calls": [{"index": item.index, "function": {"arguments": text}}]}
+
+
+def _partial(text: str) -> Any:
+    """The complete parts of an object's JSON prefix (``text[0] == "{"``), or None when it cannot be one."""
+    if '"name"' not in text:  # the full parse is pure Python, rerun at each delta: only when it may pay
+        j = _skip_ws(text, 1)
+        return {} if j == len(text) or text[j] in '"}' else None
+    try:
+        return partial_json_parser.loads(text, _NO_PARTIAL_STR)
+    except (ValueError, AssertionError, IndexError, KeyError, TypeError, RecursionError):
+        return None
