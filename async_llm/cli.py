@@ -3,10 +3,14 @@
 ``async-llm demo`` sends several different prompts at once through one model and streams them
 together, so the continuous batching is visible: on a terminal as a live panel with one line per
 request, elsewhere (logs, CI) as ``[i] delta`` lines in arrival order. ``async-llm generate`` streams
-one answer to stdout.
+one answer to stdout. ``async-llm serve`` serves the model over an OpenAI-compatible HTTP API.
+
+Loading shows one line of the command's own on stderr (``loading NAME... done (6.2 s)``) and
+nothing from transformers; the library's warnings appear as readable lines, and ``-v``/``-vv`` show
+all its log events as JSON.
 
 Exit codes: 0 success, 1 a runtime failure of the library, 2 a usage error (bad arguments,
-invalid sampling parameters, a model that cannot be found), 130 interrupted (Ctrl-C).
+invalid sampling parameters, a model that cannot be found, a port in use), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -22,7 +27,7 @@ import sys
 import textwrap
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from async_llm.errors import AsyncLLMError, ModelNotAvailableError
@@ -45,6 +50,9 @@ DEMO_PROMPTS: tuple[str, ...] = (
 _EXIT_RUNTIME, _EXIT_USAGE, _EXIT_INTERRUPTED = 1, 2, 130
 # Redraw the live panel at most this often: redrawing per token for many rows floods slow terminals.
 _REDRAW_INTERVAL_S = 1 / 30
+# The serve command's body limits, shown in --help (async_llm.serve.limits holds the values; importing
+# it here would import FastAPI for every command; tests/test_new_user.py checks these agree).
+_MAX_BODY_HELP, _BODY_TIMEOUT_HELP = "4 MiB", "30"
 
 
 class _UsageError(Exception):
@@ -62,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; its ``command`` attribute names the chosen subcommand.
     """
-    from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
-
     parser = _Parser(prog="async-llm", description="Run causal LMs with continuous batching and streaming.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug) to stderr")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -94,13 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     srv.add_argument("--api-key", default=None, help="require this bearer key (default: $ASYNC_LLM_API_KEY)")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's)")
+    # Defaults None: serve_http fills in async_llm.serve.limits' values.
     srv.add_argument(
-        "--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
-        help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+        "--max-body-bytes", type=_positive_int, default=None,
+        help=f"larger request bodies get 413 (default {_MAX_BODY_HELP})",
     )  # fmt: skip
     srv.add_argument(
-        "--body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S,
-        help=f"seconds a request body may take to arrive, else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
+        "--body-timeout", type=_positive_float, default=None,
+        help=f"seconds a request body may take to arrive, else 408 (default {_BODY_TIMEOUT_HELP})",
     )  # fmt: skip
     srv.add_argument(
         "--limit-concurrency", type=_positive_int, default=None,
@@ -186,15 +193,16 @@ class _CliLogging:
     """Show the library's log events on stderr at the chosen level, restoring the logger afterwards.
 
     The library logs through the stdlib logger ``async_llm`` and never configures it; the command
-    line is the application, so it decides. Restoring keeps ``main()`` from changing global state
-    for whoever calls it (tests, notebooks).
+    line is the application, so it decides: warnings and errors as readable lines by default, every
+    event at the level asked for as the library's JSON lines with ``-v``/``-vv``. Restoring keeps
+    ``main()`` from changing global state for whoever calls it (tests, notebooks).
     """
 
     def __init__(self, verbosity: int) -> None:
         self._level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
         self._logger = logging.getLogger("async_llm")
         self._handler = logging.StreamHandler(sys.stderr)
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler.setFormatter(_ReadableEvents() if verbosity == 0 else logging.Formatter("%(message)s"))
         self._saved_level = logging.NOTSET
 
     def __enter__(self) -> None:
@@ -205,6 +213,69 @@ class _CliLogging:
     def __exit__(self, *exc_info: object) -> None:
         self._logger.removeHandler(self._handler)
         self._logger.setLevel(self._saved_level)
+
+
+class _ReadableEvents(logging.Formatter):
+    """A library event (a JSON line) as ``async-llm: warning: stream failed (error=...)``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        try:
+            event = json.loads(message)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            return f"async-llm: {record.levelname.lower()}: {message}"
+        text = str(event.pop("event", ""))
+        details = [f"{k}={v}" for k, v in event.items() if k not in ("logger", "level", "timestamp", "exception")]
+        return f"async-llm: {record.levelname.lower()}: {text}" + (f" ({', '.join(details)})" if details else "")
+
+
+def _check_model(model: str | None) -> str:
+    """Check ``--model`` before anything loads, so a wrong path fails at once in one line, and return
+    what the progress line says while it loads (converting a GGUF file first, when it must)."""
+    from async_llm.loading.default import DEFAULT_MODEL_NAME, find_default_gguf
+    from async_llm.loading.gguf import cached_conversion
+    from async_llm.loading.paths import check_model_id
+
+    if model is None:
+        name, gguf = DEFAULT_MODEL_NAME, str(find_default_gguf())  # raises the install hint if missing
+    else:
+        check_model_id(model)
+        path = os.path.expanduser(model)
+        exists = os.path.exists(path)  # else a hub id: shown as given
+        name, gguf = os.path.basename(os.path.normpath(path)) if exists else model, path
+    if gguf.lower().endswith(".gguf") and cached_conversion(gguf) is None:
+        return f"converting {os.path.basename(gguf)} to a transformers folder (once; later runs reuse it), loading it"
+    return f"loading {name}"
+
+
+@contextlib.contextmanager
+def _progress(what: str, verbosity: int) -> Iterator[None]:
+    """The command's one line on stderr about a load: ``what... done (6.2 s)``.
+
+    The line is opened before the load and finished after, unless log lines may come in between
+    (``-v``): it is then written whole at the end. On failure it ends with ``failed`` (on a terminal
+    it is erased instead: the error line that follows says it all).
+    """
+    err = sys.stderr
+    live = verbosity == 0
+    tty = bool(getattr(err, "isatty", lambda: False)())
+    if live:
+        err.write(f"{what}...")
+        err.flush()
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:
+        if live:
+            failed = " failed\n" if isinstance(exc, Exception) else "\n"
+            err.write("\r\x1b[2K" if tty else failed)
+            err.flush()
+        raise
+    seconds = time.perf_counter() - start
+    err.write(f" done ({seconds:.1f} s)\n" if live else f"{what}... done ({seconds:.1f} s)\n")
+    err.flush()
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,29 +295,23 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _announce_conversion(model: str | None) -> None:
-    """Warn on stderr when this run must first convert a GGUF file (tens of seconds, once)."""
-    from async_llm.loading.default import find_default_gguf
-    from async_llm.loading.gguf import cached_conversion
-
-    if model is not None and not model.lower().endswith(".gguf"):
-        return
-    gguf = find_default_gguf() if model is None else model  # raises the install hint if missing
-    if cached_conversion(gguf) is None:
-        print(
-            f"Converting {os.path.basename(gguf)} to a transformers folder; this happens once "
-            "(tens of seconds); later runs load the converted folder.",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
 async def _serve(args: argparse.Namespace) -> int:
-    from async_llm.serve.server import serve_http, serve_ray
+    import anyio
+
+    from async_llm import HuggingFaceLLM
+    from async_llm.serve.server import bind_listener, serve_http, serve_ray
 
     if not args.ray:
-        _announce_conversion(args.model)
-        return await serve_http(args)
+        what = _check_model(args.model)
+        listener = bind_listener(args.host, args.port)  # a port in use fails now, not after the load
+        load = functools.partial(HuggingFaceLLM, args.model, device=args.device, max_batch_size=args.max_batch_size)
+        try:
+            with _progress(what, args.verbose):
+                llm = await anyio.to_thread.run_sync(load)
+        except BaseException:
+            listener.close()
+            raise
+        return await serve_http(args, llm, listener)
     try:
         return await serve_ray(args)
     except ModuleNotFoundError as exc:
@@ -259,12 +324,16 @@ async def _generate(args: argparse.Namespace) -> int:
     from async_llm import HuggingFaceLLM
 
     sampling = _sampling_kwargs(args)
-    _announce_conversion(args.model)
+    with _progress(_check_model(args.model), args.verbose):
+        llm = HuggingFaceLLM(
+            model_id=args.model,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            system_prompt=args.system_prompt,
+        )
     out = sys.stdout
     wrote = False
-    async with HuggingFaceLLM(
-        model_id=args.model, device=args.device, max_batch_size=args.max_batch_size, system_prompt=args.system_prompt
-    ) as llm:
+    async with llm:
         try:
             async for delta in llm.astream(args.prompt, chat_template=args.chat_template, **sampling):
                 out.write(delta)
@@ -284,14 +353,13 @@ async def _demo(args: argparse.Namespace) -> int:
     from async_llm import HuggingFaceLLM
 
     sampling = _sampling_kwargs(args)
-    _announce_conversion(args.model)
+    with _progress(_check_model(args.model), args.verbose):
+        llm = HuggingFaceLLM(model_id=args.model, device=args.device, max_batch_size=args.max_batch_size)
     out = sys.stdout
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(args.requests)]
     texts = [""] * len(prompts)
 
-    load_start = time.perf_counter()
-    async with HuggingFaceLLM(model_id=args.model, device=args.device, max_batch_size=args.max_batch_size) as llm:
-        print(f"model loaded in {time.perf_counter() - load_start:.2f} s", file=sys.stderr, flush=True)
+    async with llm:
         view = _make_view(out, prompts, plain=args.plain)
 
         async def consume(i: int) -> None:

@@ -1,8 +1,11 @@
 """Structured logging: structlog event dicts rendered as JSON, emitted through stdlib ``logging``.
 
 The library never configures logging globally and never prints: events go to the ``async_llm``
-stdlib loggers, so the application decides where they land and at which level (by default, Python
-shows only warnings and errors). Disabled levels cost one level check.
+stdlib loggers, so the application decides where they land and at which level. Until it configures
+logging (``logging.basicConfig()``, a handler of its own...) nothing is shown, warnings and errors
+included: the ``async_llm`` logger has a ``NullHandler``, as the logging HOWTO asks of libraries, so
+Python's last-resort handler never prints the library's JSON lines on stderr. Failures the caller
+must see are raised, not logged. Disabled levels cost one level check.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ _PROCESSORS: list[Any] = [
     structlog.processors.format_exc_info,
     structlog.processors.JSONRenderer(),
 ]
+
+#: The root of the library's loggers.
+ROOT_LOGGER = "async_llm"
+_root = logging.getLogger(ROOT_LOGGER)
+if not any(isinstance(h, logging.NullHandler) for h in _root.handlers):  # once, even if reloaded
+    _root.addHandler(logging.NullHandler())
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -23,14 +23,19 @@ from async_llm.token_params import (
 )
 
 # Spellings accepted for a field, mapped to the field's name. `repition_penalty` is the spelling
-# of the swarm_models interface this library implements; `stop_token` is its name for `stop`.
+# of the swarm_models interface this library implements; `stop_token` is its name for `stop`, and
+# `freq_penalty` / `stop_token_id` are the names its BaseLLM constructor also takes.
 ALIASES: Mapping[str, str] = {
     "repition_penalty": "repetition_penalty",
     "stop_token": "stop",
     "max_new_tokens": "max_tokens",
     "num_return_sequences": "n",
     "beam_width": "num_beams",
+    "freq_penalty": "frequency_penalty",
+    "stop_token_id": "stop_token_ids",
 }
+#: Fields that are bookkeeping, not sampling parameters: :meth:`SamplingParams.merge` refuses them.
+_INTERNAL_FIELDS = frozenset({"max_tokens_explicit"})
 
 
 def _is_int(value: Any) -> bool:
@@ -75,16 +80,21 @@ def _stop_tuple(value: Any) -> tuple[str, ...]:
 # Upper bounds that keep one request from taking over the batch (rows) or the device (beams).
 MAX_N = 64
 MAX_BEAMS = 32
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. Every field is validated on construction.
+    """How one request is decoded. Every field is validated on construction (:meth:`merge` also
+    takes None for a default, and a parameter with its alias).
 
     Args:
-        max_tokens: Number of new tokens to generate at most (>= 1).
+        max_tokens: Number of new tokens to generate at most (>= 1). When it was not given
+            (``max_tokens_explicit`` is False) the model lowers it to what fits its context after the
+            prompt, as vLLM does; a given one that does not fit is an error naming ``max_tokens``.
         temperature: Softmax temperature (>= 0). 0 means greedy decoding.
-        top_k: Keep the k most likely tokens; 0 or -1 turns it off.
+        top_k: Keep the k most likely tokens; 0 or -1 turns it off. A whole float (``40.0``, as the
+            swarm_models interface types it) is taken as that int; ``40.5`` is refused.
         top_p: Nucleus sampling mass, 0 < top_p <= 1 (1 turns it off).
         min_p: Drop tokens whose probability is below ``min_p`` times the top token's (0..1, 0 off).
         repetition_penalty: > 0; divides positive (multiplies negative) logits of tokens already in
@@ -127,13 +137,15 @@ class SamplingParams:
         guided_regex: A regular expression the whole output matches.
         guided_choice: A list of strings; the output is exactly one of them.
         guided_grammar: A grammar (Lark or GBNF/EBNF) the output follows.
+        max_tokens_explicit: Whether ``max_tokens`` was given rather than defaulted (set by
+            :meth:`merge`; ``None`` infers it: any value but the default 256 was given).
 
     Raises:
         TypeError: A field has the wrong type.
         ValueError: A field is out of range; the message names the field and the range.
     """
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -166,9 +178,17 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_choice: tuple[str, ...] | None = None
     guided_grammar: str | None = None
+    max_tokens_explicit: bool | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
+        if self.max_tokens_explicit is None:
+            set_(self, "max_tokens_explicit", self.max_tokens != DEFAULT_MAX_TOKENS)
+        top_k: Any = self.top_k
+        if isinstance(top_k, float) and math.isfinite(top_k):  # Optional[float] in swarm_models
+            if not top_k.is_integer():
+                raise InvalidParameterError("top_k", f"top_k must be a whole number, got {top_k}")
+            set_(self, "top_k", int(top_k))
         if not _is_int(self.max_tokens):
             raise ParameterTypeError("max_tokens", f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
@@ -314,25 +334,37 @@ class SamplingParams:
     @classmethod
     def field_names(cls) -> frozenset[str]:
         """Names accepted by :meth:`merge`: the fields and their aliases."""
-        return frozenset(f.name for f in dataclasses.fields(cls)) | frozenset(ALIASES)
+        return (frozenset(f.name for f in dataclasses.fields(cls)) - _INTERNAL_FIELDS) | frozenset(ALIASES)
 
     def merge(self, **overrides: Any) -> SamplingParams:
         """Return a copy with ``overrides`` applied (aliases accepted) and validated.
 
+        ``None`` sets a parameter to its default (``set_seed(None)`` clears the seed,
+        ``max_tokens=None`` is the default that fits the context). A parameter given under two
+        names (``beam_width`` and ``num_beams``) is fine when one is None or both agree.
+
         Raises:
-            TypeError: An unknown parameter name, or a value of the wrong type.
+            TypeError: An unknown parameter name, a value of the wrong type, or a parameter and its
+                alias given different values (the message names both).
             ValueError: A value out of range.
         """
         if not overrides:
             return self
-        changes: dict[str, Any] = {}
+        given: dict[str, list[tuple[str, Any]]] = {}  # field -> (spelling, value) pairs
+        names = self.field_names()
         for key, value in overrides.items():
             name = ALIASES.get(key, key)
-            if name not in self.field_names() or name in ALIASES:
+            if name not in names or name in ALIASES:
                 raise ParameterTypeError(key, f"unknown sampling parameter {key!r}")
-            if name in changes:
-                raise ParameterTypeError(key, f"sampling parameter {name!r} given twice (through an alias)")
-            changes[name] = value
+            if key == "stop_token_id" and _is_int(value):  # the swarm_models spelling takes one id
+                value = (value,)
+            given.setdefault(name, []).append((key, value))
+        changes = {name: _one_value(name, pairs) for name, pairs in given.items()}
+        if "max_tokens" in changes:
+            changes["max_tokens_explicit"] = changes["max_tokens"] is not None
+        for name, value in changes.items():
+            if value is None:
+                changes[name] = getattr(_DEFAULTS, name)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -365,6 +397,27 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         """Whether any repetition/frequency/presence penalty is active."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def _one_value(name: str, pairs: list[tuple[str, Any]]) -> Any:
+    """The value of a field given under one or more spellings: the non-None one(s), which must agree."""
+    values = [(key, value) for key, value in pairs if value is not None]
+    for key, value in values[1:]:
+        first_key, first = values[0]
+        if not (value == first or _as_tuple(value) == _as_tuple(first)):
+            raise ParameterTypeError(
+                name,
+                f"sampling parameter {name!r} given twice with different values: {first_key}={first!r} and "
+                f"{key}={value!r} (one is an alias of the other); give one",
+            )
+    return values[0][1] if values else None
+
+
+def _as_tuple(value: Any) -> Any:
+    """``"a"``, ``["a"]`` and ``("a",)`` compare equal as stop strings (and lists as tuples)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 _DEFAULTS = SamplingParams()

@@ -18,7 +18,7 @@ BAD_VALUES = [
     ("temperature", math.inf, ValueError, "temperature"),
     ("temperature", "hot", TypeError, "temperature"),
     ("top_k", -2, ValueError, "top_k"),
-    ("top_k", 1.5, TypeError, "top_k"),
+    ("top_k", 1.5, ValueError, "top_k"),  # a whole float (40.0) is taken; 1.5 is out of range
     ("top_p", 0.0, ValueError, "top_p"),
     ("top_p", 1.01, ValueError, "top_p"),
     ("min_p", -0.1, ValueError, "min_p"),

@@ -196,7 +196,7 @@ BAD_REQUESTS = [
     ({"prompt": "Hi", "prompt_logprobs": -1}, "prompt_logprobs"),
     ({"prompt": "Hi", "suffix": "!"}, "suffix"),
     ({"prompt": "Hi", "top_logprobs": 2}, "top_logprobs"),  # chat's field, meaningless here
-    ({"prompt": "Hi", "max_tokens": 5000}, "prompt"),  # beyond the model's context
+    ({"prompt": "Hi", "max_tokens": 5000}, "max_tokens"),  # beyond the model's context
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": []}, "prompt"),
 ]

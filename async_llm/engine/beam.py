@@ -113,6 +113,7 @@ class BeamRunner(Worker):
                 group.append(job)
                 self.waiting.remove(job)
         self.scheduler.start([r for job in group for r in job.requests])
+        self._recount_waiting()
         try:
             results = self._generate(group)
         except Exception as exc:  # noqa: BLE001  # any failure of generate fails this group only

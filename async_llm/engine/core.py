@@ -187,6 +187,7 @@ class Engine(Worker):
         """schedule -> prefill (whole prompts, or chunks within the budget) -> one decode step of the
         batch -> (outputs flushed by the worker)."""
         new = self.scheduler.admit() if admit else []
+        self._recount_waiting()
         for request in new:
             event = "resumed" if request.output_ids else "admitted"
             log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
+from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows, remembered
 from async_llm.engine.model_api import PROBE_PROMPTS, input_device, probe_batch
 from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
@@ -120,11 +120,24 @@ class Prefiller:
         """Decide, on the model itself, what the transformers prefill may do; use ``fast`` when given
         (its own check covers prefills after a prefix)."""
         self.fast = fast
-        self.can_pack = self._packing_agrees()
+        context = {"pad_token_id": str(self.pad_token_id), "cache_kwarg": self.cache_kwarg}
+        self.can_pack = remembered(
+            self.model, "packed_prefill", context, self._packing_agrees, valid=lambda v: isinstance(v, bool)
+        )
         if fast is not None:
             self.can_resume = True
             return
-        why = "sliding-window attention layers" if sliding(self.model) else self._resume_disagrees()
+        why = (
+            "sliding-window attention layers"
+            if sliding(self.model)
+            else remembered(
+                self.model,
+                "prefill_resume",
+                context,
+                self._resume_disagrees,
+                valid=lambda v: v is None or isinstance(v, str),
+            )  # fmt: skip
+        )
         self.can_resume = why is None
         if why is not None:
             log.info("prefix cache and chunked prefill off for this model; prompts prefill whole", reason=why)

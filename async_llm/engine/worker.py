@@ -83,6 +83,11 @@ class Worker(abc.ABC):
     def _waiting_count(self) -> int:
         return len(self.scheduler.waiting)
 
+    def _recount_waiting(self) -> None:
+        """Publish the waiting count once a step has admitted, before its (long) forward: a taken
+        request counts as waiting until then, and as running after."""
+        self._num_waiting = self._waiting_count()
+
     @abc.abstractmethod
     def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None: ...
 
@@ -194,6 +199,9 @@ class Worker(abc.ABC):
             if self._closed_done:
                 return False
             inbox, self._inbox = self._inbox, []
+            # Taken requests still wait: counted until the step recounts them, so submitters never
+            # see a free queue that is not (the bound and num_waiting agree).
+            self._num_waiting += len(inbox)
             aborts, self._aborts = self._aborts, set()
             idle_calls, self._idle_calls = self._idle_calls, []
             closing = self._closing

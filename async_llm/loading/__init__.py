@@ -1,2 +1,4 @@
-"""Model files: transformers folders and hub ids (``loading``), GGUF conversion (``gguf``) and the
-embedded default model (``default``)."""
+"""Model files: transformers folders and hub ids (``loading``), what a ``model_id`` names, checked
+before anything loads (``paths``), GGUF conversion (``gguf``), the embedded default model
+(``default``), loads without progress bars (``quiet``) and the start-up checks' stored verdicts
+(``check_cache``)."""

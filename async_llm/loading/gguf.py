@@ -3,7 +3,8 @@
 Loading a ``.gguf`` with transformers dequantizes every tensor, which takes tens of seconds for
 even a small model. Doing that on every start would make a CLI or a test run feel broken, so the
 dequantized model is saved once as a regular safetensors folder under :func:`cache_root` and later
-loads read that folder (well under a second for a 135M model).
+loads read that folder like any other. The conversion draws no progress bars (see
+:mod:`async_llm.loading.quiet`); a failed one raises and logs nothing above info (the caller reports it).
 
 Cache layout::
 
@@ -28,9 +29,11 @@ from typing import Any
 import platformdirs
 from filelock import FileLock, Timeout
 
+from async_llm.errors import ModelNotAvailableError
+from async_llm.loading.quiet import GGUF_READER_MODULE, quiet_progress
 from async_llm.log import get_logger
 
-__all__ = ["CACHE_ENV_VAR", "cache_root", "cached_conversion", "convert_gguf"]
+__all__ = ["CACHE_ENV_VAR", "GGUFReadError", "cache_root", "cached_conversion", "convert_gguf"]
 
 # structlog events through the stdlib logger of this module (see async_llm.log): never printed.
 logger = get_logger(__name__)
@@ -43,6 +46,11 @@ _FORMAT_VERSION = "1"
 # Module classes that would mean weights were kept packed in GGUF blocks; save_pretrained would
 # write them in a layout no plain model can load.
 _PACKED_MODULE_MARKERS = ("Gguf", "GGUF", "Ggml", "GGML")
+
+
+class GGUFReadError(ModelNotAvailableError, ValueError):
+    """transformers cannot read a ``.gguf`` file as a model: it is truncated or corrupt, or holds an
+    architecture transformers does not load from GGUF. Nothing is left in the cache."""
 
 
 def cache_root() -> pathlib.Path:
@@ -119,8 +127,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> pathlib.Path:
         ``AutoTokenizer.from_pretrained``.
 
     Raises:
-        ValueError: the name does not end in ``.gguf``, or transformers cannot read the file
-            (for example an unsupported architecture).
+        ValueError: the name does not end in ``.gguf``.
+        GGUFReadError: transformers cannot read the file (truncated, corrupt, or an unsupported
+            architecture); also a ``ValueError``.
         FileNotFoundError: the file does not exist.
     """
     path = _check_gguf_path(gguf_path)
@@ -171,7 +180,8 @@ def _convert_into(path: pathlib.Path, target: pathlib.Path) -> None:
     except BaseException:
         # BaseException too: a Ctrl-C mid-save must not leave the temp folder behind either.
         shutil.rmtree(tmp, ignore_errors=True)
-        logger.warning("gguf.conversion_failed", gguf=str(path), seconds=round(time.perf_counter() - start, 2))
+        # info, not warning: the exception tells the caller; a warning would print it a second time.
+        logger.info("gguf.conversion_failed", gguf=str(path), seconds=round(time.perf_counter() - start, 2))
         raise
     logger.info("gguf.conversion_finished", target=str(target), seconds=round(time.perf_counter() - start, 2))
 
@@ -179,14 +189,26 @@ def _convert_into(path: pathlib.Path, target: pathlib.Path) -> None:
 def _save_converted(path: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Load ``path`` with transformers, dequantized, and save model and tokenizer into ``out_dir``."""
     # Imported here so that finding a cached folder never pays for importing transformers.
+    import importlib
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    importlib.import_module(GGUF_READER_MODULE)  # before quiet_progress, which silences its bar once imported
     parent, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, **_dequantize_kwargs())
-    _drop_quantizer_marker(model)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with quiet_progress():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, **_dequantize_kwargs())
+        except (OSError, MemoryError):
+            raise  # about the machine, not the file's contents
+        except Exception as exc:  # a bad file fails anywhere in the reader (struct.error, KeyError...)
+            raise GGUFReadError(
+                f"cannot read {name!r} as a model ({type(exc).__name__}: {exc}); the file may be truncated or "
+                "corrupt, or hold an architecture transformers cannot load from GGUF"
+            ) from exc
+        _drop_quantizer_marker(model)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
 
 def _dequantize_kwargs() -> dict[str, Any]:

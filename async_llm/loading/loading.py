@@ -1,4 +1,8 @@
-"""Loading a transformers causal LM: model ids, devices, dtypes, bitsandbytes and accelerate."""
+"""Loading a transformers causal LM: model ids, devices, dtypes, bitsandbytes and accelerate.
+
+Loads show no progress bars (see :mod:`async_llm.loading.quiet`), and a model loaded from files
+carries the store of its start-up check verdicts (see :mod:`async_llm.loading.check_cache`).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,17 @@ import torch
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from async_llm.engine.fast_decode import CHECK_STORE_ATTR
 from async_llm.errors import AsyncLLMError
+from async_llm.loading.check_cache import CheckCache, folder_identity
+from async_llm.loading.paths import check_model_id
+from async_llm.loading.quiet import quiet_progress
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # bitsandbytes gained a CPU backend for 8-bit and 4-bit in 0.45.
 _BNB_CPU_SINCE = Version("0.45.0")
+# from_pretrained keywords that read the model from somewhere other than the folder's top level.
+_ELSEWHERE = frozenset({"subfolder", "gguf_file", "state_dict"})
 
 
 class UnsupportedConfigurationError(AsyncLLMError, ValueError):
@@ -38,17 +48,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_model_path(model_id: str | os.PathLike[str] | None) -> str:
     """Map ``model_id`` to what ``from_pretrained`` loads: the default model, a GGUF file (converted
-    once into a cached folder), a local folder, or a hub id (returned unchanged)."""
+    once into a cached folder), a local folder, or a hub id (returned unchanged).
+
+    Raises:
+        ModelNotAvailableError: the default model is not installed (the message says how to).
+        ModelNotFoundError: ``model_id`` names no model (see :func:`~async_llm.loading.paths.check_model_id`).
+    """
     if model_id is None:
         from async_llm.loading.default import default_model_path
 
         return str(default_model_path())
+    check_model_id(model_id)
     path = Path(model_id).expanduser()
     if path.suffix.lower() == ".gguf":
         from async_llm.loading.gguf import convert_gguf
 
         return str(convert_gguf(path))
     return str(path) if path.exists() else str(model_id)
+
+
+def model_folder(path: str, revision: str | None = None) -> Path | None:
+    """The local folder ``from_pretrained`` read for ``path``: the folder itself, or a hub id's
+    snapshot of ``revision`` in the hub cache (None when it is not there)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(path, "config.json", revision=revision)
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def quantization(config: BitsAndBytesConfig | dict[str, Any] | None, device: torch.device) -> BitsAndBytesConfig | None:
@@ -123,8 +150,28 @@ class LoadOptions:
             kwargs.setdefault("device_map", self.device_map or {"": str(self.device)})
         elif self.device_map is not None:
             kwargs["device_map"] = self.device_map  # accelerate dispatch ("auto", "balanced", a dict)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if "device_map" not in kwargs:
             model = model.to(self.device)
+        store = self._check_store(path)
+        if store is not None:
+            setattr(model, CHECK_STORE_ATTR, store)
         return model.eval(), tokenizer
+
+    def _check_store(self, path: str) -> CheckCache | None:
+        """Where the engine keeps this model's start-up check verdicts, or None to always check:
+        when the files are unknown, or an option makes a model the files alone do not describe
+        (quantized or dispatched weights, model keyword arguments that are not plain values)."""
+        kwargs = self.model_kwargs
+        if self.quantization_config is not None or self.device_map is not None or _ELSEWHERE & set(kwargs):
+            return None
+        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in kwargs.values()):
+            return None
+        revision = kwargs.get("revision")
+        folder = model_folder(path, revision if isinstance(revision, str) else None)
+        identity = folder_identity(folder) if folder is not None else None
+        if identity is None:
+            return None
+        return CheckCache({"files": identity, "model_kwargs": kwargs, "dtype": str(self.dtype)})

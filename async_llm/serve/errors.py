@@ -59,8 +59,10 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
 
     Returns:
         400 for invalid input (``ValueError``/``TypeError``; with ``param`` for a
-        :class:`~async_llm.errors.ParameterError`, which names the parameter at fault), 429 for a
-        full queue, 503 for a closed engine, 500 otherwise.
+        :class:`~async_llm.errors.ParameterError`, which names the parameter at fault, and its
+        ``code`` when it has one: ``context_length_exceeded`` for a prompt or ``max_tokens`` beyond
+        the model's context, as OpenAI answers), 429 for a full queue, 503 for a closed engine,
+        500 otherwise.
     """
     if isinstance(exc, APIError):
         return exc
@@ -75,7 +77,7 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
         param = field_name(exc.param)
         if not message.startswith(param):
             message = f"{param}: {message}"
-        return APIError(400, message, param=param)
+        return APIError(400, message, param=param, code=getattr(exc, "code", None))
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}")

@@ -8,10 +8,16 @@ scrapers.
 
 A client that goes away aborts its request: a stream through sse-starlette's disconnect listener
 (which cancels the response), a plain request through :func:`_unless_disconnected`.
+
+A server that shuts down (Ctrl-C, SIGTERM: sse-starlette sees uvicorn's exit signal) ends each open
+stream itself rather than cutting it: its requests are aborted and it sends a 503 error event
+(``server shutting down``) and ``data: [DONE]``, so clients see why it ended and uvicorn no longer
+finds responses left incomplete.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +46,13 @@ __all__ = ["create_app"]
 log = get_logger("async_llm.serve")
 
 _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+#: Seconds an open stream has, once the server shuts down, to send its error event and ``[DONE]``
+#: before sse-starlette cancels it (a fraction of uvicorn's graceful shutdown, ``server.SHUTDOWN_TIMEOUT_S``).
+SHUTDOWN_GRACE_S = 3.0
+#: The error event of a stream ended by the server's shutdown.
+SHUTDOWN_ERROR = APIError(
+    503, "server shutting down: the request was aborted before it finished", code="server_shutting_down"
+)
 
 
 def create_app(
@@ -157,12 +170,41 @@ def _bearer_auth(api_key: str) -> Callable[..., Awaitable[None]]:
 def _event_stream(chunks: ChunkStream) -> EventSourceResponse:
     # The background task runs however the response ends (done, failed, client gone before the first
     # byte), so every choice still running is aborted and its row freed.
-    return EventSourceResponse(_sse_data(chunks), sep="\n", background=BackgroundTask(chunks.aclose))
+    shutdown = anyio.Event()  # set by sse-starlette when the server shuts down
+    return EventSourceResponse(
+        _sse_data(chunks, shutdown), sep="\n", background=BackgroundTask(chunks.aclose),
+        shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )  # fmt: skip
 
 
-async def _sse_data(chunks: ChunkStream) -> AsyncIterator[str]:
-    async for chunk in chunks:
-        yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+async def _sse_data(chunks: ChunkStream, shutdown: anyio.Event) -> AsyncIterator[str]:
+    """The stream's ``data:`` payloads: each chunk as JSON, then ``[DONE]``. When ``shutdown`` is set
+    first, the chunk being awaited is cancelled (which aborts the stream's requests) and the
+    :data:`SHUTDOWN_ERROR` event and ``[DONE]`` end the stream instead."""
+    iterator = aiter(chunks)
+    stop = asyncio.ensure_future(shutdown.wait())
+    step: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            # A task per chunk, to wait on the next chunk and on the shutdown together.
+            step = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():  # shutdown first
+                break
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                yield "[DONE]"
+                return
+            yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+    finally:
+        stop.cancel()
+        if step is not None and not step.done():  # shutdown, or this response was cancelled
+            step.cancel()
+            # The chunk generator's cleanup (aborting the requests) ends before anyone closes it.
+            await asyncio.gather(step, return_exceptions=True)
+    log.info("stream ended by the server's shutdown")
+    yield json.dumps(SHUTDOWN_ERROR.body(), separators=(",", ":"))
     yield "[DONE]"
 
 

@@ -3,6 +3,11 @@
 The command line is the application here, so this module may configure uvicorn's logging (uvicorn's
 defaults: its start line and errors on stderr) and block in ``ray.init``/``serve.run`` on the main
 loop, which serves nothing else while the Ray path runs.
+
+The listening socket is bound (:func:`bind_listener`) before the model loads, so a port in use is
+reported at once rather than after a load of seconds or minutes; uvicorn then serves on that socket.
+On Ctrl-C (or SIGTERM) uvicorn stops accepting, the streams still open end with an error event and
+``data: [DONE]`` (see :mod:`async_llm.serve.openai_app`), and the engine closes.
 """
 
 from __future__ import annotations
@@ -10,23 +15,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
+import errno
+import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
 
 from async_llm.log import get_logger
+from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
-__all__ = ["API_KEY_ENV", "resolve_api_key", "running_server", "serve_http", "serve_ray"]
+if TYPE_CHECKING:
+    from async_llm.llm.huggingface import HuggingFaceLLM
+
+__all__ = ["API_KEY_ENV", "bind_listener", "resolve_api_key", "running_server", "serve_http", "serve_ray"]
 
 log = get_logger("async_llm.serve")
 
 #: Environment variable read for the API key when ``--api-key`` is not given.
 API_KEY_ENV = "ASYNC_LLM_API_KEY"
+#: Seconds uvicorn waits at shutdown for open requests before it cancels them. Streams end sooner:
+#: they are told at once (``openai_app.SHUTDOWN_GRACE_S``).
+SHUTDOWN_TIMEOUT_S = 10
 
 
 def resolve_api_key(flag: str | None) -> str | None:
@@ -83,32 +97,79 @@ async def running_server(
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def serve_http(args: argparse.Namespace) -> int:
-    """Load the model and serve it with uvicorn until interrupted.
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the server's TCP socket now (not yet listening), so that a port in use is found before
+    the model loads. :func:`serve_http` hands it to uvicorn.
 
     Args:
-        args: The parsed ``serve`` arguments (``model``, ``device``, ``max_batch_size``, ``host``,
-            ``port``, ``api_key``, ``served_model_name``, ``verbose``).
+        host: Address to listen on (an IPv6 address contains ``:``).
+        port: Port; 0 picks a free one.
+
+    Returns:
+        The bound socket (close it if it is never served).
+
+    Raises:
+        OSError: The address cannot be bound; the message names it and, for a port in use, says so.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn does: a restart may reuse the port while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            why = "the port is in use (another server?); choose one with --port"
+        else:
+            why = exc.strerror or str(exc)
+        error = OSError(f"cannot listen on {where}: {why}")
+        error.errno = exc.errno  # kept for callers that test it; the message stays free of "[Errno N]"
+        raise error from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class _CliServer(uvicorn.Server):
+    """uvicorn on a socket bound beforehand; it then logs no start line of its own, so this does."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            message = "Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
+            logging.getLogger("uvicorn.error").info(message, shown, port)
+
+
+async def serve_http(args: argparse.Namespace, llm: HuggingFaceLLM, listener: socket.socket) -> int:
+    """Serve ``llm`` with uvicorn on ``listener`` until interrupted; closes both.
+
+    Args:
+        args: The parsed ``serve`` arguments (``api_key``, ``served_model_name``, ``max_body_bytes``,
+            ``body_timeout``, ``limit_concurrency``, ``verbose``).
+        llm: The loaded model (the app owns it: closed at shutdown).
+        listener: The socket from :func:`bind_listener`.
 
     Returns:
         0 after a clean shutdown.
     """
-    from async_llm.llm.huggingface import HuggingFaceLLM
     from async_llm.serve.openai_app import create_app
 
-    load = functools.partial(HuggingFaceLLM, args.model, device=args.device, max_batch_size=args.max_batch_size)
-    llm = await anyio.to_thread.run_sync(load)
     try:
         app = create_app(
             llm, model_name=args.served_model_name, api_key=resolve_api_key(args.api_key), owns_llm=True,
-            max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+            max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+            body_timeout_s=args.body_timeout or DEFAULT_BODY_TIMEOUT_S,
         )  # fmt: skip
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="debug" if args.verbose > 1 else "info",
-            access_log=args.verbose > 0, timeout_graceful_shutdown=10, limit_concurrency=args.limit_concurrency,
+            app, log_level="debug" if args.verbose > 1 else "info", access_log=args.verbose > 0,
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, limit_concurrency=args.limit_concurrency,
         )  # fmt: skip
-        await uvicorn.Server(config).serve()
+        await _CliServer(config).serve(sockets=[listener])
     finally:
+        listener.close()  # uvicorn closes it too at shutdown; not when startup failed
         await llm.aclose()  # idempotent: the app's shutdown closed it unless startup failed
     return 0
 
