@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from async_llm.errors import (
     AsyncLLMError,
+    ContextLengthError,
     EngineClosedError,
     GenerationError,
     InvalidParameterError,
@@ -26,24 +27,28 @@ from async_llm.errors import (
 )
 from async_llm.llm.base import BaseLLM
 from async_llm.llm.huggingface import HuggingFaceLLM
-from async_llm.outputs import Completion, FinishReason, TokenStream
+from async_llm.outputs import Completion, FinishReason, Logprob, StreamDelta, TokenStream, TopLogprob
 from async_llm.sampling_params import SamplingParams
 
 __all__ = [
     "AsyncLLMError",
     "BaseLLM",
     "Completion",
+    "ContextLengthError",
     "EngineClosedError",
     "FinishReason",
     "GenerationError",
     "HuggingFaceLLM",
     "InvalidParameterError",
+    "Logprob",
     "ModelNotAvailableError",
     "ParameterError",
     "ParameterTypeError",
     "QueueFullError",
     "RequestAbortedError",
     "SamplingParams",
+    "StreamDelta",
     "TokenStream",
+    "TopLogprob",
 ]
 __version__ = "0.1.0"

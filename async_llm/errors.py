@@ -54,3 +54,10 @@ class InvalidParameterError(ParameterError, ValueError):
 
 class ParameterTypeError(ParameterError, TypeError):
     """A parameter has the wrong type, or is unknown."""
+
+
+class ContextLengthError(InvalidParameterError):
+    """The prompt, or the prompt with the ``max_tokens`` asked for, does not fit the model's context
+    (the server answers it with OpenAI's code ``context_length_exceeded``)."""
+
+    code = "context_length_exceeded"

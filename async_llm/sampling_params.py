@@ -19,7 +19,9 @@ from async_llm.token_params import (
     GrammarSpec,
     grammar_spec,
     int_tuple,
+    is_int,
     logit_bias,
+    number,
 )
 
 # Spellings accepted for a field, mapped to the field's name. `repition_penalty` is the spelling
@@ -36,20 +38,6 @@ ALIASES: Mapping[str, str] = {
 }
 #: Fields that are bookkeeping, not sampling parameters: :meth:`SamplingParams.merge` refuses them.
 _INTERNAL_FIELDS = frozenset({"max_tokens_explicit"})
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass; `max_tokens=True` is a bug in the caller, not the number 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParameterTypeError(name, f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidParameterError(name, f"{name} must be a finite number, got {number}")
-    return number
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -189,32 +177,32 @@ class SamplingParams:
             if not top_k.is_integer():
                 raise InvalidParameterError("top_k", f"top_k must be a whole number, got {top_k}")
             set_(self, "top_k", int(top_k))
-        if not _is_int(self.max_tokens):
+        if not is_int(self.max_tokens):
             raise ParameterTypeError("max_tokens", f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
             raise InvalidParameterError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not _is_int(self.top_k):
+        if not is_int(self.top_k):
             raise ParameterTypeError("top_k", f"top_k must be an int, got {type(self.top_k).__name__}")
         if self.top_k < -1:
             raise InvalidParameterError("top_k", f"top_k must be 0 or -1 (off) or >= 1, got {self.top_k}")
         set_(self, "top_k", max(self.top_k, 0))
-        temperature = _number("temperature", self.temperature)
+        temperature = number("temperature", self.temperature)
         _check_range("temperature", temperature, 0.0, math.inf)
         set_(self, "temperature", temperature)
-        top_p = _number("top_p", self.top_p)
+        top_p = number("top_p", self.top_p)
         _check_range("top_p", top_p, 0.0, 1.0, low_open=True)
         set_(self, "top_p", top_p)
-        min_p = _number("min_p", self.min_p)
+        min_p = number("min_p", self.min_p)
         _check_range("min_p", min_p, 0.0, 1.0)
         set_(self, "min_p", min_p)
-        rep = _number("repetition_penalty", self.repetition_penalty)
+        rep = number("repetition_penalty", self.repetition_penalty)
         _check_range("repetition_penalty", rep, 0.0, math.inf, low_open=True)
         set_(self, "repetition_penalty", rep)
         for name in ("frequency_penalty", "presence_penalty"):
-            value = _number(name, getattr(self, name))
+            value = number(name, getattr(self, name))
             _check_range(name, value, -2.0, 2.0)
             set_(self, name, value)
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise ParameterTypeError("seed", f"seed must be an int or None, got {type(self.seed).__name__}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidParameterError("seed", f"seed must be in [0, 2**63), got {self.seed}")
@@ -239,7 +227,7 @@ class SamplingParams:
                 raise ParameterTypeError(name, f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         for name in ("top_logprobs", "min_tokens"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ParameterTypeError(name, f"{name} must be an int, got {type(value).__name__}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidParameterError(
@@ -248,7 +236,7 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs=True")
         if self.prompt_logprobs is not None:
-            if not _is_int(self.prompt_logprobs):
+            if not is_int(self.prompt_logprobs):
                 raise ParameterTypeError(
                     "prompt_logprobs",
                     f"prompt_logprobs must be an int or None, got {type(self.prompt_logprobs).__name__}",
@@ -305,7 +293,7 @@ class SamplingParams:
     def _check_beams(self) -> None:
         for name, low, high in (("n", 1, MAX_N), ("num_beams", 1, MAX_BEAMS)):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ParameterTypeError(name, f"{name} must be an int, got {type(value).__name__}")
             if not low <= value <= high:
                 raise InvalidParameterError(name, f"{name} must be in [{low}, {high}], got {value}")
@@ -318,13 +306,13 @@ class SamplingParams:
                 "frequency_penalty",
                 "frequency_penalty and presence_penalty are not supported with beam search (num_beams > 1)",
             )
-        object.__setattr__(self, "length_penalty", _number("length_penalty", self.length_penalty))
+        object.__setattr__(self, "length_penalty", number("length_penalty", self.length_penalty))
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise InvalidParameterError(
                 "early_stopping", f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
         if self.max_length is not None:
-            if not _is_int(self.max_length):
+            if not is_int(self.max_length):
                 raise ParameterTypeError(
                     "max_length", f"max_length must be an int or None, got {type(self.max_length).__name__}"
                 )
@@ -356,7 +344,7 @@ class SamplingParams:
             name = ALIASES.get(key, key)
             if name not in names or name in ALIASES:
                 raise ParameterTypeError(key, f"unknown sampling parameter {key!r}")
-            if key == "stop_token_id" and _is_int(value):  # the swarm_models spelling takes one id
+            if key == "stop_token_id" and is_int(value):  # the swarm_models spelling takes one id
                 value = (value,)
             given.setdefault(name, []).append((key, value))
         changes = {name: _one_value(name, pairs) for name, pairs in given.items()}

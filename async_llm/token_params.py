@@ -17,19 +17,19 @@ STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_c
 MAX_TOP_LOGPROBS = 20
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (``max_tokens=True`` is a bug in the caller, not the number 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(name: str, value: Any) -> float:
+def number(name: str, value: Any) -> float:
+    """``value`` as a finite float, or a typed error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParameterTypeError(name, f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidParameterError(name, f"{name} must be a finite number, got {number}")
-    if not -100.0 <= number <= 100.0:
-        raise InvalidParameterError(name, f"{name} must be in [-100.0, 100.0], got {number}")
-    return number
+    result = float(value)
+    if not math.isfinite(result):
+        raise InvalidParameterError(name, f"{name} must be a finite number, got {result}")
+    return result
 
 
 def int_tuple(name: str, value: Any, *, empty_ok: bool = True) -> tuple[int, ...]:
@@ -38,7 +38,7 @@ def int_tuple(name: str, value: Any, *, empty_ok: bool = True) -> tuple[int, ...
         raise ParameterTypeError(name, f"{name} must be a list of token ids, got {type(value).__name__}")
     ids = tuple(value)
     for i in ids:
-        if not _is_int(i):
+        if not is_int(i):
             raise ParameterTypeError(name, f"{name} must be a list of int token ids, got an item {i!r}")
         if i < 0:
             raise InvalidParameterError(name, f"{name} holds a negative token id {i}")
@@ -62,9 +62,12 @@ def logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
             raise ParameterTypeError("logit_bias", "logit_bias must be a dict of token id to bias")
         key, bias = item
         token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
-        if not _is_int(token) or token < 0:
+        if not is_int(token) or token < 0:
             raise InvalidParameterError("logit_bias", f"logit_bias keys must be token ids (int >= 0), got {key!r}")
-        pairs[token] = _number("logit_bias", bias)
+        value = number("logit_bias", bias)
+        if not -100.0 <= value <= 100.0:
+            raise InvalidParameterError("logit_bias", f"logit_bias must be in [-100.0, 100.0], got {value}")
+        pairs[token] = value
     return tuple(sorted(pairs.items()))
 
 

@@ -8,9 +8,13 @@ on float noise between batched and solo runs).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
+import anyio
+import openai
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -130,3 +134,41 @@ PROMPTS = [
     "日本語 🎉",
     "def hello(name):",
 ]
+
+
+async def admitted_together(llm: HuggingFaceLLM, calls: Sequence[Callable[[], Awaitable[object]]]) -> list:
+    """Run the ``calls`` (coroutine factories, one request each) so that the engine admits them in
+    one step: it is held until every request waits in its queue. Returns their results."""
+    gate = threading.Event()
+    llm.engine.call_when_idle(gate.wait)
+    before = llm.stats()["num_waiting"]
+    tasks = [asyncio.ensure_future(call()) for call in calls]
+    try:
+        with anyio.fail_after(10):
+            while llm.stats()["num_waiting"] < before + len(calls):
+                await asyncio.sleep(0.005)
+    finally:
+        gate.set()
+    with anyio.fail_after(30):
+        return await asyncio.gather(*tasks)
+
+
+#: The model name the test server (``url``, ``client``) answers to.
+SERVED_MODEL = "tiny"
+
+
+@pytest.fixture
+async def url(llm: HuggingFaceLLM) -> AsyncIterator[str]:
+    """The base URL of an OpenAI-compatible server over ``llm`` (uvicorn on a free local port)."""
+    from async_llm.serve import create_app
+    from async_llm.serve.server import running_server
+
+    async with running_server(create_app(llm, model_name=SERVED_MODEL)) as base:
+        yield base
+
+
+@pytest.fixture
+async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official ``openai`` client of that server."""
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c

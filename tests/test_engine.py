@@ -8,7 +8,7 @@ import time
 
 import anyio
 import pytest
-from conftest import PROMPTS, reference_ids
+from conftest import PROMPTS, admitted_together, reference_ids
 
 from async_llm import HuggingFaceLLM
 
@@ -49,19 +49,6 @@ def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
     return shapes
 
 
-async def _admitted_together(llm, calls):
-    """Run the ``calls`` (coroutine factories) so that the engine admits them in one step."""
-    gate = threading.Event()
-    llm.engine.call_when_idle(gate.wait)
-    before = llm.stats()["num_waiting"]
-    tasks = [asyncio.ensure_future(call()) for call in calls]
-    with anyio.fail_after(10):
-        while llm.stats()["num_waiting"] < before + len(calls):
-            await asyncio.sleep(0.005)
-    gate.set()
-    return await asyncio.gather(*tasks)
-
-
 async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tiny_model, monkeypatch):
     """Prompts admitted together are packed into one sequence (block-diagonal mask, positions from 0
     for each, no padding) when the cost model says so; greedy answers equal generate's, with a
@@ -71,12 +58,12 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "a", "word " * 30, "日本語 🎉"]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
     calls.append(lambda: llm.acomplete(prompts[1], chat_template=False, max_tokens=8, ignore_eos=True, n=2))
-    results = await _admitted_together(llm, calls)
+    results = await admitted_together(llm, calls)
     *singles, pair = results
     for r in [*singles, *pair]:
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
     assert shapes == [(1, sum(len(r.prompt_token_ids) for r in singles))]  # the n=2 pair shares its prompt's row
-    penalised = await _admitted_together(
+    penalised = await admitted_together(
         llm,
         [
             lambda: llm.acomplete("Hello", chat_template=False, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
@@ -100,7 +87,7 @@ async def test_without_packing_short_and_long_prompts_get_separate_padded_prefil
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "word " * 150, "Hey", "word " * 150]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
-    results = await _admitted_together(llm, calls)
+    results = await admitted_together(llm, calls)
     for r in results:
         assert r.token_ids == reference_ids(tiny_model, r.prompt_token_ids, 8)
     short = max(len(results[0].prompt_token_ids), len(results[2].prompt_token_ids))

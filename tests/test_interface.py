@@ -6,9 +6,9 @@ import json
 import logging
 
 import pytest
-from conftest import reference_ids
+from conftest import build_model, reference_ids
 
-from async_llm import HuggingFaceLLM
+from async_llm import HuggingFaceLLM, InvalidParameterError
 from async_llm.llm.chat import parse_history
 
 
@@ -204,3 +204,13 @@ async def test_event_log_writes_json_lines_and_flushes_on_close(tiny_model, tiny
     assert next(e for e in events if e["event"] == "checkpoint reached")["step"] == 3
     # The event log's handler is detached on close; the library's own NullHandler stays.
     assert all(isinstance(h, logging.NullHandler) for h in logging.getLogger("async_llm").handlers)
+
+
+def test_a_dispatched_model_passed_in_with_a_device_is_refused(tiny_tokenizer):
+    """An explicit ``device`` moves a model passed in (checked on CUDA by the device check); one that
+    accelerate dispatched over devices cannot move, and says so before anything starts."""
+    model = build_model(len(tiny_tokenizer))
+    model.hf_device_map = {"": "cpu"}  # as accelerate's dispatch leaves it
+    with pytest.raises(InvalidParameterError) as info:
+        HuggingFaceLLM(model=model, tokenizer=tiny_tokenizer, device="cpu")
+    assert info.value.param == "device"

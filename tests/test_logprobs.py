@@ -8,13 +8,12 @@ before temperature, penalties, biases and masks): each test recomputes them with
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import functools
 
 import anyio
 import pytest
 import torch
-from conftest import PROMPTS, reference_ids
+from conftest import PROMPTS, admitted_together, reference_ids
 
 from async_llm.outputs import Logprob
 
@@ -164,16 +163,8 @@ async def test_stream_deltas_carry_the_logprobs_of_their_tokens(llm, tiny_model,
 
 
 async def _admitted_together(llm, calls: list[dict]) -> list:
-    """Submit one request per kwargs dict while the engine is held, so that they share the batch."""
-    gate = threading.Event()
-    llm.engine.call_when_idle(gate.wait)
-    try:
-        tasks = [asyncio.ensure_future(complete(llm, **kw)) for kw in calls]
-        await asyncio.sleep(0)  # every task queues its request (submit is synchronous for short prompts)
-    finally:
-        gate.set()
-    with anyio.fail_after(30):
-        results = await asyncio.gather(*tasks)
+    """One request per kwargs dict, admitted by the engine in one step (so they share the batch)."""
+    results = await admitted_together(llm, [functools.partial(complete, llm, **kw) for kw in calls])
     assert llm.stats()["peak_batch_size"] == len(calls)
     return results
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -22,22 +21,11 @@ import pytest
 from async_llm import HuggingFaceLLM
 from async_llm.serve import create_app
 from async_llm.serve.server import API_KEY_ENV, resolve_api_key, running_server
+from tests.conftest import SERVED_MODEL
 from tests.rawhttp import exchange, request_head
 
-MODEL = "tiny"
+MODEL = SERVED_MODEL
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture
-async def url(llm: HuggingFaceLLM) -> AsyncIterator[str]:
-    async with running_server(create_app(llm, model_name=MODEL)) as base:
-        yield base
-
-
-@pytest.fixture
-async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30) as c:
-        yield c
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import jsonschema
-import openai
 import pytest
 
-from async_llm import HuggingFaceLLM
-from async_llm.serve import create_app
-from async_llm.serve.server import running_server
+from tests.conftest import SERVED_MODEL
 from tests.test_structured_output import PERSON, ROOM
 
-MODEL = "tiny"
+MODEL = SERVED_MODEL
 CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
     "type": "function",
@@ -46,18 +42,6 @@ TIME = {
         },
     },
 }
-
-
-@pytest.fixture
-async def url(llm: HuggingFaceLLM) -> AsyncIterator[str]:
-    async with running_server(create_app(llm, model_name=MODEL)) as base:
-        yield base
-
-
-@pytest.fixture
-async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 # -- structured output ----------------------------------------------------------------------------------

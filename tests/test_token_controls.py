@@ -10,13 +10,14 @@ of them. Prompts are encoded without the chat template to keep the token ids eas
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 
 import anyio
 import pytest
 import torch
-from conftest import reference_ids
+from conftest import admitted_together, reference_ids
 
 from async_llm import GenerationError, InvalidParameterError, ParameterError, ParameterTypeError
 
@@ -66,17 +67,8 @@ def assert_nothing_queued(llm) -> None:
 
 
 async def run_admitted_together(llm, calls: list[dict]) -> list:
-    """Submit one request per kwargs dict while the engine is held, so that they are decoded in one
-    batch; returns their completions."""
-    gate = threading.Event()
-    llm.engine.call_when_idle(gate.wait)
-    try:
-        tasks = [asyncio.ensure_future(greedy(llm, **kw)) for kw in calls]
-        await asyncio.sleep(0)  # let every task reach the engine's queue (submit is synchronous)
-    finally:
-        gate.set()
-    with anyio.fail_after(30):
-        results = await asyncio.gather(*tasks)
+    """One request per kwargs dict, admitted by the engine in one step (so they share the batch)."""
+    results = await admitted_together(llm, [functools.partial(greedy, llm, **kw) for kw in calls])
     assert llm.stats()["peak_batch_size"] == len(calls)
     return results
 

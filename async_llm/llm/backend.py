@@ -4,13 +4,20 @@ runner), shared by every call of a :class:`~async_llm.llm.huggingface.HuggingFac
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 from async_llm.engine.beam import BeamRunner
 from async_llm.engine.core import Engine
+from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
 from async_llm.llm.frontend import Sinks
+
+T = TypeVar("T")
 
 
 def _ids(value: int | Sequence[int] | None) -> set[int]:
@@ -60,3 +67,100 @@ class Backend:
     def close(self) -> None:
         self.engine.close()
         self.beams.close()
+
+
+def engine_options(
+    fast_path: bool, prefix_cache: bool, prefix_cache_bytes: int | None, prefill_chunk_tokens: int | None
+) -> dict[str, Any]:
+    """The engine's keyword arguments, checked."""
+    for name, flag in (("fast_path", fast_path), ("prefix_cache", prefix_cache)):
+        if not isinstance(flag, bool):
+            raise ParameterTypeError(name, f"{name} must be True or False, got {flag!r}")
+    if prefix_cache_bytes is not None and (
+        isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0
+    ):
+        raise InvalidParameterError(
+            "prefix_cache_bytes", f"prefix_cache_bytes must be an int >= 0, got {prefix_cache_bytes!r}"
+        )
+    if prefill_chunk_tokens is not None and (
+        isinstance(prefill_chunk_tokens, bool) or not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1
+    ):
+        raise InvalidParameterError(
+            "prefill_chunk_tokens", f"prefill_chunk_tokens must be an int >= 1, got {prefill_chunk_tokens!r}"
+        )
+    return {
+        "fast_path": fast_path,
+        "prefix_cache": prefix_cache,
+        "prefix_cache_bytes": prefix_cache_bytes,
+        "prefill_chunk_tokens": prefill_chunk_tokens,
+    }
+
+
+def quantization_for(quantize: bool | None, config: Any, device: torch.device) -> Any:
+    """The ``quantization_config`` to load with, given the swarm_models ``quantize`` flag.
+
+    ``quantize=True`` without a config is 4-bit nf4 with double quantization (the swarm_models
+    default), computing in bfloat16 on CUDA and float32 on a CPU (where bfloat16 matmuls are slow
+    or missing); False or None add nothing.
+
+    Raises:
+        TypeError: ``quantize`` is not a bool or None.
+        ValueError: ``quantize`` contradicts an explicit ``quantization_config``.
+    """
+    if quantize is not None and not isinstance(quantize, bool):
+        raise ParameterTypeError("quantize", f"quantize must be True, False or None, got {quantize!r}")
+    if config is None:
+        if not quantize:
+            return None
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": compute,
+        }
+    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
+    quantizes = bool(get("load_in_4bit", False) or get("load_in_8bit", False))
+    if quantize is not None and quantize != quantizes:
+        raise InvalidParameterError(
+            "quantize", f"quantize={quantize} contradicts quantization_config (which quantizes: {quantizes}); give one"
+        )
+    return config
+
+
+def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a thread of its own that ends with it (its exception re-raised here).
+
+    Loading a model runs torch operations, and torch's OpenMP keeps a pool of worker threads for
+    every thread that ran a parallel operation, for as long as that thread lives. Once OpenMP
+    manages more threads than there are cores, it stops letting idle workers spin and puts them to
+    sleep after each operation, and waking them costs tens of microseconds per operation: a decode
+    step of a small model (hundreds of operations) runs up to ~40% slower on the engine's thread.
+    A loading thread that ends takes its pool with it, so the engine's pool is the only busy one.
+    (Torch work of the application's own on its threads has the same effect.)
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="async-llm-load", daemon=True)  # Ctrl-C is not held up
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def drain_and_close(backend: Backend, poll: float = 0.05) -> None:
+    """Close a replaced backend once its queued and running requests are done."""
+    while True:
+        stats = [backend.engine.stats(), backend.beams.stats()]
+        if not any(s["num_running"] or s["num_waiting"] for s in stats):
+            break
+        time.sleep(poll)
+    backend.close()

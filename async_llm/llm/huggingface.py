@@ -7,10 +7,9 @@ import dataclasses
 import functools
 import os
 import threading
-import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,8 +21,8 @@ from async_llm.engine.beam import BeamJob
 from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.request import Request
-from async_llm.errors import InvalidParameterError, ParameterTypeError
-from async_llm.llm.backend import Backend
+from async_llm.errors import ContextLengthError, InvalidParameterError, ParameterTypeError
+from async_llm.llm.backend import Backend, drain_and_close, engine_options, quantization_for, run_in_own_thread
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
 from async_llm.llm.chat import TRANSCRIPT_STOP, render_transcript
 from async_llm.llm.concurrency import gather
@@ -38,72 +37,6 @@ from async_llm.sampling_params import SamplingParams
 
 log = get_logger("async_llm")
 T = TypeVar("T")
-
-
-def _engine_options(
-    fast_path: bool, prefix_cache: bool, prefix_cache_bytes: int | None, prefill_chunk_tokens: int | None
-) -> dict[str, Any]:
-    """The engine's keyword arguments, checked."""
-    for name, flag in (("fast_path", fast_path), ("prefix_cache", prefix_cache)):
-        if not isinstance(flag, bool):
-            raise ParameterTypeError(name, f"{name} must be True or False, got {flag!r}")
-    if prefix_cache_bytes is not None and (
-        isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0
-    ):
-        raise InvalidParameterError(
-            "prefix_cache_bytes", f"prefix_cache_bytes must be an int >= 0, got {prefix_cache_bytes!r}"
-        )
-    if prefill_chunk_tokens is not None and (
-        isinstance(prefill_chunk_tokens, bool) or not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1
-    ):
-        raise InvalidParameterError(
-            "prefill_chunk_tokens", f"prefill_chunk_tokens must be an int >= 1, got {prefill_chunk_tokens!r}"
-        )
-    return {
-        "fast_path": fast_path,
-        "prefix_cache": prefix_cache,
-        "prefix_cache_bytes": prefix_cache_bytes,
-        "prefill_chunk_tokens": prefill_chunk_tokens,
-    }
-
-
-class ContextLengthError(InvalidParameterError):
-    """The prompt, or the prompt with the ``max_tokens`` asked for, does not fit the model's context
-    (the server answers it with OpenAI's code ``context_length_exceeded``)."""
-
-    code = "context_length_exceeded"
-
-
-def _quantization(quantize: bool | None, config: Any, device: torch.device) -> Any:
-    """The ``quantization_config`` to load with, given the swarm_models ``quantize`` flag.
-
-    ``quantize=True`` without a config is 4-bit nf4 with double quantization (the swarm_models
-    default), computing in bfloat16 on CUDA and float32 on a CPU (where bfloat16 matmuls are slow
-    or missing); False or None add nothing.
-
-    Raises:
-        TypeError: ``quantize`` is not a bool or None.
-        ValueError: ``quantize`` contradicts an explicit ``quantization_config``.
-    """
-    if quantize is not None and not isinstance(quantize, bool):
-        raise ParameterTypeError("quantize", f"quantize must be True, False or None, got {quantize!r}")
-    if config is None:
-        if not quantize:
-            return None
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": compute,
-        }
-    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
-    quantizes = bool(get("load_in_4bit", False) or get("load_in_8bit", False))
-    if quantize is not None and quantize != quantizes:
-        raise InvalidParameterError(
-            "quantize", f"quantize={quantize} contradicts quantization_config (which quantizes: {quantizes}); give one"
-        )
-    return config
 
 
 class HuggingFaceLLM(BaseLLM):
@@ -131,7 +64,8 @@ class HuggingFaceLLM(BaseLLM):
         pad_token_id: Padding id (default: the tokenizer's, else the eos id).
         eos_token_id: Id or ids that end generation (default: the model's generation config).
         bos_token_id: Prepended to raw (non-chat-template) prompts that do not start with it.
-        model, tokenizer: An already loaded pair to serve instead of loading ``model_id``.
+        model, tokenizer: An already loaded pair to serve instead of loading ``model_id``; the model
+            is moved to ``device`` when one is given, and stays where it is with ``device=None``.
         model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
         fast_path: Prefill and decode Llama-family models (Llama, Mistral, Qwen2, Qwen3) with the
             engine's fast steps (packed prompts, fused projections, attention over the KV buffer in
@@ -201,10 +135,10 @@ class HuggingFaceLLM(BaseLLM):
         if max_batch_size < 1 or max_queue_size < 1:
             raise InvalidParameterError("max_batch_size", "max_batch_size and max_queue_size must be >= 1")
         device_ = resolve_device(device)
-        config = quantization(_quantization(quantize, quantization_config, device_), device_)
+        config = quantization(quantization_for(quantize, quantization_config, device_), device_)
         self._options = LoadOptions(device_, dtype, config, device_map, dict(model_kwargs or {}))
         self._sizes = (max_batch_size, max_queue_size)
-        self._engine_options = _engine_options(fast_path, prefix_cache, prefix_cache_bytes, prefill_chunk_tokens)
+        self._engine_options = engine_options(fast_path, prefix_cache, prefix_cache_bytes, prefill_chunk_tokens)
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
         if model is None:
@@ -214,6 +148,12 @@ class HuggingFaceLLM(BaseLLM):
             raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
         else:
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
+            if device is not None:  # an explicit device is honoured for a model passed in too
+                if getattr(model, "hf_device_map", None):
+                    raise InvalidParameterError(
+                        "device", "the model is dispatched over devices (hf_device_map): pass device=None"
+                    )
+                model = model.to(device_)
         self._backend = Backend(
             model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size, self._engine_options
         )
@@ -574,7 +514,7 @@ class HuggingFaceLLM(BaseLLM):
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)
-        threading.Thread(target=_drain_and_close, args=(old,), name="async-llm-retire", daemon=True).start()
+        threading.Thread(target=drain_and_close, args=(old,), name="async-llm-retire", daemon=True).start()
         log.info("model switched", model=self.model_id)
 
     def set_device(self, device: str | torch.device | None) -> None:
@@ -627,41 +567,3 @@ def _prompt_chars(prompt: Prompt) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     return sum(len(message.get("content") or "") for message in prompt)
-
-
-def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a thread of its own that ends with it (its exception re-raised here).
-
-    Loading a model runs torch operations, and torch's OpenMP keeps a pool of worker threads for
-    every thread that ran a parallel operation, for as long as that thread lives. Once OpenMP
-    manages more threads than there are cores, it stops letting idle workers spin and puts them to
-    sleep after each operation, and waking them costs tens of microseconds per operation: a decode
-    step of a small model (hundreds of operations) runs up to ~40% slower on the engine's thread.
-    A loading thread that ends takes its pool with it, so the engine's pool is the only busy one.
-    (Torch work of the application's own on its threads has the same effect.)
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn(*args))
-        except BaseException as exc:  # noqa: BLE001  # re-raised in the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="async-llm-load", daemon=True)  # Ctrl-C is not held up
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def _drain_and_close(backend: Backend, poll: float = 0.05) -> None:
-    """Close a replaced backend once its queued and running requests are done."""
-    while True:
-        stats = [backend.engine.stats(), backend.beams.stats()]
-        if not any(s["num_running"] or s["num_waiting"] for s in stats):
-            break
-        time.sleep(poll)
-    backend.close()
