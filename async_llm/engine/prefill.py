@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows, remembered
+from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
 from async_llm.engine.model_api import PROBE_PROMPTS, input_device, probe_batch
 from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
 from async_llm.engine.scheduler import prefill_groups
+from async_llm.engine.start_checks import remembered
 from async_llm.engine.transformers_prefill import forward_packed, forward_padded, forward_resume, sliding
 from async_llm.log import get_logger
 

@@ -69,7 +69,7 @@ def _versions() -> dict[str, str]:
 
 class CheckCache:
     """The check store the engine finds on a model loaded from files (see
-    ``async_llm.engine.fast_decode.CHECK_STORE_ATTR``).
+    ``async_llm.engine.start_checks.CHECK_STORE_ATTR``).
 
     Args:
         identity: The model files' identity (:func:`folder_identity`) and the load options that change

@@ -19,7 +19,7 @@ import torch
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from async_llm.engine.fast_decode import CHECK_STORE_ATTR
+from async_llm.engine.start_checks import CHECK_STORE_ATTR
 from async_llm.errors import AsyncLLMError
 from async_llm.loading.check_cache import CheckCache, folder_identity
 from async_llm.loading.paths import check_model_id
