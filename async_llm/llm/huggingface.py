@@ -29,7 +29,7 @@ from async_llm.llm.concurrency import gather
 from async_llm.llm.controls import build_controls
 from async_llm.llm.frontend import require_asyncio
 from async_llm.llm.metrics import RequestMetrics
-from async_llm.llm.tool_use import ToolUse, check_template_kwargs, render_chat, tool_use
+from async_llm.llm.tool_use import ToolUse, check_template_kwargs, finish_reason, render_chat, tool_use
 from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
 from async_llm.log import get_logger
 from async_llm.outputs import Completion, TokenStream
@@ -346,10 +346,9 @@ class HuggingFaceLLM(BaseLLM):
         matchers = [None] * params.n
         if params.grammar is not None:
             matchers = await backend.grammars.matchers(params.grammar, params.n)
-        controls = [
-            build_controls(params, self.tokenizer, backend.engine.vocab_size, backend.eos_token_ids, m)
-            for m in matchers
-        ]
+        # One row's controls, built (and its words tokenized) once; each row gets its own matcher.
+        base = build_controls(params, self.tokenizer, backend.engine.vocab_size, backend.eos_token_ids)
+        controls = [base if base is None else dataclasses.replace(base, matcher=m) for m in matchers]
         worker = backend.beams if params.beam_search else backend.engine
         sink = backend.sinks.for_running_loop()
         hidden = frozenset() if params.ignore_eos else backend.eos_token_ids
@@ -471,8 +470,8 @@ class HuggingFaceLLM(BaseLLM):
         content, calls = text, None
         if stream.tool_use is not None:
             content, parsed = stream.tool_use.parse(text)
-            if parsed:
-                calls, reason = parsed, "tool_calls"
+            calls = parsed or None
+            reason = finish_reason(reason, bool(parsed)) or reason
         return Completion(
             text=text,
             prompt_token_ids=stream.prompt_token_ids,

@@ -33,6 +33,12 @@ class ToolUse:
         return ToolCallStreamParser(self.tools, self.choice)
 
 
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """The request's finish reason once its output is parsed: ``"tool_calls"`` when it called a
+    tool and ended of its own accord (``"stop"``); a cut-off output (``"length"``...) keeps its reason."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 def tool_use(tools: Any, tool_choice: Any, overrides: dict[str, Any]) -> ToolUse | None:
     """Check ``tools`` and ``tool_choice``; when the choice is enforced, add its schema to
     ``overrides`` (as ``guided_json``).

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from async_llm.llm.base import Prompt
 from async_llm.llm.tool_stream import ToolCallStreamParser
+from async_llm.llm.tool_use import finish_reason
 from async_llm.outputs import Logprob, StreamDelta, TokenStream
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -96,9 +97,7 @@ class ChoiceView:
         return isinstance(self.request, CompletionRequest) and self.request.echo
 
     def _reason(self, stream: TokenStream, called: bool) -> str | None:
-        if called and stream.finish_reason is not None and stream.finish_reason.value == "stop":
-            return "tool_calls"
-        return stream.finish_reason.value if stream.finish_reason is not None else None
+        return finish_reason(stream.finish_reason.value if stream.finish_reason is not None else None, called)
 
     def _completion_logprobs(
         self, stream: TokenStream, logprobs: Sequence[Logprob], prompt_logprobs: Sequence[Logprob | None] | None
