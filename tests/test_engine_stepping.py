@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.output import RequestOutput
@@ -42,7 +43,7 @@ def _request(tokenizer, request_id: str, prompt: str, sink: ListSink, max_tokens
 
 
 def test_an_engine_that_was_never_started_is_stepped_by_the_test(tiny_model, tiny_tokenizer):
-    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    engine = Engine(tiny_model, pad_token_id=0, config=EngineConfig(max_batch_size=4))
     sink = ListSink()
     requests = [
         _request(tiny_tokenizer, "a", "Hello", sink, 6),
@@ -69,7 +70,7 @@ def test_an_engine_that_was_never_started_is_stepped_by_the_test(tiny_model, tin
 
 
 def test_a_sink_whose_consumer_is_gone_gets_its_requests_aborted(tiny_model, tiny_tokenizer):
-    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    engine = Engine(tiny_model, pad_token_id=0, config=EngineConfig(max_batch_size=4))
     gone, alive = ListSink(alive=False), ListSink()
     engine.submit(_request(tiny_tokenizer, "gone", "Hello", gone, 40))
     engine.submit(_request(tiny_tokenizer, "alive", "Hello", alive, 5))
@@ -94,7 +95,7 @@ def test_closing_an_unstarted_engine_ends_what_is_pending(tiny_model, tiny_token
 def test_the_kv_buffer_is_sized_at_admission_and_never_regrown_while_decoding(tiny_model, tiny_tokenizer):
     """Growing the buffer copies all of it: a spike in every stream's inter-token latency. Rows that
     join reserve the columns they may still generate, so decoding writes in place to the end."""
-    engine = Engine(tiny_model, pad_token_id=0, max_batch_size=4)
+    engine = Engine(tiny_model, pad_token_id=0, config=EngineConfig(max_batch_size=4))
     sink = ListSink()
     for i, prompt in enumerate(["Hello", "The quick brown fox"]):
         engine.submit(_request(tiny_tokenizer, str(i), prompt, sink, 150))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.config import EngineConfig
 from async_llm.engine.fast_decode import FastDecoder, Rows, prepare
 from async_llm.engine.logprobs import TokenLogprob, send_prompt_logprobs
 from async_llm.engine.model_api import (
@@ -42,74 +43,36 @@ class Engine(Worker):
     Args:
         model: A transformers causal LM, already on its device and in eval mode.
         pad_token_id: Id used for left padding (masked out, any valid id works).
-        max_batch_size: Most rows decoded together.
-        max_queue_size: Most requests waiting for a row; :meth:`submit` raises past it.
-        max_prefill_tokens: Most prompt tokens prefilled in one step.
-        prefill_overhead_tokens: The fixed cost of one forward, in tokens of compute: prompts
-            admitted together are split into prefill batches by length when the padding saved is
-            worth more than the extra forwards. The default, 48 on CPU and 512 elsewhere, is the
-            time of one forward at no tokens divided by the time of one more token, measured with
-            ``benchmarks/profile_step.py`` on the default model and rounded up: erring toward fewer
-            forwards (on an accelerator, kernel launches dominate a small forward).
-        seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
-        fast_path: Prefill and decode with :mod:`async_llm.engine.fast_decode` where it applies
-            (checked on the model when the engine starts; otherwise, or when False, the
-            transformers forward).
-        prefix_cache: Keep the keys and values of prompts and finished requests in blocks, and start
-            later prompts that share a prefix with them after it (see
-            :mod:`async_llm.engine.prefix_cache`). Off by itself for models where a prefill after a
-            prefix would not be exact (one log line says why).
-        prefix_cache_bytes: The cache's budget; least recently used blocks are evicted past it.
-            Default: :func:`default_prefix_cache_bytes`.
-        prefill_chunk_tokens: Most prompt tokens prefilled in one step while rows are decoding:
-            a longer prompt is prefilled in chunks with a decode step of the batch between two, so
-            running streams keep their pace. None (the default): a prompt whose rest is at most 256
-            tokens is finished in one step; longer ones go in chunks sized from the measured times
-            of decode steps and prefill tokens to add about a quarter of a decode step to it with
-            the fast step, of 256 tokens otherwise (see
-            :class:`~async_llm.engine.scheduler.ChunkBudget`). A number fixes both. With no row
-            decoding a step takes up to ``max_prefill_tokens``.
+        config: How to batch, schedule and run (see :class:`~async_llm.engine.config.EngineConfig`).
     """
 
-    def __init__(
-        self,
-        model: Any,
-        pad_token_id: int,
-        max_batch_size: int = 32,
-        max_queue_size: int = 1024,
-        max_prefill_tokens: int = 8192,
-        seed: int | None = None,
-        prefill_overhead_tokens: int | None = None,
-        fast_path: bool = True,
-        prefix_cache: bool = True,
-        prefix_cache_bytes: int | None = None,
-        prefill_chunk_tokens: int | None = None,
-    ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
-            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
-        if prefix_cache_bytes is not None and prefix_cache_bytes < 0:
-            raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
-        super().__init__("async-llm-engine", Scheduler(max_batch_size, max_prefill_tokens), max_queue_size)
+    def __init__(self, model: Any, pad_token_id: int, config: EngineConfig | None = None) -> None:
+        config = config if config is not None else EngineConfig()
+        self.config = config
+        super().__init__(
+            "async-llm-engine", Scheduler(config.max_batch_size, config.max_prefill_tokens), config.max_queue_size
+        )
         self.model = model
         self.pad_token_id = pad_token_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_kwarg = cache_kwarg(model)
         self._rng = torch.Generator()
-        if seed is not None:
-            self._rng.manual_seed(seed)
+        if config.seed is not None:
+            self._rng.manual_seed(config.seed)
         else:
             self._rng.seed()
         self.batch = self._new_batch()
+        prefill_overhead_tokens = config.prefill_overhead_tokens
         if prefill_overhead_tokens is None:
             prefill_overhead_tokens = 48 if self.device.type == "cpu" else 512
         self.prefill_overhead_tokens = prefill_overhead_tokens
-        self.chunk_budget = ChunkBudget(prefill_chunk_tokens)
-        self.fast_path = fast_path
+        self.chunk_budget = ChunkBudget(config.prefill_chunk_tokens)
+        self.fast_path = config.fast_path
         self.prefix_cache: PrefixCache | None = None
-        if prefix_cache:
-            budget = default_prefix_cache_bytes(self.device) if prefix_cache_bytes is None else prefix_cache_bytes
+        if config.prefix_cache:
+            budget = config.prefix_cache_bytes
+            if budget is None:
+                budget = default_prefix_cache_bytes(self.device)
             self.prefix_cache = PrefixCache(budget)
         self.prefiller = Prefiller(
             model,

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from async_llm.engine.beam import BeamRunner
+from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
@@ -35,9 +36,7 @@ class Backend:
         tokenizer: Any,
         pad_token_id: int | None,
         eos_token_id: Any,
-        max_batch_size: int,
-        max_queue_size: int,
-        engine_options: dict[str, Any],
+        config: EngineConfig,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         eos = _ids(eos_token_id)
@@ -49,12 +48,12 @@ class Backend:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, max_batch_size, max_queue_size, **engine_options)
+        self.engine = Engine(model, pad_token_id, config)
         self.grammars = GrammarCompiler(tokenizer, self.engine.vocab_size)
         # A token's text and bytes, for logprobs (as OpenAI shows them: special tokens included).
         self.token_text: Callable[[int], tuple[str, list[int]]] = functools.lru_cache(maxsize=1 << 16)(self._token_text)
 
-        self.beams = BeamRunner(model, pad_token_id, max_queue_size=max_queue_size)
+        self.beams = BeamRunner(model, pad_token_id, max_queue_size=config.max_queue_size)
         self.sinks = Sinks()
         self.engine.start()
         self.beams.start()
@@ -67,33 +66,6 @@ class Backend:
     def close(self) -> None:
         self.engine.close()
         self.beams.close()
-
-
-def engine_options(
-    fast_path: bool, prefix_cache: bool, prefix_cache_bytes: int | None, prefill_chunk_tokens: int | None
-) -> dict[str, Any]:
-    """The engine's keyword arguments, checked."""
-    for name, flag in (("fast_path", fast_path), ("prefix_cache", prefix_cache)):
-        if not isinstance(flag, bool):
-            raise ParameterTypeError(name, f"{name} must be True or False, got {flag!r}")
-    if prefix_cache_bytes is not None and (
-        isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0
-    ):
-        raise InvalidParameterError(
-            "prefix_cache_bytes", f"prefix_cache_bytes must be an int >= 0, got {prefix_cache_bytes!r}"
-        )
-    if prefill_chunk_tokens is not None and (
-        isinstance(prefill_chunk_tokens, bool) or not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1
-    ):
-        raise InvalidParameterError(
-            "prefill_chunk_tokens", f"prefill_chunk_tokens must be an int >= 1, got {prefill_chunk_tokens!r}"
-        )
-    return {
-        "fast_path": fast_path,
-        "prefix_cache": prefix_cache,
-        "prefix_cache_bytes": prefix_cache_bytes,
-        "prefill_chunk_tokens": prefill_chunk_tokens,
-    }
 
 
 def quantization_for(quantize: bool | None, config: Any, device: torch.device) -> Any:

@@ -22,7 +22,8 @@ from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.request import Request
 from async_llm.errors import ContextLengthError, InvalidParameterError, ParameterTypeError
-from async_llm.llm.backend import Backend, drain_and_close, engine_options, quantization_for, run_in_own_thread
+from async_llm.engine.config import EngineConfig
+from async_llm.llm.backend import Backend, drain_and_close, quantization_for, run_in_own_thread
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
 from async_llm.llm.chat import TRANSCRIPT_STOP, render_transcript
 from async_llm.llm.concurrency import gather
@@ -132,13 +133,17 @@ class HuggingFaceLLM(BaseLLM):
                 f"model_id={str(model_id)!r} and model_name={model_name!r} (an alias) differ: give one, not both",
             )
         model_id = model_id if model_id is not None else model_name
-        if max_batch_size < 1 or max_queue_size < 1:
-            raise InvalidParameterError("max_batch_size", "max_batch_size and max_queue_size must be >= 1")
         device_ = resolve_device(device)
         config = quantization(quantization_for(quantize, quantization_config, device_), device_)
         self._options = LoadOptions(device_, dtype, config, device_map, dict(model_kwargs or {}))
-        self._sizes = (max_batch_size, max_queue_size)
-        self._engine_options = engine_options(fast_path, prefix_cache, prefix_cache_bytes, prefill_chunk_tokens)
+        self._engine_config = EngineConfig(
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+            fast_path=fast_path,
+            prefix_cache=prefix_cache,
+            prefix_cache_bytes=prefix_cache_bytes,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+        )
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
         if model is None:
@@ -154,9 +159,7 @@ class HuggingFaceLLM(BaseLLM):
                         "device", "the model is dispatched over devices (hf_device_map): pass device=None"
                     )
                 model = model.to(device_)
-        self._backend = Backend(
-            model.eval(), tokenizer, pad_token_id, eos_token_id, max_batch_size, max_queue_size, self._engine_options
-        )
+        self._backend = Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, self._engine_config)
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
@@ -509,7 +512,7 @@ class HuggingFaceLLM(BaseLLM):
         it from now on; requests already queued finish on the old model, which is then released."""
         model, tokenizer = run_in_own_thread(self._options.load, model_name)
         old = self._backend
-        self._backend = Backend(model, tokenizer, *self._token_ids, *self._sizes, self._engine_options)
+        self._backend = Backend(model, tokenizer, *self._token_ids, self._engine_config)
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)
@@ -550,7 +553,7 @@ class HuggingFaceLLM(BaseLLM):
 
     def _batch_window(self) -> int:
         # Enough to keep every row busy and a batch's worth queued behind it, within the queue.
-        max_batch_size, max_queue_size = self._sizes
+        max_batch_size, max_queue_size = self._engine_config.max_batch_size, self._engine_config.max_queue_size
         return max(1, min(2 * max_batch_size, max_batch_size + max_queue_size))
 
     def _close_backend(self) -> None:
