@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from async_llm.engine.logprobs import TokenLogprob
-from async_llm.engine.request import FinishReason
+from async_llm.engine.output import FinishReason, TokenLogprob
 
 __all__ = ["Completion", "FinishReason", "Logprob", "StreamDelta", "TokenStream", "TopLogprob"]
 

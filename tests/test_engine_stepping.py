@@ -5,8 +5,8 @@ from __future__ import annotations
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
-from async_llm.engine.output import RequestOutput
-from async_llm.engine.request import FinishReason, Request
+from async_llm.engine.output import FinishReason, RequestOutput
+from async_llm.engine.request import Request
 from async_llm.errors import EngineClosedError
 from async_llm.sampling_params import SamplingParams
 from tests.conftest import reference_ids

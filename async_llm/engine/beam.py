@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from async_llm.engine.output import StepOutputs
-from async_llm.engine.request import FinishReason, Request
+from async_llm.engine.output import FinishReason, StepOutputs
+from async_llm.engine.request import Request
 from async_llm.engine.scheduler import Scheduler
 from async_llm.engine.worker import Worker
 from async_llm.errors import EngineClosedError, GenerationError, RequestAbortedError

@@ -16,7 +16,8 @@ import torch
 from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.fast_decode import FastDecoder, Rows, prepare
-from async_llm.engine.logprobs import TokenLogprob, send_prompt_logprobs
+from async_llm.engine.finish import finish_reason
+from async_llm.engine.logprobs import send_prompt_logprobs
 from async_llm.engine.model_api import (
     attention_pair_cost,
     cache_kwarg,
@@ -24,10 +25,10 @@ from async_llm.engine.model_api import (
     input_device,
     last_logits,
 )
-from async_llm.engine.output import StepOutputs
+from async_llm.engine.output import FinishReason, StepOutputs, TokenLogprob
 from async_llm.engine.prefill import Prefiller, PrefillState, Work
 from async_llm.engine.prefix_cache import PrefixCache
-from async_llm.engine.request import FinishReason, Request
+from async_llm.engine.request import Request
 from async_llm.engine.sampler import Choice, SamplingBatch, choose
 from async_llm.engine.scheduler import ChunkBudget, Scheduler
 from async_llm.engine.worker import Worker
@@ -344,14 +345,7 @@ class Engine(Worker):
         self.scheduler.record_tokens(1)
         if request.first_token_time is None:
             request.first_token_time = time.perf_counter()
-        params = request.params
-        reason = None
-        if token in request.eos_token_ids and not params.ignore_eos or token in params.stop_token_ids:
-            reason = FinishReason.STOP  # the token ends the text; it is not part of it
-        elif request.detokenizer.add_token(token) or grammar_done:
-            reason = FinishReason.STOP
-        elif len(request.output_ids) >= params.max_tokens:
-            reason = FinishReason.LENGTH
+        reason = finish_reason(request, token, grammar_done)
         out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason, logprob=logprob)
         if reason is not None:
             self.scheduler.finish(request, reason)

@@ -8,25 +8,16 @@ requests whatever their sampling parameters. Only the rows that ask for them are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from async_llm.engine.model_api import input_device
+from async_llm.engine.output import TokenLogprob
 
 if TYPE_CHECKING:
     from async_llm.engine.output import StepOutputs
     from async_llm.engine.request import Request
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    """One position: the chosen token's log-probability and the ``k`` most likely tokens there."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 def rows_wanting_logprobs(requests: Sequence[Request]) -> list[int]:

@@ -9,16 +9,31 @@ the sink (``async_llm.llm.frontend`` puts them on the caller's event loop with o
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from async_llm.log import get_logger
 
-if TYPE_CHECKING:
-    from async_llm.engine.logprobs import TokenLogprob
-    from async_llm.engine.request import FinishReason, Request
-
 log = get_logger("async_llm.engine.output")
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended (OpenAI's names where they exist)."""
+
+    STOP = "stop"  # eos token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # stream closed / task cancelled / engine closed
+    ERROR = "error"  # a model step failed
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One position: the chosen token's log-probability and the ``k`` most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass(slots=True)
@@ -61,6 +76,16 @@ class OutputSink(Protocol):
         ...
 
 
+class Routed(Protocol):
+    """What :meth:`StepOutputs.add` needs of a request: its id and its sink."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def sink(self) -> OutputSink: ...
+
+
 class StepOutputs:
     """One step's outputs, grouped per sink (engine thread only)."""
 
@@ -69,7 +94,7 @@ class StepOutputs:
 
     def add(
         self,
-        request: Request,
+        request: Routed,
         text: str = "",
         tokens: tuple[int, ...] | list[int] = (),
         reason: FinishReason | None = None,

@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from async_llm.engine.finish import end_ids
+
 if TYPE_CHECKING:
     import torch
 
     from async_llm.engine.controls import RowControls
     from async_llm.engine.detokenizer import Detokenizer
-    from async_llm.engine.output import OutputSink
+    from async_llm.engine.output import FinishReason, OutputSink
     from async_llm.sampling_params import SamplingParams
 
 
@@ -22,15 +24,6 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    """Why a request ended (OpenAI's names where they exist)."""
-
-    STOP = "stop"  # eos token or a stop string
-    LENGTH = "length"  # max_tokens reached
-    ABORT = "abort"  # stream closed / task cancelled / engine closed
-    ERROR = "error"  # a model step failed
 
 
 @dataclass(eq=False)
@@ -58,6 +51,10 @@ class Request:
     finish_time: float | None = None
     generator: torch.Generator | None = None  # per-request RNG when `params.seed` is set
     prompt_logprobs_sent: bool = False
+    end_ids: frozenset[int] = field(init=False, repr=False)  # see engine.finish.end_ids
+
+    def __post_init__(self) -> None:
+        self.end_ids = end_ids(self.eos_token_ids, self.params)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from async_llm.engine.controls import advance, apply_controls
-from async_llm.engine.logprobs import TokenLogprob, raw_log_softmax, rows_wanting_logprobs, step_logprobs
+from async_llm.engine.logprobs import raw_log_softmax, rows_wanting_logprobs, step_logprobs
+from async_llm.engine.output import TokenLogprob
 from async_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from async_llm.engine.request import FinishReason, Request, RequestStatus
+from async_llm.engine.output import FinishReason
+from async_llm.engine.request import Request, RequestStatus
 
 
 class Scheduler:

@@ -18,11 +18,11 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from async_llm.engine.beam import BeamJob
+from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
 from async_llm.engine.detokenizer import Detokenizer
 from async_llm.engine.request import Request
 from async_llm.errors import ContextLengthError, InvalidParameterError, ParameterTypeError
-from async_llm.engine.config import EngineConfig
 from async_llm.llm.backend import Backend, drain_and_close, quantization_for, run_in_own_thread
 from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
 from async_llm.llm.chat import TRANSCRIPT_STOP, render_transcript
