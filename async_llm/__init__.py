@@ -27,7 +27,16 @@ from async_llm.errors import (
 )
 from async_llm.llm.base import BaseLLM
 from async_llm.llm.huggingface import HuggingFaceLLM
-from async_llm.outputs import Completion, FinishReason, Logprob, StreamDelta, TokenStream, TopLogprob
+from async_llm.outputs import (
+    Completion,
+    FinishReason,
+    Logprob,
+    RequestStream,
+    StreamDelta,
+    TokenStream,
+    TopLogprob,
+    Usage,
+)
 from async_llm.sampling_params import SamplingParams
 
 __all__ = [
@@ -46,9 +55,11 @@ __all__ = [
     "ParameterTypeError",
     "QueueFullError",
     "RequestAbortedError",
+    "RequestStream",
     "SamplingParams",
     "StreamDelta",
     "TokenStream",
     "TopLogprob",
+    "Usage",
 ]
 __version__ = "0.1.0"

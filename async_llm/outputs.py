@@ -1,9 +1,10 @@
 """What callers get back: :class:`TokenStream` (the per-request async iterator of text deltas),
-:class:`Completion` (a finished request) and :class:`FinishReason`.
+:class:`RequestStream` (what ``astream`` returns: a stream opened at its first read),
+:class:`Completion` (a finished request), :class:`Usage` and :class:`FinishReason`.
 
 A stream lives on the event loop of the caller that submitted the request. The engine thread never
-touches it: the front end's sink (``async_llm.llm.frontend``) receives a step's outputs and runs
-:meth:`TokenStream._put` on the loop, with one ``loop.call_soon_threadsafe`` per loop per step.
+touches it: the front end's sink (``async_llm.llm.frontend``) receives a step's outputs and hands
+each to :meth:`TokenStream.put` on the loop, with one ``loop.call_soon_threadsafe`` per loop per step.
 
 Deltas that arrive while the consumer is busy are coalesced into one string, so a slow consumer
 costs at most the request's own text in memory (bounded by ``max_tokens``) and never stalls the batch.
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from async_llm.engine.output import FinishReason, TokenLogprob
+from async_llm.engine.output import FinishReason, RequestOutput, TokenLogprob
 
-__all__ = ["Completion", "FinishReason", "Logprob", "StreamDelta", "TokenStream", "TopLogprob"]
+__all__ = [
+    "Completion", "FinishReason", "Logprob", "RequestStream", "StreamDelta", "TokenStream", "TopLogprob", "Usage",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,18 @@ def to_logprob(entry: TokenLogprob, token_text: TokenText) -> Logprob:
         piece, piece_bytes = text(token_id)
         top.append(TopLogprob(piece, token_id, logprob, piece_bytes))
     return Logprob(token, entry.token_id, entry.logprob, raw, top)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A request's token counts (OpenAI's ``usage``): the prompt's and the generated ones (eos included)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,37 +150,46 @@ class TokenStream:
         """The engine is done with this request (finished, failed or aborted)."""
         return self.finish_reason is not None
 
-    # -- engine side (runs on self.loop through call_soon_threadsafe) -----------------------------
-    def _put(
-        self,
-        text: str,
-        token_ids: list[int],
-        finish_reason: FinishReason | None,
-        error: BaseException | None,
-        logprobs: Sequence[TokenLogprob] | None = None,
-        prompt_logprobs: Sequence[TokenLogprob | None] | None = None,
-    ) -> None:
+    @property
+    def usage(self) -> Usage | None:
+        """The request's token counts once it has ended (None before): readable after the last delta."""
+        if self.finish_reason is None:
+            return None
+        return Usage(len(self.prompt_token_ids), len(self.token_ids))
+
+    # -- the front end's sink (runs on self.loop, through call_soon_threadsafe) -----------------------
+    def put(self, output: RequestOutput) -> None:
+        """Take one step's output of this request: its text, tokens and logprobs, and how it ended.
+
+        Called by the front end's sink (:class:`~async_llm.llm.frontend.LoopSink`) on :attr:`loop`,
+        never by a consumer. Outputs after the end (the consumer closed the stream before the engine
+        noticed) are dropped.
+        """
         if self.finish_reason is not None:
-            return  # already ended (e.g. closed by the consumer before the engine noticed)
-        if text:
-            self._pending.append(text)
-        self._pending_tokens.extend(token_ids)
-        if logprobs:
-            converted = [to_logprob(entry, self._token_text) for entry in logprobs]
+            return
+        if output.text:
+            self._pending.append(output.text)
+        self._pending_tokens.extend(output.token_ids)
+        if output.logprobs:
+            converted = [to_logprob(entry, self._token_text) for entry in output.logprobs]
             self._pending_logprobs.extend(converted)
-            self.logprobs = (self.logprobs or []) + converted
-        if prompt_logprobs is not None:
-            self.prompt_logprobs = [None if e is None else to_logprob(e, self._token_text) for e in prompt_logprobs]
-        if token_ids:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(converted)  # grows in place: a long output is not copied every step
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = [
+                None if e is None else to_logprob(e, self._token_text) for e in output.prompt_logprobs
+            ]
+        if output.token_ids:
             now = time.perf_counter()
             if self.first_token_at is None:
                 self.first_token_at = now
-            self.token_ids.extend(token_ids)
-            self.token_times.extend([now] * len(token_ids))
-        if finish_reason is not None:
-            self.finish_reason = finish_reason
+            self.token_ids.extend(output.token_ids)
+            self.token_times.extend([now] * len(output.token_ids))
+        if output.finish_reason is not None:
+            self.finish_reason = output.finish_reason
             self.finished_at = time.perf_counter()
-            self._error = error
+            self._error = output.error
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -240,6 +264,83 @@ class TokenStream:
         self.close()
 
 
+class RequestStream:
+    """The text deltas of one request that is submitted at the first read (what ``astream`` returns).
+
+    Iterate it as a :class:`TokenStream`; once the last delta is read, :attr:`finish_reason` and
+    :attr:`usage` say how the request ended and what it cost (both None until then). Leaving the
+    loop early, :meth:`aclose`, or cancelling the consuming task aborts the request.
+
+    Args:
+        open_stream: Submits the request and returns its stream (awaited at the first read).
+    """
+
+    def __init__(self, open_stream: Callable[[], Awaitable[TokenStream]]) -> None:
+        self._open: Callable[[], Awaitable[TokenStream]] | None = open_stream
+        #: The request's :class:`TokenStream` once it is submitted (None before the first read).
+        self.stream: TokenStream | None = None
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return None if self.stream is None else self.stream.finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        return None if self.stream is None else self.stream.usage
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [] if self.stream is None else self.stream.token_ids
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return [] if self.stream is None else self.stream.prompt_token_ids
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.stream is None:
+            if self._open is None:  # closed before the first read: nothing was submitted
+                raise StopAsyncIteration
+            open_stream, self._open = self._open, None
+            self.stream = await open_stream()
+        try:
+            return await self.stream.__anext__()
+        except StopAsyncIteration:
+            raise
+        except BaseException:  # a failure or a cancelled consumer: the request is aborted
+            self.stream.close()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop consuming: aborts the request if it is still running. Idempotent."""
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous form of :meth:`aclose`."""
+        self._open = None
+        if self.stream is not None:
+            self.stream.close()
+
+    def __del__(self) -> None:
+        # An `async for` left with `break` drops the stream without closing it: the request is
+        # aborted here, as an async generator's finaliser would do.
+        if self.stream is not None and not self.stream.finished:
+            self.stream.close()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class Completion:
     """A finished request: its text, tokens and timings (seconds, as the caller saw them).
@@ -248,7 +349,9 @@ class Completion:
     ``prompt_logprobs`` one per prompt token (``prompt_logprobs=k``; ``None`` for the first).
     With ``tools``, ``tool_calls`` holds the calls parsed from the text in OpenAI's shape
     (``{"id", "type": "function", "function": {"name", "arguments"}}``), ``content`` the text
-    outside them, and ``finish_reason`` is ``"tool_calls"``.
+    outside them, and ``finish_reason`` is ``"tool_calls"``. With a pydantic class as
+    ``response_format``, ``parsed`` is the text validated into an instance of it (None when it does
+    not validate, for example an output cut off by ``max_tokens``, and without such a class).
     """
 
     text: str
@@ -261,3 +364,9 @@ class Completion:
     prompt_logprobs: list[Logprob | None] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     content: str | None = None
+    parsed: Any = None
+
+    @property
+    def usage(self) -> Usage:
+        """The request's token counts."""
+        return Usage(len(self.prompt_token_ids), len(self.token_ids))

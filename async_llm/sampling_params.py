@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.param_names import ALIASES, by_field
+from async_llm.response_model import is_response_model, response_format_of
 from async_llm.token_params import (
     MAX_TOP_LOGPROBS,
     STRUCTURED_FIELDS,
@@ -24,20 +26,8 @@ from async_llm.token_params import (
     number,
 )
 
-# Spellings accepted for a field, mapped to the field's name. `repition_penalty` is the spelling
-# of the swarm_models interface this library implements; `stop_token` is its name for `stop`, and
-# `freq_penalty` / `stop_token_id` are the names its BaseLLM constructor also takes.
-ALIASES: Mapping[str, str] = {
-    "repition_penalty": "repetition_penalty",
-    "stop_token": "stop",
-    "max_new_tokens": "max_tokens",
-    "num_return_sequences": "n",
-    "beam_width": "num_beams",
-    "freq_penalty": "frequency_penalty",
-    "stop_token_id": "stop_token_ids",
-}
 #: Fields that are bookkeeping, not sampling parameters: :meth:`SamplingParams.merge` refuses them.
-_INTERNAL_FIELDS = frozenset({"max_tokens_explicit"})
+_INTERNAL_FIELDS = frozenset({"max_tokens_explicit", "response_model"})
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -68,6 +58,7 @@ def _stop_tuple(value: Any) -> tuple[str, ...]:
 # Upper bounds that keep one request from taking over the batch (rows) or the device (beams).
 MAX_N = 64
 MAX_BEAMS = 32
+MAX_SEED = 2**63  # seeds are in [0, MAX_SEED): a torch generator's seed
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -96,7 +87,8 @@ class SamplingParams:
         do_sample: ``None`` samples when ``temperature > 0``; ``False`` forces greedy decoding;
             ``True`` forces sampling (at temperature 1.0 when ``temperature`` is 0).
         n: Completions per prompt (alias ``num_return_sequences``), decoded as ``n`` rows of the
-            batch sharing one prefill; a seeded request gives row ``i`` the seed ``seed + i``.
+            batch sharing one prefill; a seeded request gives row ``i`` the seed ``seed + i``
+            (:func:`choice_seed`).
         num_beams: Beam search width (alias ``beam_width``); > 1 decodes through a padded
             ``model.generate`` group instead of the shared decode step.
         length_penalty: Beam search only: exponent on the length when scoring finished beams.
@@ -121,12 +113,17 @@ class SamplingParams:
             thread; one that raises fails only its request.
         response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema",
             "json_schema": {"name": ..., "schema": {...}}}``: the output is JSON (following the schema).
+            A pydantic model class is taken as its JSON schema, named after it (as the openai client
+            does); it is then kept as ``response_model``, and a completion's ``parsed`` is the
+            output validated into it.
         guided_json: A JSON schema (dict or JSON text) the output follows.
         guided_regex: A regular expression the whole output matches.
         guided_choice: A list of strings; the output is exactly one of them.
         guided_grammar: A grammar (Lark or GBNF/EBNF) the output follows.
         max_tokens_explicit: Whether ``max_tokens`` was given rather than defaulted (set by
             :meth:`merge`; ``None`` infers it: any value but the default 256 was given).
+        response_model: The pydantic class ``response_format`` came from (set on construction;
+            dropped when ``response_format`` changes).
 
     Raises:
         TypeError: A field has the wrong type.
@@ -161,17 +158,23 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logits_processors: tuple[Callable[..., Any], ...] = ()
-    response_format: Mapping[str, Any] | None = None
+    response_format: Mapping[str, Any] | type | None = None
     guided_json: Mapping[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: tuple[str, ...] | None = None
     guided_grammar: str | None = None
     max_tokens_explicit: bool | None = field(default=None, repr=False, compare=False)
+    response_model: type | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
         if self.max_tokens_explicit is None:
             set_(self, "max_tokens_explicit", self.max_tokens != DEFAULT_MAX_TOKENS)
+        if is_response_model(self.response_format):
+            set_(self, "response_model", self.response_format)
+            set_(self, "response_format", response_format_of(self.response_format))
+        elif self.response_model is not None and self.response_format is not response_format_of(self.response_model):
+            set_(self, "response_model", None)  # the format was replaced: the class no longer describes it
         top_k: Any = self.top_k
         if isinstance(top_k, float) and math.isfinite(top_k):  # Optional[float] in swarm_models
             if not top_k.is_integer():
@@ -204,7 +207,7 @@ class SamplingParams:
             set_(self, name, value)
         if self.seed is not None and not is_int(self.seed):
             raise ParameterTypeError("seed", f"seed must be an int or None, got {type(self.seed).__name__}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise InvalidParameterError("seed", f"seed must be in [0, 2**63), got {self.seed}")
         set_(self, "stop", _stop_tuple(self.stop))
         if not isinstance(self.ignore_eos, bool):
@@ -338,16 +341,7 @@ class SamplingParams:
         """
         if not overrides:
             return self
-        given: dict[str, list[tuple[str, Any]]] = {}  # field -> (spelling, value) pairs
-        names = self.field_names()
-        for key, value in overrides.items():
-            name = ALIASES.get(key, key)
-            if name not in names or name in ALIASES:
-                raise ParameterTypeError(key, f"unknown sampling parameter {key!r}")
-            if key == "stop_token_id" and is_int(value):  # the swarm_models spelling takes one id
-                value = (value,)
-            given.setdefault(name, []).append((key, value))
-        changes = {name: _one_value(name, pairs) for name, pairs in given.items()}
+        changes = by_field(overrides, self.field_names() - frozenset(ALIASES))
         if "max_tokens" in changes:
             changes["max_tokens_explicit"] = changes["max_tokens"] is not None
         for name, value in changes.items():
@@ -374,7 +368,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON-friendly values (``stop`` as a list)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits_processors"}
+        skipped = ("logits_processors", "response_model")  # callables and classes: not JSON
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skipped}
         for name in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "guided_choice"):
             if values[name] is not None:
                 values[name] = list(values[name])
@@ -387,25 +382,17 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
-def _one_value(name: str, pairs: list[tuple[str, Any]]) -> Any:
-    """The value of a field given under one or more spellings: the non-None one(s), which must agree."""
-    values = [(key, value) for key, value in pairs if value is not None]
-    for key, value in values[1:]:
-        first_key, first = values[0]
-        if not (value == first or _as_tuple(value) == _as_tuple(first)):
-            raise ParameterTypeError(
-                name,
-                f"sampling parameter {name!r} given twice with different values: {first_key}={first!r} and "
-                f"{key}={value!r} (one is an alias of the other); give one",
-            )
-    return values[0][1] if values else None
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` (0-based) of a request for ``n`` choices seeded with ``seed``.
 
-
-def _as_tuple(value: Any) -> Any:
-    """``"a"``, ``["a"]`` and ``("a",)`` compare equal as stop strings (and lists as tuples)."""
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+    Choice ``i`` is seeded ``seed + i`` (wrapping within the seeds' range): each choice draws its own
+    random numbers, the first is the request a single choice would make, and every choice is the
+    same on every run. An unseeded request's choices stay unseeded. The Python API and the server
+    both expand ``n`` with this rule.
+    """
+    if seed is None or index == 0 or not (is_int(seed) and 0 <= seed < MAX_SEED):
+        return seed  # as given: an invalid seed is refused by validation, naming the caller's value
+    return (seed + index) % MAX_SEED
 
 
 _DEFAULTS = SamplingParams()

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.json_schema import close_objects
 
 #: The structured-output parameters (OpenAI's ``response_format`` and vLLM's ``guided_*``).
 STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -74,7 +75,8 @@ def logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 class GrammarSpec(NamedTuple):
     """What a request's output must follow: ``kind`` is ``json_schema``, ``json_object``, ``regex``,
     ``choice`` or ``grammar`` (Lark or GBNF); ``source`` its text (a schema as JSON text, its keys
-    in the given order, the choices as a JSON list); ``param`` the parameter it came from (named in errors)."""
+    in the given order and its objects closed by :func:`~async_llm.json_schema.close_objects`, the
+    choices as a JSON list); ``param`` the parameter it came from (named in errors)."""
 
     kind: str
     source: str
@@ -105,7 +107,11 @@ def grammar_spec(params: Any) -> GrammarSpec | None:
         spec = value.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
             raise ParameterTypeError(name, 'response_format json_schema must be {"name": ..., "schema": {...}}')
-        return GrammarSpec("json_schema", _schema_text(name, spec.get("schema", {})), name)
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise ParameterTypeError(name, f"response_format json_schema strict must be a bool, got {strict!r}")
+        schema = close_objects(spec.get("schema", {}), strict=bool(strict), param=name)
+        return GrammarSpec("json_schema", _schema_text(name, schema), name)
     if name == "guided_json":
         if isinstance(value, str):
             try:
@@ -116,7 +122,7 @@ def grammar_spec(params: Any) -> GrammarSpec | None:
             raise ParameterTypeError(
                 name, f"guided_json must be a JSON schema (dict or JSON text), got {type(value).__name__}"
             )
-        return GrammarSpec("json_schema", _schema_text(name, value), name)
+        return GrammarSpec("json_schema", _schema_text(name, close_objects(value, param=name)), name)
     if name == "guided_choice":
         if isinstance(value, str) or not isinstance(value, Sequence) or not value:
             raise ParameterTypeError(name, "guided_choice must be a non-empty list of str")

@@ -16,7 +16,7 @@ import transformers
 from async_llm import GenerationError, HuggingFaceLLM
 from async_llm.engine import fast_decode
 from async_llm.engine.model_api import cache_kwarg
-from tests.conftest import PROMPTS, reference_ids
+from tests.conftest import PROMPTS, admitted_together, reference_ids
 
 SMALL = dict(
     hidden_size=64,
@@ -144,12 +144,13 @@ async def test_out_of_memory_in_the_fast_step_splits_the_batch_and_all_finish_ex
 
 
 async def _all_finish_exactly(llm, model, ooms: dict[str, int], max_tokens: int) -> None:
-    """Every prompt of PROMPTS, sent together, ends with generate's tokens although the injected out
-    of memory struck (``ooms``) and split the batch (rows preempted)."""
+    """Every prompt of PROMPTS, admitted together, ends with generate's tokens although the injected
+    out of memory struck (``ooms``) and split the batch (rows preempted)."""
     with anyio.fail_after(60):
-        results = await asyncio.gather(
-            *(llm.acomplete(p, chat_template=False, max_tokens=max_tokens, ignore_eos=True) for p in PROMPTS)
-        )
+        calls = [
+            lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=max_tokens, ignore_eos=True) for p in PROMPTS
+        ]
+        results = await admitted_together(llm, calls)  # one batch, whatever the machine's load
     assert ooms["n"] > 0 and llm.engine.scheduler.num_preempted > 0
     for result in results:
         expected = reference_ids(model, result.prompt_token_ids, max_tokens)
@@ -223,5 +224,4 @@ async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish
         return step(rows, chunks)
 
     monkeypatch.setattr(decoder, "step", small_device)
-    llm.engine.burst_gap_s = 0.05  # one burst: all admitted together
     await _all_finish_exactly(llm, tiny_model, ooms, max_tokens=12)

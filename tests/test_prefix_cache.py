@@ -4,7 +4,6 @@ off (saying why) where a prefill after a prefix would not be exact."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -14,7 +13,7 @@ import transformers
 
 from async_llm import HuggingFaceLLM
 from async_llm.engine.prefix_cache import PrefixCache
-from tests.conftest import reference_ids
+from tests.conftest import admitted_together, reference_ids
 from tests.test_prefix_cache_architectures import BASE, CONFIGS, FOLLOW_UPS
 
 LAYERS, HEADS, DIM = 2, 2, 4
@@ -155,10 +154,9 @@ async def test_concurrent_prompts_behind_one_prefix_compute_it_once(llm):
     it from the cache: the prompt tokens computed are one copy of the shared blocks and every rest."""
     system = "You are a helpful assistant. Answer briefly and precisely. " * 5
     prompts = [system + f"Question {i}: what is {i} plus {i}?" for i in range(6)]
-    llm.engine.burst_gap_s = 0.05  # one burst
     computed0 = llm.stats()["prefill_computed_tokens"]
-    together = await asyncio.gather(
-        *(llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts)
+    together = await admitted_together(
+        llm, [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts]
     )
     computed = llm.stats()["prefill_computed_tokens"] - computed0
     ids = [r.prompt_token_ids for r in together]

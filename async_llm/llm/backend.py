@@ -4,6 +4,7 @@ runner), shared by every call of a :class:`~async_llm.llm.huggingface.HuggingFac
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from async_llm.engine.core import Engine
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
 from async_llm.llm.frontend import Sinks
+from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions
 
 T = TypeVar("T")
 
@@ -63,6 +65,24 @@ class Backend:
         raw = self.grammars.token_bytes(token_id)
         return text, list(raw if raw is not None else text.encode("utf-8"))
 
+    def stats(self) -> dict[str, Any]:
+        """Counters of the engine and the beam-search runner together (see ``HuggingFaceLLM.stats``)."""
+        stats: dict[str, Any] = self.engine.stats()
+        for key, value in self.beams.stats().items():
+            if key not in ("peak_batch_size", "steps"):
+                stats[key] += value
+        busy = self.engine.busy_seconds
+        stats["engine_tokens_per_second"] = round(self.engine.scheduler.tokens_generated / busy, 2) if busy else 0.0
+        return stats
+
+    def move_to(self, device: torch.device) -> None:
+        """Move the model to ``device`` once nothing runs (blocking; new requests wait meanwhile)."""
+
+        def move() -> None:
+            self.engine.call_when_idle(lambda: self.engine.move_to(device)).result()
+
+        self.beams.call_when_idle(move).result()  # beams pause too, so no generate runs during the move
+
     def close(self) -> None:
         self.engine.close()
         self.beams.close()
@@ -98,6 +118,33 @@ def quantization_for(quantize: bool | None, config: Any, device: torch.device) -
             "quantize", f"quantize={quantize} contradicts quantization_config (which quantizes: {quantizes}); give one"
         )
     return config
+
+
+def model_to_serve(
+    options: LoadOptions, model_id: str | os.PathLike[str] | None, model: Any, tokenizer: Any, move: bool
+) -> tuple[str, Any, Any]:
+    """The model an LLM serves, its id and tokenizer: ``model_id`` loaded with ``options`` (the
+    default model when None), or the ``model`` and ``tokenizer`` passed in, moved to
+    ``options.device`` when the caller named a device (``move``).
+
+    Raises:
+        ParameterTypeError: A model without its tokenizer.
+        InvalidParameterError: A device named for a model dispatched over several (``hf_device_map``).
+    """
+    if model is None:
+        name = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
+        model, tokenizer = run_in_own_thread(options.load, model_id)
+        return name, model, tokenizer
+    if tokenizer is None:
+        raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
+    name = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
+    if move:  # an explicit device is honoured for a model passed in too
+        if getattr(model, "hf_device_map", None):
+            raise InvalidParameterError(
+                "device", "the model is dispatched over devices (hf_device_map): pass device=None"
+            )
+        model = model.to(options.device)
+    return name, model, tokenizer
 
 
 def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -16,6 +16,12 @@ is never nested and the caller's loop is never re-entered. The async methods run
 Every method takes its prompt under the names of the documents this interface follows: ``task``
 (swarm_models), ``prompt_text`` (Zeta) or ``prompt``. The documents' extra positional ``*args``
 reach no model, so they are refused with a TypeError naming them rather than silently dropped.
+The documents' other names (setters, measuring methods, ``generate``) are in
+:mod:`async_llm.llm.compat`.
+
+Once :meth:`BaseLLM.close` has run, every entry point (``run``, ``arun``, ``astream``, the batch and
+chat methods, a subclass's own ``run`` or ``astream`` included) raises :class:`EngineClosedError`
+(:mod:`async_llm.llm.closing`).
 """
 
 from __future__ import annotations
@@ -25,15 +31,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
 
-from async_llm.errors import InvalidParameterError, ParameterTypeError
-from async_llm.llm.batch import map_prompts, progress_bar
+from async_llm.errors import ParameterTypeError
+from async_llm.llm.batch import BatchMixin
 from async_llm.llm.chat import (
     TRANSCRIPT_STOP,
     ChatMixin,
@@ -43,12 +49,14 @@ from async_llm.llm.chat import (
     parse_history,
     pop_prompt,
     render_transcript,
-    takes_tasks,
 )
+from async_llm.llm.checkpoint import CheckpointMixin
+from async_llm.llm.closing import guard_entry_points
+from async_llm.llm.compat import SeedDocumentNames
 from async_llm.llm.event_log import EventLog
 from async_llm.llm.frontend import SyncLoop, require_asyncio
 from async_llm.llm.metrics import MetricsRecorder, RequestMetrics
-from async_llm.llm.settings import CheckpointMixin, MeasurementsMixin, SettingsMixin, describe_model
+from async_llm.llm.settings import SettingsMixin, describe_model
 from async_llm.log import get_logger
 from async_llm.sampling_params import SamplingParams
 
@@ -60,7 +68,7 @@ _events = get_logger("async_llm.events")
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
 
-class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
+class BaseLLM(SeedDocumentNames, SettingsMixin, BatchMixin, CheckpointMixin, ChatMixin):
     """Async-first language model interface. Subclass it and implement :meth:`astream` (async) or
     ``run(task, *args, **kwargs) -> str`` (sync); see the module's documentation.
 
@@ -83,6 +91,10 @@ class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
         TypeError: The class implements neither ``astream`` nor ``run`` (``BaseLLM`` itself
             included), or a setting has the wrong type. ValueError: A setting is out of range.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_entry_points(cls)  # a subclass's own run/astream... refuse calls once it is closed too
 
     def __init__(
         self,
@@ -259,79 +271,6 @@ class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
         self._record(RequestMetrics(self.count_tokens(text), self.count_tokens(output), latency, latency))
         return result
 
-    @takes_tasks
-    async def abatch_run(
-        self, prompts: Iterable[Prompt], *, progress: bool = False, window: int | None = None, **overrides: Any
-    ) -> list[Any]:
-        """Generate completions of all ``prompts`` as one batch job (any number of them).
-
-        The prompts are fed to the engine as rows free up, ``window`` in flight at most (the
-        default keeps the batch full): a job larger than the engine's queue waits for room rather
-        than failing. For results as they complete, without keeping them all, use :meth:`amap`.
-
-        Args:
-            prompts: The prompts (``tasks`` in the swarm_models interface).
-            progress: Show a progress bar (tqdm, on stderr).
-            window: Prompts in flight at most.
-            **overrides: Sampling parameters and call options, as for :meth:`arun`.
-
-        Returns:
-            The results in input order (each a str, or a list of str when ``n`` > 1).
-
-        Raises:
-            TypeError: ``prompts`` is a str or holds an invalid prompt (checked before anything is queued).
-            Any error of :meth:`arun`: what the job has in flight is aborted, and the error carries
-            ``batch_done`` (the indices of the prompts that were done) and a note.
-        """
-        if isinstance(prompts, str):
-            raise ParameterTypeError("prompts", "prompts must be a list of prompts, not a single str (use arun)")
-        prompts = [check_prompt(p) for p in prompts]
-        results: list[Any] = [None] * len(prompts)
-        async for index, result in self.amap(prompts, progress=progress, window=window, **overrides):
-            results[index] = result
-        return results
-
-    def amap(
-        self, prompts: Iterable[Prompt], *, progress: bool = False, window: int | None = None, **overrides: Any
-    ) -> AsyncIterator[tuple[int, Any]]:
-        """``(index, result)`` of each prompt as it completes (``async for i, text in llm.amap(prompts)``).
-
-        ``prompts`` may be any iterable, a generator included: it is read as the job goes, and at
-        most ``window`` results are held (in flight or not yet taken), so a job of any size runs in
-        bounded memory. Leaving the loop early aborts what is in flight. Arguments and errors as
-        :meth:`abatch_run`; each prompt is checked when its turn comes.
-        """
-        if isinstance(prompts, str):
-            raise ParameterTypeError("prompts", "prompts must be an iterable of prompts, not a single str (use arun)")
-        self.validate(**overrides)
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            raise InvalidParameterError("window", f"window must be an int >= 1, got {window!r}")
-
-        async def run(prompt: Any) -> Any:
-            return await self.arun(check_prompt(prompt), **overrides)
-
-        bar = progress_bar(prompts, progress)
-        return map_prompts(run, prompts, window or self._batch_window(), bar)
-
-    def _batch_window(self) -> int:
-        """Prompts a batch job keeps in flight by default (backends with an engine size it to the batch)."""
-        return 64
-
-    async def agenerate(
-        self, prompt_text: Prompt | None = None, max_length: int | None = None, *args: Any, **overrides: Any
-    ) -> Any:
-        """:meth:`arun` with ``max_length`` capping prompt plus output tokens, as in transformers.
-
-        The Zeta ``generate``: ``prompt_text`` is also taken as ``task=`` or ``prompt=``. Its
-        ``max_length`` defaults to 20 there; here None leaves the cap at the model's context.
-        """
-        prompt = pop_prompt("agenerate", prompt_text, args, overrides, first_name="prompt_text")
-        if max_length is not None:
-            overrides["max_length"] = max_length
-        return await self.arun(prompt, **overrides)
-
-    agenerate_text = agenerate
-
     # -- sync wrappers ------------------------------------------------------------------------------------
     def run(self, task: Prompt | None = None, *args: Any, **overrides: Any) -> Any:
         """Blocking :meth:`arun`; works with or without a running event loop in this thread.
@@ -342,30 +281,23 @@ class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
         prompt = pop_prompt("run", task, args, overrides)
         return self._call_sync(self.arun, prompt, **overrides)
 
-    @takes_tasks
-    def batch_run(self, prompts: Iterable[Prompt], **overrides: Any) -> list[Any]:
-        """Blocking :meth:`abatch_run` (``progress=``, ``window=`` included); works with or without a
-        running event loop in this thread."""
-        return self._call_sync(self.abatch_run, list(prompts), **overrides)
-
-    def generate(
-        self, prompt_text: Prompt | None = None, max_length: int | None = None, *args: Any, **overrides: Any
-    ) -> Any:
-        """Blocking :meth:`agenerate` (``generate_text`` is the same method, the Zeta code's name)."""
-        prompt = pop_prompt("generate", prompt_text, args, overrides, first_name="prompt_text")
-        return self._call_sync(self.agenerate, prompt, max_length, **overrides)
-
-    generate_text = generate
-
     def __call__(self, task: Prompt | None = None, *args: Any, **overrides: Any) -> Any:
         """Same as :meth:`run` (a subclass's own ``run`` gets the arguments as they are)."""
         return self.run(task, *args, **overrides)
 
     def _call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         with self._sync_lock:
-            if self._sync_loop is None:
+            if self._sync_loop is None and not self._closed:
                 self._sync_loop = SyncLoop()
             loop_thread = self._sync_loop
+        if loop_thread is None:
+            # Closed (generation is refused before it gets here): a checkpoint still saves, on a
+            # loop of its own that ends with the call, so no thread outlives close().
+            loop_thread = SyncLoop()
+            try:
+                return loop_thread.call(fn(*args, **kwargs))  # type: ignore[arg-type]
+            finally:
+                loop_thread.stop()
         return loop_thread.call(fn(*args, **kwargs))  # type: ignore[arg-type]  # fn returns a coroutine
 
     # -- event log ----------------------------------------------------------------------------------------
@@ -383,7 +315,7 @@ class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` (or :meth:`aclose`) was called: new requests then raise
+        """Whether :meth:`close` (or :meth:`aclose`) was called: every entry point then raises
         :class:`EngineClosedError`."""
         return self._closed
 
@@ -423,3 +355,7 @@ class BaseLLM(SettingsMixin, MeasurementsMixin, CheckpointMixin, ChatMixin):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+for _part in BaseLLM.__mro__[:-1]:  # the base's own entry points and its mixins', where each is defined
+    guard_entry_points(_part)

@@ -30,6 +30,10 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _TURN = re.compile(r"^(system|user|assistant|human|ai)\s*:\s?(.*)$", re.IGNORECASE)
 _ROLE_NAMES = {"human": "user", "ai": "assistant"}
 
+#: Roles of OpenAI's API that chat templates do not know, and the role each is sent as: OpenAI's
+#: ``developer`` messages are what ``system`` messages were for earlier models, and it treats them so.
+TEMPLATE_ROLES = {"developer": "system"}
+
 #: Where a reply in a plain-text transcript ends: the model starting the user's next turn. It is a
 #: stop string of every request rendered as a transcript (not returned, as stop strings never are).
 TRANSCRIPT_STOP = "\nUser:"
@@ -155,6 +159,17 @@ def refuse_extra_args(method: str, args: tuple[Any, ...], what: str = "prompt") 
         )
 
 
+def template_messages(messages: Sequence[Message]) -> list[Message]:
+    """``messages`` with the roles a chat template knows (``developer`` sent as ``system``, see
+    :data:`TEMPLATE_ROLES`); the other messages are passed on as they are."""
+    return [
+        {**message, "role": TEMPLATE_ROLES[str(message.get("role"))]}
+        if message.get("role") in TEMPLATE_ROLES
+        else message
+        for message in messages
+    ]
+
+
 def render_transcript(messages: Sequence[Message], system_prompt: str | None = None) -> str:
     """A chat as plain text, for a model whose tokenizer has no chat template (a base model).
 
@@ -164,7 +179,7 @@ def render_transcript(messages: Sequence[Message], system_prompt: str | None = N
     ``User:``/``Assistant:`` lines back as messages.)
     """
     lines: list[str] = []
-    rest = list(messages)
+    rest = template_messages(messages)
     if rest and rest[0].get("role") == "system":
         system_prompt = str(rest.pop(0).get("content") or "")
     if system_prompt:

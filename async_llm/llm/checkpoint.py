@@ -13,6 +13,7 @@ applied: a corrupt checkpoint raises :class:`CheckpointError` and changes nothin
 Each of :func:`write` and :func:`read` is a handful of small blocking file operations (a temporary
 file, a write, an fsync, a rename; or stat, read, stat): they run together in one worker thread,
 one hop off the event loop, rather than one hop per operation as aiofiles or ``anyio.Path`` would.
+:class:`CheckpointMixin` gives an LLM its ``save_checkpoint``/``load_checkpoint`` methods.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import anyio
 
 from async_llm.errors import AsyncLLMError
+from async_llm.llm.chat import ROLES
+from async_llm.llm.parts import LLMParts
 from async_llm.sampling_params import SamplingParams
 
 FORMAT = "async_llm.checkpoint"
@@ -117,3 +120,65 @@ def _validate(data: Any, file: Path) -> dict[str, Any]:
         if not (weights / "config.json").is_file():
             raise fail(f"weights folder {str(weights)!r} has no config.json")
     return {**data, "params": params, "history": history, "metrics": metrics, "weights": weights}
+
+
+class CheckpointMixin(LLMParts):
+    """Settings, history and metric totals saved as JSON and restored (and optionally the weights)."""
+
+    async def asave_checkpoint(
+        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
+    ) -> Path:
+        """Save settings, history and metric totals as JSON (atomically), and optionally the weights.
+
+        Returns:
+            The path of ``checkpoint.json``.
+        """
+        folder = Path(checkpoint_dir)
+        weights = None
+        if save_weights:
+            await anyio.to_thread.run_sync(self._save_weights, folder / WEIGHTS_DIR)
+            weights = WEIGHTS_DIR
+        payload = {
+            "model_name": getattr(self, "model_name", None),
+            "settings": {
+                "sampling": self.sampling_defaults.to_dict(),
+                "system_prompt": self.system_prompt,
+                "role": self.role,
+                "chat_template": self.chat_template,
+            },
+            "history": list(self.history),
+            "metrics": self.metrics_recorder.summary(),
+            "weights": weights,
+        }
+        return await write(folder, payload)
+
+    async def aload_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore a checkpoint written by :meth:`asave_checkpoint` (and its weights, if saved).
+
+        Raises:
+            FileNotFoundError: Nothing there. :class:`CheckpointError`: corrupt or invalid; in both
+            cases nothing is changed.
+        """
+        data = await read(path)
+        settings = data["settings"]
+        role = settings.get("role") or "user"
+        if role not in ROLES:
+            raise CheckpointError(f"invalid checkpoint {str(path)!r}: unknown role {role!r}")
+        if data["weights"] is not None:
+            await anyio.to_thread.run_sync(self.set_model_name, str(data["weights"]))
+        self.sampling_defaults = data["params"]
+        self.system_prompt = settings.get("system_prompt")
+        self.role = role
+        self.chat_template = bool(settings.get("chat_template", True))
+        self.history = [dict(m) for m in data["history"]]
+        self.metrics_recorder.restore(data["metrics"])
+
+    def save_checkpoint(
+        self, checkpoint_dir: str | os.PathLike[str] = "checkpoints", save_weights: bool = False
+    ) -> Path:
+        """Blocking :meth:`asave_checkpoint`."""
+        return self._call_sync(self.asave_checkpoint, checkpoint_dir, save_weights)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Blocking :meth:`aload_checkpoint`."""
+        self._call_sync(self.aload_checkpoint, path)

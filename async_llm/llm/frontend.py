@@ -13,6 +13,7 @@ wrappers, and :func:`require_asyncio`, the check that a caller's loop is one the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -84,7 +85,49 @@ class _Streamer:
     """A transformers streamer (``put``/``end``) and what it must not be shown."""
 
     streamer: Any
-    hidden: frozenset[int]  # eos ids, unless the request ignores eos
+    hidden: frozenset[int]  # the request's end ids (engine.finish.end_ids): they end the text, not part of it
+
+
+class StepSignal:
+    """Wakes the coroutines that wait for the engine's next step (thread-safe).
+
+    A batch job that finds the engine's queue full waits here instead of sleeping and retrying: a
+    queue slot frees only when a step admits a waiting request into a row, and every step that
+    produced outputs notifies this signal (through the sinks, on the worker thread). A full queue
+    means requests are waiting, so the engine is stepping and the next step comes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    async def wait(self) -> None:
+        """Return after the next step that produced outputs."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters.append((loop, future))
+        try:
+            await future
+        finally:
+            with self._lock:
+                if (loop, future) in self._waiters:  # cancelled before the step came
+                    self._waiters.remove((loop, future))
+
+    def notify(self) -> None:
+        """A step made progress (called on a worker thread, once per step per sink)."""
+        if not self._waiters:  # the common case, without the lock: nobody waits
+            return
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
+                loop.call_soon_threadsafe(_wake, future)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class LoopSink:
@@ -92,11 +135,13 @@ class LoopSink:
 
     Args:
         loop: The loop the requests' streams live on.
+        steps: Notified once per delivery (see :class:`StepSignal`).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, steps: StepSignal | None = None) -> None:
         # A weak reference: the loop is the key of this sink in Sinks' weak dictionary.
         self._loop = weakref.ref(loop)
+        self._steps = steps
         # Written on the loop (register) and read on the loop (_dispatch), except the streamers:
         # registered on the loop before the request is submitted, fed and dropped on the engine thread.
         self._streams: dict[str, TokenStream] = {}
@@ -119,6 +164,8 @@ class LoopSink:
             feed = self._streamers.get(output.request_id)
             if feed is not None:
                 self._feed(output, feed)
+        if self._steps is not None:
+            self._steps.notify()
         loop = self._loop()
         if loop is None:
             return False
@@ -152,14 +199,7 @@ class LoopSink:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream._put(
-                output.text,
-                output.token_ids,
-                output.finish_reason,
-                output.error,
-                output.logprobs,
-                output.prompt_logprobs,
-            )
+            stream.put(output)
 
 
 class Sinks:
@@ -168,11 +208,13 @@ class Sinks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
+        #: Notified by every sink's delivery: the engine (or the beam runner) made a step.
+        self.steps = StepSignal()
 
     def for_running_loop(self) -> LoopSink:
         loop = asyncio.get_running_loop()
         with self._lock:
             sink = self._by_loop.get(loop)
             if sink is None:
-                sink = self._by_loop[loop] = LoopSink(loop)
+                sink = self._by_loop[loop] = LoopSink(loop, self.steps)
             return sink

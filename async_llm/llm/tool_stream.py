@@ -1,6 +1,7 @@
 """Tool calls as they stream: OpenAI chat-completion-chunk deltas (``content``, then each call's
 name once and its arguments as they grow), agreeing with :func:`~async_llm.llm.tools.parse_tool_calls`
-on the finished text however it is split."""
+on the finished text however it is split: Hermes blocks of a call or a list of calls, and an output
+that is a JSON call or list of calls, after a call marker or not."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import partial_json_parser  # type: ignore[import-untyped]
 from async_llm.llm.tools import (
     _ARGS_KEY,
     CLOSE,
+    MARKERS,
     OPEN,
     Delta,
     ToolChoice,
@@ -51,8 +53,8 @@ class ToolCallStreamParser:
     Agrees with :func:`parse_tool_calls` on the same text however it is split, except on output that
     breaks after a call's name was sent (only truncation can, when ``tool_choice`` constrains the output):
     that call is dropped, neither in :attr:`tool_calls` nor repeated as content, and the calls of a
-    plain-JSON list sent before it breaks (or holds a non-call) stay calls, where the parse keeps it all
-    as content.
+    list (plain or in a block) sent before it breaks (or holds a non-call) stay calls, where the parse
+    keeps it all as content.
 
     Args:
         tools, tool_choice: Checked by :func:`check_tools` and :func:`check_tool_choice`.
@@ -67,9 +69,11 @@ class ToolCallStreamParser:
         self._state = "start"  # start | text | block | json | tail: the method _<state> reads on
         self._item: _Item | None = None
         self._block_at = 0  # offset of the current "<tool_call>"
-        self._cursor = 0  # next offset to read in a plain-JSON output
-        self._list = False
-        self._committed = False  # a plain-JSON output was taken for calls: no going back
+        self._body: str | None = None  # what the current block holds: None (not known yet), "json"
+        # (being read), "done" (a complete call or list of calls), "broken" or "text" (no calls)
+        self._cursor = 0  # next offset to read in a JSON value of calls (plain output or block)
+        self._list = False  # that value is a list
+        self._committed = False  # a call of that value was sent: no going back to content
         self._headers = 0
         self._calls: list[dict[str, Any]] = []
         self._ws = ""  # content's trailing whitespace, sent only if more content follows (content is stripped)
@@ -100,18 +104,29 @@ class ToolCallStreamParser:
         return out
 
     def _start(self, out: list[Delta], final: bool) -> bool:
-        j = _skip_ws(self._buf, self._pos)
-        if j == len(self._buf):
+        buf = self._buf
+        j = _skip_ws(buf, self._pos)
+        if j == len(buf):
             return False  # leading whitespace is never sent: content is stripped
-        first, self._pos = self._buf[j], j
-        if self._named is not None and first == "{":  # the arguments object of a known call: one JSON item
-            self._item = _Item(j, args_at=j, args_sent=j, streamed=True)
-            self._commit(self._item, self._named, out)
-            self._state, self._committed = "json", True
-        elif self._named is None and first in "{[":
-            self._state, self._list, self._cursor = "json", first == "[", j + (first == "[")
+        self._pos = j
+        if self._named is not None:
+            if buf[j] == "{":  # the arguments object of a known call: one JSON item
+                self._item = _Item(j, args_at=j, args_sent=j, streamed=True)
+                self._commit(self._item, self._named, out)
+                self._state, self._committed = "json", True
+            else:
+                self._state = "tail"
+            return True
+        marker = next((m for m in MARKERS if buf.startswith(m, j)), "")
+        if not marker and not final and any(m.startswith(buf[j:]) for m in MARKERS):
+            return False  # "[" or "<|" may open a marker: wait for the next delta
+        k = _skip_ws(buf, j + len(marker))
+        if marker and k == len(buf) and not final:
+            return False
+        if k < len(buf) and buf[k] in "{[":  # the marker (if any) stays in the content if no call follows
+            self._state, self._list, self._cursor = "json", buf[k] == "[", k + (buf[k] == "[")
         else:
-            self._state = "tail" if self._named is not None else "text"
+            self._state = "text"
         return True
 
     def _text(self, out: list[Delta], final: bool) -> bool:
@@ -125,58 +140,73 @@ class ToolCallStreamParser:
             return False
         self._emit(out, buf[self._pos : at])
         self._block_at, self._pos, self._item, self._state = at, at + len(OPEN), None, "block"
+        self._body, self._committed = None, False
         return True
 
     def _block(self, out: list[Delta], final: bool) -> bool:
         buf = self._buf
         close = buf.find(CLOSE, self._pos)
         limit = close if close >= 0 else len(buf)
-        if self._item is None:
+        if self._body is None:
             j = _skip_ws(buf, self._pos, limit)
-            if j < limit and buf[j] == "{":
-                self._item = _Item(j)
+            if j < limit and buf[j] in "{[":
+                self._body, self._list, self._cursor = "json", buf[j] == "[", j + (buf[j] == "[")
             elif j < limit or close >= 0 or final:
-                self._item = _Item(j, rejected=True, end=j)  # no JSON object: the block is content
+                self._body = "text"  # no JSON value: the block is content
             else:
                 return False
-        item = self._item
-        if item.end is None:
-            self._advance(item, limit, out)
+        if self._body == "json":
+            over = self._read_calls(limit, out)
+            if over is not None:
+                self._body = "done" if over else "broken"
         if close < 0 and not final:
             return False
         stop = close + len(CLOSE) if close >= 0 else len(buf)
-        if item.valid and item.end is not None:
-            self._emit(out, buf[item.end : limit].strip())
-        elif item.index is None:
+        if self._body == "done":  # calls, or an empty list (no call): the text after them is content
+            self._emit(out, buf[self._cursor : limit].strip())
+        elif not self._committed:
             self._emit(out, buf[self._block_at : stop])
-        self._pos, self._item, self._state = stop, None, "text"
+        self._pos, self._item, self._body, self._state = stop, None, None, "text"
         return True
 
     def _json(self, out: list[Delta], final: bool) -> bool:
+        over = self._read_calls(len(self._buf), out)
+        if over is None and not final:
+            return False
+        # Truncated: all content when nothing was sent as a call, else the unfinished call is dropped.
+        return self._json_over(self._cursor if over is not None else len(self._buf))
+
+    def _read_calls(self, limit: int, out: list[Delta]) -> bool | None:
+        """Read the JSON value of calls at :attr:`_cursor` (a call object, or the items of a list),
+        up to ``limit``, sending what it can.
+
+        Returns:
+            None while it needs more text; True once the value is over (:attr:`_cursor` just past
+            it); False when it is not (or no longer) a value of calls (:attr:`_cursor` where it stops).
+        """
         buf = self._buf
         while True:
             if self._item is None:
-                j = _skip_ws(buf, self._cursor)
-                if j < len(buf) and self._list and buf[j] == ",":
+                j = _skip_ws(buf, self._cursor, limit)
+                if j < limit and self._list and buf[j] == ",":
                     self._cursor = j + 1
                     continue
-                if j == len(buf):
-                    break
+                if j == limit:
+                    return None
                 if buf[j] != "{":  # the list ends ("]") or is not made of calls
-                    return self._json_over(j + (buf[j] == "]"))
+                    self._cursor = j + (self._list and buf[j] == "]")
+                    return self._list and buf[j] == "]"
                 self._item = _Item(j)
             item = self._item
-            self._advance(item, len(buf), out)
+            self._advance(item, limit, out)
             self._committed |= item.index is not None
             if not self._committed and (item.rejected or item.end is not None):
-                return self._json_over(len(buf))
+                return False
             if item.end is None:
-                break
+                return None
             self._cursor, self._item = item.end, None
             if not self._list:
-                return self._json_over(item.end)
-        # Truncated: all content when nothing was sent as a call, else the unfinished call is dropped.
-        return self._json_over(len(buf)) if final else False
+                return True
 
     def _json_over(self, stop: int) -> bool:
         # After a JSON value of calls comes content; a JSON value that holds no call is all content.

@@ -1,14 +1,23 @@
 """OpenAI-style tool calling: check ``tools``/``tool_choice``, constrain, parse and stream the calls.
 
 Models are prompted in the Hermes format (Qwen2.5, Hermes): ``<tool_call>{"name": ..., "arguments": {...}}
-</tool_call>``. Llama-style bare JSON calls and the JSON an enforced ``tool_choice`` produces (see
-:func:`tool_choice_schema`) are read too. What is not a well-formed call of a known tool stays content:
-a model's output never makes these helpers raise.
+</tool_call>``. What is read as calls:
+
+- Hermes blocks holding one call object or a JSON list of them (``<tool_call>[{...}, {...}]</tool_call>``,
+  the list form SmolLM2 was tuned on; ``<tool_call>[]</tool_call>`` is "no call");
+- an output that is a bare JSON call or list of calls (Llama 3's JSON tool format, and the JSON an
+  enforced ``tool_choice`` produces, see :func:`tool_choice_schema`), also after the marker some
+  families open their calls with when it reaches the text (Mistral's ``[TOOL_CALLS]``, Llama 3.1's
+  ``<|python_tag|>``, Granite's ``<|tool_call|>``);
+- a call is ``{"name": <a tool>, "arguments": {...}}``; Llama 3 spells the arguments ``"parameters"``,
+  some models send them as a JSON string, and a call without them takes none.
+
+What is not a well-formed call of a known tool stays content: a model's output never makes these
+helpers raise.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import uuid
@@ -16,11 +25,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.json_schema import close_objects
 
 Delta = dict[str, Any]
 ToolChoice = str | dict[str, Any]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+#: Markers that open a JSON call or list of calls at the start of an output, when the tokenizer
+#: does not treat them as special tokens (which are left out of the text).
+MARKERS = ("[TOOL_CALLS]", "<|python_tag|>", "<|tool_call|>")
 # An unclosed last block still counts: models often stop right after the JSON.
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 # Llama-style calls name their arguments "parameters". The value must have begun (\S) to be located.
@@ -37,11 +50,14 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
     """Validate OpenAI ``tools``: ``[{"type": "function", "function": {"name", "description"?, "parameters"?}}]``.
 
     Returns:
-        Normalised copies; ``parameters`` defaults to an empty object schema.
+        Normalised copies; ``parameters`` defaults to an empty object schema; ``strict`` is kept
+        when it is true (OpenAI's strict mode: where the call is enforced, its arguments are a closed
+        object with every property required).
 
     Raises:
         ParameterTypeError: ``tools`` or a part of it has the wrong type.
-        InvalidParameterError: Empty list, empty or duplicate name, parameters not an object schema.
+        InvalidParameterError: Empty list, empty or duplicate name, parameters not an object schema,
+            ``strict`` with parameters that allow additional properties.
     """
     if not isinstance(tools, (list, tuple)):
         raise ParameterTypeError("tools", f"tools must be a list of tools, got {type(tools).__name__}")
@@ -64,8 +80,13 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
             params = json.loads(json.dumps(params))
         except (TypeError, ValueError) as exc:
             raise ParameterTypeError("tools", f"tools[{i}]: parameters is not JSON: {exc}") from exc
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise ParameterTypeError("tools", f"tools[{i}]: strict must be a bool, got {strict!r}")
+        if strict:
+            close_objects(params, strict=True, param="tools")  # refuses what strict mode cannot take, now
         function = {"name": name, "parameters": params} | ({"description": description} if description else {})
-        checked[name] = {"type": "function", "function": function}
+        checked[name] = {"type": "function", "function": function | ({"strict": True} if strict else {})}
     return list(checked.values())
 
 
@@ -110,25 +131,22 @@ def tool_choice_schema(tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoi
     """
     functions = _functions(tools)
     if isinstance(tool_choice, Mapping):
-        return _closed(functions[tool_choice["function"]["name"]]["parameters"])
+        return _arguments_schema(functions[tool_choice["function"]["name"]])
     if tool_choice != "required":
         return None
     calls = []
     for name, fn in functions.items():
-        properties = {"name": {"type": "string", "const": name}, "arguments": _closed(fn["parameters"])}
+        properties = {"name": {"type": "string", "const": name}, "arguments": _arguments_schema(fn)}
         required = ["name", "arguments"]
         calls.append({"type": "object", "properties": properties, "required": required, "additionalProperties": False})
     return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
 
 
-def _closed(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a function's parameters schema that takes no arguments it does not declare (as
-    OpenAI's strict function calling does) unless it says otherwise: a forced call cannot wander
-    off into made-up arguments."""
-    schema = copy.deepcopy(dict(parameters))
-    if schema.get("type") == "object" and "properties" in schema:
-        schema.setdefault("additionalProperties", False)
-    return schema
+def _arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a function's parameters schema closed to arguments it does not declare (unless it
+    says otherwise): a forced call cannot wander off into made-up arguments. A ``strict`` function's
+    properties are all required too, as in OpenAI's strict function calling."""
+    return close_objects(function["parameters"], strict=function.get("strict") is True, param="tools")
 
 
 def parse_tool_calls(
@@ -153,22 +171,45 @@ def parse_tool_calls(
         if value is None:
             return stripped or None, []
         return stripped[end:].strip() or None, [_call(tool_choice["function"]["name"], stripped[:end])]
-    if stripped.startswith(("{", "[")):  # plain JSON: one call, or a list of them ("required")
-        value, end = _decode(stripped, 0)
-        found = [_call_from(item, names) for item in (value if isinstance(value, list) else [value])]
-        calls = [_call(c[0], json.dumps(c[1], ensure_ascii=False)) for c in found if c is not None]
-        return (stripped[end:].strip() or None, calls) if calls and len(calls) == len(found) else (stripped, [])
+    body = after_marker(stripped)
+    if body.startswith(("{", "[")):  # plain JSON: one call, or a list of them
+        found, end = calls_at(body, 0, names)
+        if not found:  # not calls (or an empty list): all content
+            return stripped, []
+        return body[end:].strip() or None, [_call(name, _dumps(arguments)) for name, arguments in found]
     pieces, calls, last = [], [], 0
     for block in _BLOCK.finditer(text):
-        body = block.group(1)
-        value, end = _decode(body, _skip_ws(body, 0))
-        found_call = _call_from(value, names)
-        if found_call is not None:  # else the block stays in the content
-            pieces += [text[last : block.start()], body[end:].strip()]
-            calls.append(_call(found_call[0], json.dumps(found_call[1], ensure_ascii=False)))
+        inner = block.group(1)
+        found, end = calls_at(inner, _skip_ws(inner, 0), names)
+        if found is not None:  # else the block stays in the content; "[]" is a block of no calls
+            pieces += [text[last : block.start()], inner[end:].strip()]
+            calls += [_call(name, _dumps(arguments)) for name, arguments in found]
             last = block.end()
     pieces.append(text[last:])
     return "".join(pieces).strip() or None, calls
+
+
+def after_marker(text: str) -> str:
+    """``text`` after a leading call marker (:data:`MARKERS`) and the whitespace after it, or ``text``."""
+    for marker in MARKERS:
+        if text.startswith(marker):
+            return text[len(marker) :].lstrip()
+    return text
+
+
+def calls_at(text: str, at: int, names: Mapping[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]] | None, int]:
+    """The calls of the JSON value at ``at``, and the offset just past it.
+
+    Returns:
+        ``([(name, arguments)], end)`` for a call object, or for a list whose items are all calls
+        (an empty list gives no calls); ``(None, 0)`` for anything else.
+    """
+    value, end = _decode(text, at)
+    items = value if isinstance(value, list) else [value]
+    found = [_call_from(item, names) for item in items]
+    if not end or any(call is None for call in found):
+        return None, 0
+    return [call for call in found if call is not None], end
 
 
 def render_tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
@@ -229,6 +270,10 @@ def _call_from(obj: Any, names: Mapping[str, Any]) -> tuple[str, dict[str, Any]]
     if isinstance(arguments, str):  # some models encode the arguments as a JSON string
         arguments = _loads(arguments)
     return (name, arguments) if isinstance(arguments, dict) else None
+
+
+def _dumps(arguments: dict[str, Any]) -> str:
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _call(name: str, arguments: str, call_id: str | None = None) -> dict[str, Any]:

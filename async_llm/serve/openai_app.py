@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
 ``GET /health`` and ``GET /metrics`` (Prometheus text). With an API key, every ``/v1`` route needs
 ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open, as in vLLM, for probes and
-scrapers.
+scrapers. Any other route (``/v1/embeddings``, ``/v1/responses``...) gets a 404, and a route called
+with the wrong method a 405, in OpenAI's error shape, naming the routes this server has.
 
 A client that goes away aborts its request: a stream through sse-starlette's disconnect listener
 (which cancels the response), a plain request through :func:`_unless_disconnected`.
@@ -17,9 +18,9 @@ finds responses left incomplete.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -65,6 +66,7 @@ def create_app(
     stream_interval_s: float = 0.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    reject_unknown_fields: bool = False,
 ) -> FastAPI:
     """Build the OpenAI-compatible app over ``llm``.
 
@@ -79,6 +81,9 @@ def create_app(
         max_body_bytes: Larger request bodies get 413 before they reach a route.
         body_timeout_s: A request body must arrive within this many seconds, or it gets 408
             (slow clients cannot hold a connection forever); see :mod:`async_llm.serve.limits`.
+        reject_unknown_fields: Refuse request bodies with fields nobody knows (a typo such as
+            ``temprature``) with a 400 naming them, as OpenAI does; by default they are ignored
+            and logged once per name (see :class:`OpenAIServing`).
 
     Returns:
         The FastAPI app; serve it with uvicorn (``async-llm serve`` does).
@@ -87,7 +92,10 @@ def create_app(
         ValueError: ``max_body_bytes`` or ``body_timeout_s`` is not positive.
     """
     check_limits(max_body_bytes, body_timeout_s)  # now, not when the first request builds the stack
-    serving = OpenAIServing(llm, model_name=model_name, server_id=server_id, stream_interval_s=stream_interval_s)
+    serving = OpenAIServing(
+        llm, model_name=model_name, server_id=server_id, stream_interval_s=stream_interval_s,
+        reject_unknown_fields=reject_unknown_fields,
+    )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,9 +114,22 @@ def create_app(
     # Starlette runs the last middleware added first: requests are counted, then their bodies checked.
     app.add_middleware(BodyLimits, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     app.add_middleware(_CountRequests, serving=serving)
-    app.include_router(_api_router(serving, api_key))
-    app.include_router(_ops_router(serving))
+    routers = [_api_router(serving, api_key), _ops_router(serving)]
+    for router in routers:
+        app.include_router(router)
+    app.state.routes = _route_list(routers)
     return app
+
+
+def _route_list(routers: list[APIRouter]) -> str:
+    """``"POST /v1/completions, ..."``: the routes named by the 404 and 405 errors."""
+    listed = []
+    for route in (route for router in routers for route in router.routes):
+        methods = sorted(set(getattr(route, "methods", None) or ()) - {"HEAD"})
+        if methods and getattr(route, "path", None):
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # type: ignore[attr-defined]  # {model:path}
+            listed.append(f"{'/'.join(methods)} {path}")
+    return ", ".join(listed)
 
 
 def _api_router(serving: OpenAIServing, api_key: str | None) -> APIRouter:
@@ -182,30 +203,43 @@ async def _sse_data(chunks: ChunkStream, shutdown: anyio.Event) -> AsyncIterator
     first, the chunk being awaited is cancelled (which aborts the stream's requests) and the
     :data:`SHUTDOWN_ERROR` event and ``[DONE]`` end the stream instead."""
     iterator = aiter(chunks)
-    stop = asyncio.ensure_future(shutdown.wait())
-    step: asyncio.Future[dict[str, Any]] | None = None
-    try:
-        while True:
-            # A task per chunk, to wait on the next chunk and on the shutdown together.
-            step = asyncio.ensure_future(anext(iterator))
-            await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():  # shutdown first
-                break
-            try:
-                chunk = step.result()
-            except StopAsyncIteration:
-                yield "[DONE]"
-                return
-            yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-    finally:
-        stop.cancel()
-        if step is not None and not step.done():  # shutdown, or this response was cancelled
-            step.cancel()
-            # The chunk generator's cleanup (aborting the requests) ends before anyone closes it.
-            await asyncio.gather(step, return_exceptions=True)
+    while True:
+        chunk = await _next_chunk(iterator, shutdown)
+        if chunk is _END:
+            yield "[DONE]"
+            return
+        if chunk is _SHUTDOWN:
+            break
+        yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
     log.info("stream ended by the server's shutdown")
     yield json.dumps(SHUTDOWN_ERROR.body(), separators=(",", ":"))
     yield "[DONE]"
+
+
+_END: Any = object()  # the chunks are over
+_SHUTDOWN: Any = object()  # the server shuts down; the chunk awaited was cancelled
+
+
+async def _next_chunk(iterator: AsyncIterator[dict[str, Any]], shutdown: anyio.Event) -> Any:
+    """The next chunk, :data:`_END`, or :data:`_SHUTDOWN` once ``shutdown`` is set (the chunk being
+    awaited is cancelled: the chunk generator's cleanup aborts the requests before this returns).
+
+    A task group per chunk, closed before the chunk is yielded: a scope left open across a
+    generator's ``yield`` would not nest with its consumer's scopes."""
+    result: Any = _SHUTDOWN
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await shutdown.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result = await anext(iterator)
+        except StopAsyncIteration:
+            result = _END
+        tg.cancel_scope.cancel()
+    return result
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
@@ -249,8 +283,21 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-    return await _api_error(request, error)
+    # The router's own errors: a path no route has (404), or a method the route does not take (405).
+    # (The API's 404s, a model that does not exist, are APIErrors.)
+    called = f"{request.method} {request.url.path}"
+    routes = getattr(request.app.state, "routes", "")
+    if exc.status_code == 404:
+        error = APIError(404, f"Invalid URL ({called}): this server has {routes}", code="unknown_url")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or "another method"
+        message = f"Method not allowed ({called}): the route takes {allowed}; this server has {routes}"
+        error = APIError(405, message, code="method_not_allowed")
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    response = await _api_error(request, error)
+    response.headers.update(exc.headers or {})  # Allow, on a 405
+    return response
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

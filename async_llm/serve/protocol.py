@@ -4,15 +4,23 @@ Only the shapes live here. Value ranges are checked once, by :class:`~async_llm.
 the request is submitted: the server and the library can then never disagree on what is valid.
 Models are strict (no ``"0.5"`` for a float, no ``true`` for an int) and accept unknown fields,
 because OpenAI clients send fields this server has no use for (``user``, ``store``, ``metadata``...);
-the few that would change the answer if ignored are refused by :func:`check_unsupported`.
+the few that would change the answer if ignored are refused by :func:`check_unsupported`, and the
+ones nobody knows (a typo such as ``temprature``) are named by :meth:`SamplingRequest.unknown_fields`.
+
+The sampling fields are those of :class:`~async_llm.SamplingParams` (:data:`SAMPLING_FIELDS`): every
+field is forwarded under its own name unless :data:`NOT_OVER_HTTP` says why not, so a new sampling
+parameter reaches the server without a change here (typed and range-checked by ``SamplingParams``);
+a pydantic field below only gives it a stricter JSON shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from async_llm.sampling_params import SamplingParams
 from async_llm.serve.errors import APIError
 
 #: Most choices (``n``) one request may ask for: each is a row of the batch.
@@ -33,6 +41,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "verbosity": (None,),
     "web_search_options": (None,),
     "use_beam_search": (None, False),
+    "num_beams": (None, 1),  # beam search: the library's, not over HTTP (NOT_OVER_HTTP)
+    "early_stopping": (None, False),
     "length_penalty": (None, 1.0, 1),
     "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,),
@@ -60,6 +70,31 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True),
     "chat_template_kwargs": (None, {}),
 }
+
+#: Fields of OpenAI's API that cannot change the answer: accepted, no effect, no warning.
+_NO_EFFECT = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+#: The fields of :class:`SamplingParams` that are not taken from a request body under their own
+#: name, and why. Every other field is forwarded (:data:`SAMPLING_FIELDS`).
+NOT_OVER_HTTP: dict[str, str] = {
+    "n": "the server submits one request per choice (each with its own seed)",
+    "logprobs": "each endpoint has its own shape (a count on completions, a flag on chat)",
+    "top_logprobs": "each endpoint has its own shape (completions' logprobs count)",
+    "logits_processors": "callables cannot travel as JSON (refused by check_unsupported)",
+    "num_beams": "beam search is not served over HTTP (refused by check_unsupported)",
+    "length_penalty": "beam search only (refused by check_unsupported)",
+    "early_stopping": "beam search only (refused by check_unsupported)",
+}
+#: HTTP names of sampling parameters that differ from the library's, HTTP name -> field. When the
+#: request gives both, the HTTP name wins (OpenAI: ``max_completion_tokens`` replaces ``max_tokens``).
+RENAMED: dict[str, str] = {"max_completion_tokens": "max_tokens"}
+#: The sampling parameters a request body may set under the library's name: the public fields of
+#: :class:`SamplingParams` (its bookkeeping fields are left out) but those of :data:`NOT_OVER_HTTP`.
+SAMPLING_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for f in dataclasses.fields(SamplingParams)
+    if f.name in SamplingParams.field_names() and f.name not in NOT_OVER_HTTP
+)
 
 
 class _Strict(BaseModel):
@@ -110,18 +145,29 @@ class SamplingRequest(_Strict):
     guided_grammar: str | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :meth:`HuggingFaceLLM.submit`: the fields the client set.
+        """Keyword arguments for :meth:`HuggingFaceLLM.submit`: the sampling fields the client set
+        (:data:`SAMPLING_FIELDS`, and :data:`RENAMED` under the library's names).
 
         Fields left out keep the engine's defaults (``max_tokens`` included).
         """
-        names = (
-            "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
-            "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos",
-            "logit_bias", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
-            "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
-            "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-        )  # fmt: skip
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        kwargs = {name: value for name in SAMPLING_FIELDS if (value := self._given(name)) is not None}
+        for http_name, name in RENAMED.items():
+            if (value := self._given(http_name)) is not None:
+                kwargs[name] = value
+        return kwargs
+
+    def _given(self, name: str) -> Any:
+        """A body field's value: a declared field, or one only ``SamplingParams`` types (extra)."""
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        return (self.model_extra or {}).get(name)
+
+    def unknown_fields(self) -> list[str]:
+        """The body's fields that no part of this server or of OpenAI's API knows (typos, fields of
+        other APIs), sorted; nested objects are not searched (clients send back messages with
+        fields of their own)."""
+        known = {*_UNSUPPORTED, *_NO_EFFECT, *SAMPLING_FIELDS, *RENAMED}
+        return sorted(name for name in self.model_extra or {} if name not in known)
 
     def top_logprobs_count(self) -> int | None:
         """How many alternatives per generated token the client asked for; None: no logprobs."""
@@ -129,6 +175,9 @@ class SamplingRequest(_Strict):
 
     def field_name(self, param: str) -> str:
         """The request field that carries the sampling parameter ``param`` (for error messages)."""
+        for http_name, name in RENAMED.items():
+            if name == param and self._given(http_name) is not None:
+                return http_name
         return param
 
     def include_usage(self) -> bool:
@@ -155,7 +204,7 @@ class CompletionRequest(SamplingRequest):
         return kwargs
 
     def field_name(self, param: str) -> str:
-        return "logprobs" if param == "top_logprobs" else param
+        return "logprobs" if param == "top_logprobs" else super().field_name(param)
 
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
@@ -212,8 +261,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kwargs = super().sampling_kwargs()
-        if self.max_completion_tokens is not None:
-            kwargs["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             kwargs["logprobs"] = True
         if self.top_logprobs is not None:
@@ -227,9 +274,7 @@ class ChatCompletionRequest(SamplingRequest):
         return kwargs
 
     def field_name(self, param: str) -> str:
-        if param == "max_tokens" and self.max_completion_tokens is not None:
-            return "max_completion_tokens"
-        return "messages" if param == "prompt" else param
+        return "messages" if param == "prompt" else super().field_name(param)
 
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -7,7 +7,8 @@ loop, which serves nothing else while the Ray path runs.
 The listening socket is bound (:func:`bind_listener`) before the model loads, so a port in use is
 reported at once rather than after a load of seconds or minutes; uvicorn then serves on that socket.
 On Ctrl-C (or SIGTERM) uvicorn stops accepting, the streams still open end with an error event and
-``data: [DONE]`` (see :mod:`async_llm.serve.openai_app`), and the engine closes.
+``data: [DONE]`` (see :mod:`async_llm.serve.openai_app`), and the engine closes. Both serving
+functions return the signal that stopped them; the command turns SIGINT into its exit status 130.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
 from async_llm.log import get_logger
 from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
@@ -132,7 +136,38 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class _CliServer(uvicorn.Server):
-    """uvicorn on a socket bound beforehand; it then logs no start line of its own, so this does."""
+    """uvicorn on a socket bound beforehand, which tells its caller which signal stopped it.
+
+    It logs its start line itself (uvicorn logs none when handed a socket). Its signals are handled
+    as uvicorn does (the first SIGINT or SIGTERM shuts down gracefully, a second SIGINT at once), but
+    the signal is not raised again at the end: uvicorn restores the previous handler and re-raises
+    what it caught, so that the process ends as that handler decides. Under ``asyncio.run`` that
+    handler turns SIGINT into KeyboardInterrupt (exit status 130), but a process that inherited
+    SIGINT as ignored (a job started with ``&`` by a shell script, or by a test suite run so) has no
+    such handler: the re-raised signal was dropped and the command exited 0. The signal is kept in
+    :attr:`stopped_by` instead, and the command chooses its exit status from it.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        #: The last shutdown signal received (SIGINT or SIGTERM); None while none has come.
+        self.stopped_by: signal.Signals | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopped_by = signal.Signals(sig)
+        super().handle_exit(sig, frame)  # uvicorn's (as patched by sse-starlette to end open streams)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -143,17 +178,18 @@ class _CliServer(uvicorn.Server):
             logging.getLogger("uvicorn.error").info(message, shown, port)
 
 
-async def serve_http(args: argparse.Namespace, llm: HuggingFaceLLM, listener: socket.socket) -> int:
+async def serve_http(args: argparse.Namespace, llm: HuggingFaceLLM, listener: socket.socket) -> signal.Signals | None:
     """Serve ``llm`` with uvicorn on ``listener`` until interrupted; closes both.
 
     Args:
         args: The parsed ``serve`` arguments (``api_key``, ``served_model_name``, ``max_body_bytes``,
-            ``body_timeout``, ``limit_concurrency``, ``verbose``).
+            ``body_timeout``, ``limit_concurrency``, ``reject_unknown_fields``, ``verbose``).
         llm: The loaded model (the app owns it: closed at shutdown).
         listener: The socket from :func:`bind_listener`.
 
     Returns:
-        0 after a clean shutdown.
+        The signal that shut the server down (SIGINT or SIGTERM), or None when it stopped without
+        one (its start-up failed; uvicorn has logged why).
     """
     from async_llm.serve.openai_app import create_app
 
@@ -162,26 +198,28 @@ async def serve_http(args: argparse.Namespace, llm: HuggingFaceLLM, listener: so
             llm, model_name=args.served_model_name, api_key=resolve_api_key(args.api_key), owns_llm=True,
             max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
             body_timeout_s=args.body_timeout or DEFAULT_BODY_TIMEOUT_S,
+            reject_unknown_fields=args.reject_unknown_fields,
         )  # fmt: skip
         config = uvicorn.Config(
             app, log_level="debug" if args.verbose > 1 else "info", access_log=args.verbose > 0,
             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, limit_concurrency=args.limit_concurrency,
         )  # fmt: skip
-        await _CliServer(config).serve(sockets=[listener])
+        server = _CliServer(config)
+        await server.serve(sockets=[listener])
     finally:
         listener.close()  # uvicorn closes it too at shutdown; not when startup failed
         await llm.aclose()  # idempotent: the app's shutdown closed it unless startup failed
-    return 0
+    return server.stopped_by
 
 
-async def serve_ray(args: argparse.Namespace) -> int:
+async def serve_ray(args: argparse.Namespace) -> signal.Signals:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster and serve ``--replicas`` engines on it.
 
     Args:
         args: As for :func:`serve_http`, plus ``replicas`` and ``replica_cpus``.
 
     Returns:
-        0 after SIGINT (Ctrl-C) or SIGTERM has shut the application and the local cluster down.
+        The signal (SIGINT for Ctrl-C, or SIGTERM) that shut the application and the local cluster down.
 
     Raises:
         ImportError: Ray Serve is not installed (the ``ray`` extra).
@@ -206,23 +244,28 @@ async def serve_ray(args: argparse.Namespace) -> int:
         )  # fmt: skip
         serve.run(app, blocking=False)  # returns once every replica has loaded its engine
         log.info("serving", url=f"http://{args.host}:{args.port}/v1", replicas=args.replicas)
-        await _until_signalled()
+        stopped_by = await _until_signalled()
     finally:
         serve.shutdown()
         ray.shutdown()
-    return 0
+    return stopped_by
 
 
-async def _until_signalled() -> None:
-    """Wait for SIGINT or SIGTERM; either shuts down cleanly (SIGTERM would otherwise kill the
-    driver before it stops Serve and the Ray processes it started)."""
-    stop = asyncio.Event()
+async def _until_signalled() -> signal.Signals:
+    """Wait for SIGINT or SIGTERM and return which came; either shuts down cleanly (SIGTERM would
+    otherwise kill the driver before it stops Serve and the Ray processes it started)."""
     loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def stop(sig: signal.Signals) -> None:
+        if not received.done():  # a second signal while shutting down changes nothing
+            received.set_result(sig)
+
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop, sig)
     try:
-        await stop.wait()
+        return await received
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

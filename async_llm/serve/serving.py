@@ -11,6 +11,7 @@ status can still say so; only failures during generation arrive inside a stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -18,9 +19,11 @@ from typing import Any, Literal
 
 from async_llm import __version__
 from async_llm.llm.base import Prompt
+from async_llm.llm.concurrency import gather
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
 from async_llm.outputs import StreamDelta, TokenStream
+from async_llm.sampling_params import choice_seed
 from async_llm.serve.choices import ChoiceView
 from async_llm.serve.errors import APIError, from_exception
 from async_llm.serve.metrics import ServerMetrics
@@ -36,6 +39,9 @@ log = get_logger("async_llm.serve")
 
 Kind = Literal["completion", "chat"]
 Chunk = dict[str, Any]
+#: Unknown field names remembered so that each is logged once; past this many, no more are logged
+#: (a client sending random names cannot grow the set without bound).
+MAX_WARNED_FIELDS = 1000
 
 
 class ChunkStream:
@@ -69,6 +75,9 @@ class OpenAIServing:
         metrics: Where to record requests; a fresh :class:`ServerMetrics` by default.
         stream_interval_s: Send stream chunks at most this often after the first token (deltas in
             between are joined); 0 sends each step's delta at once.
+        reject_unknown_fields: Answer a body field nobody knows (a typo such as ``temprature``)
+            with a 400 naming it, as OpenAI does; by default it is ignored and logged once per name,
+            as vLLM does.
     """
 
     def __init__(
@@ -79,10 +88,13 @@ class OpenAIServing:
         server_id: str | None = None,
         metrics: ServerMetrics | None = None,
         stream_interval_s: float = 0.0,
+        reject_unknown_fields: bool = False,
     ) -> None:
         if stream_interval_s < 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
         self.stream_interval_s = stream_interval_s
+        self.reject_unknown_fields = reject_unknown_fields
+        self._warned_fields: set[str] = set()
         self.llm = llm
         self.model_name = model_name or llm.model_id or "default"
         self.fingerprint = f"async_llm-{__version__}" + (f"-{server_id}" if server_id else "")
@@ -129,13 +141,14 @@ class OpenAIServing:
     async def _submit(self, request: SamplingRequest, prompts: list[Prompt], chat_template: bool) -> list[TokenStream]:
         """Submit every choice: prompt-major, ``n`` per prompt (seed + i when a seed is given)."""
         check_unsupported(request)
+        self._check_unknown(request)
         self.check_model(request.model)
         kwargs = request.sampling_kwargs()
         streams: list[TokenStream] = []
         try:
             for prompt in prompts:
                 for i in range(request.n):
-                    choice_kwargs = kwargs if not i or request.seed is None else {**kwargs, "seed": request.seed + i}
+                    choice_kwargs = kwargs if request.seed is None else {**kwargs, "seed": choice_seed(request.seed, i)}
                     streams.append(await self.llm.submit(prompt, chat_template=chat_template, **choice_kwargs))
         except Exception as exc:
             _close_all(streams)
@@ -145,16 +158,32 @@ class OpenAIServing:
             raise
         return streams
 
+    def _check_unknown(self, request: SamplingRequest) -> None:
+        """Refuse (``reject_unknown_fields``) or log the body's unknown fields.
+
+        Raises:
+            APIError: 400 naming them, when refused.
+        """
+        unknown = request.unknown_fields()
+        if not unknown:
+            return
+        if self.reject_unknown_fields:
+            names = ", ".join(unknown)
+            raise APIError(400, f"Unrecognized request argument supplied: {names}", param=unknown[0])
+        for name in unknown:
+            if name not in self._warned_fields and len(self._warned_fields) < MAX_WARNED_FIELDS:
+                self._warned_fields.add(name)
+                log.warning("unknown request field ignored (logged once per name)", field=name)
+
     async def _respond(
         self, kind: Kind, request: SamplingRequest, prompts: list[Prompt], chat_template: bool
     ) -> dict[str, Any]:
         streams = await self._submit(request, prompts, chat_template)
         try:
-            results = await asyncio.gather(*(_drain(s) for s in streams), return_exceptions=True)
-            texts = [r for r in results if isinstance(r, str)]
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise from_exception(result, request.field_name) from result
+            # One task group: the first choice that fails cancels the others (their streams abort).
+            texts = await gather([functools.partial(_drain, s) for s in streams])
+        except Exception as exc:
+            raise from_exception(exc, request.field_name) from exc
         finally:
             _close_all(streams)  # aborts the others if one failed or this task was cancelled
             self._record(streams)
@@ -251,6 +280,12 @@ async def _merge(
     meanwhile go out as one chunk (fewer, larger messages through a proxy such as Ray Serve's);
     the first token is never held back. One stream (the usual ``n=1``) is read directly; several
     are pumped by one task each into a queue, cancelled when the consumer stops early.
+
+    Why the pumps are not in a task group: this is an async generator, and a task group (a cancel
+    scope) must not stay open across its ``yield``: the consumer runs scopes of its own between
+    chunks (the SSE transport waits on each chunk and on the server's shutdown in one), and anyio
+    refuses scopes that do not nest. The pumps hold no resources: each ends with its stream, which
+    every consumer closes (``ChunkStream.aclose``); ``finally`` cancels and awaits them all.
     """
     if len(streams) == 1:
         async for only in streams[0].deltas():  # the TokenStream coalesces what arrives while we sleep
