@@ -294,9 +294,7 @@ async def _out_of_memory_fails_only_that_request(llm, monkeypatch):
         raise torch.OutOfMemoryError("injected")
 
     with monkeypatch.context() as patch:
-        patch.setattr(llm.model, "forward", no_memory)
-        if llm.engine.fast_decoder is not None:
-            patch.setattr(llm.engine.fast_decoder, "step", no_memory)
+        patch.setattr(llm.engine.runner, "run", no_memory)
         with pytest.raises(GenerationError, match="OutOfMemoryError"):
             await llm.arun("Hello", max_tokens=5)
     assert await llm.arun("Hello", max_tokens=5)
