@@ -1,7 +1,7 @@
 """The transformers runner: any causal LM through its own forward.
 
 Prompts computed whole from nothing are padded or packed together as
-:func:`~async_llm.engine.planner.prefill_groups` finds cheapest; a chunk after a prefix runs alone,
+:func:`~async_llm.engine.runners.transformers_prefill.prefill_groups` finds cheapest; a chunk after a prefix runs alone,
 with the prefix passed as the model's cache; the decode step runs the model over the batch's buffer
 (:class:`~async_llm.engine.batch.PaddedKVCache`). What the model allows is checked on it when the
 engine starts (:meth:`TransformersRunner.prepare`): models where a prefill after a prefix does not
@@ -16,9 +16,14 @@ import torch
 
 from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, probe_batch
-from async_llm.engine.planner import prefill_groups
 from async_llm.engine.prefill import Forward, Items, PrefillState, materialize
-from async_llm.engine.runners.transformers_prefill import forward_packed, forward_padded, forward_resume, sliding
+from async_llm.engine.runners.transformers_prefill import (
+    forward_packed,
+    forward_padded,
+    forward_resume,
+    prefill_groups,
+    sliding,
+)
 from async_llm.engine.start_checks import remembered
 from async_llm.log import get_logger
 
