@@ -31,6 +31,7 @@ from async_llm.engine.request import Request
 from async_llm.engine.runners import ModelRunner, select_runner
 from async_llm.engine.runners.transformers import TransformersRunner
 from async_llm.engine.scheduler import Scheduler
+from async_llm.engine.start_checks import CheckStore
 from async_llm.engine.update import StepUpdate
 from async_llm.engine.worker import Worker
 from async_llm.errors import GenerationError, RequestAbortedError
@@ -50,10 +51,17 @@ class Engine(StepUpdate, Worker):
         owns_model: The library loaded ``model`` itself: the fast runner may then share its fused
             weights with the model's modules instead of holding copies (a model passed in by the
             caller is never changed).
+        checks: The verdicts of the start-up checks kept for the model's files (its loader's),
+            or None to check every time.
     """
 
     def __init__(
-        self, model: Any, pad_token_id: int, config: EngineConfig | None = None, owns_model: bool = False
+        self,
+        model: Any,
+        pad_token_id: int,
+        config: EngineConfig | None = None,
+        owns_model: bool = False,
+        checks: CheckStore | None = None,
     ) -> None:
         config = config if config is not None else EngineConfig()
         self.config = config
@@ -62,6 +70,7 @@ class Engine(StepUpdate, Worker):
         )
         self.model = model
         self.owns_model = owns_model
+        self.checks = checks
         self.pad_token_id = pad_token_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_kwarg = cache_kwarg(model)
@@ -124,6 +133,7 @@ class Engine(StepUpdate, Worker):
             owned=self.owns_model,
             overhead_tokens=self.prefill_overhead_tokens,
             pair_cost=attention_pair_cost(self.model),
+            checks=self.checks,
         )
         self.prefiller.can_resume = self.runner.can_resume
         # With a fused runner a chunk rides along with the decode step; a forward of its own costs

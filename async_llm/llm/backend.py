@@ -14,6 +14,7 @@ import torch
 from async_llm.engine.beam import BeamRunner
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
+from async_llm.engine.start_checks import CheckStore
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
 from async_llm.llm.frontend import Sinks
@@ -37,6 +38,8 @@ class Backend:
         pad_token_id: int | None,
         eos_token_id: Any,
         config: EngineConfig,
+        owned: bool = False,
+        checks: CheckStore | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         eos = _ids(eos_token_id)
@@ -48,7 +51,7 @@ class Backend:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, config)
+        self.engine = Engine(model, pad_token_id, config, owns_model=owned, checks=checks)
         self.grammars = GrammarCompiler(tokenizer, self.engine.vocab_size)
         # A token's text and bytes, for logprobs (as OpenAI shows them: special tokens included).
         self.token_text: Callable[[int], tuple[str, list[int]]] = functools.lru_cache(maxsize=1 << 16)(self._token_text)

@@ -148,10 +148,12 @@ class HuggingFaceLLM(BaseLLM):
         self.bos_token_id = bos_token_id
         if model is None:
             self.model_id = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
-            model, tokenizer = run_in_own_thread(self._options.load, model_id)
+            model, tokenizer, checks = run_in_own_thread(self._options.load, model_id)
+            owned = True
         elif tokenizer is None:
             raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
         else:
+            checks, owned = None, False
             self.model_id = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
             if device is not None:  # an explicit device is honoured for a model passed in too
                 if getattr(model, "hf_device_map", None):
@@ -159,7 +161,9 @@ class HuggingFaceLLM(BaseLLM):
                         "device", "the model is dispatched over devices (hf_device_map): pass device=None"
                     )
                 model = model.to(device_)
-        self._backend = Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, self._engine_config)
+        self._backend = Backend(
+            model.eval(), tokenizer, pad_token_id, eos_token_id, self._engine_config, owned=owned, checks=checks
+        )
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
         log.info("model loaded", model=self.model_id, device=str(self.device), max_batch_size=max_batch_size)
@@ -510,9 +514,9 @@ class HuggingFaceLLM(BaseLLM):
     def set_model_name(self, model_name: str) -> None:
         """Load ``model_name`` (hub id, folder or .gguf) the same way as the current model and serve
         it from now on; requests already queued finish on the old model, which is then released."""
-        model, tokenizer = run_in_own_thread(self._options.load, model_name)
+        model, tokenizer, checks = run_in_own_thread(self._options.load, model_name)
         old = self._backend
-        self._backend = Backend(model, tokenizer, *self._token_ids, self._engine_config)
+        self._backend = Backend(model, tokenizer, *self._token_ids, self._engine_config, owned=True, checks=checks)
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)

@@ -68,8 +68,8 @@ def _versions() -> dict[str, str]:
 
 
 class CheckCache:
-    """The check store the engine finds on a model loaded from files (see
-    ``async_llm.engine.start_checks.CHECK_STORE_ATTR``).
+    """The check store the loader hands the engine with a model loaded from files (see
+    ``async_llm.engine.start_checks.CheckStore``).
 
     Args:
         identity: The model files' identity (:func:`folder_identity`) and the load options that change

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from async_llm.engine.batch import PaddedBatch
     from async_llm.engine.prefill import Forward, Items
+    from async_llm.engine.start_checks import CheckStore
 
 log = get_logger("async_llm.engine.runners")
 
@@ -68,6 +69,7 @@ def select_runner(
     owned: bool,
     overhead_tokens: float,
     pair_cost: float,
+    checks: CheckStore | None = None,
 ) -> ModelRunner:
     """The runner for ``model``: the fast one where it applies (checked on the model), else the
     transformers one (its own checks run then). Runs the model: call it on the engine's thread."""
@@ -77,10 +79,10 @@ def select_runner(
 
     why: str | None = "fast_path=False"
     if fast_path:
-        decoder, why = prepare(model, pad_token_id, cache_kwarg, batch_hint=batch_hint, owned=owned)
+        decoder, why = prepare(model, pad_token_id, cache_kwarg, batch_hint=batch_hint, owned=owned, checks=checks)
         if decoder is not None:
             return FastRunner(decoder)
     log.info("fast runner off; running the transformers forward", reason=why)
-    runner = TransformersRunner(model, cache_kwarg, pad_token_id, overhead_tokens, pair_cost)
+    runner = TransformersRunner(model, cache_kwarg, pad_token_id, overhead_tokens, pair_cost, checks)
     runner.prepare()
     return runner

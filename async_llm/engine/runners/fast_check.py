@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicCache
 
 from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, layer_kv, probe_batch
 from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
-from async_llm.engine.start_checks import remembered
+from async_llm.engine.start_checks import CheckStore, remembered
 
 #: Architectures whose decoder layers are the Llama layer (RMSNorm, rotary q/k, SiLU-gated MLP);
 #: Qwen3 adds per-head q/k norms, Qwen2 biases on q/k/v.
@@ -59,7 +59,12 @@ def unsupported_reason(model: Any) -> str | None:
 
 
 def prepare(
-    model: Any, pad_token_id: int, cache_name: str, batch_hint: int = 16, owned: bool = False
+    model: Any,
+    pad_token_id: int,
+    cache_name: str,
+    batch_hint: int = 16,
+    owned: bool = False,
+    checks: CheckStore | None = None,
 ) -> tuple[FastDecoder | None, str | None]:
     """Build the fast step for ``model`` and check it against the plain transformers step.
 
@@ -69,6 +74,7 @@ def prepare(
         cache_name: The keyword the model's forward takes its cache by (see ``model_api.cache_kwarg``).
         batch_hint: Batch size the prepacked products are tuned for.
         owned: Whether the library loaded ``model`` (see :class:`FastDecoder`).
+        checks: Verdicts kept for the model's files (see :mod:`async_llm.engine.start_checks`).
 
     Returns:
         ``(decoder, None)`` when the fast step applies, else ``(None, why)``.
@@ -87,7 +93,7 @@ def prepare(
         return None
 
     context = {"pad_token_id": str(pad_token_id), "cache_kwarg": cache_name, "batch_hint": str(batch_hint)}
-    reason = remembered(model, "fast_decode", context, check, valid=lambda v: v is None or isinstance(v, str))
+    reason = remembered(checks, model, "fast_decode", context, check, valid=lambda v: v is None or isinstance(v, str))
     if reason is not None:
         return None, reason
     return decoder if decoder is not None else FastDecoder(model, batch_hint, owned), None

@@ -24,7 +24,7 @@ from async_llm.engine.runners.transformers_prefill import (
     prefill_groups,
     sliding,
 )
-from async_llm.engine.start_checks import remembered
+from async_llm.engine.start_checks import CheckStore, remembered
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.runners.transformers")
@@ -42,14 +42,22 @@ class TransformersRunner:
         cache_kwarg: The keyword its forward takes a cache by (``model_api.cache_kwarg``).
         pad_token_id: Padding id of padded prefills.
         overhead_tokens, pair_cost: The prefill cost model (see :func:`prefill_groups`).
+        checks: Verdicts of the start-up checks kept for the model's files, or None.
     """
 
     name = "transformers"
     fused = False  # a chunk is a forward of its own
 
     def __init__(
-        self, model: Any, cache_kwarg: str, pad_token_id: int, overhead_tokens: float, pair_cost: float
+        self,
+        model: Any,
+        cache_kwarg: str,
+        pad_token_id: int,
+        overhead_tokens: float,
+        pair_cost: float,
+        checks: CheckStore | None = None,
     ) -> None:
+        self.checks = checks
         self.model = model
         self.cache_kwarg = cache_kwarg
         self.pad_token_id = pad_token_id
@@ -64,12 +72,18 @@ class TransformersRunner:
         after a prefix (verdicts kept for models loaded from files)."""
         context = {"pad_token_id": str(self.pad_token_id), "cache_kwarg": self.cache_kwarg}
         self.can_pack = remembered(
-            self.model, "packed_prefill", context, self._packing_agrees, valid=lambda v: isinstance(v, bool)
+            self.checks,
+            self.model,
+            "packed_prefill",
+            context,
+            self._packing_agrees,
+            valid=lambda v: isinstance(v, bool),
         )
         why = (
             "sliding-window attention layers"
             if sliding(self.model)
             else remembered(
+                self.checks,
                 self.model,
                 "prefill_resume",
                 context,
