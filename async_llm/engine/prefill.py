@@ -115,7 +115,7 @@ class Prefiller:
             state.prefix = hit
         else:
             hit.copy_into(state.kv)
-        cache.hit_tokens += hit.tokens - state.cached
+        cache.record_hit(hit.tokens - state.cached)
         state.done = state.cached = hit.tokens
 
     def drop(self, requests: Iterable[Request]) -> None:
