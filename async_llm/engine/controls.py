@@ -5,7 +5,8 @@ A row without controls costs nothing here: only the rows whose request carries a
 :class:`RowControls` are touched, each with one indexed write of the ``[B, V]`` logits, and the
 grammar rows' masks are filled by llguidance (in parallel, off the GIL) into one ``[k, V/32]``
 bitmask applied in one vectorised op. The masks come from the front end's compiled grammars
-(``async_llm.llm.controls``, which the engine never imports); the engine only advances each row's matcher with its token.
+(``async_llm.llm.controls``, which the engine never imports); the engine only advances each row's
+matcher with its token.
 
 Everything here runs on the engine thread. A control that fails (a raising processor, a matcher
 error, a row with no token left) fails only its row's request.
