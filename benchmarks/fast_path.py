@@ -35,7 +35,7 @@ def _run(model: str | None, fast: bool, bursts: list[int], new_tokens: int) -> d
 
     async def main() -> dict[int, tuple[float, list[list[int]]]]:
         async with HuggingFaceLLM(model, fast_path=fast, max_batch_size=64) as llm:
-            assert (llm.engine.fast_decoder is not None) == fast
+            assert (llm.engine.runner.name == "fast") == fast
             await _burst(llm, 4, 8)  # warm-up
             return {b: await _burst(llm, b, new_tokens) for b in bursts}
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-import async_llm.engine.core as engine_module
+import async_llm.engine.sampler as sampler_module
 from async_llm import HuggingFaceLLM
 from async_llm.bench import roofline
 from async_llm.bench.workloads import RequestSpec, burst_workload, mixed_workload
@@ -69,8 +69,8 @@ def instrument(llm: HuggingFaceLLM) -> None:
 
     model.forward = model_forward
     engine.ready.wait()  # the fast step is built as the engine starts
-    if engine.fast_decoder is not None:
-        decoder = engine.fast_decoder
+    if engine.runner.name == "fast":
+        decoder = engine.runner.decoder  # type: ignore[attr-defined]
         step = decoder.step
         kinds = {
             name: timed(name, step) for name in ("fast decode step", "fast prefill", "fast decode step with chunks")
@@ -88,13 +88,13 @@ def instrument(llm: HuggingFaceLLM) -> None:
 
         decoder.step = fast_step  # type: ignore[method-assign]
     # (Not _iteration: it includes the idle wait for work.)
-    for name in ("_step", "_join", "_decode", "_update", "_apply_aborts"):
+    for name in ("_step", "_run_forward", "_join", "_sample_rows", "_update", "_apply_aborts"):
         setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))
     batch = engine.batch
     for name in ("decode_inputs", "advance", "remove", "add"):
         setattr(batch, name, timed(f"batch.{name}", getattr(batch, name)))
-    engine_module.sample = timed("sampling.sample", engine_module.sample)
-    engine_module.apply_penalties = timed("sampling.apply_penalties", engine_module.apply_penalties)
+    sampler_module.sample = timed("sampling.sample", sampler_module.sample)
+    sampler_module.apply_penalties = timed("sampling.apply_penalties", sampler_module.apply_penalties)
     StepOutputs.flush = timed("StepOutputs.flush", StepOutputs.flush)
 
 

@@ -109,7 +109,7 @@ async def llm(tiny_model, tiny_tokenizer) -> AsyncIterator[HuggingFaceLLM]:
     """A fresh engine over the shared tiny model (greedy, short outputs by default), decoding with
     the fast step (the default where it applies, as for this Llama)."""
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=24) as instance:
-        assert instance.engine.fast_decoder is not None
+        assert instance.engine.runner.name == "fast"
         yield instance
 
 
@@ -120,7 +120,7 @@ async def plain_llm(tiny_model, tiny_tokenizer) -> AsyncIterator[HuggingFaceLLM]
     async with HuggingFaceLLM(
         model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=24, fast_path=False
     ) as instance:
-        assert instance.engine.fast_decoder is None
+        assert instance.engine.runner.name == "transformers"
         yield instance
 
 

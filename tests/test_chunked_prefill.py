@@ -18,13 +18,14 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 12  # ~150 tokens of th
 def _record_chunks(llm, monkeypatch) -> list[list[int]]:
     """Tokens of each prefill forward the engine runs from now on (one list per forward)."""
     forwards: list[list[int]] = []
-    run = llm.engine.prefiller.run
+    complete = llm.engine.prefiller.complete
 
-    def recording(work, *args):
-        forwards.append([n for _, n in work.items])
-        return run(work, *args)
+    def recording(forward):
+        if forward.items:
+            forwards.append([n for _, n in forward.items])
+        return complete(forward)
 
-    monkeypatch.setattr(llm.engine.prefiller, "run", recording)
+    monkeypatch.setattr(llm.engine.prefiller, "complete", recording)
     return forwards
 
 
@@ -69,16 +70,16 @@ async def test_cancelling_a_chunked_prefill_midway_frees_everything(fast_path, t
         running = await llm.submit("Hi", chat_template=False, max_tokens=400, ignore_eos=True)
         await running.__anext__()
         prefiller = llm.engine.prefiller
-        run, chunks_done, resume = prefiller.run, threading.Event(), threading.Event()
+        complete, chunks_done, resume = prefiller.complete, threading.Event(), threading.Event()
 
-        def gated(work, *args):
-            out = run(work, *args)
+        def gated(forward):
+            out = complete(forward)
             if len([s for s in prefiller.states if s.started]) and not chunks_done.is_set():
                 chunks_done.set()
                 resume.wait(10)  # hold the engine until the test has cancelled
             return out
 
-        monkeypatch.setattr(prefiller, "run", gated)
+        monkeypatch.setattr(prefiller, "complete", gated)
         long = await llm.submit(LONG, chat_template=False, max_tokens=8, ignore_eos=True)
         with anyio.fail_after(10):
             while not chunks_done.is_set():
@@ -103,14 +104,15 @@ async def test_a_chunked_prompt_leaves_its_blocks_in_the_cache_as_it_goes(tiny_m
         running = await llm.submit("Hi", chat_template=False, max_tokens=400, ignore_eos=True)
         await running.__anext__()
         sizes = []
-        run = llm.engine.prefiller.run
+        complete = llm.engine.prefiller.complete
 
-        def recording(work, *args):
-            out = run(work, *args)
-            sizes.append(llm.engine.prefix_cache.bytes)
+        def recording(forward):
+            out = complete(forward)
+            if forward.items:
+                sizes.append(llm.engine.prefix_cache.bytes)
             return out
 
-        monkeypatch.setattr(llm.engine.prefiller, "run", recording)
+        monkeypatch.setattr(llm.engine.prefiller, "complete", recording)
         await llm.acomplete(LONG, chat_template=False, max_tokens=2, ignore_eos=True)
         await running.aclose()
     assert len(sizes) >= 3 and sizes == sorted(sizes) and 0 < sizes[0] < sizes[-2]

@@ -160,11 +160,6 @@ def test_the_commands_modules_parse_arguments_without_importing_the_library() ->
     assert _heavy_imports(WITHOUT_PACKAGE_INIT) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="async_llm/__init__.py imports HuggingFaceLLM (torch, transformers) for `import async_llm`, which "
-    "`import async_llm.cli` runs first; its names must be imported lazily (module __getattr__) for this to pass",
-)
 def test_help_and_bad_arguments_import_no_torch() -> None:
     assert _heavy_imports("") == []
 

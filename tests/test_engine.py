@@ -38,16 +38,16 @@ def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", recording)
-    fast = llm.engine.fast_decoder
-    if fast is not None:  # the fast prefill packs its prompts along one axis: record it as [1, T]
-        step = fast.step
+    runner = llm.engine.runner
+    if runner.name == "fast":  # the fast prefill packs its prompts along one axis: record it as [1, T]
+        step = runner.decoder.step
 
         def recording_fast(rows, chunks):
             if chunks:
                 shapes.append((1, sum(len(c.ids) for c in chunks)))
             return step(rows, chunks)
 
-        monkeypatch.setattr(fast, "step", recording_fast)
+        monkeypatch.setattr(runner.decoder, "step", recording_fast)
     return shapes
 
 
@@ -55,7 +55,7 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
     """Prompts admitted together are packed into one sequence (block-diagonal mask, positions from 0
     for each, no padding) when the cost model says so; greedy answers equal generate's, with a
     shared prompt (n=2) and a penalised request among them."""
-    assert llm.engine.prefiller.can_pack
+    assert llm.engine.runner.name == "fast"  # it always packs
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "a", "word " * 30, "日本語 🎉"]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
@@ -85,7 +85,7 @@ async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tin
 async def test_without_packing_short_and_long_prompts_get_separate_padded_prefills(plain_llm, tiny_model, monkeypatch):
     """The transformers prefill of a model that cannot pack splits prompts by length."""
     llm = plain_llm
-    monkeypatch.setattr(llm.engine.prefiller, "can_pack", False)
+    monkeypatch.setattr(llm.engine.runner, "can_pack", False)
     shapes = _record_prefills(llm, monkeypatch)
     prompts = ["Hi", "word " * 150, "Hey", "word " * 150]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
@@ -236,22 +236,18 @@ async def test_concurrent_streams_interleave(llm):
 def _record_forward_threads(llm, monkeypatch) -> set[threading.Thread]:
     """The threads that run the model's forwards from now on (the fast step's and transformers')."""
     threads: set[threading.Thread] = set()
-    forward = llm.model.forward
+    forward, run = llm.model.forward, llm.engine.runner.run
 
     def recording(*args, **kwargs):
         threads.add(threading.current_thread())
         return forward(*args, **kwargs)
 
+    def recording_run(*args, **kwargs):  # every forward of either runner goes through its run
+        threads.add(threading.current_thread())
+        return run(*args, **kwargs)
+
     monkeypatch.setattr(llm.model, "forward", recording)
-    fast = llm.engine.fast_decoder
-    if fast is not None:  # its decode and prefill go through step
-        step = fast.step
-
-        def recording_step(rows, chunks):
-            threads.add(threading.current_thread())
-            return step(rows, chunks)
-
-        monkeypatch.setattr(fast, "step", recording_step)
+    monkeypatch.setattr(llm.engine.runner, "run", recording_run)
     return threads
 
 
@@ -348,10 +344,10 @@ def test_packing_is_used_only_where_it_gives_the_padded_logits(tiny_model, tiny_
                 return forward(*args, **kwargs)
 
             monkeypatch.setattr(tiny_model, "forward", no_custom_mask)
-        llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu")
+        llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", fast_path=False)
         try:
             assert llm.engine.ready.wait(30)  # the check runs on the engine's thread as it starts
-            engine_checks.append(llm.engine.prefiller.can_pack)
+            engine_checks.append(llm.engine.runner.can_pack)
         finally:
             llm.close()
     assert engine_checks == [True, False]

@@ -14,8 +14,8 @@ import torch
 import transformers
 
 from async_llm import GenerationError, HuggingFaceLLM
-from async_llm.engine import fast_decode
 from async_llm.engine.model_api import cache_kwarg
+from async_llm.engine.runners import fast_check, fast_forward
 from tests.conftest import PROMPTS, admitted_together, reference_ids
 
 SMALL = dict(
@@ -72,9 +72,9 @@ async def _greedy(model, tokenizer, fast_path: bool) -> tuple[list[list[int]], H
 async def test_fast_step_gives_the_plain_steps_and_generates_greedy_tokens(name, tiny_tokenizer):
     model = FAST[name]()
     fast, fast_llm = await _greedy(model, tiny_tokenizer, fast_path=True)
-    assert fast_llm.engine.fast_decoder is not None, f"{name} should take the fast step"
+    assert fast_llm.engine.runner.name == "fast", f"{name} should take the fast step"
     plain, plain_llm = await _greedy(model, tiny_tokenizer, fast_path=False)
-    assert plain_llm.engine.fast_decoder is None
+    assert plain_llm.engine.runner.name != "fast"
     assert fast == plain
     for prompt, ids in zip(PROMPTS, fast):
         expected = reference_ids(model, tiny_tokenizer(prompt).input_ids, 16)  # generate stops at eos
@@ -85,9 +85,9 @@ async def test_fast_step_gives_the_plain_steps_and_generates_greedy_tokens(name,
 def test_logits_agree_within_float32_reassociation(name):
     """The start-up check's measure: fast against plain next-token logits, relative to the largest."""
     model = FAST[name]()
-    decoder = fast_decode.FastDecoder(model)
+    decoder = fast_forward.FastDecoder(model)
     with torch.inference_mode():
-        difference = fast_decode._difference(decoder, model, 0, "cache")
+        difference = fast_check._difference(decoder, model, 0, "cache")
     assert difference < 1e-5
 
 
@@ -96,9 +96,9 @@ async def test_other_models_decode_with_transformers_and_say_why(name, tiny_toke
     caplog.set_level(logging.INFO, logger="async_llm")
     model = PLAIN[name]()
     ids, llm = await _greedy(model, tiny_tokenizer, fast_path=True)
-    assert llm.engine.fast_decoder is None
+    assert llm.engine.runner.name != "fast"
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
-    off = [e for e in events if e["event"].startswith("fast decode step off")]
+    off = [e for e in events if e["event"].startswith("fast runner off")]
     assert len(off) == 1 and off[0]["reason"]
     for prompt, got in zip(PROMPTS, ids):
         assert got == reference_ids(model, tiny_tokenizer(prompt).input_ids, 16)[: len(got)]
@@ -109,37 +109,40 @@ async def test_fast_path_false_is_said_once(tiny_model, tiny_tokenizer, caplog):
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, fast_path=False):
         pass
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
-    assert [e["reason"] for e in events if e["event"].startswith("fast decode step off")] == ["fast_path=False"]
+    assert [e["reason"] for e in events if e["event"].startswith("fast runner off")] == ["fast_path=False"]
 
 
 async def test_a_failing_fast_step_fails_its_rows_and_the_engine_keeps_serving(llm, monkeypatch):
-    decoder = llm.engine.fast_decoder
-    decode = decoder.decode
+    """The fast forward fails in a decode step (its prefill went through): the rows fail."""
+    decoder = llm.engine.runner.decoder  # type: ignore[attr-defined]
+    step = decoder.step
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected fault")
+    def broken(rows, chunks):
+        if rows is not None:
+            raise RuntimeError("injected fault")
+        return step(rows, chunks)
 
-    monkeypatch.setattr(decoder, "decode", broken)
+    monkeypatch.setattr(decoder, "step", broken)
     with pytest.raises(GenerationError, match="injected fault"):
         await llm.arun("Hello", max_tokens=8, ignore_eos=True)
-    monkeypatch.setattr(decoder, "decode", decode)
+    monkeypatch.setattr(decoder, "step", step)
     stats = llm.stats()
     assert stats["num_failed"] == 1 and stats["num_running"] == 0
     assert await llm.arun("Hello", max_tokens=5)
 
 
 async def test_out_of_memory_in_the_fast_step_splits_the_batch_and_all_finish_exactly(llm, tiny_model, monkeypatch):
-    decoder = llm.engine.fast_decoder
-    decode = decoder.decode
+    decoder = llm.engine.runner.decoder  # type: ignore[attr-defined]
+    step = decoder.step
     ooms = {"n": 0}
 
-    def small_device(input_ids, *args, **kwargs):
-        if input_ids.shape[0] > 2:
+    def small_device(rows, chunks):
+        if rows is not None and rows.input_ids.shape[0] > 2:
             ooms["n"] += 1
             raise torch.OutOfMemoryError("injected: KV cache does not fit")
-        return decode(input_ids, *args, **kwargs)
+        return step(rows, chunks)
 
-    monkeypatch.setattr(decoder, "decode", small_device)
+    monkeypatch.setattr(decoder, "step", small_device)
     await _all_finish_exactly(llm, tiny_model, ooms, max_tokens=20)
 
 
@@ -160,10 +163,10 @@ async def _all_finish_exactly(llm, model, ooms: dict[str, int], max_tokens: int)
 
 async def test_the_fast_step_follows_the_model_to_its_device(llm):
     """set_device rebuilds the fast step over the moved weights (here the same device)."""
-    before = llm.engine.fast_decoder
+    before = llm.engine.runner
     expected = await llm.arun("Hello", max_tokens=8)
     await llm.aset_device("cpu")
-    assert llm.engine.fast_decoder is not None and llm.engine.fast_decoder is not before
+    assert llm.engine.runner.name == "fast" and llm.engine.runner is not before
     assert await llm.arun("Hello", max_tokens=8) == expected
 
 
@@ -173,17 +176,17 @@ def test_fast_prefill_gives_the_transformers_prefill(name):
     buffer already holds: each prompt's last logits and its keys and values equal a transformers
     forward of that prompt alone."""
     model = FAST[name]()
-    decoder = fast_decode.FastDecoder(model)
+    decoder = fast_forward.FastDecoder(model)
     prompts = [tuple(range(3, 4)), tuple(range(5, 12)), tuple(range(20, 50))]
     buffers = [decoder.new_kv(len(p)) for p in prompts]
     with torch.inference_mode():
-        first = decoder.prefill([fast_decode.Chunk(prompts[2][:13], buffers[2], logits=False)])
+        first = decoder.prefill([fast_forward.Chunk(prompts[2][:13], buffers[2], logits=False)])
         assert first.shape[0] == 0  # no logits wanted
         logits = decoder.prefill(
             [
-                fast_decode.Chunk(prompts[0], buffers[0]),
-                fast_decode.Chunk(prompts[1], buffers[1]),
-                fast_decode.Chunk(prompts[2][13:], buffers[2], start=13),
+                fast_forward.Chunk(prompts[0], buffers[0]),
+                fast_forward.Chunk(prompts[1], buffers[1]),
+                fast_forward.Chunk(prompts[2][13:], buffers[2], start=13),
             ]
         )
         for i, prompt in enumerate(prompts):
@@ -200,20 +203,20 @@ async def test_a_fast_prefill_that_disagrees_keeps_the_transformers_steps(
     tiny_model, tiny_tokenizer, monkeypatch, caplog
 ):
     caplog.set_level(logging.INFO, logger="async_llm")
-    prefill = fast_decode.FastDecoder.prefill
+    prefill = fast_forward.FastDecoder.prefill
 
     def off_by_one(self, chunks):
         return prefill(self, chunks) + 1.0
 
-    monkeypatch.setattr(fast_decode.FastDecoder, "prefill", off_by_one)
+    monkeypatch.setattr(fast_forward.FastDecoder, "prefill", off_by_one)
     async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, fast_path=True) as llm:
-        assert llm.engine.fast_decoder is None
+        assert llm.engine.runner.name != "fast"
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("async_llm")]
-    assert any("differ" in e.get("reason", "") for e in events if e["event"].startswith("fast decode step off"))
+    assert any("differ" in e.get("reason", "") for e in events if e["event"].startswith("fast runner off"))
 
 
 async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish_exactly(llm, tiny_model, monkeypatch):
-    decoder = llm.engine.fast_decoder
+    decoder = llm.engine.runner.decoder  # type: ignore[attr-defined]
     step = decoder.step
     ooms = {"n": 0}
 

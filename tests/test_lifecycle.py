@@ -77,8 +77,18 @@ async def test_full_queue_raises_at_once_and_accepted_requests_finish(tiny_model
         assert llm.stats()["num_finished"] == len(served)
 
 
-async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(plain_llm, monkeypatch):
-    original = plain_llm.model.forward
+async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
+    await _forward_error_fails_only_that_step(llm, monkeypatch)
+
+
+async def test_transformers_forward_error_fails_only_that_step_and_engine_keeps_serving(plain_llm, monkeypatch):
+    await _forward_error_fails_only_that_step(plain_llm, monkeypatch)
+
+
+async def _forward_error_fails_only_that_step(llm, monkeypatch):
+    """A fault injected at the runner seam (its third forward, a decode step) fails the request it
+    ran, with either runner; the engine keeps serving."""
+    original = llm.engine.runner.run
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -87,12 +97,12 @@ async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(plain
             raise RuntimeError("injected fault")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(plain_llm.model, "forward", flaky)
+    monkeypatch.setattr(llm.engine.runner, "run", flaky)
     with pytest.raises(GenerationError, match="injected fault"):
-        await plain_llm.arun("Hello", **LONG)
-    monkeypatch.setattr(plain_llm.model, "forward", original)
-    assert plain_llm.stats()["num_failed"] == 1 and plain_llm.stats()["num_running"] == 0
-    assert await plain_llm.arun("Hello", max_tokens=5)
+        await llm.arun("Hello", **LONG)
+    monkeypatch.setattr(llm.engine.runner, "run", original)
+    assert llm.stats()["num_failed"] == 1 and llm.stats()["num_running"] == 0
+    assert await llm.arun("Hello", max_tokens=5)
 
 
 async def test_close_fails_pending_requests_and_leaves_no_thread(tiny_model, tiny_tokenizer):
@@ -254,16 +264,16 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_e
 ):
     """A KV-cache OOM preempts the newest half of the rows; they resume by recomputing their cache."""
 
-    forward = plain_llm.model.forward
+    run = plain_llm.engine.runner.run
     ooms = {"n": 0}
 
-    def small_device(*args, **kwargs):
-        if kwargs["input_ids"].shape[0] > 2:
+    def small_device(forward, batch):
+        if len(forward.items) > 2 or (forward.decode and batch.size > 2):
             ooms["n"] += 1
             raise torch.OutOfMemoryError("injected: KV cache does not fit")
-        return forward(*args, **kwargs)
+        return run(forward, batch)
 
-    monkeypatch.setattr(plain_llm.model, "forward", small_device)
+    monkeypatch.setattr(plain_llm.engine.runner, "run", small_device)
     prompts = ["Hello", "The quick brown fox", "日本語 🎉", "def hello(name):", "What is the capital of France?"]
     with anyio.fail_after(60):
         results = await asyncio.gather(
@@ -294,9 +304,7 @@ async def _out_of_memory_fails_only_that_request(llm, monkeypatch):
         raise torch.OutOfMemoryError("injected")
 
     with monkeypatch.context() as patch:
-        patch.setattr(llm.model, "forward", no_memory)
-        if llm.engine.fast_decoder is not None:
-            patch.setattr(llm.engine.fast_decoder, "step", no_memory)
+        patch.setattr(llm.engine.runner, "run", no_memory)
         with pytest.raises(GenerationError, match="OutOfMemoryError"):
             await llm.arun("Hello", max_tokens=5)
     assert await llm.arun("Hello", max_tokens=5)

@@ -30,7 +30,7 @@ import pytest
 
 import async_llm
 from async_llm import HuggingFaceLLM, ModelNotAvailableError, cli
-from async_llm.engine import fast_decode
+from async_llm.engine.runners import fast_check
 from async_llm.loading import gguf
 from async_llm.loading.check_cache import CheckCache
 from async_llm.loading.loading import resolve_model_path
@@ -387,15 +387,15 @@ def test_cli_loading_line_is_whole_when_logs_are_shown(
 
 @pytest.fixture
 def check_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the fast step's check forwards (``fast_decode._difference``)."""
+    """Counts the fast step's check forwards (``fast_check._difference``)."""
     runs: list[int] = []
-    real = fast_decode._difference
+    real = fast_check._difference
 
     def counted(*args: Any, **kwargs: Any) -> float:
         runs.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fast_decode, "_difference", counted)
+    monkeypatch.setattr(fast_check, "_difference", counted)
     return runs
 
 
@@ -420,12 +420,12 @@ def _verdict_files(cache_dir: Path, check: str = "fast_decode") -> list[Path]:
 
 def test_check_verdict_is_stored_and_reused(tiny_model_dir: Path, cache_dir: Path, check_runs: list[int]) -> None:
     with _started(model_id=str(tiny_model_dir)) as first:
-        assert first.engine.fast_decoder is not None
+        assert first.engine.runner.name == "fast"
     assert len(check_runs) == 1
     (stored,) = _verdict_files(cache_dir)
     assert json.loads(stored.read_text())["verdict"] is None  # None: the fast step applies
     with _started(model_id=str(tiny_model_dir)) as second:
-        assert second.engine.fast_decoder is not None
+        assert second.engine.runner.name == "fast"
     assert len(check_runs) == 1  # the second start ran no check forward
 
 
@@ -435,7 +435,7 @@ def test_stored_refusal_is_honoured(tiny_model_dir: Path, cache_dir: Path, check
     record = json.loads(stored.read_text())
     stored.write_text(json.dumps({**record, "verdict": "refused in an earlier start"}))
     with _started(model_id=str(tiny_model_dir)) as llm:
-        assert llm.engine.fast_decoder is None
+        assert llm.engine.runner.name != "fast"
     assert len(check_runs) == 1
 
 
@@ -447,7 +447,7 @@ def test_corrupt_verdict_runs_the_check_again(
     (stored,) = _verdict_files(cache_dir)
     stored.write_text(garbage)
     with _started(model_id=str(tiny_model_dir)) as llm:
-        assert llm.engine.fast_decoder is not None
+        assert llm.engine.runner.name == "fast"
     assert len(check_runs) == 2
     assert json.loads(stored.read_text())["verdict"] is None  # rewritten
 
@@ -481,7 +481,7 @@ def test_unwritable_cache_only_costs_the_check(
     monkeypatch.setenv(gguf.CACHE_ENV_VAR, str(blocker))  # <file>/checks cannot be created
     for _ in range(2):
         with _started(model_id=str(tiny_model_dir)) as llm:
-            assert llm.engine.fast_decoder is not None
+            assert llm.engine.runner.name == "fast"
     assert len(check_runs) == 2
 
 

@@ -184,13 +184,10 @@ def test_waiting_prompts_share_a_chunk_budget_oldest_first():
     """The planner's budget goes to the oldest prompts first; a prompt that does not fit gets a chunk."""
     from async_llm.engine.prefill import Prefiller, PrefillState
 
-    prefiller = Prefiller(model=None, cache_kwarg="cache", pad_token_id=0, overhead_tokens=48, pair_cost=0.0,
-                          prefix_cache=None)  # fmt: skip
-    prefiller.can_resume, prefiller.fast = True, object()  # as with the fast step
+    prefiller = Prefiller(prefix_cache=None)
+    prefiller.can_resume = True  # as with the fast runner
     first, second, third = (PrefillState([], list(range(n))) for n in (6, 8, 5))
     prefiller.states = [first, second, third]
-    (work,) = prefiller.plan(10)
-    assert work.mode == "fast" and [(s, n) for s, n in work.items] == [(first, 6), (second, 4)]
+    assert prefiller.take(10) == [(first, 6), (second, 4)]
     prefiller.can_resume = False  # a model that cannot continue a prefill: whole prompts, at least one
-    works = prefiller.plan(3)
-    assert [n for w in works for _, n in w.items] == [6]
+    assert prefiller.take(3) == [(first, 6)]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from async_llm.engine.scheduler import prefill_groups
+from async_llm.engine.runners.transformers_prefill import prefill_groups
 
 
 def _group_cost(group: list[int], lengths: list[int], overhead: float, pair: float, packing: bool) -> float:

@@ -367,9 +367,7 @@ async def test_generation_failure_is_a_500_or_an_error_event(client, llm, monkey
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(llm.model, "forward", broken)
-    if llm.engine.fast_decoder is not None:
-        monkeypatch.setattr(llm.engine.fast_decoder, "step", broken)
+    monkeypatch.setattr(llm.engine.runner, "run", broken)
     with anyio.fail_after(20):
         with pytest.raises(openai.InternalServerError, match="injected fault"):
             await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)

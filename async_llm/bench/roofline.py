@@ -89,7 +89,7 @@ def matmul_limit(model: Any, batch: int, device: str, repeats: int = 3) -> tuple
     """
     import torch.nn.functional as F
 
-    from async_llm.engine.fast_decode import prepacked_linear
+    from async_llm.engine.runners.fast_linear import prepacked_linear
 
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = float(sum(2 * batch * w.shape[0] * w.shape[1] for w in weights))

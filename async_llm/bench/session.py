@@ -80,7 +80,7 @@ class Session:
 
     def run(self, workload: Workload, emit: Emit) -> None:
         """Run one workload and emit its figures (or the error that stopped it)."""
-        from async_llm.bench import roofline
+        import async_llm.bench.roofline as roofline
         from async_llm.bench.metrics import PeakMemory, summarise
 
         gc.collect()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from async_llm.engine.finish import finish_reason
 from async_llm.engine.output import FinishReason, StepOutputs
 from async_llm.engine.request import Request
 from async_llm.engine.scheduler import Scheduler
@@ -149,7 +150,7 @@ class BeamRunner(Worker):
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
-        eos = sorted(group[0].requests[0].eos_token_ids)
+        eos = sorted(group[0].requests[0].end_ids)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens,
             num_beams=params.num_beams,
@@ -185,18 +186,16 @@ class BeamRunner(Worker):
                 request, FinishReason.ABORT, out, RequestAbortedError(f"request {request.request_id} was aborted")
             )
             return
-        eos_at = next((i for i, t in enumerate(tokens) if t in request.eos_token_ids), None)
-        if eos_at is not None and not request.params.ignore_eos:
-            tokens = tokens[: eos_at + 1]  # generate pads finished beams after eos
-        reason = FinishReason.STOP if eos_at is not None and not request.params.ignore_eos else FinishReason.LENGTH
-        detok = request.detokenizer
+        # The engine's finish rule, token by token: generate pads finished beams after their end.
+        reason = FinishReason.LENGTH
         for token in tokens:
-            if token in request.eos_token_ids and not request.params.ignore_eos:
+            request.output_ids.append(token)
+            ended = finish_reason(request, token)
+            if ended is not None:
+                reason = ended
                 break
-            if detok.add_token(token):
-                reason = FinishReason.STOP
-                break
-        request.output_ids = tokens
+        tokens = request.output_ids
+        detok = request.detokenizer
         self.scheduler.record_tokens(len(tokens))
         self.scheduler.finish(request, reason)
         out.add(request, detok.take_delta(final=True), tokens, reason)

@@ -5,7 +5,8 @@ A row without controls costs nothing here: only the rows whose request carries a
 :class:`RowControls` are touched, each with one indexed write of the ``[B, V]`` logits, and the
 grammar rows' masks are filled by llguidance (in parallel, off the GIL) into one ``[k, V/32]``
 bitmask applied in one vectorised op. The masks come from the front end's compiled grammars
-(:mod:`async_llm.llm.structured`); the engine only advances each row's matcher with its token.
+(``async_llm.llm.controls``, which the engine never imports); the engine only advances each row's
+matcher with its token.
 
 Everything here runs on the engine thread. A control that fails (a raising processor, a matcher
 error, a row with no token left) fails only its row's request.
@@ -16,12 +17,22 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from async_llm.engine.request import Request
+
+class ControlledRow(Protocol):
+    """What the controls read of a row's request (an engine ``Request``)."""
+
+    @property
+    def controls(self) -> RowControls | None: ...
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+
+    @property
+    def output_ids(self) -> list[int]: ...
 
 
 @dataclass(eq=False)
@@ -71,7 +82,7 @@ class RowControls:
             self._allowed_mask = mask
         return self._allowed_mask
 
-    def process(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
+    def process(self, request: ControlledRow, logits: torch.Tensor) -> torch.Tensor:
         """Run the request's logits processors over its ``[V]`` logits."""
         for processor, arity in zip(self.processors, self._arity, strict=True):
             args = (request.output_ids, logits) if arity == 2 else (request.prompt_ids, request.output_ids, logits)
@@ -98,7 +109,7 @@ def _positional_arity(fn: Callable[..., Any]) -> int:
     return 3 if len(params) >= 3 else 2
 
 
-def apply_controls(logits: torch.Tensor, requests: Sequence[Request]) -> dict[int, BaseException]:
+def apply_controls(logits: torch.Tensor, requests: Sequence[ControlledRow]) -> dict[int, BaseException]:
     """Apply every row's controls to ``logits`` [B, V] in place.
 
     Returns:
@@ -199,7 +210,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return allowed.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
-def advance(requests: Sequence[Request], tokens: Sequence[int]) -> dict[int, BaseException | None]:
+def advance(requests: Sequence[ControlledRow], tokens: Sequence[int]) -> dict[int, BaseException | None]:
     """Feed each grammar row's matcher its sampled token.
 
     Returns:

@@ -16,7 +16,6 @@ from async_llm.engine.model_api import input_device
 from async_llm.engine.output import TokenLogprob
 
 if TYPE_CHECKING:
-    from async_llm.engine.output import StepOutputs
     from async_llm.engine.request import Request
 
 
@@ -70,22 +69,3 @@ def prompt_logprobs(model: Any, prompt_ids: list[int], k: int) -> list[TokenLogp
     for j, token in enumerate(prompt_ids[1:]):
         out.append(TokenLogprob(token, chosen[j], list(zip(indices[j], values[j], strict=True))))
     return out
-
-
-def send_prompt_logprobs(model: Any, requests: Sequence[Request], out: StepOutputs) -> dict[int, BaseException]:
-    """Add the prompt logprobs of the ``requests`` that ask for them to ``out`` (once per request, with
-    its first token).
-
-    Returns:
-        The requests (by position) whose forward failed: they fail, the others go on.
-    """
-    failures: dict[int, BaseException] = {}
-    for i, r in enumerate(requests):
-        if r.params.prompt_logprobs is None or r.prompt_logprobs_sent:
-            continue
-        try:
-            out.add(r, prompt_logprobs=prompt_logprobs(model, r.prompt_ids, r.params.prompt_logprobs))
-            r.prompt_logprobs_sent = True
-        except Exception as exc:  # noqa: BLE001  # fails this request only
-            failures[i] = exc
-    return failures

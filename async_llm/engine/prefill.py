@@ -1,47 +1,29 @@
-"""Prefill: admitted prompts computed into key/value buffers of their own, whole or in chunks, after
-the longest prefix the prefix cache holds.
+"""Prefill state: admitted prompts between admission and the batch, each computed into a key/value
+buffer of its own, whole or in chunks, after the longest prefix the prefix cache holds.
 
 Each distinct context being prefilled is a :class:`PrefillState` (the ``n`` rows of one request share
 it): its tokens, a ``[layers, 2, Hkv, L, D]`` buffer and how many of its leading columns are computed.
-Every engine step :meth:`Prefiller.plan` takes tokens from the states, oldest first, up to the step's
-token budget; a state whose last token is computed leaves with its next-token logits and joins the
-running batch. A prompt longer than the budget is thus prefilled over several steps (chunked prefill),
-and the batch decodes between its chunks.
+Every engine step the plan (:func:`~async_llm.engine.planner.plan_step`) takes chunks of the states,
+oldest first, with :meth:`Prefiller.take`; the model runner computes them (:class:`Forward`), and
+:meth:`Prefiller.complete` records what they computed: a state whose last token is computed leaves
+with its next-token logits and joins the running batch. A prompt longer than the budget is thus
+prefilled over several steps (chunked prefill), and the batch decodes between its chunks.
 
-Two ways to compute:
-  * the fast step (:mod:`async_llm.engine.fast_decode`): every chunk of the step packed along one token
-    axis, after whatever its buffer holds;
-  * the transformers forward (:mod:`async_llm.engine.transformers_prefill`): prompts computed
-    whole from nothing are padded or packed together as :func:`prefill_groups` finds cheapest; a
-    chunk after a prefix runs alone, with the prefix passed as the model's cache. Models where that
-    does not give the logits of a whole prefill (checked at start-up) are prefilled whole and keep
-    no prefix cache.
-
-How many tokens a step takes is :class:`~async_llm.engine.scheduler.ChunkBudget`'s call.
+This module runs no model: the forwards are the runners' (:mod:`async_llm.engine.runners`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from async_llm.engine.fast_decode import Chunk, FastDecoder, Rows
-from async_llm.engine.model_api import PROBE_PROMPTS, input_device, probe_batch
 from async_llm.engine.prefix_cache import PrefixCache, PrefixHit
 from async_llm.engine.request import Request
-from async_llm.engine.scheduler import prefill_groups
-from async_llm.engine.start_checks import remembered
-from async_llm.engine.transformers_prefill import forward_packed, forward_padded, forward_resume, sliding
-from async_llm.log import get_logger
 
-log = get_logger("async_llm.engine.prefill")
-
-#: Prompts admitted together are prefilled in several forwards only when that saves at least this
-#: share of the compute of one (see :func:`prefill_groups`).
-PREFILL_MIN_SAVING = 0.25
+#: One forward's prompt chunks: ``(state, tokens to compute)``.
+Items = list[tuple["PrefillState", int]]
 
 
 @dataclass(eq=False)
@@ -66,13 +48,18 @@ class PrefillState:
 
 
 @dataclass
-class Work:
-    """One forward: ``(state, tokens to compute)`` pairs, and how the transformers forward runs them
-    (``"fast"``, ``"padded"``, ``"packed"`` or ``"resume"``: one chunk after its prefix)."""
+class Forward:
+    """One forward of a step: prompt chunks (``(state, tokens to compute)``, oldest first) and
+    whether the batch's rows decode in it (whatever rows the batch has when it runs).
 
-    items: list[tuple[PrefillState, int]]
-    mode: str
-    decode_logits: torch.Tensor | None = field(default=None, repr=False)  # [B, V] of a step with decode rows
+    ``mode`` is how the runner computes the chunks: ``"packed"`` (along one token axis, the fast
+    runner's only mode, decode rows included), ``"padded"`` (whole prompts, left-padded) or
+    ``"resume"`` (one chunk after its prefix); a decode-only forward has no chunks.
+    """
+
+    items: Items
+    mode: str = "packed"
+    decode: bool = False
 
     @property
     def requests(self) -> list[Request]:
@@ -88,97 +75,16 @@ class Prefiller:
     """The prompts between admission and the batch (engine thread only).
 
     Args:
-        model: The causal LM.
-        cache_kwarg: The keyword its forward takes a cache by.
-        pad_token_id: Padding id of padded prefills.
-        overhead_tokens, pair_cost: The prefill cost model (see :func:`prefill_groups`).
         prefix_cache: Blocks of earlier prompts to reuse, or None.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        cache_kwarg: str,
-        pad_token_id: int,
-        overhead_tokens: float,
-        pair_cost: float,
-        prefix_cache: PrefixCache | None,
-    ) -> None:
-        self.model = model
-        self.cache_kwarg = cache_kwarg
-        self.pad_token_id = pad_token_id
-        self.overhead_tokens = overhead_tokens
-        self.pair_cost = pair_cost
+    def __init__(self, prefix_cache: PrefixCache | None) -> None:
         self.prefix_cache = prefix_cache
         self.states: list[PrefillState] = []
-        self.fast: FastDecoder | None = None
-        self.can_pack = False  # transformers prefills may pack prompts (checked by prepare)
-        self.can_resume = False  # a prefill may continue after a prefix (checked by prepare)
+        # Whether a prefill may continue after a prefix (the runner's verdict, set when the engine
+        # starts): without it prompts are prefilled whole and no prefix is reused.
+        self.can_resume = False
         self.computed_tokens = 0  # prompt tokens run through the model (not taken from the cache)
-
-    # -- start-up checks (engine thread) ----------------------------------------------------------------
-    def prepare(self, fast: FastDecoder | None) -> None:
-        """Decide, on the model itself, what the transformers prefill may do; use ``fast`` when given
-        (its own check covers prefills after a prefix)."""
-        self.fast = fast
-        context = {"pad_token_id": str(self.pad_token_id), "cache_kwarg": self.cache_kwarg}
-        self.can_pack = remembered(
-            self.model, "packed_prefill", context, self._packing_agrees, valid=lambda v: isinstance(v, bool)
-        )
-        if fast is not None:
-            self.can_resume = True
-            return
-        why = (
-            "sliding-window attention layers"
-            if sliding(self.model)
-            else remembered(
-                self.model,
-                "prefill_resume",
-                context,
-                self._resume_disagrees,
-                valid=lambda v: v is None or isinstance(v, str),
-            )  # fmt: skip
-        )
-        self.can_resume = why is None
-        if why is not None:
-            log.info("prefix cache and chunked prefill off for this model; prompts prefill whole", reason=why)
-
-    def _packing_agrees(self) -> bool:
-        """A packed prefill of two short prompts gives this model's padded logits. An architecture
-        that does not honour a custom 4-D mask, or derives something else from the 2-D one (ALiBi
-        biases, for one), would not; it then keeps padded prefills only."""
-        if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or sliding(self.model):
-            return False
-        ids, mask = probe_batch(self.pad_token_id, input_device(self.model))
-        try:
-            with torch.inference_mode():
-                padded, _ = forward_padded(self.model, self.cache_kwarg, ids, mask)
-                packed, _ = forward_packed(self.model, self.cache_kwarg, [list(p) for p in PROBE_PROMPTS], ids.shape[1])
-        except torch.OutOfMemoryError:
-            raise  # not a property of the architecture: the model does not fit, say so
-        except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain
-            log.info("packed prefill unavailable", error=repr(exc))
-            return False
-        agrees = bool((padded - packed).abs().max() <= 0.02 * padded.abs().max())
-        if not agrees:
-            log.info("packed prefill disagrees with padded prefill for this model; prefills stay padded")
-        return agrees
-
-    def _resume_disagrees(self) -> str | None:
-        """Why a prefill that continues after a prefix (its keys and values passed as the cache) does
-        not give this model's logits of the whole prompt, or None when it does."""
-        tokens = list(PROBE_PROMPTS[1])
-        try:
-            with torch.inference_mode():
-                whole = forward_resume(self.model, self.cache_kwarg, tokens, None, 0, len(tokens))[0]
-                kv = forward_resume(self.model, self.cache_kwarg, tokens, None, 0, 2)[1]
-                resumed = forward_resume(self.model, self.cache_kwarg, tokens, kv, 2, len(tokens) - 2)[0]
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001  # whatever the model rejects, whole prefills remain
-            return f"a prefill after a prefix fails: {exc!r}"
-        difference = float((whole - resumed).abs().max() / whole.abs().max().clamp(min=1e-6))
-        return None if difference <= 1e-3 else f"a prefill after a prefix differs by {difference:.1e}"
 
     # -- states ------------------------------------------------------------------------------------------
     def add(self, requests: Iterable[Request]) -> None:
@@ -209,7 +115,7 @@ class Prefiller:
             state.prefix = hit
         else:
             hit.copy_into(state.kv)
-        cache.hit_tokens += hit.tokens - state.cached
+        cache.record_hit(hit.tokens - state.cached)
         state.done = state.cached = hit.tokens
 
     def drop(self, requests: Iterable[Request]) -> None:
@@ -260,15 +166,14 @@ class Prefiller:
                 owners.setdefault(h, state)
         return waiting, stops
 
-    def plan(self, budget: int, whole: int = 0) -> list[Work]:
-        """The forwards of this step, states oldest first: prompts whose rest fits in ``whole``
-        tokens (in all) are finished in this step; the others get chunks of ``budget`` tokens in
-        all. A state that cannot be chunked is taken whole, and the first state always gets some
-        work.
+    def take(self, budget: int, whole: int = 0) -> Items:
+        """This step's chunks, states oldest first: prompts whose rest fits in ``whole`` tokens (in
+        all) are finished in this step; the others get chunks of ``budget`` tokens in all. A state
+        that cannot be chunked is taken whole, and the first state always gets some work.
 
         ``whole`` bounds the stall a short prompt may cost running streams (one step of that many
         tokens) and spares it the slow progress of small chunks; ``budget`` paces long prompts."""
-        items: list[tuple[PrefillState, int]] = []
+        items: Items = []
         waiting, stops = self._shared()
         for state in self.states:
             if id(state) in waiting:
@@ -287,45 +192,14 @@ class Prefiller:
                     continue
                 budget -= take
             items.append((state, take))
-        if not items:
-            return []
-        if self.fast is not None:
-            return [Work(items, "fast")]
-        fresh = [(s, n) for s, n in items if s.done == 0 and n == s.remaining]
-        works = [Work([item], "resume") for item in items if item not in fresh]
-        if len(fresh) == 1:
-            return [Work(fresh, "padded"), *works]
-        groups = prefill_groups(
-            [len(s.tokens) for s, _ in fresh],
-            self.overhead_tokens,
-            self.pair_cost,
-            self.can_pack,
-            min_saving=PREFILL_MIN_SAVING,
-        )
-        forwards = [Work([fresh[i] for i in group], "packed" if packed else "padded") for group, packed in groups]
-        return [*forwards, *works]
+        return items
 
-    def run(self, work: Work, rows: Rows | None = None) -> list[PrefillState]:
-        """Compute ``work`` (with the batch's decode ``rows`` in the same forward, for the fast step:
-        their logits go to ``work.decode_logits``); returns the states it completed (their
-        ``logits`` set), which leave."""
-        if work.mode == "fast":
-            work.decode_logits = self._run_fast(work.items, rows)
-        elif rows is not None:
-            raise ValueError("only the fast step runs decode rows with a prefill")
-        elif work.mode == "resume":
-            ((state, n),) = work.items
-            self._materialize(state, None)
-            logits, kv = forward_resume(self.model, self.cache_kwarg, state.tokens, state.kv, state.done, n)
-            if state.kv is None:
-                state.kv = kv.new_empty(*kv.shape[:3], len(state.tokens), kv.shape[4])
-            state.kv[:, :, :, state.done : state.done + n] = kv[:, :, :, state.done :]
-            state.logits = logits[0]
-        else:
-            self._run_whole([s for s, _ in work.items], packed=work.mode == "packed")
+    def complete(self, forward: Forward) -> list[PrefillState]:
+        """Record what ``forward`` computed (the runner ran it); returns the states it completed
+        (their ``logits`` set), which leave for the batch."""
         done = []
-        self.computed_tokens += work.tokens
-        for state, n in work.items:
+        self.computed_tokens += forward.tokens
+        for state, n in forward.items:
             state.done += n
             state.started = True
             if state.remaining == 0:
@@ -342,47 +216,16 @@ class Prefiller:
         cache = self.prefix_cache
         return cache is not None and after // cache.block_size > before // cache.block_size
 
-    @staticmethod
-    def _materialize(state: PrefillState, fast: FastDecoder | None) -> None:
-        """Give ``state`` its buffer (the fast step's layout, or the cached blocks') with its cached
-        prefix copied in, before its first forward."""
-        if state.kv is None:
-            if fast is not None:
-                state.kv = fast.new_kv(len(state.tokens))
-            elif state.prefix is not None:
-                layers, _, heads, _, head_dim = state.prefix.blocks[0].shape
-                state.kv = state.prefix.blocks[0].new_empty(layers, 2, heads, len(state.tokens), head_dim)
-        if state.prefix is not None and state.kv is not None:
-            state.prefix.copy_into(state.kv)
-            state.prefix = None
 
-    def _run_fast(self, items: list[tuple[PrefillState, int]], rows: Rows | None) -> torch.Tensor:
-        assert self.fast is not None
-        chunks = []
-        for state, n in items:
-            self._materialize(state, self.fast)
-            assert state.kv is not None
-            last = state.done + n == len(state.tokens)
-            chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
-        decode_logits, logits = self.fast.step(rows, chunks)  # [B, V], [completed, V]
-        for state, row in zip([s for (s, n), c in zip(items, chunks) if c.logits], logits):
-            state.logits = row
-        return decode_logits
-
-    def _run_whole(self, states: list[PrefillState], packed: bool) -> None:
-        """Transformers prefill of whole prompts, padded or packed; each state gets its columns."""
-        u, p = len(states), max(len(s.tokens) for s in states)
-        if packed:
-            logits, kv = forward_packed(self.model, self.cache_kwarg, [s.tokens for s in states], p)
-        else:
-            ids = torch.full((u, p), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(u, p, dtype=torch.long)
-            for i, state in enumerate(states):  # left padding: prompts are right-aligned
-                ids[i, p - len(state.tokens) :] = torch.tensor(state.tokens)
-                mask[i, p - len(state.tokens) :] = 1
-            device = input_device(self.model)
-            logits, kv = forward_padded(self.model, self.cache_kwarg, ids.to(device), mask.to(device))
-        stacked = torch.stack([torch.stack(pair, dim=1) for pair in kv])  # [layers, u, 2, H, P, D]
-        for i, state in enumerate(states):
-            state.kv = stacked[:, i, :, :, p - len(state.tokens) :].contiguous()
-            state.logits = logits[i]
+def materialize(state: PrefillState, new_kv: Callable[[int], torch.Tensor] | None) -> None:
+    """Give ``state`` its buffer before its first forward (``new_kv(columns)``, the runner's layout,
+    or the cached blocks' when None) with its cached prefix copied in."""
+    if state.kv is None:
+        if new_kv is not None:
+            state.kv = new_kv(len(state.tokens))
+        elif state.prefix is not None:
+            layers, _, heads, _, head_dim = state.prefix.blocks[0].shape
+            state.kv = state.prefix.blocks[0].new_empty(layers, 2, heads, len(state.tokens), head_dim)
+    if state.prefix is not None and state.kv is not None:
+        state.prefix.copy_into(state.kv)
+        state.prefix = None

@@ -90,10 +90,14 @@ class PrefixCache:
             hashes.append(h)
         return hashes
 
+    def record_hit(self, tokens: int) -> None:
+        """Count ``tokens`` prompt tokens taken from the cache instead of computed."""
+        self.hit_tokens += tokens
+
     def match(self, tokens: Sequence[int], count: bool = True) -> PrefixHit:
         """The longest cached prefix of ``tokens`` that leaves at least one token to compute (the
-        prompt's last position must run to give the next token's logits). Counts the query and the
-        hit unless ``count`` is False."""
+        prompt's last position must run to give the next token's logits). Counts the query unless
+        ``count`` is False; the tokens a prompt takes from the hit are counted by :meth:`record_hit`."""
         if count:
             self.queried_tokens += len(tokens)
         parent, chain = 0, []

@@ -1,9 +1,10 @@
 """Verdicts of the engine's start-up checks, kept across processes for a model's files.
 
-The checks (does the fast step, the packed prefill, a prefill after a prefix, give this model's
-logits?) run the model on probe prompts at start-up. A model loaded from files carries a
-:class:`CheckStore` (``async_llm.loading.check_cache`` implements it; the engine never imports
-``loading``), and a later start with the same files, versions and hardware reuses the verdicts.
+The checks (does the fast runner, the packed prefill, a prefill after a prefix, give this model's
+logits?) run the model on probe prompts at start-up. The loader of a model loaded from files hands
+the engine a :class:`CheckStore` with it (``async_llm.loading.check_cache`` implements it; the engine
+never imports ``loading``), and a later start with the same files, versions and hardware reuses the
+verdicts.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.start_checks")
 
-#: The attribute of a model through which its loader hands the engine a :class:`CheckStore`
-#: (``async_llm.loading`` sets it on models it loads from files; a model passed in as an object has
-#: none, and is always checked).
-CHECK_STORE_ATTR = "_async_llm_check_store"
 # Bump when a start-up check changes what it decides: stored verdicts of older checks are then unused.
 _CHECKS_VERSION = "1"
 
@@ -40,6 +37,7 @@ class CheckStore(Protocol):
 
 
 def remembered(
+    store: CheckStore | None,
     model: Any,
     check: str,
     context: Mapping[str, str],
@@ -49,10 +47,12 @@ def remembered(
     """The verdict of the start-up check ``check`` on ``model``: stored by an earlier start, else
     ``run()`` (which runs the model), then stored.
 
-    Only a model that carries a :class:`CheckStore` (at :data:`CHECK_STORE_ATTR`) has stored
-    verdicts; any other runs the check every time. A stored value that ``valid`` refuses is ignored.
+    Only a model that comes with a :class:`CheckStore` has stored verdicts (a model passed in as an
+    object has none): any other runs the check every time. A stored value that ``valid`` refuses is
+    ignored.
 
     Args:
+        store: The verdicts of the model's files, or None.
         model: The causal LM.
         check: The check's name.
         context: What the verdict depends on besides the model files and where it runs
@@ -60,7 +60,6 @@ def remembered(
         run: Runs the check; returns its verdict (JSON: a str, a bool or None).
         valid: Whether a stored value is a verdict this check can return.
     """
-    store: CheckStore | None = getattr(model, CHECK_STORE_ATTR, None)
     if store is None:
         return run()
     context = {**_runtime_context(model), **context}

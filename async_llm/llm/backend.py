@@ -15,10 +15,11 @@ import torch
 from async_llm.engine.beam import BeamRunner
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
+from async_llm.engine.start_checks import CheckStore
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
 from async_llm.llm.frontend import Sinks
-from async_llm.loading.loading import DEFAULT_MODEL_NAME, LoadOptions
+from async_llm.loading.loading import DEFAULT_MODEL_NAME, Loaded, LoadOptions
 
 T = TypeVar("T")
 
@@ -39,6 +40,8 @@ class Backend:
         pad_token_id: int | None,
         eos_token_id: Any,
         config: EngineConfig,
+        owned: bool = False,
+        checks: CheckStore | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         eos = _ids(eos_token_id)
@@ -50,7 +53,7 @@ class Backend:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, config)
+        self.engine = Engine(model, pad_token_id, config, owns_model=owned, checks=checks)
         self.grammars = GrammarCompiler(tokenizer, self.engine.vocab_size)
         # A token's text and bytes, for logprobs (as OpenAI shows them: special tokens included).
         self.token_text: Callable[[int], tuple[str, list[int]]] = functools.lru_cache(maxsize=1 << 16)(self._token_text)
@@ -122,10 +125,10 @@ def quantization_for(quantize: bool | None, config: Any, device: torch.device) -
 
 def model_to_serve(
     options: LoadOptions, model_id: str | os.PathLike[str] | None, model: Any, tokenizer: Any, move: bool
-) -> tuple[str, Any, Any]:
-    """The model an LLM serves, its id and tokenizer: ``model_id`` loaded with ``options`` (the
-    default model when None), or the ``model`` and ``tokenizer`` passed in, moved to
-    ``options.device`` when the caller named a device (``move``).
+) -> tuple[str, Loaded, bool]:
+    """The model an LLM serves, with its id and whether the library loaded it (owns it):
+    ``model_id`` loaded with ``options`` (the default model when None), or the ``model`` and
+    ``tokenizer`` passed in, moved to ``options.device`` when the caller named a device (``move``).
 
     Raises:
         ParameterTypeError: A model without its tokenizer.
@@ -133,8 +136,7 @@ def model_to_serve(
     """
     if model is None:
         name = str(model_id) if model_id is not None else DEFAULT_MODEL_NAME
-        model, tokenizer = run_in_own_thread(options.load, model_id)
-        return name, model, tokenizer
+        return name, run_in_own_thread(options.load, model_id), True
     if tokenizer is None:
         raise ParameterTypeError("tokenizer", "a tokenizer is required with an explicit model")
     name = str(model_id or getattr(model.config, "_name_or_path", "") or "model")
@@ -144,7 +146,7 @@ def model_to_serve(
                 "device", "the model is dispatched over devices (hf_device_map): pass device=None"
             )
         model = model.to(options.device)
-    return name, model, tokenizer
+    return name, Loaded(model, tokenizer, None), False
 
 
 def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from async_llm.llm.chat import Prompt, pop_prompt, pop_prompts
-from async_llm.llm.metrics import MetricsMixin, RequestMetrics, resource_utilization
+from async_llm.llm.measuring import MetricsMixin
+from async_llm.llm.metrics import RequestMetrics, resource_utilization
 from async_llm.llm.settings import SamplingField
 from async_llm.sampling_params import SamplingParams
 

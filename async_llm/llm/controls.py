@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from async_llm.engine.controls import RowControls
+from async_llm.engine.finish import end_ids
 from async_llm.errors import InvalidParameterError
 from async_llm.sampling_params import GrammarSpec, SamplingParams
 
@@ -80,7 +81,9 @@ class GrammarCompiler:
         if isinstance(cached, InvalidParameterError):
             raise InvalidParameterError(cached.param, str(cached))
         assert cached is not None
-        return [cached.deep_copy() for _ in range(count)]
+        matcher = cached
+        # One matcher per row, copied off the loop: a large grammar's matcher takes milliseconds to copy.
+        return await anyio.to_thread.run_sync(lambda: [matcher.deep_copy() for _ in range(count)])
 
     def _compile(self, spec: GrammarSpec) -> Any:
         import llguidance  # loaded with the first structured request
@@ -172,11 +175,10 @@ def build_controls(
             )
     if not params.needs_controls:
         return None
-    end_ids = tuple(sorted(({*()} if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids)))
     bias = params.logit_bias
     return RowControls(
         min_tokens=params.min_tokens,
-        end_ids=end_ids,
+        end_ids=tuple(sorted(end_ids(eos_token_ids, params))),  # the finish rule's: masked before min_tokens
         logit_bias=(tuple(t for t, _ in bias), tuple(b for _, b in bias)),
         bad_words=bad_word_ids(tokenizer, params.bad_words),
         allowed_ids=params.allowed_token_ids,

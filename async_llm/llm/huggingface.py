@@ -141,8 +141,16 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         )
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
-        self.model_id, model, tokenizer = model_to_serve(self._options, model_id, model, tokenizer, device is not None)
-        self._backend = Backend(model.eval(), tokenizer, pad_token_id, eos_token_id, self._engine_config)
+        self.model_id, loaded, owned = model_to_serve(self._options, model_id, model, tokenizer, device is not None)
+        self._backend = Backend(
+            loaded.model.eval(),
+            loaded.tokenizer,
+            pad_token_id,
+            eos_token_id,
+            self._engine_config,
+            owned=owned,
+            checks=loaded.checks,
+        )
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
         log.info("model loaded", model=self.model_id, device=str(self.torch_device), max_batch_size=max_batch_size)
@@ -338,9 +346,9 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
     def set_model_name(self, model_name: str) -> None:
         """Load ``model_name`` (hub id, folder or .gguf) the same way as the current model and serve
         it from now on; requests already queued finish on the old model, which is then released."""
-        model, tokenizer = run_in_own_thread(self._options.load, model_name)
+        model, tokenizer, checks = run_in_own_thread(self._options.load, model_name)
         old = self._backend
-        self._backend = Backend(model, tokenizer, *self._token_ids, self._engine_config)
+        self._backend = Backend(model, tokenizer, *self._token_ids, self._engine_config, owned=True, checks=checks)
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._backend.close)
         self.model_id = str(model_name)

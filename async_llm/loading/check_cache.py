@@ -1,7 +1,7 @@
 """Verdicts of the engine's start-up checks, kept on disk per set of model files.
 
 Before its first step the engine runs the model on a few probe prompts to decide whether its fast
-paths give this model's logits (:mod:`async_llm.engine.fast_decode`). The verdict depends on the
+paths give this model's logits (:mod:`async_llm.engine.runners`). The verdict depends on the
 architecture, the weights' dtype, the device and the library versions, not on the run, so a model
 loaded from files (a folder, a converted GGUF file, a hub snapshot) keeps it here and later starts
 skip those forwards. Models passed in as objects have no files to key on: they are always checked.
@@ -68,8 +68,8 @@ def _versions() -> dict[str, str]:
 
 
 class CheckCache:
-    """The check store the engine finds on a model loaded from files (see
-    ``async_llm.engine.start_checks.CHECK_STORE_ATTR``).
+    """The check store the loader hands the engine with a model loaded from files (see
+    ``async_llm.engine.start_checks.CheckStore``).
 
     Args:
         identity: The model files' identity (:func:`folder_identity`) and the load options that change

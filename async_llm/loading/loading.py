@@ -1,7 +1,7 @@
 """Loading a transformers causal LM: model ids, devices, dtypes, bitsandbytes and accelerate.
 
 Loads show no progress bars (see :mod:`async_llm.loading.quiet`), and a model loaded from files
-carries the store of its start-up check verdicts (see :mod:`async_llm.loading.check_cache`).
+comes with the store of its start-up check verdicts (see :mod:`async_llm.loading.check_cache`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from async_llm.engine.start_checks import CHECK_STORE_ATTR
 from async_llm.errors import AsyncLLMError
 from async_llm.loading.check_cache import CheckCache, folder_identity
 from async_llm.loading.paths import check_model_id
@@ -128,6 +127,15 @@ if not any(isinstance(f, _OncePerMessage) for f in _BNB_MATMUL_LOGGER.filters):
     _BNB_MATMUL_LOGGER.addFilter(_OncePerMessage())
 
 
+class Loaded(NamedTuple):
+    """A loaded model, its tokenizer, and where the engine keeps its start-up check verdicts (None:
+    check every time)."""
+
+    model: Any
+    tokenizer: Any
+    checks: CheckCache | None
+
+
 @dataclass
 class LoadOptions:
     """Everything that decides how a model is loaded (kept to load another one the same way)."""
@@ -138,8 +146,9 @@ class LoadOptions:
     device_map: str | dict[str, Any] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def load(self, model_id: str | os.PathLike[str] | None) -> tuple[Any, Any]:
-        """Load ``(model, tokenizer)``, in eval mode, on the device (or dispatched by accelerate)."""
+    def load(self, model_id: str | os.PathLike[str] | None) -> Loaded:
+        """Load the model, in eval mode, on the device (or dispatched by accelerate), its tokenizer
+        and the store of its start-up check verdicts."""
         path = resolve_model_path(model_id)
         kwargs = dict(self.model_kwargs)
         if self.dtype is not None:
@@ -155,10 +164,7 @@ class LoadOptions:
             model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if "device_map" not in kwargs:
             model = model.to(self.device)
-        store = self._check_store(path)
-        if store is not None:
-            setattr(model, CHECK_STORE_ATTR, store)
-        return model.eval(), tokenizer
+        return Loaded(model.eval(), tokenizer, self._check_store(path))
 
     def _check_store(self, path: str) -> CheckCache | None:
         """Where the engine keeps this model's start-up check verdicts, or None to always check:

@@ -14,7 +14,7 @@ from tests.stress.conftest import scaled
 
 
 async def test_forward_failing_repeatedly_fails_those_steps_only(llm, monkeypatch):
-    """Whichever forward runs (the fast step's, or the transformers model's) fails while broken."""
+    """The model runner's forwards fail while broken (injected at the runner seam)."""
     state = {"failures": 0, "broken": True}
 
     def breakable(forward):
@@ -26,9 +26,7 @@ async def test_forward_failing_repeatedly_fails_those_steps_only(llm, monkeypatc
 
         return broken
 
-    monkeypatch.setattr(llm.model, "forward", breakable(llm.model.forward))
-    if llm.engine.fast_decoder is not None:
-        monkeypatch.setattr(llm.engine.fast_decoder, "step", breakable(llm.engine.fast_decoder.step))
+    monkeypatch.setattr(llm.engine.runner, "run", breakable(llm.engine.runner.run))
     n = scaled(40, minimum=10)
 
     async def wave(i: int):

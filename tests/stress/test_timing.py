@@ -27,8 +27,8 @@ def _record_prefills(llm: HuggingFaceLLM, monkeypatch) -> list[tuple[int, int]]:
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", recording)
-    fast = llm.engine.fast_decoder
-    if fast is not None:
+    if llm.engine.runner.name == "fast":
+        fast = llm.engine.runner.decoder
         step = fast.step
 
         def recording_fast(rows, chunks):

@@ -1,6 +1,6 @@
-"""The transformers forward as a prefill: whole prompts padded or packed together, or one prompt
-continued after a prefix whose keys and values are passed as the model's cache. Used by
-:class:`~async_llm.engine.prefill.Prefiller` where the fast step does not apply."""
+"""The transformers forward as a prefill: whole prompts padded or packed together (grouped into
+forwards by the cost model :func:`prefill_groups`), or one prompt continued after a prefix whose keys
+and values are passed as the model's cache. Used by the transformers runner."""
 
 from __future__ import annotations
 
@@ -95,3 +95,73 @@ def forward_resume(
     )
     layers = [layer_kv(layer) for layer in cache.layers]
     return logits, torch.stack([torch.stack((k[0], v[0])) for k, v in layers])
+
+
+def prefill_groups(
+    lengths: list[int],
+    overhead_tokens: float,
+    pair_cost: float = 0.0,
+    packing: bool = False,
+    min_saving: float = 0.0,
+) -> list[tuple[list[int], bool]]:
+    """Split prompts into prefill forwards that cost the least in all.
+
+    Costs are in tokens of compute (the linear layers' work for one token):
+
+    - a forward's fixed part (reading every weight once, launching every kernel) is worth
+      ``overhead_tokens``;
+    - each (query, key) pair of attention is worth ``pair_cost`` (attention FLOPs per pair over
+      linear FLOPs per token, computed from the model's config);
+    - ``k`` prompts left-padded to the longest, ``L``, cost ``k * L`` tokens and ``k * L²`` pairs:
+      a short prompt padded to a long one wastes the difference;
+    - packed into one sequence (``packing``; block-diagonal causal mask, no padding), they cost
+      ``T = sum(lengths)`` tokens but ``T²`` pairs (dense attention over the whole sequence).
+
+    With the prompts sorted by length, the best split into runs of neighbours, each padded or
+    packed, is found by dynamic programming (O(n²), n <= the batch size). Without packing that is
+    the best split of all; with it, a split that mixes non-neighbours can be marginally cheaper.
+
+    Args:
+        lengths: Token count of each prompt.
+        overhead_tokens: The fixed cost of one forward (0: every distinct length alone, unpacked).
+        pair_cost: The cost of one attention pair, in tokens.
+        packing: Whether a forward may pack its prompts instead of padding them.
+        min_saving: Split only when that saves at least this share of one forward's cost. Every
+            prompt admitted in one step waits for all of its forwards before the batch decodes
+            again, so a split that saves little computes its first tokens no sooner in all and
+            stalls the rows of its earlier forwards (an inter-token gap as long as the later ones).
+
+    Returns:
+        ``(indices into lengths, packed)`` per forward, shortest prompts first.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the j shortest prompts
+    cut, packed = [0] * (n + 1), [False] * (n + 1)
+    for j in range(1, n + 1):
+        longest, total = lengths[order[j - 1]], 0
+        for i in range(j - 1, -1, -1):  # prompts i..j-1 in one forward
+            total += lengths[order[i]]
+            k = j - i
+            padded = overhead_tokens + k * longest + k * longest * longest * pair_cost
+            cost, pack = padded, False
+            if packing and k > 1:
+                packed_cost = overhead_tokens + total + total * total * pair_cost
+                if packed_cost < padded:
+                    cost, pack = packed_cost, True
+            if best[i] + cost <= best[j]:  # on a tie, the larger group: fewer forwards
+                best[j], cut[j], packed[j] = best[i] + cost, i, pack
+    if n > 1 and cut[n] > 0:  # the best plan splits: is it worth the wait it adds?
+        longest, total = lengths[order[-1]], sum(lengths)
+        whole = overhead_tokens + n * longest + n * longest * longest * pair_cost
+        pack_whole = packing and overhead_tokens + total + total * total * pair_cost < whole
+        if pack_whole:
+            whole = overhead_tokens + total + total * total * pair_cost
+        if best[n] > (1.0 - min_saving) * whole:
+            return [(order, pack_whole)]
+    groups: list[tuple[list[int], bool]] = []
+    j = n
+    while j > 0:
+        groups.append((order[cut[j] : j], packed[j]))
+        j = cut[j]
+    return groups[::-1]

@@ -1,58 +1,37 @@
-"""Fast prefill and decode steps for Llama-family models, over the engine's padded KV buffer.
+"""The fast forward of Llama-family models over the engine's padded KV buffer: the batch's decode
+rows and prompt chunks in one pass.
 
-The same arithmetic as the transformers forward of one new token per row, in fewer and larger
-operations, with no per-step mask building and no module or keyword dispatch:
+The same arithmetic as the transformers forward, in fewer and larger operations, with no per-step
+mask building and no module or keyword dispatch:
 
-- q, k and v are one matrix product (their weights concatenated), and so are the MLP's gate and up;
-  the original modules keep working on views of the concatenated weights (no extra memory);
+- q, k and v are one matrix product, and so are the MLP's gate and up (see :mod:`.fast_linear`: the
+  runner's own weights; a model passed in by the caller is never changed);
 - attention reads the live region of the batch's KV buffer in place; grouped-query attention runs
   each key/value head against its group of query heads as a short query sequence, so keys and values
   are never repeated; the padding mask is one additive bias shared by every layer;
-- on a CPU in float32 the output projection (vocabulary x hidden, the largest matrix of a small
-  model) runs through oneDNN with a prepacked weight, which multiplies it about twice as fast as the
-  default kernel (``benchmarks/``); elsewhere it is a plain linear.
+- on a CPU in float32 every product runs through oneDNN with a prepacked weight.
 
 Prefills run the same layers over the admitted prompts packed along one token axis (no padding is
-computed), each prompt attending causally to itself only. Results equal the transformers step up to floating-point
-reassociation (different kernels sum in different orders): logits agree to ~1e-5 relative, and
-greedy tokens differ only where two logits tie within that. :func:`prepare` checks this on the model
-itself before the engine uses the fast step, and returns the reason when it cannot apply. The
-verdict of a model loaded from files is kept (see :mod:`async_llm.engine.start_checks`), so later
-starts skip the check's forwards.
+computed), each prompt attending causally to itself only. Results equal the transformers step up
+to floating-point reassociation; :mod:`.fast_check` checks that on the model at start-up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers.cache_utils import DynamicCache
 
-from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, layer_kv, probe_batch
-from async_llm.engine.start_checks import remembered
-from async_llm.log import get_logger
-
-log = get_logger("async_llm.engine.fast_decode")
-
-#: Architectures whose decoder layers are the Llama layer (RMSNorm, rotary q/k, SiLU-gated MLP);
-#: Qwen3 adds per-head q/k norms, Qwen2 biases on q/k/v.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from async_llm.engine.runners.fast_linear import Linear, fused_linear, prepacked_linear
 
 #: Row counts of a prefill are rounded up to a multiple of this, and of a decode step with prompt
 #: chunks (small, where every row costs as much as a decode row) to a multiple of the second (see
 #: FastDecoder.step).
 ROWS_BUCKET = 16
 MIXED_ROWS_BUCKET = 4
-
-#: Largest difference of logits between the fast and the plain step accepted by the check, relative
-#: to the largest logit (float32 reassociation stays orders of magnitude below it).
-TOLERANCE = 1e-3
-
-Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -69,56 +48,6 @@ class _Layer:
     k_norm: torch.Tensor | None
 
 
-def unsupported_reason(model: Any) -> str | None:
-    """Why the fast step cannot serve ``model`` (None when it can, pending the numeric check)."""
-    config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"architecture {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r} (the fast step implements silu)"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if getattr(config, "quantization_config", None) is not None:
-        return "a quantized model"
-    body = getattr(model, "model", None)
-    if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
-        return "not the Llama module layout (model.layers, model.rotary_emb)"
-    for module in model.modules():
-        if hasattr(module, "_hf_hook"):
-            return "weights dispatched by accelerate (device_map)"
-    for layer in body.layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-        linears = [getattr(owner, n, None) for owner, n in names]
-        if any(type(m) is not nn.Linear for m in linears):
-            return "a layer whose projections are not plain nn.Linear (another layout, quantized or adapted)"
-        if any(m is not None and m.bias is not None for m in linears[4:6]):  # gate_proj, up_proj
-            return "an MLP with biases"
-    return None
-
-
-def _concat_in_place(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of ``modules`` along the output dimension, and make each
-    module's parameters views into the result, so nothing is held twice."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    biases = [m.bias for m in modules]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat(
-            [b.detach() if b is not None else weight.new_zeros(m.out_features) for m, b in zip(modules, biases)]
-        )
-    row = 0
-    for m in modules:
-        n = m.out_features
-        m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
-        if m.bias is not None and bias is not None:
-            m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
-        row += n
-    return weight, bias
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -129,10 +58,12 @@ class FastDecoder:
 
     Args:
         model: A transformers causal LM that :func:`unsupported_reason` accepts.
-        batch_hint: The batch size oneDNN tunes the prepacked output projection for (any size works).
+        batch_hint: The batch size oneDNN tunes the prepacked products for (any size works).
+        owned: Whether the library loaded ``model`` itself (see :func:`fused_linear`: a model
+            passed in is never changed).
     """
 
-    def __init__(self, model: Any, batch_hint: int = 16) -> None:
+    def __init__(self, model: Any, batch_hint: int = 16, owned: bool = False) -> None:
         config = model.config
         body = model.model
         self.heads = config.num_attention_heads
@@ -146,16 +77,14 @@ class FastDecoder:
         self.layers: list[_Layer] = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _concat_in_place([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, _ = _concat_in_place([mlp.gate_proj, mlp.up_proj])
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
-                    qkv=prepacked_linear(qkv, qkv_bias, batch_hint),
+                    qkv=fused_linear([attn.q_proj, attn.k_proj, attn.v_proj], batch_hint, owned),
                     o=prepacked_linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=prepacked_linear(gate_up, None, batch_hint),
+                    gate_up=fused_linear([mlp.gate_proj, mlp.up_proj], batch_hint, owned),
                     down=prepacked_linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
@@ -344,97 +273,3 @@ class Chunk:
     kv: torch.Tensor
     start: int = 0
     logits: bool = True
-
-
-def prepare(
-    model: Any, pad_token_id: int, cache_name: str, batch_hint: int = 16
-) -> tuple[FastDecoder | None, str | None]:
-    """Build the fast step for ``model`` and check it against the plain transformers step.
-
-    Args:
-        model: The causal LM.
-        pad_token_id: Padding id for the check's prompts.
-        cache_name: The keyword the model's forward takes its cache by (see ``model_api.cache_kwarg``).
-        batch_hint: Batch size the prepacked output projection is tuned for.
-
-    Returns:
-        ``(decoder, None)`` when the fast step applies, else ``(None, why)``.
-    """
-    reason = unsupported_reason(model)
-    if reason is not None:
-        return None, reason
-    decoder: FastDecoder | None = None
-
-    def check() -> str | None:
-        nonlocal decoder
-        decoder = FastDecoder(model, batch_hint)
-        difference = _difference(decoder, model, pad_token_id, cache_name)
-        if difference > TOLERANCE:
-            return f"its logits differ from the plain step's by {difference:.1e} of the largest (> {TOLERANCE})"
-        return None
-
-    context = {"pad_token_id": str(pad_token_id), "cache_kwarg": cache_name, "batch_hint": str(batch_hint)}
-    reason = remembered(model, "fast_decode", context, check, valid=lambda v: v is None or isinstance(v, str))
-    if reason is not None:
-        return None, reason
-    return decoder if decoder is not None else FastDecoder(model, batch_hint), None
-
-
-def _difference(decoder: FastDecoder, model: Any, pad_token_id: int, name: str) -> float:
-    """Largest difference of next-token logits, fast against plain, relative to the largest logit:
-    of a prefill of two short prompts, and of the decode step after it."""
-    device = input_device(model)
-    ids, mask = probe_batch(pad_token_id, device)
-    rows, width = ids.shape
-    cache = DynamicCache()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = last_logits(model, name, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
-    tokens = prefill.argmax(-1, keepdim=True)  # [rows, 1]
-    layers = [layer_kv(layer) for layer in cache.layers]
-    keys = layers[0][0]
-    shape = (len(layers), 2, rows, keys.shape[1], width + 1, keys.shape[3])
-    kv = torch.zeros(shape, dtype=keys.dtype, device=device)
-    keep = mask.bool()[:, None, :, None]
-    for i, (k, v) in enumerate(layers):  # the batch's layout: padding zeroed, one free column
-        kv[i, 0, :, :, :width] = torch.where(keep, k, 0)
-        kv[i, 1, :, :, :width] = torch.where(keep, v, 0)
-    full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    positions = mask.sum(-1, keepdim=True)  # [rows, 1]
-    plain = last_logits(model, name, cache, input_ids=tokens, attention_mask=full, position_ids=positions)
-    fast = decoder.decode(tokens, positions, full, kv, end=width)
-    # The fast prefill of the same prompts, the longer one in two chunks (its second after a prefix).
-    short, long = PROBE_PROMPTS
-    buffers = [decoder.new_kv(len(short)), decoder.new_kv(len(long))]
-    fast_prefill = decoder.prefill([Chunk(short, buffers[0]), Chunk(long[:2], buffers[1], logits=False)])
-    fast_prefill = torch.cat([fast_prefill, decoder.prefill([Chunk(long[2:], buffers[1], start=2)])])
-    return max(
-        float((plain - fast).abs().max() / plain.abs().max().clamp(min=1e-6)),
-        float((prefill - fast_prefill).abs().max() / prefill.abs().max().clamp(min=1e-6)),
-    )
-
-
-class _PackedLinear:
-    """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-        self.bias = None if bias is None else bias.detach()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return out
-
-
-def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
-    """``x @ weight.T + bias``: through oneDNN with the weight prepacked once (its own reordered
-    copy) on a CPU in float32, where it is faster for these shapes than the default kernel
-    (``benchmarks/fast_path.py``); else the plain linear."""
-    mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and mkldnn:
-        try:
-            return _PackedLinear(weight, bias, batch_hint)
-        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # a torch build without the op
-            log.info("prepacked linear unavailable; plain linear", error=repr(exc))
-    weight = weight.detach()
-    bias = None if bias is None else bias.detach()
-    return lambda x: F.linear(x, weight, bias)

@@ -1,0 +1,88 @@
+"""Model runners: how a step's forwards run on a kind of device, behind one protocol.
+
+The engine's step is plan -> run -> update (see :mod:`async_llm.engine.core`); the runner is the
+"run". It takes a :class:`~async_llm.engine.prefill.Forward` (prompt chunks, and whether the batch's
+rows decode), writes the keys and values it computes (each prompt's into its state's buffer, the
+decode rows' into the batch's), and returns the decode rows' logits; a prompt it completes gets its
+next-token logits. It also says how it can put a step's chunks into forwards (:meth:`forwards`).
+
+Two runners today, chosen once when the engine starts (:func:`select_runner`):
+
+- :class:`~async_llm.engine.runners.fast.FastRunner`: Llama-family models, the decode rows and every
+  prompt chunk in one fused forward (prepacked oneDNN weights on a CPU);
+- :class:`~async_llm.engine.runners.transformers.TransformersRunner`: any causal LM, through its own
+  forward.
+
+A runner for an accelerator fits the same seam: its own KV store and captured graphs behind
+:meth:`ModelRunner.run`, static shapes chosen in :meth:`ModelRunner.forwards`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from async_llm.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from async_llm.engine.batch import PaddedBatch
+    from async_llm.engine.prefill import Forward, Items
+    from async_llm.engine.start_checks import CheckStore
+
+log = get_logger("async_llm.engine.runners")
+
+
+class ModelRunner(Protocol):
+    """How the engine runs the model (engine thread only).
+
+    Attributes:
+        name: ``"fast"`` or ``"transformers"`` (logged, and read by the benchmarks).
+        fused: Prompt chunks ride in the decode step's forward (the chunk budget is then measured
+            against the decode step; see :class:`~async_llm.engine.planner.ChunkBudget`).
+        can_resume: A prefill may continue after a prefix (prefix cache, chunked prefill).
+    """
+
+    name: str
+    fused: bool
+    can_resume: bool
+
+    def forwards(self, items: Items, decoding: bool) -> list[Forward]:
+        """The forwards of a step that prefills ``items`` and, when ``decoding``, decodes the batch
+        (in order; the batch decodes in the last, after the prompts completed before it joined)."""
+        ...
+
+    def run(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor | None:
+        """Run ``forward``: its chunks' keys and values into their states' buffers (a state whose
+        last token it computes gets ``logits`` [V]), and with ``forward.decode`` one decode step of
+        ``batch``'s rows (their new column written). Returns the rows' float32 logits ``[B, V]``,
+        or None without decode rows."""
+        ...
+
+
+def select_runner(
+    model: Any,
+    pad_token_id: int,
+    cache_kwarg: str,
+    fast_path: bool,
+    batch_hint: int,
+    owned: bool,
+    overhead_tokens: float,
+    pair_cost: float,
+    checks: CheckStore | None = None,
+) -> ModelRunner:
+    """The runner for ``model``: the fast one where it applies (checked on the model), else the
+    transformers one (its own checks run then). Runs the model: call it on the engine's thread."""
+    from async_llm.engine.runners.fast import FastRunner
+    from async_llm.engine.runners.fast_check import prepare
+    from async_llm.engine.runners.transformers import TransformersRunner
+
+    why: str | None = "fast_path=False"
+    if fast_path:
+        decoder, why = prepare(model, pad_token_id, cache_kwarg, batch_hint=batch_hint, owned=owned, checks=checks)
+        if decoder is not None:
+            return FastRunner(decoder)
+    log.info("fast runner off; running the transformers forward", reason=why)
+    runner = TransformersRunner(model, cache_kwarg, pad_token_id, overhead_tokens, pair_cost, checks)
+    runner.prepare()
+    return runner

@@ -1,0 +1,45 @@
+"""The fast runner: the batch's decode rows and every prompt chunk of a step in one forward of
+:class:`~async_llm.engine.runners.fast_forward.FastDecoder` (Llama-family models)."""
+
+from __future__ import annotations
+
+import torch
+
+from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.prefill import Forward, Items, materialize
+from async_llm.engine.runners.fast_forward import Chunk, FastDecoder, Rows
+
+
+class FastRunner:
+    """Runs :class:`FastDecoder` (built and checked by ``fast_check.prepare``)."""
+
+    name = "fast"
+    fused = True  # chunks ride in the decode step: the weights are read once for both
+    can_resume = True  # its own check covers a prefill after a prefix
+
+    def __init__(self, decoder: FastDecoder) -> None:
+        self.decoder = decoder
+
+    def forwards(self, items: Items, decoding: bool) -> list[Forward]:
+        if decoding:
+            return [Forward(items, decode=True)]
+        # Nothing decoding yet: the prompts first, then the rows they complete take their first step.
+        return [Forward(items), Forward([], decode=True)] if items else [Forward([], decode=True)]
+
+    def run(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor | None:
+        rows = None
+        if forward.decode:
+            inputs = batch.decode_inputs()
+            assert batch.kv is not None
+            rows = Rows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
+        chunks = []
+        for state, n in forward.items:
+            materialize(state, self.decoder.new_kv)
+            assert state.kv is not None
+            last = state.done + n == len(state.tokens)
+            chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
+        decode_logits, logits = self.decoder.step(rows, chunks)  # [B, V], [completed, V]
+        completed = [state for (state, _), chunk in zip(forward.items, chunks, strict=True) if chunk.logits]
+        for state, row in zip(completed, logits, strict=True):
+            state.logits = row
+        return decode_logits if rows is not None else None

@@ -1,0 +1,94 @@
+"""The fast runner's linear layers: fused products (q/k/v, gate/up) with weights of their own,
+multiplied through oneDNN with a prepacked weight where that is faster.
+
+On a CPU in float32, oneDNN multiplies a weight it has reordered once for its kernel about twice as
+fast as the default kernel for a decode step's shapes (``benchmarks/fast_path.py``). The ops that do
+it are torch's private ``torch.ops.mkldnn._*``: :func:`onednn_prepack` is the one place that checks
+they exist and work, once per process; every other path is a plain ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.engine.runners.fast_linear")
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def onednn_prepack() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear ops, and they compute (checked once)."""
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        weight, x = torch.ones(4, 8), torch.ones(2, 8)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.equal(out, F.linear(x, weight)))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # a torch build without the ops
+        log.info("prepacked linear unavailable; plain linear", error=repr(exc))
+        return False
+
+
+class _PackedLinear:
+    """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel (its own copy)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return out
+
+
+def prepacks(weight: torch.Tensor) -> bool:
+    """Whether :func:`prepacked_linear` gives ``weight`` its own prepacked copy."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_prepack()
+
+
+def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
+    """``x @ weight.T + bias``: through oneDNN with the weight prepacked once (its own reordered
+    copy) on a CPU in float32, where it is faster for these shapes than the default kernel; else the
+    plain linear over ``weight`` itself."""
+    if prepacks(weight):
+        return _PackedLinear(weight, bias, batch_hint)
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    return lambda x: F.linear(x, weight, bias)
+
+
+def fused_linear(modules: Sequence[nn.Linear], batch_hint: int, owned: bool) -> Linear:
+    """One product for several linears of the same input (their outputs concatenated).
+
+    The caller's model is never changed unless the library owns it (``owned``): prepacked, the
+    concatenation is a temporary the packed copy is made from; unpacked (an accelerator, another
+    dtype), an owned model's modules become views of the concatenated weight (nothing held twice),
+    and a model passed in keeps its weights while the runner holds a concatenated copy.
+    """
+    weight = torch.cat([m.weight.detach() for m in modules])  # [sum(out), in]
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    if not prepacks(weight) and owned:
+        _share(modules, weight, bias)
+    return prepacked_linear(weight, bias, batch_hint)
+
+
+def _share(modules: Sequence[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Make each module's parameters views into the concatenated ``weight`` and ``bias``."""
+    row = 0
+    for m in modules:
+        n = m.out_features
+        m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+        if m.bias is not None and bias is not None:
+            m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+        row += n

@@ -1,0 +1,165 @@
+"""The update phase of the engine's step: sample each row's next token, apply the finish rule, free
+finished rows and emit each request's new tokens to its sink.
+
+:class:`StepUpdate` is mixed into the :class:`~async_llm.engine.core.Engine` (engine thread only): it
+reads the batch, the scheduler and the prefix cache the engine owns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from async_llm.engine.finish import finish_reason
+from async_llm.engine.logprobs import prompt_logprobs
+from async_llm.engine.output import StepOutputs, TokenLogprob
+from async_llm.engine.sampler import Choice, SamplingBatch, choose
+from async_llm.log import get_logger
+
+if TYPE_CHECKING:
+    from async_llm.engine.batch import PaddedBatch
+    from async_llm.engine.prefill import PrefillState
+    from async_llm.engine.prefix_cache import PrefixCache
+    from async_llm.engine.request import Request
+    from async_llm.engine.scheduler import Scheduler
+
+log = get_logger("async_llm.engine.update")
+
+
+class StepUpdate:
+    """Sampling, the finish rule and outputs, for the rows a forward computed."""
+
+    model: Any
+    batch: PaddedBatch
+    scheduler: Scheduler
+    prefix_cache: PrefixCache | None
+    vocab_size: int
+    device: torch.device
+    _rng: torch.Generator
+
+    if TYPE_CHECKING:  # the engine's (core.py): fail one request, its row removed by the caller
+
+        def _fail_one(self, request: Request, exc: BaseException, out: StepOutputs) -> None: ...
+
+    def _sample_rows(self, logits: torch.Tensor, out: StepOutputs) -> None:
+        """Sample each row's next token from the decode step's ``logits`` [B, V], commit the step,
+        and retire the rows that finished."""
+        batch = self.batch
+        b = batch.size
+        sb = batch.sampling
+        assert sb is not None
+        counts = batch.counts[:b] if batch.counts is not None else None
+        prompt_mask = batch.prompt_mask[:b] if batch.prompt_mask is not None else None
+        choice = choose(logits, batch.rows, sb, counts, prompt_mask, self._uniforms(batch.rows, sb))
+        batch.advance(choice.tokens)
+        done = self._commit(batch.rows, choice, out)
+        self._keep_prefixes([i for i in done if i not in choice.failed])
+        batch.remove(done)
+
+    def _join(self, states: list[PrefillState], out: StepOutputs) -> None:
+        """Sample the first token of each row of the completed ``states`` and merge them into the
+        batch (rows of one context share its keys and values); keep their prompts' blocks."""
+        if not states:
+            return
+        requests = [r for state in states for r in state.requests]
+        for r in requests:
+            if r.params.seed is not None and r.generator is None:
+                r.generator = torch.Generator().manual_seed(r.params.seed)
+        logits = torch.stack([state.logits for state in states for _ in state.requests])  # type: ignore[misc]
+        n = len(requests)
+        sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
+        counts = prompt_mask = None
+        if sb.uses_penalties:  # from the tokens, never from the cache: a resumed request's output counts as output
+            counts = torch.zeros(n, self.vocab_size, device=self.device)
+            prompt_mask = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
+            for i, r in enumerate(requests):
+                prompt_mask[i, torch.tensor(r.prompt_ids, device=self.device)] = True
+                if r.output_ids:
+                    ids = torch.tensor(r.output_ids, device=self.device)
+                    counts[i].index_add_(0, ids, torch.ones(len(ids), device=self.device))
+        prompt_failures = self._send_prompt_logprobs(requests, out)
+        choice = choose(logits, requests, sb, counts, prompt_mask, self._uniforms(requests, sb))
+        choice.failed.update(prompt_failures)
+        if counts is not None:
+            counts.scatter_add_(1, choice.tokens[:, None], torch.ones(n, 1, device=self.device))
+        kv_rows = [state.kv for state in states for _ in state.requests]
+        self.batch.add(requests, kv_rows, choice.tokens, counts, prompt_mask)  # type: ignore[arg-type]
+        if self.prefix_cache is not None:
+            for state in states:
+                assert state.kv is not None
+                self.prefix_cache.insert(state.tokens, state.kv)
+        first = self.batch.size - n
+        self.batch.remove([first + i for i in self._commit(requests, choice, out)])
+
+    def _send_prompt_logprobs(self, requests: Sequence[Request], out: StepOutputs) -> dict[int, BaseException]:
+        """Add the prompt logprobs of the ``requests`` that ask for them to ``out`` (once per request,
+        with its first token). Returns the requests (by position) whose forward failed: they fail,
+        the others go on."""
+        failures: dict[int, BaseException] = {}
+        for i, r in enumerate(requests):
+            if r.params.prompt_logprobs is None or r.prompt_logprobs_sent:
+                continue
+            try:
+                out.add(r, prompt_logprobs=prompt_logprobs(self.model, r.prompt_ids, r.params.prompt_logprobs))
+                r.prompt_logprobs_sent = True
+            except Exception as exc:  # noqa: BLE001  # fails this request only
+                failures[i] = exc
+        return failures
+
+    def _commit(self, requests: Sequence[Request], choice: Choice, out: StepOutputs) -> list[int]:
+        """Record each row's chosen token (or its failure); returns the rows that ended."""
+        ended = []
+        for i, (request, token) in enumerate(zip(requests, choice.token_list, strict=True)):
+            error = choice.failed.get(i)
+            if error is not None:
+                self._fail_one(request, error, out)
+                ended.append(i)
+            elif self._update(request, token, out, choice.logprobs.get(i), i in choice.grammar_done):
+                ended.append(i)
+        return ended
+
+    def _keep_prefixes(self, rows: list[int]) -> None:
+        """Keep the blocks of finished rows (prompt and output, as the next turn of a conversation
+        resends them) in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for i in rows:
+            request = self.batch.rows[i]
+            tokens = request.prompt_ids + request.output_ids[:-1]  # the last token was never fed
+            if len(tokens) == self.batch.row_lengths[i]:
+                self.prefix_cache.insert(tokens, self.batch.row_kv(i))
+
+    def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:
+        """One uniform per row: from the request's own generator when seeded, else the engine's."""
+        if sb.all_greedy:
+            return None
+        u = torch.rand(len(requests), generator=self._rng)
+        for i, r in enumerate(requests):
+            if r.generator is not None and not r.params.greedy:
+                u[i] = torch.rand((), generator=r.generator)
+        return u.to(self.device)
+
+    def _update(
+        self, request: Request, token: int, out: StepOutputs, logprob: TokenLogprob | None, grammar_done: bool
+    ) -> bool:
+        """Record one new token of a running request and emit it; returns True when the request
+        finished (see :func:`~async_llm.engine.finish.finish_reason`)."""
+        request.output_ids.append(token)
+        self.scheduler.record_tokens(1)
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        reason = finish_reason(request, token, grammar_done)
+        out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason, logprob=logprob)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            log.info(
+                "finished",
+                request_id=request.request_id,
+                reason=reason.value,
+                tokens=len(request.output_ids),
+                seconds=round(time.perf_counter() - request.arrival_time, 4),
+            )
+        return reason is not None
