@@ -129,6 +129,7 @@ class TokenStream:
         #: The prompt tokens' logprobs (``None`` for the first), when asked for.
         self.prompt_logprobs: list[Logprob | None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._error: BaseException | None = None
         self._closed = False
         self.token_ids: list[int] = []  # every generated token id, eos included
@@ -193,6 +194,8 @@ class TokenStream:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        for listener in self._listeners:
+            listener()
 
     # -- consumer side ------------------------------------------------------------------------------
     def __aiter__(self) -> TokenStream:
@@ -219,22 +222,38 @@ class TokenStream:
             except StopAsyncIteration:
                 return
 
-    async def _next_delta(self) -> StreamDelta:
-        while not (self._pending or self._pending_tokens):
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on :attr:`loop` after each output reaches the stream (to read several
+        streams with :meth:`poll` and one wake-up, without a task per stream)."""
+        self._listeners.append(callback)
+
+    def poll(self) -> StreamDelta | None:
+        """The delta ready now, or None when nothing is (without waiting).
+
+        Raises:
+            StopAsyncIteration: The stream has ended and everything was read.
+            Exception: The request's error, once, after its last text.
+        """
+        if not (self._pending or self._pending_tokens):
             if self.finish_reason is not None or self._closed:
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
                 raise StopAsyncIteration
+            return None
+        delta = StreamDelta(
+            "".join(self._pending), self._pending_tokens, self._pending_logprobs if self.logprobs is not None else None
+        )
+        self._pending, self._pending_tokens, self._pending_logprobs = [], [], []
+        return delta
+
+    async def _next_delta(self) -> StreamDelta:
+        while (delta := self.poll()) is None:
             self._waiter = self.loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        delta = StreamDelta(
-            "".join(self._pending), self._pending_tokens, self._pending_logprobs if self.logprobs is not None else None
-        )
-        self._pending, self._pending_tokens, self._pending_logprobs = [], [], []
         return delta
 
     async def aclose(self) -> None:

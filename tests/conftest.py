@@ -185,3 +185,27 @@ async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
     """The official ``openai`` client of that server."""
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
         yield c
+
+
+def record_prefills(llm: HuggingFaceLLM, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Shapes of the prefill forwards the engine thread runs from now on ([1, T] for packed prompts)."""
+    shapes: list[tuple[int, int]] = []
+    forward = llm.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
+            shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", recording)
+    runner = llm.engine.runner
+    if runner.name == "fast":  # the fast prefill packs its prompts along one axis: record it as [1, T]
+        step = runner.decoder.step
+
+        def recording_fast(rows, chunks):
+            if chunks:
+                shapes.append((1, sum(len(c.ids) for c in chunks)))
+            return step(rows, chunks)
+
+        monkeypatch.setattr(runner.decoder, "step", recording_fast)
+    return shapes

@@ -8,7 +8,7 @@ import time
 
 import anyio
 import pytest
-from conftest import PROMPTS, admitted_together, reference_ids
+from conftest import PROMPTS, admitted_together, record_prefills, reference_ids
 
 from async_llm import HuggingFaceLLM
 
@@ -27,36 +27,12 @@ async def test_greedy_matches_generate_alone_and_batched(llm, tiny_model):
     assert llm.stats()["peak_batch_size"] == len(PROMPTS)
 
 
-def _record_prefills(llm, monkeypatch) -> list[tuple[int, int]]:
-    """Shapes of the prefill forwards the engine thread runs from now on."""
-    shapes: list[tuple[int, int]] = []
-    forward = llm.model.forward
-
-    def recording(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
-            shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(llm.model, "forward", recording)
-    runner = llm.engine.runner
-    if runner.name == "fast":  # the fast prefill packs its prompts along one axis: record it as [1, T]
-        step = runner.decoder.step
-
-        def recording_fast(rows, chunks):
-            if chunks:
-                shapes.append((1, sum(len(c.ids) for c in chunks)))
-            return step(rows, chunks)
-
-        monkeypatch.setattr(runner.decoder, "step", recording_fast)
-    return shapes
-
-
 async def test_prompts_of_any_lengths_packed_into_one_prefill_are_exact(llm, tiny_model, monkeypatch):
     """Prompts admitted together are packed into one sequence (block-diagonal mask, positions from 0
     for each, no padding) when the cost model says so; greedy answers equal generate's, with a
     shared prompt (n=2) and a penalised request among them."""
     assert llm.engine.runner.name == "fast"  # it always packs
-    shapes = _record_prefills(llm, monkeypatch)
+    shapes = record_prefills(llm, monkeypatch)
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "a", "word " * 30, "日本語 🎉"]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
     calls.append(lambda: llm.acomplete(prompts[1], chat_template=False, max_tokens=8, ignore_eos=True, n=2))
@@ -86,7 +62,7 @@ async def test_without_packing_short_and_long_prompts_get_separate_padded_prefil
     """The transformers prefill of a model that cannot pack splits prompts by length."""
     llm = plain_llm
     monkeypatch.setattr(llm.engine.runner, "can_pack", False)
-    shapes = _record_prefills(llm, monkeypatch)
+    shapes = record_prefills(llm, monkeypatch)
     prompts = ["Hi", "word " * 150, "Hey", "word " * 150]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=8, ignore_eos=True) for p in prompts]
     results = await admitted_together(llm, calls)
@@ -100,7 +76,7 @@ async def test_requests_waiting_together_are_prefilled_in_one_forward(llm, tiny_
     """Requests that wait together when the engine admits are prefilled in one forward, as static
     batching would. (That requests sent together do wait together, the engine's burst window, is
     a matter of time: tests/stress/test_timing.py.)"""
-    shapes = _record_prefills(llm, monkeypatch)
+    shapes = record_prefills(llm, monkeypatch)
     prompts = [f"Request {i}: hello" for i in range(8)]
     calls = [lambda p=p: llm.acomplete(p, chat_template=False, max_tokens=6, ignore_eos=True) for p in prompts]
     results = await admitted_together(llm, calls)

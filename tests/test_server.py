@@ -456,3 +456,29 @@ def test_serve_command_defaults_to_loopback():
     for bad in (["--body-timeout", "0"], ["--body-timeout", "nan"], ["--max-body-bytes", "0"]):
         with pytest.raises(cli._UsageError, match=bad[0]):
             cli.build_parser().parse_args(["serve", *bad])
+
+
+async def test_choices_are_merged_without_a_task_per_stream():
+    """`n` streamed choices are read in one task (each stream wakes one event): deltas come in
+    arrival order, each choice's end after its text, and a failed choice raises after its text."""
+    from async_llm.engine.output import FinishReason, RequestOutput
+    from async_llm.outputs import StreamDelta, TokenStream
+    from async_llm.serve.serving import _merge
+
+    loop = asyncio.get_running_loop()
+    aborted: list[str] = []
+    streams = [TokenStream(f"r{i}", loop, aborted.append) for i in range(2)]
+    tasks_before = len(asyncio.all_tasks())
+    merged = _merge(streams)
+    streams[1].put(RequestOutput("r1", "b", [2]))
+    assert await merged.__anext__() == (1, StreamDelta("b", [2], None))
+    assert len(asyncio.all_tasks()) == tasks_before  # no pump tasks
+    streams[0].put(RequestOutput("r0", "a", [1]))
+    streams[0].put(RequestOutput("r0", "a2", [3], FinishReason.STOP))
+    assert await merged.__anext__() == (0, StreamDelta("aa2", [1, 3], None))
+    assert await merged.__anext__() == (0, None)
+    loop.call_soon(streams[1].put, RequestOutput("r1", "c", [4], FinishReason.ERROR, RuntimeError("boom")))
+    assert await merged.__anext__() == (1, StreamDelta("c", [4], None))  # the woken read
+    with pytest.raises(RuntimeError, match="boom"):
+        await merged.__anext__()
+    assert aborted == []

@@ -278,73 +278,35 @@ async def _merge(
 
     With ``interval > 0``, after each yield the next read waits that long so the deltas arriving
     meanwhile go out as one chunk (fewer, larger messages through a proxy such as Ray Serve's);
-    the first token is never held back. One stream (the usual ``n=1``) is read directly; several
-    are pumped by one task each into a queue, cancelled when the consumer stops early.
-
-    Why the pumps are not in a task group: this is an async generator, and a task group (a cancel
-    scope) must not stay open across its ``yield``: the consumer runs scopes of its own between
-    chunks (the SSE transport waits on each chunk and on the server's shutdown in one), and anyio
-    refuses scopes that do not nest. The pumps hold no resources: each ends with its stream, which
-    every consumer closes (``ChunkStream.aclose``); ``finally`` cancels and awaits them all.
+    the first token is never held back. The streams are read without a task each: every stream
+    wakes one event when an output reaches it (:meth:`TokenStream.listen`), and the ready ones are
+    read with :meth:`TokenStream.poll` (each stream coalesces what arrived since its last read).
+    A stream's error is raised here, after its text.
     """
-    if len(streams) == 1:
-        async for only in streams[0].deltas():  # the TokenStream coalesces what arrives while we sleep
-            yield 0, only
-            if interval:
-                await asyncio.sleep(interval)
-        yield 0, None
-        return
-    queue: asyncio.Queue[tuple[int, StreamDelta | None, BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: TokenStream) -> None:
-        try:
-            async for delta in stream.deltas():
-                queue.put_nowait((index, delta, None))
-            queue.put_nowait((index, None, None))
-        except Exception as exc:  # noqa: BLE001  # re-raised by the consumer of the queue
-            queue.put_nowait((index, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            for index, delta, error in _coalesce(items):
-                if error is not None:
-                    raise error
-                remaining -= delta is None
-                yield index, delta
-            if interval and remaining:
-                await asyncio.sleep(interval)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _coalesce(
-    items: list[tuple[int, StreamDelta | None, BaseException | None]],
-) -> list[tuple[int, StreamDelta | None, BaseException | None]]:
-    """Join the deltas of each choice within one batch of queue items, keeping each end after its text."""
-    out: list[tuple[int, StreamDelta | None, BaseException | None]] = []
-    where: dict[int, int] = {}  # choice -> position of its open text item in `out`
-    for index, delta, error in items:
-        if delta is not None and index in where:
-            i = where[index]
-            before = out[i][1]
-            assert before is not None
-            logprobs = None if before.logprobs is None else [*before.logprobs, *(delta.logprobs or [])]
-            joined = StreamDelta(before.text + delta.text, [*before.token_ids, *delta.token_ids], logprobs)
-            out[i] = (index, joined, None)
+    wake = asyncio.Event()
+    for stream in streams:
+        stream.listen(wake.set)
+    remaining = list(range(len(streams)))
+    while remaining:
+        wake.clear()  # before polling: an output that arrives after a poll sets it again
+        ready: list[tuple[int, StreamDelta | None]] = []
+        for index in remaining:
+            try:
+                delta = streams[index].poll()
+            except StopAsyncIteration:
+                ready.append((index, None))
+                continue
+            if delta is not None:
+                ready.append((index, delta))
+        if not ready:
+            await wake.wait()
             continue
-        out.append((index, delta, error))
-        if delta is not None:
-            where[index] = len(out) - 1
-        else:
-            where.pop(index, None)
-    return out
+        for index, delta in ready:
+            if delta is None:
+                remaining.remove(index)
+            yield index, delta
+        if interval and remaining:
+            await asyncio.sleep(interval)
 
 
 def _delta(

@@ -7,43 +7,17 @@ prefilled in one forward, and every forward runs on the engine's thread
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import anyio
 
-from async_llm import HuggingFaceLLM
-from tests.conftest import PROMPTS, reference_ids
-
-
-def _record_prefills(llm: HuggingFaceLLM, monkeypatch) -> list[tuple[int, int]]:
-    """Shapes of the prefill forwards the engine thread runs from now on ([1, T] for packed prompts)."""
-    shapes: list[tuple[int, int]] = []
-    forward = llm.model.forward
-
-    def recording(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 1 and threading.current_thread().name.startswith("async-llm-engine"):
-            shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(llm.model, "forward", recording)
-    if llm.engine.runner.name == "fast":
-        fast = llm.engine.runner.decoder
-        step = fast.step
-
-        def recording_fast(rows, chunks):
-            if chunks:
-                shapes.append((1, sum(len(c.ids) for c in chunks)))
-            return step(rows, chunks)
-
-        monkeypatch.setattr(fast, "step", recording_fast)
-    return shapes
+from tests.conftest import PROMPTS, record_prefills, reference_ids
 
 
 async def test_a_burst_of_submits_is_prefilled_in_one_forward(llm, tiny_model, monkeypatch):
     """Requests sent together reach an idle engine one by one; it waits for the burst to end (no new
     one within burst_gap_s) and prefills them together, as static batching would."""
-    shapes = _record_prefills(llm, monkeypatch)
+    shapes = record_prefills(llm, monkeypatch)
     # Generous: a loaded test machine may pause between submits, and within the burst as a whole.
     llm.engine.burst_gap_s, llm.engine.burst_window_s = 0.05, 1.0
     prompts = [f"Request {i}: hello" for i in range(8)]
