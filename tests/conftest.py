@@ -152,12 +152,22 @@ async def admitted_together(llm: HuggingFaceLLM, calls: Sequence[Callable[[], Aw
     """Run the ``calls`` (coroutine factories, one request each) so that the engine admits them in
     one step: it is held until every request waits in its queue. Returns their results. (The
     bounds only stop a hang: nothing here depends on how fast the machine is.)"""
-    gate = threading.Event()
-    llm.engine.call_when_idle(gate.wait)
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait()
+
+    llm.engine.call_when_idle(hold)
     before = llm.stats()["num_waiting"]
-    tasks = [asyncio.ensure_future(call()) for call in calls]
+    tasks: list[asyncio.Future[object]] = []
     try:
         with anyio.fail_after(60):
+            # Submit only once the engine is held: a step that took part of them from its inbox
+            # before holding would admit that part alone (a busy machine wakes the engine late).
+            while not holding.is_set():
+                await asyncio.sleep(0.005)
+            tasks = [asyncio.ensure_future(call()) for call in calls]
             while llm.stats()["num_waiting"] < before + len(calls):
                 await asyncio.sleep(0.005)
     finally:

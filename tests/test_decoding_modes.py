@@ -76,13 +76,21 @@ async def test_beam_requests_arriving_together_share_one_generate(llm, monkeypat
 
     monkeypatch.setattr(llm.model, "generate", spy)
     runner = llm._backend.beams
-    block = threading.Event()
-    runner.call_when_idle(block.wait)  # hold the beam thread so both requests queue up together
+    block, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        block.wait()
+
+    runner.call_when_idle(hold)  # hold the beam thread so both requests queue up together
+    with anyio.fail_after(60):  # submit once it is held (not while it takes its inbox)
+        while not holding.is_set():
+            await asyncio.sleep(0.01)
     tasks = [
         asyncio.ensure_future(llm.arun(p, beam_width=2, max_tokens=6, ignore_eos=True))
         for p in ("Hello", "The quick brown fox")
     ]
-    with anyio.fail_after(10):
+    with anyio.fail_after(60):
         while runner.stats()["num_waiting"] < 2:
             await asyncio.sleep(0.01)
     block.set()

@@ -353,7 +353,9 @@ async def test_full_queue_gets_429_at_once(tiny_model, tiny_tokenizer, monkeypat
                 await wait_for(lambda: small.stats()["num_running"] == 1)
                 waiting = await c.completions.create(**long)
                 await wait_for(lambda: small.stats()["num_waiting"] == 1)
-                with anyio.fail_after(2), pytest.raises(openai.RateLimitError) as info:
+                # Refused at once, never queued: a queued request would wait behind the gated
+                # forward until this bound (which only stops a hang).
+                with anyio.fail_after(20), pytest.raises(openai.RateLimitError) as info:
                     await c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
                 assert info.value.body["type"] == "rate_limit_error"
                 await running.close()
