@@ -68,3 +68,18 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, str):
         return (value,)
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def one_value(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """The value of a parameter given under its name, its alias, or both (then they must agree).
+
+    Raises:
+        ParameterTypeError: Both are given and differ (``.param`` is the alias).
+    """
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise ParameterTypeError(
+            alias, f"{name}={value!r} and {alias}={alias_value!r} (an alias) differ: give one, not both"
+        )
+    return alias_value

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 from conftest import reference_ids
 from transformers import BitsAndBytesConfig
 
@@ -116,6 +117,10 @@ async def test_set_device_waits_for_in_flight_requests(llm, tiny_model):
     result = await in_flight
     assert result.token_ids == reference_ids(tiny_model, result.prompt_token_ids, 30)
     assert str(llm.device) == "cpu" and await llm.arun("Hello", max_tokens=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_set_device_to_cuda_without_cuda_says_so(llm):
     with pytest.raises(UnsupportedConfigurationError, match="CUDA is not available"):
         llm.set_device("cuda")
 
@@ -164,3 +169,12 @@ def test_model_name_alias(tiny_model_dir):
         assert llm.model_id == llm.model_name == str(tiny_model_dir)
     with pytest.raises(TypeError, match="not both"):
         HuggingFaceLLM(str(tiny_model_dir), model_name="other")
+
+
+def test_torch_dtype_is_an_alias_of_dtype(tiny_model_dir):
+    """transformers users type torch_dtype=; it loads the weights in that dtype, as dtype= does."""
+    with HuggingFaceLLM(str(tiny_model_dir), device="cpu", torch_dtype=torch.bfloat16, max_tokens=2) as llm:
+        assert next(llm.model.parameters()).dtype == torch.bfloat16
+        assert isinstance(llm.run("Hello"), str)
+    with pytest.raises(TypeError, match="dtype=.* and torch_dtype=.*differ"):
+        HuggingFaceLLM(str(tiny_model_dir), dtype=torch.float32, torch_dtype=torch.bfloat16)

@@ -16,7 +16,6 @@ from transformers import BitsAndBytesConfig
 
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
-from async_llm.errors import ParameterTypeError
 from async_llm.llm.backend import Backend, drain_and_close, model_to_serve, quantization_for, run_in_own_thread
 from async_llm.llm.base import BaseLLM, Prompt, check_prompt
 from async_llm.llm.compat import ModelNameAlias
@@ -29,6 +28,7 @@ from async_llm.llm.tool_use import ToolUse
 from async_llm.loading.loading import LoadOptions, quantization, resolve_device
 from async_llm.log import get_logger
 from async_llm.outputs import RequestStream, TokenStream
+from async_llm.param_names import one_value
 
 log = get_logger("async_llm")
 
@@ -52,6 +52,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         quantize: True without ``quantization_config`` loads 4-bit nf4 with double quantization
             through bitsandbytes (float32 compute on a CPU, bfloat16 on CUDA); False/None: not quantized.
         dtype: Weights dtype (for example ``torch.bfloat16``); ``None`` keeps the checkpoint's.
+            ``torch_dtype`` is an alias (transformers' older name).
         quantization_config: A ``BitsAndBytesConfig`` or a dict of its arguments (``load_in_8bit``,
             ``load_in_4bit``, ...), checked against the device before anything loads.
         device_map: Handed to accelerate through ``from_pretrained`` (``"auto"``, a dict...).
@@ -103,6 +104,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         model_name: str | None = None,
         quantize: bool | None = None,
         dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         quantization_config: BitsAndBytesConfig | dict[str, Any] | None = None,
         device_map: str | dict[str, Any] | None = None,
         max_batch_size: int = 32,
@@ -120,12 +122,8 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         **settings: Any,
     ) -> None:
         super().__init__(max_length=max_length, **settings)
-        if model_id is not None and model_name is not None and str(model_id) != str(model_name):
-            raise ParameterTypeError(
-                "model_name",
-                f"model_id={str(model_id)!r} and model_name={model_name!r} (an alias) differ: give one, not both",
-            )
-        model_id = model_id if model_id is not None else model_name
+        model_id = one_value("model_id", None if model_id is None else str(model_id), "model_name", model_name)
+        dtype = one_value("dtype", dtype, "torch_dtype", torch_dtype)  # transformers' older spelling
         device_ = resolve_device(device)
         # The caller's spelling of the device ("cuda" rather than the engine's cuda:0), as given.
         self._device_name = None if device is None else str(device)

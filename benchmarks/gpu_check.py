@@ -1,0 +1,276 @@
+"""The GPU check: today's engine against plain transformers on one CUDA card, in one short run.
+
+    python benchmarks/gpu_check.py --out DIR [--tiny] [--bursts 1,64,256] [--new-tokens 128]
+                                   [--budget-s 420]
+
+A random-weight Llama with Llama-3.2-1B's geometry in bf16 (built from a config: nothing is
+downloaded; ``--tiny`` builds a small one, for a dry run on a CPU), a word-level tokenizer made in
+code that every system shares, and bursts of N requests x ``--new-tokens`` tokens (eos ignored):
+
+- ``async_llm``: :class:`~async_llm.HuggingFaceLLM` over the model, ``max_batch_size`` = the largest
+  burst (which runner the engine chose is recorded);
+- ``static``: one padded ``model.generate`` of the whole burst;
+- ``transformers_cb``: transformers' continuous batching (``generate_batch``), where this version
+  has it;
+- ``floor``: the weight products alone at each burst's row count (``torch.cuda`` graphs of
+  ``x @ W.T`` for every linear of the model, replayed), and a device-to-device copy for the memory
+  bandwidth: the physical floor of one decode step.
+
+It writes ``DIR/gpu_check.json`` after every measurement (a run cut short keeps what it measured)
+and prints a table last. Systems and bursts that would not fit in ``--budget-s`` are skipped and
+say so.
+
+On a lent machine (Python 3.12; torch, transformers and anyio are there), the library's other
+imports travel as wheels: structlog, llguidance, partial-json-parser, platformdirs, gguf (see the
+device notes of the project's tooling); then
+``PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py --out $OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Llama-3.2-1B's geometry (the architecture the issue's targets are stated for).
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+PROMPT_TOKENS = 32  # every request's prompt: distinct words, so no two prompts share a prefix
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A random-weight Llama and a word-level tokenizer of the same vocabulary (four special tokens,
+    then the words ``w4`` ... ``wN``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    geometry = TINY if tiny else LLAMA_1B
+    special = ["<pad>", "</s>", "<s>", "<unk>"]
+    vocab = {word: i for i, word in enumerate(special)}
+    vocab.update({f"w{i}": i for i in range(len(special), int(geometry["vocab_size"]))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = LlamaConfig(**geometry, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def prompts(n: int, vocab: int) -> list[str]:
+    """``n`` prompts of :data:`PROMPT_TOKENS` words each."""
+    return [" ".join(f"w{4 + (i * PROMPT_TOKENS + j) % (vocab - 4)}" for j in range(PROMPT_TOKENS)) for i in range(n)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_async_llm(
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
+) -> None:
+    from async_llm import HuggingFaceLLM
+
+    async def main() -> None:
+        device = next(model.parameters()).device
+        async with HuggingFaceLLM(
+            model=model, tokenizer=tokenizer, max_batch_size=max(bursts), prefix_cache=False, max_tokens=new_tokens
+        ) as llm:
+            llm.engine.ready.wait()
+            results["runner"] = llm.engine.runner.name
+            await llm.abatch_run(prompts(2, vocab), max_tokens=4, ignore_eos=True, chat_template=False)  # warm-up
+            for n in bursts:
+                texts = prompts(n, vocab)
+                _sync(device)
+                start = time.perf_counter()
+                done = await asyncio.gather(
+                    *(llm.acomplete(t, max_tokens=new_tokens, ignore_eos=True, chat_template=False) for t in texts)
+                )
+                seconds = time.perf_counter() - start
+                ttft = statistics.median(c.time_to_first_token for c in done)
+                results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds, "ttft_p50_s": ttft}
+                save()
+
+    asyncio.run(main())
+
+
+def run_static(
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
+) -> None:
+    device = next(model.parameters()).device
+    for n in bursts:
+        batch = tokenizer(prompts(n, vocab), return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            _sync(device)
+        seconds = time.perf_counter() - start
+        results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds}
+        save()
+
+
+def run_transformers_cb(
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
+) -> None:
+    from transformers import GenerationConfig
+
+    if not hasattr(model, "generate_batch"):
+        results["skipped"] = "this transformers has no generate_batch"
+        return
+    device = next(model.parameters()).device
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    for n in bursts:
+        ids = [tokenizer(t).input_ids for t in prompts(n, vocab)]
+        with torch.inference_mode():
+            model.generate_batch(inputs=ids[:2], generation_config=config)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            model.generate_batch(inputs=ids, generation_config=config)
+            _sync(device)
+        seconds = time.perf_counter() - start
+        results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds}
+        save()
+
+
+def run_floor(results: dict[str, Any], model: Any, bursts: list[int]) -> None:
+    """The weight products of one decode step at each row count, graphed where CUDA is, and the
+    device's copy bandwidth."""
+    device = next(model.parameters()).device
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for n in bursts:
+        xs = [torch.randn(n, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+
+        def products(xs: list[torch.Tensor] = xs) -> None:
+            for x, w in zip(xs, weights, strict=True):
+                torch.matmul(x, w.T)
+
+        with torch.inference_mode():
+            products()
+            step = products
+            if device.type == "cuda":
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    products()
+                step = graph.replay
+            _sync(device)
+            times = []
+            for _ in range(20):
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+        results[str(n)] = {"step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times)}
+        save()
+    if device.type == "cuda":
+        src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        _sync(device)
+        results["copy_GBps"] = 2 * 10 * src.numel() / (time.perf_counter() - start) / 1e9  # read + write
+    results["weight_bytes"] = sum(w.numel() * w.element_size() for w in weights)
+
+
+_REPORT: dict[str, Any] = {}
+_OUT: Path | None = None
+
+
+def save() -> None:
+    """Write what was measured so far (a run cut short keeps it)."""
+    if _OUT is not None:
+        (_OUT / "gpu_check.json").write_text(json.dumps(_REPORT, indent=2, default=str))
+
+
+def main() -> None:
+    global _OUT
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="a small model (a dry run on a CPU)")
+    parser.add_argument("--bursts", default="1,64,256")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    args = parser.parse_args()
+    _OUT = args.out
+    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bursts = [int(b) for b in args.bursts.split(",")]
+    model, tokenizer = build(args.tiny, device, dtype)
+    vocab = model.config.vocab_size
+    _REPORT.update(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        dtype=str(dtype),
+        bursts=bursts,
+        new_tokens=args.new_tokens,
+        model="tiny" if args.tiny else "llama-3.2-1b geometry, random weights",
+    )
+    systems = {
+        "floor": lambda results: run_floor(results, model, bursts),
+        "async_llm": lambda results: run_async_llm(results, model, tokenizer, bursts, args.new_tokens, vocab),
+        "static": lambda results: run_static(results, model, tokenizer, bursts, args.new_tokens, vocab),
+        "transformers_cb": lambda results: run_transformers_cb(
+            results, model, tokenizer, bursts, args.new_tokens, vocab
+        ),
+    }
+    for name, run in systems.items():
+        results: dict[str, Any] = {}
+        _REPORT[name] = results  # filled as it runs: save() writes what is measured so far
+        if time.monotonic() > deadline:
+            results["skipped"] = "out of the time budget"
+            continue
+        start = time.monotonic()
+        try:
+            run(results)
+        except Exception as exc:  # noqa: BLE001  # one system's failure is a result, not the end of the run
+            results["error"] = f"{type(exc).__name__}: {exc}"
+        _REPORT[name + "_seconds"] = round(time.monotonic() - start, 1)
+        save()
+    print(f"{_REPORT['device']} ({_REPORT['dtype']}), {args.new_tokens} new tokens per request")
+    for name in ("async_llm", "static", "transformers_cb"):
+        row = _REPORT.get(name, {})
+        cells = [f"{row[str(n)]['tok_s']:.0f}" if isinstance(row.get(str(n)), dict) else "-" for n in bursts]
+        print(f"{name:16s} tok/s at bursts {bursts}: {' '.join(cells)}  {row.get('runner', row.get('error', ''))}")
+    floor = _REPORT.get("floor", {})
+    print("floor steps/s:", {n: round(floor[str(n)]["steps_per_s"]) for n in bursts if str(n) in floor})
+
+
+if __name__ == "__main__":
+    main()
