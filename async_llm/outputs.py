@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from async_llm.engine.output import FinishReason, RequestOutput, TokenLogprob
 
@@ -97,7 +97,29 @@ class StreamDelta:
     logprobs: list[Logprob] | None = None
 
 
-class TokenStream:
+_Stream = TypeVar("_Stream", bound="_ClosedOnExit")
+
+
+class _ClosedOnExit:
+    """``async with stream:`` closes it on the way out (aborting its request if still running)."""
+
+    if TYPE_CHECKING:  # each stream's own
+
+        def close(self) -> None: ...
+
+    async def __aenter__(self: _Stream) -> _Stream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class TokenStream(_ClosedOnExit):
     """Async iterator over one request's text deltas; closing it aborts the request.
 
     Iterating yields ``str`` deltas whose concatenation is the full output text. When the request
@@ -271,19 +293,8 @@ class TokenStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def __aenter__(self) -> TokenStream:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class RequestStream:
+class RequestStream(_ClosedOnExit):
     """The text deltas of one request that is submitted at the first read (what ``astream`` returns).
 
     Iterate it as a :class:`TokenStream`; once the last delta is read, :attr:`finish_reason` and
@@ -347,17 +358,6 @@ class RequestStream:
         # aborted here, as an async generator's finaliser would do.
         if self.stream is not None and not self.stream.finished:
             self.stream.close()
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
