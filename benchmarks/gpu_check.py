@@ -3,9 +3,10 @@
     python benchmarks/gpu_check.py --out DIR [--tiny] [--bursts 1,64,256] [--new-tokens 128]
                                    [--budget-s 420]
 
-A random-weight Llama with Llama-3.2-1B's geometry in bf16 (built from a config: nothing is
-downloaded; ``--tiny`` builds a small one, for a dry run on a CPU), a word-level tokenizer made in
-code that every system shares, and bursts of N requests x ``--new-tokens`` tokens (eos ignored):
+The benchmark's random-weight Llama with Llama-3.2-1B's geometry in bf16
+(:mod:`async_llm.bench.random_model`: built from a config, nothing is downloaded; ``--tiny`` builds a
+small one, for a dry run on a CPU), its tokenizer made in code that every system shares, and bursts
+of N requests x ``--new-tokens`` tokens (eos ignored):
 
 - ``async_llm``: :class:`~async_llm.HuggingFaceLLM` over the model, ``max_batch_size`` = the largest
   burst (which runner the engine chose is recorded);
@@ -38,58 +39,21 @@ from typing import Any
 
 import torch
 
-#: Llama-3.2-1B's geometry (the architecture the issue's targets are stated for).
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=4096,
-    rope_theta=500000.0,
-    tie_word_embeddings=True,
-)
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-)
-PROMPT_TOKENS = 32  # every request's prompt: distinct words, so no two prompts share a prefix
+PROMPT_TOKENS = 32  # every request's prompt, one token per character: its number, then filler
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """A random-weight Llama and a word-level tokenizer of the same vocabulary (four special tokens,
-    then the words ``w4`` ... ``wN``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """The benchmark's seeded random-weight model (``random:llama-1b``, or ``random:tiny``) on ``device``."""
+    from async_llm.bench.random_model import build as build_random
 
-    geometry = TINY if tiny else LLAMA_1B
-    special = ["<pad>", "</s>", "<s>", "<unk>"]
-    vocab = {word: i for i, word in enumerate(special)}
-    vocab.update({f"w{i}": i for i in range(len(special), int(geometry["vocab_size"]))})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
-    )
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    config = LlamaConfig(**geometry, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    model, tokenizer = build_random("tiny" if tiny else "llama-1b", dtype)
+    return model.to(device), tokenizer
 
 
 def prompts(n: int, vocab: int) -> list[str]:
-    """``n`` prompts of :data:`PROMPT_TOKENS` words each."""
-    return [" ".join(f"w{4 + (i * PROMPT_TOKENS + j) % (vocab - 4)}" for j in range(PROMPT_TOKENS)) for i in range(n)]
+    """``n`` distinct prompts of :data:`PROMPT_TOKENS` tokens (characters) each."""
+    del vocab  # every geometry has the characters
+    return [f"{i:05d}" + "abcdefghijklmnopqrstuvwxyz!"[: PROMPT_TOKENS - 5] for i in range(n)]
 
 
 def _sync(device: torch.device) -> None:

@@ -216,3 +216,35 @@ def test_prefill_workloads_run_with_and_without_the_prefix_cache(tiny_model_dir:
     targets = {t["target"]: t for t in report["targets"]}
     assert targets["shared-prefix: prompt tokens computed, <= 1/8 of those without the cache"]["measured"] > 1
     assert "This workload's own figures" in (tmp_path / "results.md").read_text()
+
+
+def test_a_random_model_is_built_once_from_a_config_and_loads_as_a_folder(tmp_path, monkeypatch) -> None:
+    """`--model random:tiny`: seeded random weights and a tokenizer made in code, written once as a
+    transformers folder; prompts keep their own tokens (no shared prefix by accident)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from async_llm.bench import random_model
+    from async_llm.loading import gguf
+
+    monkeypatch.setenv(gguf.CACHE_ENV_VAR, str(tmp_path))
+    folder = random_model.folder("random:tiny", "float32")
+    assert folder == tmp_path / "random" / "tiny-float32" and (folder / "config.json").is_file()
+    assert random_model.folder("random:tiny", "float32") == folder  # found, not built again
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    rebuilt, _ = random_model.build("tiny", torch.float32)
+    for (name, saved), (_, fresh) in zip(model.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        assert torch.equal(saved, fresh), name  # seeded: the same weights every time
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    first, second = (tokenizer(f"Request {i}: hello").input_ids for i in (0, 1))
+    assert len(first) == len("Request0:hello") and first != second and first[:7] == second[:7]
+    assert tokenizer.unk_token_id not in first
+    with pytest.raises(ValueError, match="unknown random model 'random:huge'"):
+        random_model.folder("random:huge")
+
+
+def test_bench_refuses_an_unknown_random_model(capsys) -> None:
+    from async_llm.bench.cli import main
+
+    assert main(["--model", "random:huge", "--systems", "async_llm", "--quick", "--no-progress"]) == 2
+    assert "unknown random model 'random:huge'" in capsys.readouterr().err

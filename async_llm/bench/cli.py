@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="async-llm bench", description="async_llm against its peers: one run, ratios.")
     p.add_argument("--quick", action="store_true", help="fewer levels and requests, shorter outputs (< 3 min, 2 cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
-    p.add_argument("--model", default=None, help="model folder, .gguf or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf, hub id, or random:llama-1b / random:tiny (random weights built from a config, "
+        "no download; default: the embedded SmolLM2-135M)",
+    )
     p.add_argument("--dtype", default="float32", help="weights dtype for every system (default float32)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (json, md, png)")
     p.add_argument("--concurrency", default=None, help="burst levels, e.g. 1,4,16,64")
@@ -276,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import async_llm.bench.random_model as random_model
     from async_llm.bench.report import build_report, write_all
     from async_llm.bench.suite import SuiteOptions, run_suite
     from async_llm.bench.systems import SYSTEMS, SystemConfig
@@ -293,7 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    model_path = resolve_model_path(args.model)
+    if random_model.is_random(args.model):
+        try:
+            model_path = str(random_model.folder(args.model, args.dtype))
+        except ValueError as exc:
+            print(f"async-llm bench: error: --model: {exc}", file=sys.stderr)
+            return 2
+    else:
+        model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     workloads = build_workloads(
         tokenizer,
