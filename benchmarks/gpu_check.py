@@ -50,9 +50,8 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, An
     return model.to(device), tokenizer
 
 
-def prompts(n: int, vocab: int) -> list[str]:
+def prompts(n: int) -> list[str]:
     """``n`` distinct prompts of :data:`PROMPT_TOKENS` tokens (characters) each."""
-    del vocab  # every geometry has the characters
     return [f"{i:05d}" + "abcdefghijklmnopqrstuvwxyz!"[: PROMPT_TOKENS - 5] for i in range(n)]
 
 
@@ -61,9 +60,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_async_llm(
-    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
-) -> None:
+def run_async_llm(results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int) -> None:
     from async_llm import HuggingFaceLLM
 
     async def main() -> None:
@@ -73,9 +70,9 @@ def run_async_llm(
         ) as llm:
             llm.engine.ready.wait()
             results["runner"] = llm.engine.runner.name
-            await llm.abatch_run(prompts(2, vocab), max_tokens=4, ignore_eos=True, chat_template=False)  # warm-up
+            await llm.abatch_run(prompts(2), max_tokens=4, ignore_eos=True, chat_template=False)  # warm-up
             for n in bursts:
-                texts = prompts(n, vocab)
+                texts = prompts(n)
                 _sync(device)
                 start = time.perf_counter()
                 done = await asyncio.gather(
@@ -89,12 +86,10 @@ def run_async_llm(
     asyncio.run(main())
 
 
-def run_static(
-    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
-) -> None:
+def run_static(results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int) -> None:
     device = next(model.parameters()).device
     for n in bursts:
-        batch = tokenizer(prompts(n, vocab), return_tensors="pt", padding=True).to(device)
+        batch = tokenizer(prompts(n), return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
             _sync(device)
@@ -107,7 +102,7 @@ def run_static(
 
 
 def run_transformers_cb(
-    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, vocab: int
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int
 ) -> None:
     from transformers import GenerationConfig
 
@@ -117,7 +112,7 @@ def run_transformers_cb(
     device = next(model.parameters()).device
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     for n in bursts:
-        ids = [tokenizer(t).input_ids for t in prompts(n, vocab)]
+        ids = [tokenizer(t).input_ids for t in prompts(n)]
         with torch.inference_mode():
             model.generate_batch(inputs=ids[:2], generation_config=config)  # warm-up
             _sync(device)
@@ -197,7 +192,6 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bursts = [int(b) for b in args.bursts.split(",")]
     model, tokenizer = build(args.tiny, device, dtype)
-    vocab = model.config.vocab_size
     _REPORT.update(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
@@ -208,11 +202,9 @@ def main() -> None:
     )
     systems = {
         "floor": lambda results: run_floor(results, model, bursts),
-        "async_llm": lambda results: run_async_llm(results, model, tokenizer, bursts, args.new_tokens, vocab),
-        "static": lambda results: run_static(results, model, tokenizer, bursts, args.new_tokens, vocab),
-        "transformers_cb": lambda results: run_transformers_cb(
-            results, model, tokenizer, bursts, args.new_tokens, vocab
-        ),
+        "async_llm": lambda results: run_async_llm(results, model, tokenizer, bursts, args.new_tokens),
+        "static": lambda results: run_static(results, model, tokenizer, bursts, args.new_tokens),
+        "transformers_cb": lambda results: run_transformers_cb(results, model, tokenizer, bursts, args.new_tokens),
     }
     for name, run in systems.items():
         results: dict[str, Any] = {}

@@ -82,6 +82,7 @@ class Engine(StepUpdate, Worker):
         self.batch = self._new_batch()
         overhead = config.prefill_overhead_tokens
         self.prefill_overhead_tokens = overhead if overhead is not None else 48 if self.device.type == "cpu" else 512
+        self._pair_cost = attention_pair_cost(model)  # the prefill cost model's; the architecture's, once
         self.chunk_budget = ChunkBudget(config.prefill_chunk_tokens)
         self.prefix_cache: PrefixCache | None = None
         if config.prefix_cache:
@@ -105,9 +106,8 @@ class Engine(StepUpdate, Worker):
         )
 
     def _plain_runner(self) -> TransformersRunner:
-        pair_cost = attention_pair_cost(self.model)
         return TransformersRunner(
-            self.model, self._cache_kwarg, self.pad_token_id, self.prefill_overhead_tokens, pair_cost
+            self.model, self._cache_kwarg, self.pad_token_id, self.prefill_overhead_tokens, self._pair_cost
         )
 
     def move_to(self, device: torch.device) -> None:
@@ -132,7 +132,7 @@ class Engine(StepUpdate, Worker):
             batch_hint=min(16, self.scheduler.max_batch_size),
             owned=self.owns_model,
             overhead_tokens=self.prefill_overhead_tokens,
-            pair_cost=attention_pair_cost(self.model),
+            pair_cost=self._pair_cost,
             checks=self.checks,
         )
         self.prefiller.can_resume = self.runner.can_resume
