@@ -9,15 +9,19 @@ small one, for a dry run on a CPU), its tokenizer made in code that every system
 of N requests x ``--new-tokens`` tokens (eos ignored):
 
 - ``async_llm``: :class:`~async_llm.HuggingFaceLLM` over the model, ``max_batch_size`` = the largest
-  burst (which runner the engine chose is recorded);
+  burst (on CUDA the static runner with its decode graphs; the runner, its graphs and their capture
+  time are recorded); ``async_llm_eager`` the same without graphs; ``async_llm_padded`` the fast
+  runner over the padded batch (the engine before the static runner); each also runs a mixed
+  workload (64 requests, prompts of 16 to 512 tokens, 16 to 256 new tokens);
 - ``static``: one padded ``model.generate`` of the whole burst;
 - ``transformers_cb``: transformers' continuous batching (``generate_batch``), where this version
-  has it;
+  has it, in its default setting and (``transformers_cb_graphs``) with its CUDA graphs on;
 - ``floor``: the weight products alone at each burst's row count (``torch.cuda`` graphs of
   ``x @ W.T`` for every linear of the model, replayed), and a device-to-device copy for the memory
   bandwidth: the physical floor of one decode step.
 
-It writes ``DIR/gpu_check.json`` after every measurement (a run cut short keeps what it measured)
+With ``--tests`` the CUDA tests run first (pytest must be importable). It writes
+``DIR/gpu_check.json`` after every measurement (a run cut short keeps what it measured)
 and prints a table last. Systems and bursts that would not fit in ``--budget-s`` are skipped and
 say so.
 
@@ -40,6 +44,8 @@ from typing import Any
 import torch
 
 PROMPT_TOKENS = 32  # every request's prompt, one token per character: its number, then filler
+#: The static runner's slot: the longest request here (the mixed workload's 512 + 256 tokens) fits.
+MAX_MODEL_LEN = 1024
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -60,28 +66,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_async_llm(results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int) -> None:
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def mixed_workload(n: int = 64, seed: int = 0) -> list[tuple[str, int]]:
+    """``n`` requests of mixed prompt (16 to 512 characters) and output (16 to 256 tokens) lengths."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [
+        (f"{i:05d}" + "".join(rng.choice(letters) for _ in range(rng.randint(11, 507))), rng.randint(16, 256))
+        for i in range(n)
+    ]
+
+
+def run_async_llm(
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, **options: Any
+) -> None:
+    """Bursts through :class:`~async_llm.HuggingFaceLLM` (``options``: the engine's, e.g.
+    ``cuda_graphs=False`` or ``runner="fast"``), then the mixed workload."""
     from async_llm import HuggingFaceLLM
+
+    async def burst(llm: Any, calls: list[tuple[str, int]], device: torch.device) -> dict[str, Any]:
+        _peak_reset(device)
+        start = time.perf_counter()
+        done = await asyncio.gather(
+            *(llm.acomplete(t, max_tokens=k, ignore_eos=True, chat_template=False) for t, k in calls)
+        )
+        seconds = time.perf_counter() - start
+        tokens = sum(len(c.token_ids) for c in done)
+        tpot = [(c.latency - c.time_to_first_token) / (len(c.token_ids) - 1) for c in done if len(c.token_ids) > 1]
+        return {
+            "tok_s": tokens / seconds,
+            "seconds": seconds,
+            "ttft_p50_s": statistics.median(c.time_to_first_token for c in done),
+            "tpot_p50_s": statistics.median(tpot) if tpot else None,
+            "peak_gib": _peak_gib(device),
+        }
 
     async def main() -> None:
         device = next(model.parameters()).device
-        async with HuggingFaceLLM(
-            model=model, tokenizer=tokenizer, max_batch_size=max(bursts), prefix_cache=False, max_tokens=new_tokens
-        ) as llm:
+        start = time.perf_counter()
+        llm = HuggingFaceLLM(
+            model=model,
+            tokenizer=tokenizer,
+            max_batch_size=max(bursts),
+            prefix_cache=False,
+            max_tokens=new_tokens,
+            max_model_len=MAX_MODEL_LEN,
+            **options,
+        )
+        async with llm:
             llm.engine.ready.wait()
+            results["start_s"] = time.perf_counter() - start
             results["runner"] = llm.engine.runner.name
+            graphs = getattr(llm.engine.runner, "graphs", None)
+            results["graphs"] = len(graphs.graphs) if graphs is not None else 0
+            results["capture_s"] = graphs.capture_seconds if graphs is not None else 0.0
             await llm.abatch_run(prompts(2), max_tokens=4, ignore_eos=True, chat_template=False)  # warm-up
             for n in bursts:
-                texts = prompts(n)
-                _sync(device)
-                start = time.perf_counter()
-                done = await asyncio.gather(
-                    *(llm.acomplete(t, max_tokens=new_tokens, ignore_eos=True, chat_template=False) for t in texts)
-                )
-                seconds = time.perf_counter() - start
-                ttft = statistics.median(c.time_to_first_token for c in done)
-                results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds, "ttft_p50_s": ttft}
+                results[str(n)] = await burst(llm, [(t, new_tokens) for t in prompts(n)], device)
                 save()
+            results["mixed"] = await burst(llm, mixed_workload(), device)
+            if graphs is not None:
+                results["graphs_after"] = len(graphs.graphs)
+            save()
 
     asyncio.run(main())
 
@@ -101,8 +158,17 @@ def run_static(results: dict[str, Any], model: Any, tokenizer: Any, bursts: list
         save()
 
 
+def _cb_graphs_kwargs() -> dict[str, Any]:
+    """transformers' continuous batching with its CUDA graphs on, as this version spells it."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # type: ignore[attr-defined]
+    except ImportError:
+        return {"generation_config_extra": {"use_cuda_graph": True}}
+    return {"continuous_batching_config": ContinuousBatchingConfig(use_cuda_graph=True)}
+
+
 def run_transformers_cb(
-    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int
+    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, graphs: bool = False
 ) -> None:
     from transformers import GenerationConfig
 
@@ -110,18 +176,36 @@ def run_transformers_cb(
         results["skipped"] = "this transformers has no generate_batch"
         return
     device = next(model.parameters()).device
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    extra: dict[str, Any] = _cb_graphs_kwargs() if graphs else {}
+    config_extra = extra.pop("generation_config_extra", {})
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0, **config_extra
+    )
     for n in bursts:
         ids = [tokenizer(t).input_ids for t in prompts(n)]
         with torch.inference_mode():
-            model.generate_batch(inputs=ids[:2], generation_config=config)  # warm-up
-            _sync(device)
+            model.generate_batch(inputs=ids[:2], generation_config=config, **extra)  # warm-up
+            _peak_reset(device)
             start = time.perf_counter()
-            model.generate_batch(inputs=ids, generation_config=config)
+            out = model.generate_batch(inputs=ids, generation_config=config, record_timestamps=True, **extra)
             _sync(device)
         seconds = time.perf_counter() - start
-        results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds}
+        results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds, "peak_gib": _peak_gib(device)}
+        ttft = _cb_ttft(out, start)
+        if ttft is not None:
+            results[str(n)]["ttft_p50_s"] = ttft
         save()
+
+
+def _cb_ttft(outputs: Any, start: float) -> float | None:
+    """The median time to first token of a ``generate_batch`` run, where its outputs carry timestamps."""
+    firsts = []
+    for output in getattr(outputs, "values", lambda: [])():
+        stamps = getattr(output, "timestamps", None)
+        created = getattr(output, "created_time", None)
+        if stamps and created is not None:
+            firsts.append(stamps[0] - created)
+    return statistics.median(firsts) if firsts else None
 
 
 def run_floor(results: dict[str, Any], model: Any, bursts: list[int]) -> None:
@@ -166,6 +250,31 @@ def run_floor(results: dict[str, Any], model: Any, bursts: list[int]) -> None:
     results["weight_bytes"] = sum(w.numel() * w.element_size() for w in weights)
 
 
+def run_cuda_tests(results: dict[str, Any], timeout_s: float) -> None:
+    """The CUDA-marked tests (and the device draws'), in a subprocess with a time limit."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_cuda.py",
+        "tests/test_draws.py",
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        results.update(rc=None, output=f"timed out after {timeout_s} s: {exc.stdout!r}"[-4000:])
+        return
+    results.update(rc=done.returncode, output=(done.stdout + done.stderr)[-6000:])
+
+
 _REPORT: dict[str, Any] = {}
 _OUT: Path | None = None
 
@@ -184,6 +293,8 @@ def main() -> None:
     parser.add_argument("--bursts", default="1,64,256")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--tests", action="store_true", help="run the CUDA tests first (needs pytest)")
+    parser.add_argument("--tests-timeout-s", type=float, default=150.0)
     args = parser.parse_args()
     _OUT = args.out
     args.out.mkdir(parents=True, exist_ok=True)
@@ -203,9 +314,26 @@ def main() -> None:
     systems = {
         "floor": lambda results: run_floor(results, model, bursts),
         "async_llm": lambda results: run_async_llm(results, model, tokenizer, bursts, args.new_tokens),
-        "static": lambda results: run_static(results, model, tokenizer, bursts, args.new_tokens),
+        "async_llm_eager": lambda results: run_async_llm(
+            results, model, tokenizer, bursts, args.new_tokens, cuda_graphs=False
+        ),
+        "async_llm_padded": lambda results: run_async_llm(
+            results, model, tokenizer, bursts, args.new_tokens, runner="fast"
+        ),
         "transformers_cb": lambda results: run_transformers_cb(results, model, tokenizer, bursts, args.new_tokens),
+        "transformers_cb_graphs": lambda results: run_transformers_cb(
+            results, model, tokenizer, bursts, args.new_tokens, graphs=True
+        ),
+        "static": lambda results: run_static(results, model, tokenizer, bursts, args.new_tokens),
     }
+    if device.type != "cuda":  # the dry run: what runs on a CPU
+        systems["async_llm_eager"] = lambda results: run_async_llm(
+            results, model, tokenizer, bursts, args.new_tokens, runner="static"
+        )
+        del systems["transformers_cb_graphs"]
+    if args.tests:
+        run_cuda_tests(_REPORT.setdefault("cuda_tests", {}), args.tests_timeout_s)
+        save()
     for name, run in systems.items():
         results: dict[str, Any] = {}
         _REPORT[name] = results  # filled as it runs: save() writes what is measured so far
@@ -220,7 +348,14 @@ def main() -> None:
         _REPORT[name + "_seconds"] = round(time.monotonic() - start, 1)
         save()
     print(f"{_REPORT['device']} ({_REPORT['dtype']}), {args.new_tokens} new tokens per request")
-    for name in ("async_llm", "static", "transformers_cb"):
+    for name in (
+        "async_llm",
+        "async_llm_eager",
+        "async_llm_padded",
+        "transformers_cb",
+        "transformers_cb_graphs",
+        "static",
+    ):
         row = _REPORT.get(name, {})
         cells = [f"{row[str(n)]['tok_s']:.0f}" if isinstance(row.get(str(n)), dict) else "-" for n in bursts]
         print(f"{name:16s} tok/s at bursts {bursts}: {' '.join(cells)}  {row.get('runner', row.get('error', ''))}")

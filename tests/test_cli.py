@@ -22,6 +22,7 @@ import pytest
 
 import async_llm
 from async_llm import HuggingFaceLLM, cli
+from async_llm.cli.parser import ENGINE_FLAGS, engine_kwargs
 
 CLOSING_LINE = re.compile(
     r"^(?P<n>\d+) requests, (?P<tokens>\d+) tokens in (?P<secs>\d+\.\d\d) s: "
@@ -46,7 +47,74 @@ def test_demo_defaults() -> None:
     args = cli.build_parser().parse_args(["demo"])
     assert args.command == "demo"
     assert (args.requests, args.max_tokens, args.temperature) == (6, 96, 0.0)
-    assert (args.model, args.device, args.plain, args.max_batch_size) == (None, None, False, 32)
+    assert (args.model, args.device, args.plain, args.max_batch_size) == (None, None, False, None)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["demo"]])
+def test_engine_flags(command: list[str]) -> None:
+    """Every command that loads a model takes the engine's flags; not given, each is None (the
+    library's default, which the engine resolves)."""
+    defaults = cli.build_parser().parse_args(command)
+    assert engine_kwargs(defaults) == dict.fromkeys(ENGINE_FLAGS)
+    args = cli.build_parser().parse_args(
+        [*command, "--max-batch-size", "64", "--runner", "static", "--max-model-len", "4096",
+         "--gpu-memory-utilization", "0.8", "--no-cuda-graphs"]
+    )  # fmt: skip
+    assert engine_kwargs(args) == {
+        "max_batch_size": 64, "runner": "static", "max_model_len": 4096,
+        "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False,
+    }  # fmt: skip
+    assert cli.build_parser().parse_args([*command, "--cuda-graphs"]).cuda_graphs is True
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("8589934592", 1 << 33), ("8GiB", 1 << 33), ("512 MiB", 1 << 29), ("1.5gib", 3 << 29)]
+)
+def test_kv_cache_bytes_takes_binary_units(text: str, size: int) -> None:
+    assert cli.build_parser().parse_args(["serve", "--kv-cache-bytes", text]).kv_cache_bytes == size
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--runner", "cuda"],
+        ["--gpu-memory-utilization", "0"],
+        ["--gpu-memory-utilization", "1.5"],
+        ["--kv-cache-bytes", "0"],
+        ["--kv-cache-bytes", "8GB"],
+        ["--max-model-len", "0"],
+        ["--max-batch-size", "0"],
+        ["--gpu-memory-utilization", "0.5", "--kv-cache-bytes", "1GiB"],  # one or the other
+    ],
+)
+def test_bad_engine_flags_exit_2(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", *flags]) == 2
+    assert _one_line_error(capsys.readouterr().err).startswith("async-llm: error:")
+
+
+def test_serve_passes_the_engine_flags_to_the_llm(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from async_llm.serve import server
+
+    loaded: list[dict[str, Any]] = []
+
+    def load(*args: Any, **kwargs: Any) -> object:
+        loaded.append(kwargs)
+        return object()
+
+    async def served(args: Any, llm: Any, listener: Any) -> signal.Signals:
+        listener.close()
+        return signal.SIGTERM
+
+    monkeypatch.setattr(async_llm, "HuggingFaceLLM", load)
+    monkeypatch.setattr(server, "serve_http", served)
+    flags = ["--runner", "transformers", "--kv-cache-bytes", "1MiB"]
+    assert cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", *flags]) == 0
+    assert loaded == [
+        {"device": None, "max_batch_size": None, "runner": "transformers", "max_model_len": None,
+         "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None}
+    ]  # fmt: skip
 
 
 def test_generate_options() -> None:

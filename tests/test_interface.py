@@ -214,3 +214,14 @@ def test_a_dispatched_model_passed_in_with_a_device_is_refused(tiny_tokenizer):
     with pytest.raises(InvalidParameterError) as info:
         HuggingFaceLLM(model=model, tokenizer=tiny_tokenizer, device="cpu")
     assert info.value.param == "device"
+
+
+async def test_max_batch_size_none_is_resolved_by_the_engine(tiny_model, tiny_tokenizer):
+    """None (the default) leaves the row count to the engine (32 with the CPU runners); the front
+    end's batch window reads the engine's value."""
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", runner="fast") as llm:
+        assert llm._engine_config.max_batch_size is None
+        assert llm.engine.scheduler.max_batch_size == 32
+        assert llm._batch_window() == 64
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=3, max_queue_size=1) as llm:
+        assert llm.engine.scheduler.max_batch_size == 3 and llm._batch_window() == 4

@@ -450,7 +450,7 @@ def test_serve_command_defaults_to_loopback():
 
     args = cli.build_parser().parse_args(["serve"])
     assert (args.command, args.host, args.port, args.api_key, args.model) == ("serve", "127.0.0.1", 8000, None, None)
-    assert (args.ray, args.replicas, args.max_batch_size) == (False, 1, 32)
+    assert (args.ray, args.replicas, args.max_batch_size) == (False, 1, None)  # None: the engine sizes it
     args = cli.build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--api-key", "k", "--port", "0"])
     assert (args.ray, args.replicas, args.api_key, args.port) == (True, 3, "k", 0)
     args = cli.build_parser().parse_args(["serve", "--max-body-bytes", "10", "--body-timeout", "2.5"])

@@ -15,7 +15,7 @@ from typing import Any
 
 from async_llm.cli.console import EXIT_INTERRUPTED, EXIT_RUNTIME, fail, progress
 from async_llm.cli.demo_view import make_view
-from async_llm.cli.parser import UsageError
+from async_llm.cli.parser import UsageError, engine_kwargs
 
 __all__ = ["DEMO_PROMPTS", "demo", "generate", "serve"]
 
@@ -79,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
         if args.reject_unknown_fields:
             raise UsageError("--reject-unknown-fields is not available with --ray")
         try:
-            stopped_by: signal.Signals | None = await serve_ray(args)
+            stopped_by: signal.Signals | None = await serve_ray(args, engine_kwargs(args))
         except ModuleNotFoundError as exc:
             if exc.name is None or not exc.name.startswith("ray"):
                 raise
@@ -87,7 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         what = check_model(args.model)
         listener = bind_listener(args.host, args.port)  # a port in use fails now, not after the load
-        load = functools.partial(HuggingFaceLLM, args.model, device=args.device, max_batch_size=args.max_batch_size)
+        load = functools.partial(HuggingFaceLLM, args.model, device=args.device, **engine_kwargs(args))
         try:
             with progress(what, args.verbose):
                 llm = await anyio.to_thread.run_sync(load)
@@ -112,8 +112,8 @@ async def generate(args: argparse.Namespace) -> int:
         llm = HuggingFaceLLM(
             model_id=args.model,
             device=args.device,
-            max_batch_size=args.max_batch_size,
             system_prompt=args.system_prompt,
+            **engine_kwargs(args),
         )
     out = sys.stdout
     wrote = False
@@ -140,7 +140,7 @@ async def demo(args: argparse.Namespace) -> int:
 
     sampling = sampling_kwargs(args)
     with progress(check_model(args.model), args.verbose):
-        llm = HuggingFaceLLM(model_id=args.model, device=args.device, max_batch_size=args.max_batch_size)
+        llm = HuggingFaceLLM(model_id=args.model, device=args.device, **engine_kwargs(args))
     out = sys.stdout
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(args.requests)]
     texts = [""] * len(prompts)

@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import re
+from typing import Any, NoReturn
 
-__all__ = ["UsageError", "build_parser"]
+__all__ = ["ENGINE_FLAGS", "UsageError", "build_parser", "engine_kwargs"]
 
 # The serve command's body limits, shown in --help (async_llm.serve.limits holds the values; importing
 # it here would import FastAPI for every command; tests/test_new_user.py checks these agree).
 MAX_BODY_HELP, BODY_TIMEOUT_HELP = "4 MiB", "30"
+
+#: The engine's flags (every command that loads a model has them), each the ``HuggingFaceLLM``
+#: keyword argument of the same name; None (a flag not given) is the library's default.
+ENGINE_FLAGS = ("max_batch_size", "runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes", "cuda_graphs")
+
+_BYTE_UNITS = {"": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
 class UsageError(Exception):
@@ -88,18 +95,66 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's options among the parsed arguments, as ``HuggingFaceLLM`` keyword arguments."""
+    return {name: getattr(args, name) for name in ENGINE_FLAGS}
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: best)")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=32, help="rows decoded together (default 32)")
+    parser.add_argument(
+        "--max-batch-size", type=_positive_int, default=None,
+        help="rows decoded together (default: 32 on a CPU; with the static runner, as many as the KV budget "
+        "holds, up to 256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--runner", choices=("static", "fast", "transformers"), default=None,
+        help="model runner (default: static on CUDA, else fast where the model supports it, else transformers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-model-len", type=_positive_int, default=None,
+        help="static runner: most prompt + output tokens per request (default: the model's context, at most 8192)",
+    )  # fmt: skip
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--gpu-memory-utilization", type=_fraction, default=None,
+        help="static runner: share of the device's memory for weights, KV store and activations (default 0.9 on CUDA)",
+    )  # fmt: skip
+    budget.add_argument(
+        "--kv-cache-bytes", type=_byte_size, default=None,
+        help="static runner: KV store size, e.g. 8GiB, 512MiB or bytes (default: from --gpu-memory-utilization)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+        help="static runner: capture decode as CUDA graphs (default: on with CUDA)",
+    )  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
+def _byte_size(text: str) -> int:
+    """A size in bytes: ``8589934592``, ``8GiB``, ``512 MiB`` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i[bB])?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes, or a size with KiB, MiB or GiB, got {text!r}")
+    value = int(float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
 
 

@@ -89,7 +89,118 @@ class PaddedKVCache(Cache):
         return kv[layer_idx, 0, : b.size, :, live], kv[layer_idx, 1, : b.size, :, live]
 
 
-class PaddedBatch:
+class BatchRows:
+    """The rows of a running batch and what sampling needs of them, whatever the KV layout.
+
+    ``rows`` are in row order: row ``i`` of a decode step's logits is ``rows[i]``. The per-row
+    tensors here (penalty counts, prompt masks) follow that order; a layout's own tensors (keys and
+    values, last tokens, lengths) are its subclass's.
+    """
+
+    def __init__(self, vocab_size: int, max_rows: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.max_rows = max_rows
+        self.device = device
+        self.rows: list[Request] = []
+        self.row_lengths: list[int] = []  # host copy of each row's context length (no device sync)
+        self.counts: torch.Tensor | None = None  # [B_cap, V] output token counts, only with penalties
+        self.prompt_mask: torch.Tensor | None = None  # [B_cap, V] bool, only with penalties
+        self.sampling: SamplingBatch | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def _add_penalty_rows(
+        self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None, capacity: int
+    ) -> None:
+        """Set the penalty state of ``rows`` (zeroed when they have none but the batch has some)."""
+        if counts is None or prompt_mask is None:
+            if self.counts is not None:
+                self.counts[rows] = 0
+                self.prompt_mask[rows] = False  # type: ignore[index]
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(capacity, self.vocab_size, dtype=torch.float32, device=self.device)
+            self.prompt_mask = torch.zeros(capacity, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.counts[rows] = counts
+        self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
+
+    def _compact(
+        self, indices: Sequence[int], tensors: Sequence[str], lists: Sequence[str] = ()
+    ) -> tuple[list[int], list[int]]:
+        """Drop rows ``indices``: the last surviving rows move into the freed places, in the row
+        lists (and the subclass's named ``lists``) and in the named ``[B_cap, ...]`` tensors.
+        Returns ``(holes, movers)``."""
+        gone = set(indices)
+        keep = self.size - len(gone)
+        holes = [i for i in sorted(gone) if i < keep]
+        movers = [i for i in range(keep, self.size) if i not in gone]
+        if holes:
+            dst = torch.tensor(holes, device=self.device)
+            src = torch.tensor(movers, device=self.device)
+            for name in tensors:
+                tensor = getattr(self, name)
+                if tensor is not None:
+                    tensor.index_copy_(0, dst, tensor.index_select(0, src))
+        names = ("rows", "row_lengths", *lists)
+        for name in names:
+            values = getattr(self, name)
+            for h, m in zip(holes, movers, strict=True):
+                values[h] = values[m]
+            del values[keep:]
+        return holes, movers
+
+    def _rebuild_sampling(self) -> None:
+        if not self.rows:
+            self.sampling = None
+            return
+        self.sampling = SamplingBatch.build([r.params for r in self.rows], self.vocab_size, self.device)
+        if self.counts is not None and not self.sampling.uses_penalties:
+            self.counts = self.prompt_mask = None  # the last penalised row left
+
+    def record_tokens(self, tokens: torch.Tensor) -> None:
+        """Count each row's new token for frequency/presence/repetition penalties."""
+        if self.counts is not None:
+            b = self.size
+            self.counts[:b].scatter_add_(1, tokens[:b, None], torch.ones(b, 1, device=self.device))
+
+    # -- what each layout implements ------------------------------------------------------------------
+    def add(
+        self,
+        requests: Sequence[Request],
+        kv_rows: Sequence[torch.Tensor],
+        first_tokens: torch.Tensor,
+        counts: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
+    ) -> None:
+        """Merge freshly prefilled rows (their keys and values ``[layers, 2, H, L_i, D]``, first
+        tokens ``[n]`` and penalty state ``[n, V]``) into the batch, after the rows it has."""
+        raise NotImplementedError
+
+    def remove(self, indices: Sequence[int]) -> None:
+        """Drop the rows at ``indices``; the others keep their order."""
+        raise NotImplementedError
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Commit a decode step: its column is part of every row now, and ``tokens`` ``[B]`` are fed next."""
+        raise NotImplementedError
+
+    def row_kv(self, index: int) -> torch.Tensor:
+        """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forget every row."""
+        raise NotImplementedError
+
+    def holds_rows(self) -> bool:
+        """Whether keys and values of a row (or of a prompt on its way to one) are held: False once
+        every request has ended and its memory is back."""
+        raise NotImplementedError
+
+
+class PaddedBatch(BatchRows):
     """The rows being decoded together, with everything a decode step needs on the device.
 
     Args:
@@ -103,26 +214,15 @@ class PaddedBatch:
     def __init__(
         self, num_layers: int, vocab_size: int, max_rows: int, device: torch.device, dtype: torch.dtype
     ) -> None:
+        super().__init__(vocab_size, max_rows, device)
         self.num_layers = num_layers
-        self.vocab_size = vocab_size
-        self.max_rows = max_rows
-        self.device = device
         self.dtype = dtype
-        self.rows: list[Request] = []
-        self.row_lengths: list[int] = []  # host copy of `lengths` (no device sync to trim)
         self.start = 0
         self.end = 0
         self.kv: torch.Tensor | None = None  # [layers, 2, B_cap, H, L_cap, D]
         self.mask = self.lengths = self.last_tokens = torch.zeros(0)  # [B_cap, L_cap], [B_cap], [B_cap]
-        self.counts: torch.Tensor | None = None  # [B_cap, V] output token counts, only with penalties
-        self.prompt_mask: torch.Tensor | None = None  # [B_cap, V] bool, only with penalties
-        self.sampling: SamplingBatch | None = None
         self.clear()
         self.cache = PaddedKVCache(self, num_layers)
-
-    @property
-    def size(self) -> int:
-        return len(self.rows)
 
     # -- joining ----------------------------------------------------------------------------------
     def add(
@@ -167,7 +267,7 @@ class PaddedBatch:
             self.mask[row, self.end - length : self.end] = 1
         self.lengths[rows] = torch.tensor(lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
-        self._add_penalty_rows(rows, counts, prompt_mask)
+        self._add_penalty_rows(rows, counts, prompt_mask, self.mask.shape[0])
         self.rows.extend(requests)
         self.row_lengths.extend(lengths)
         self._rebuild_sampling()
@@ -176,19 +276,6 @@ class PaddedBatch:
         """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""
         assert self.kv is not None
         return self.kv[:, :, index, :, self.end - self.row_lengths[index] : self.end]
-
-    def _add_penalty_rows(self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> None:
-        if counts is None or prompt_mask is None:
-            if self.counts is not None:
-                self.counts[rows] = 0
-                self.prompt_mask[rows] = False  # type: ignore[index]
-            return
-        if self.counts is None:
-            cap = self.mask.shape[0]
-            self.counts = torch.zeros(cap, self.vocab_size, dtype=torch.float32, device=self.device)
-            self.prompt_mask = torch.zeros(cap, self.vocab_size, dtype=torch.bool, device=self.device)
-        self.counts[rows] = counts
-        self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
 
     def _reserve(self, rows: int, columns: int, like: torch.Tensor | None = None, ahead: int = 1) -> None:
         """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and
@@ -234,38 +321,17 @@ class PaddedBatch:
         """Drop rows: the last surviving rows move into the freed slots (copying only them)."""
         if not indices:
             return
-        gone = set(indices)
-        keep = self.size - len(gone)
-        holes = [i for i in sorted(gone) if i < keep]
-        movers = [i for i in range(keep, self.size) if i not in gone]
+        holes, movers = self._compact(indices, ("mask", "lengths", "last_tokens", "counts", "prompt_mask"))
         if holes:
-            dst = torch.tensor(holes, device=self.device)
-            src = torch.tensor(movers, device=self.device)
             assert self.kv is not None
-            self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
-            for name in ("mask", "lengths", "last_tokens", "counts", "prompt_mask"):
-                tensor = getattr(self, name)
-                if tensor is not None:
-                    tensor.index_copy_(0, dst, tensor.index_select(0, src))
-            for h, m in zip(holes, movers):
-                self.rows[h] = self.rows[m]
-                self.row_lengths[h] = self.row_lengths[m]
-        del self.rows[keep:]
-        del self.row_lengths[keep:]
+            dst = torch.tensor(holes, device=self.device)
+            self.kv.index_copy_(2, dst, self.kv.index_select(2, torch.tensor(movers, device=self.device)))
         if self.rows:
             # Columns left of the longest row are padding for every row: trim them (no copy).
             self.start = self.end - max(self.row_lengths)
             self._rebuild_sampling()
         else:
             self.clear()
-
-    def _rebuild_sampling(self) -> None:
-        if not self.rows:
-            self.sampling = None
-            return
-        self.sampling = SamplingBatch.build([r.params for r in self.rows], self.vocab_size, self.device)
-        if self.counts is not None and not self.sampling.uses_penalties:
-            self.counts = self.prompt_mask = None  # the last penalised row left
 
     # -- one decode step --------------------------------------------------------------------------
     def decode_inputs(self) -> dict[str, Any]:
@@ -289,11 +355,8 @@ class PaddedBatch:
         self.last_tokens[:b] = tokens
         self.record_tokens(tokens)
 
-    def record_tokens(self, tokens: torch.Tensor) -> None:
-        """Count each row's new token for frequency/presence/repetition penalties."""
-        if self.counts is not None:
-            b = self.size
-            self.counts[:b].scatter_add_(1, tokens[:b, None], torch.ones(b, 1, device=self.device))
+    def holds_rows(self) -> bool:
+        return self.kv is not None
 
     def clear(self) -> None:
         """Forget every row and give the buffers back: an idle engine holds no KV memory."""

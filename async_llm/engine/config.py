@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+
+#: The model runners a caller may ask for (``EngineConfig.runner``); None picks one.
+RUNNERS = ("static", "fast", "transformers")
+
+#: Rows decoded together when ``max_batch_size`` is None and a CPU runner (fast, transformers) runs.
+DEFAULT_MAX_BATCH_SIZE = 32
 
 
 def _check_int(name: str, value: object, low: int, optional: bool = False) -> None:
@@ -17,12 +24,25 @@ def _check_int(name: str, value: object, low: int, optional: bool = False) -> No
         raise InvalidParameterError(name, f"{name} must be an int >= {low}, got {value!r}")
 
 
+def _check_fraction(name: str, value: object) -> None:
+    """None, or a real number in (0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParameterTypeError(name, f"{name} must be a number in (0, 1], got {value!r}")
+    if math.isnan(value) or not 0 < value <= 1:
+        raise InvalidParameterError(name, f"{name} must be a number in (0, 1], got {value!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches, schedules and runs the model.
 
     Args:
-        max_batch_size: Most rows decoded together.
+        max_batch_size: Most rows decoded together. None: 32 with the CPU runners (fast,
+            transformers); with the static runner, as many rows of ``max_model_len`` tokens as the
+            KV budget holds, up to 256 (see :func:`~async_llm.engine.kv_budget.plan_slots`). Given
+            with the static runner, a budget that holds fewer rows raises at start.
         max_queue_size: Most requests waiting for a row; a submit past it raises
             :class:`~async_llm.errors.QueueFullError`.
         max_prefill_tokens: Most prompt tokens prefilled in one step while no row decodes.
@@ -34,7 +54,8 @@ class EngineConfig:
             ``benchmarks/profile_step.py`` on the default model and rounded up (erring toward fewer
             forwards: on an accelerator, kernel launches dominate a small forward).
         fast_path: Run the model with the fast runner where it applies (checked on the model when
-            the engine starts); otherwise, or when False, the transformers runner.
+            the engine starts); otherwise, or when False, the transformers runner. False is the
+            same as ``runner="transformers"`` (and contradicts any other ``runner``).
         prefix_cache: Keep the keys and values of prompts and finished requests in blocks, and start
             later prompts that share a prefix with them after it. Off by itself for models where a
             prefill after a prefix would not be exact (one log line says why).
@@ -42,13 +63,31 @@ class EngineConfig:
             None: a share of the device's memory (see ``model_api.default_prefix_cache_bytes``).
         prefill_chunk_tokens: Most prompt tokens prefilled in one step while rows are decoding
             (chunked prefill). None: measured (see :class:`~async_llm.engine.scheduler.ChunkBudget`).
+        runner: The model runner: ``"static"`` (a KV store preallocated once from a memory budget
+            and split into one fixed slot per row, decode captured as CUDA graphs; made for CUDA),
+            ``"fast"`` (the fused CPU step; Llama-family models that pass its start-up check),
+            ``"transformers"`` (the model's own forward; any model). None: the static runner on
+            CUDA, the fast runner on a CPU where the model is supported, else transformers.
+        max_model_len: The longest context (prompt plus generated tokens) one row may hold under
+            the static runner. None: the model's ``max_position_embeddings`` capped at 8192: every
+            slot costs ``max_model_len`` tokens of keys and values whether its request uses them or
+            not, so a model's full 128k context would leave room for a handful of rows. Larger than
+            the model's ``max_position_embeddings`` raises at start.
+        gpu_memory_utilization: The share of the device's total memory the process may use for
+            weights, the KV store and activations together (vLLM's meaning): the static runner's KV
+            store gets what is left of it after the memory already in use. None: 0.9 on CUDA (0.5
+            of the system's memory on a CPU). A number in (0, 1].
+        kv_cache_bytes: The static runner's KV store size, given outright instead of derived from
+            ``gpu_memory_utilization`` (not with it).
+        cuda_graphs: Capture the static runner's decode step as CUDA graphs (one per bucketed batch
+            size). None: on where the device is CUDA; True on another device raises.
 
     Raises:
-        ParameterTypeError, InvalidParameterError: An option has the wrong type or range (``.param``
-            names it).
+        ParameterTypeError, InvalidParameterError: An option has the wrong type or range, or two
+            contradict each other (``.param`` names the one at fault).
     """
 
-    max_batch_size: int = 32
+    max_batch_size: int | None = None
     max_queue_size: int = 1024
     max_prefill_tokens: int = 8192
     seed: int | None = None
@@ -57,15 +96,53 @@ class EngineConfig:
     prefix_cache: bool = True
     prefix_cache_bytes: int | None = None
     prefill_chunk_tokens: int | None = None
+    runner: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_bytes: int | None = None
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_batch_size", self.max_batch_size, 1)
+        _check_int("max_batch_size", self.max_batch_size, 1, optional=True)
         _check_int("max_queue_size", self.max_queue_size, 1)
         _check_int("max_prefill_tokens", self.max_prefill_tokens, 1)
         _check_int("seed", self.seed, 0, optional=True)
         _check_int("prefill_overhead_tokens", self.prefill_overhead_tokens, 0, optional=True)
         _check_int("prefix_cache_bytes", self.prefix_cache_bytes, 0, optional=True)
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, optional=True)
+        _check_int("max_model_len", self.max_model_len, 1, optional=True)
+        _check_int("kv_cache_bytes", self.kv_cache_bytes, 1, optional=True)
+        _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
         for name in ("fast_path", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ParameterTypeError(name, f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ParameterTypeError(
+                "cuda_graphs", f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}"
+            )
+        self._check_runner()
+        if self.kv_cache_bytes is not None and self.gpu_memory_utilization is not None:
+            raise InvalidParameterError(
+                "kv_cache_bytes",
+                f"kv_cache_bytes={self.kv_cache_bytes} sets the KV store's size outright and "
+                f"gpu_memory_utilization={self.gpu_memory_utilization} derives it: give one, not both",
+            )
+
+    def _check_runner(self) -> None:
+        choices = ", ".join(repr(r) for r in RUNNERS)
+        if self.runner is None:
+            return
+        if not isinstance(self.runner, str):
+            raise ParameterTypeError("runner", f"runner must be one of {choices} or None, got {self.runner!r}")
+        if self.runner not in RUNNERS:
+            raise InvalidParameterError("runner", f"runner must be one of {choices} or None, got {self.runner!r}")
+        if not self.fast_path and self.runner != "transformers":
+            raise InvalidParameterError(
+                "runner",
+                f"runner={self.runner!r} contradicts fast_path=False (the transformers runner): give one",
+            )
+
+    @property
+    def requested_runner(self) -> str | None:
+        """The runner asked for, ``fast_path=False`` read as ``"transformers"``; None: the engine picks."""
+        return "transformers" if not self.fast_path else self.runner

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from async_llm.engine.batch import PaddedBatch
-from async_llm.engine.config import EngineConfig
+from async_llm.engine.batch import BatchRows, PaddedBatch
+from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
+from async_llm.engine.kv_budget import check_cuda_graphs
 from async_llm.engine.model_api import attention_pair_cost, cache_kwarg, default_prefix_cache_bytes, input_device
 from async_llm.engine.output import FinishReason, StepOutputs
 from async_llm.engine.planner import ChunkBudget, plan_step
@@ -29,12 +30,14 @@ from async_llm.engine.prefill import Forward, Prefiller
 from async_llm.engine.prefix_cache import PrefixCache
 from async_llm.engine.request import Request
 from async_llm.engine.runners import ModelRunner, select_runner
+from async_llm.engine.runners.static import StaticRunner, plan_static
 from async_llm.engine.runners.transformers import TransformersRunner
 from async_llm.engine.scheduler import Scheduler
+from async_llm.engine.slot_batch import SlotBatch
 from async_llm.engine.start_checks import CheckStore
 from async_llm.engine.update import StepUpdate
 from async_llm.engine.worker import Worker
-from async_llm.errors import GenerationError, RequestAbortedError
+from async_llm.errors import ContextLengthError, GenerationError, RequestAbortedError
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.core")
@@ -65,9 +68,15 @@ class Engine(StepUpdate, Worker):
     ) -> None:
         config = config if config is not None else EngineConfig()
         self.config = config
-        super().__init__(
-            "async-llm-engine", Scheduler(config.max_batch_size, config.max_prefill_tokens), config.max_queue_size
-        )
+        self.device = input_device(model)
+        check_cuda_graphs(config.cuda_graphs, self.device)
+        # The static runner's store is sized now, before the engine starts: a budget that cannot
+        # work raises here, naming the option to change.
+        self.slots = plan_static(model, config, self.device)
+        rows = config.max_batch_size if config.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
+        if self.slots is not None:
+            rows = self.slots.rows
+        super().__init__("async-llm-engine", Scheduler(rows, config.max_prefill_tokens), config.max_queue_size)
         self.model = model
         self.owns_model = owns_model
         self.checks = checks
@@ -95,15 +104,30 @@ class Engine(StepUpdate, Worker):
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
 
-    def _new_batch(self) -> PaddedBatch:
+    def _new_batch(self) -> BatchRows:
+        """The batch the runner decodes: the static runner's slots, else the padded buffer."""
         self.device = input_device(self.model)
-        return PaddedBatch(
-            num_layers=self.model.config.get_text_config().num_hidden_layers,
-            vocab_size=self.vocab_size,
-            max_rows=self.scheduler.max_batch_size,
-            device=self.device,
-            dtype=next(self.model.parameters()).dtype,
-        )
+        text = self.model.config.get_text_config()
+        dtype = next(self.model.parameters()).dtype
+        if self.slots is not None:
+            heads = text.num_attention_heads
+            return SlotBatch(
+                num_layers=text.num_hidden_layers,
+                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                vocab_size=self.vocab_size,
+                max_rows=self.slots.rows,
+                columns=self.slots.columns,
+                device=self.device,
+                dtype=dtype,
+            )
+        return PaddedBatch(text.num_hidden_layers, self.vocab_size, self.scheduler.max_batch_size, self.device, dtype)
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest context (prompt and output) a row may hold, when the runner bounds it (the
+        static runner's ``max_model_len``); None: the model's own."""
+        return self.slots.columns if self.slots is not None else None
 
     def _plain_runner(self) -> TransformersRunner:
         return TransformersRunner(
@@ -113,7 +137,7 @@ class Engine(StepUpdate, Worker):
     def move_to(self, device: torch.device) -> None:
         """Move the model once nothing is running (engine thread only, through call_when_idle)."""
         self.model.to(device)
-        self.batch = self._new_batch()
+        self.batch = self._new_batch()  # the same slots (and rows), on the new device
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # blocks on the old device
         self._prepare()  # the fast runner holds the weights of the old device
@@ -128,13 +152,18 @@ class Engine(StepUpdate, Worker):
             self.model,
             self.pad_token_id,
             self._cache_kwarg,
-            fast_path=self.config.fast_path,
+            fast_path=self.config.requested_runner != "transformers",
             batch_hint=min(16, self.scheduler.max_batch_size),
             owned=self.owns_model,
             overhead_tokens=self.prefill_overhead_tokens,
             pair_cost=self._pair_cost,
             checks=self.checks,
+            slots=self.batch if isinstance(self.batch, SlotBatch) else None,
+            cuda_graphs=self.config.cuda_graphs,
         )
+        if isinstance(self.batch, SlotBatch) and not isinstance(self.runner, StaticRunner):
+            self.slots = None  # the static runner failed its check: the store goes, a padded batch comes
+            self.batch = self._new_batch()
         self.prefiller.can_resume = self.runner.can_resume
         # With a fused runner a chunk rides along with the decode step; a forward of its own costs
         # about a decode step before its first token, so without it chunks are fixed and larger.
@@ -150,6 +179,25 @@ class Engine(StepUpdate, Worker):
         counters["prefix_cache_bytes"] = cache.bytes if cache else 0
         counters["prefill_computed_tokens"] = self.prefiller.computed_tokens
         return counters
+
+    def submit(self, item: Any) -> None:
+        """Queue a request (see :meth:`Worker.submit`).
+
+        Raises:
+            ContextLengthError: Its prompt and ``max_tokens`` cannot fit in a row of the static
+                runner's store (``max_model_len``): it could never run.
+        """
+        limit = self.max_context
+        if limit is not None and isinstance(item, Request):
+            needed = item.num_prompt_tokens + item.params.max_tokens
+            if needed > limit:
+                param = "prompt" if item.num_prompt_tokens >= limit else "max_tokens"
+                raise ContextLengthError(
+                    param,
+                    f"the prompt ({item.num_prompt_tokens} tokens) and max_tokens ({item.params.max_tokens}) need "
+                    f"{needed} tokens of context; a row holds {limit} (max_model_len)",
+                )
+        super().submit(item)
 
     # -- Worker hooks (engine thread) -------------------------------------------------------------------
     def _accept(self, requests: list[Request]) -> None:

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 from async_llm.engine.finish import end_ids
 
 if TYPE_CHECKING:
-    import torch
-
     from async_llm.engine.controls import RowControls
     from async_llm.engine.detokenizer import Detokenizer
     from async_llm.engine.output import FinishReason, OutputSink
@@ -49,7 +47,11 @@ class Request:
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    generator: torch.Generator | None = None  # per-request RNG when `params.seed` is set
+    # Random draws (engine.draws): the n-th uniform is a pure function of (draw_seed, n). The seed is
+    # `params.seed`, or one drawn from the engine's generator when the request first samples; `draws`
+    # counts the draws made, so a preempted request continues its sequence when it resumes.
+    draw_seed: int | None = None
+    draws: int = 0
     prompt_logprobs_sent: bool = False
     end_ids: frozenset[int] = field(init=False, repr=False)  # see engine.finish.end_ids
 

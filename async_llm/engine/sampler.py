@@ -1,9 +1,13 @@
 """Vectorised per-row sampling: penalties, temperature, top-k, top-p, min-p, seeded draws.
 
 Every row of the batch has its own parameters, held as ``[B]`` tensors; one call samples the whole
-batch. Randomness is one uniform number per sampled row per step, drawn from the row's own
-generator when its request has a seed (so its text does not depend on what else is in the batch),
-and turned into a token by inverse-CDF lookup.
+batch. Randomness is one uniform number per sampled row per step, a pure function of the request's
+seed and draw count (:mod:`async_llm.engine.draws`, so a row's text does not depend on what else is
+in the batch), turned into a token by inverse-CDF lookup.
+
+:func:`sample` and :func:`apply_penalties` never read a tensor back to the host (no ``.item()``,
+``.tolist()``, ``int(tensor)``): whatever they need as a Python value is computed once, in
+:meth:`SamplingBatch.build`. The one sync of a step is :func:`choose` reading the chosen ids.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SamplingBatch:
     all_greedy: bool
     temperature: torch.Tensor  # float, 1.0 on greedy rows
     top_k: torch.Tensor | None  # long, vocab size where off
+    top_k_max: int  # the largest k of the sampled rows (vocab size when one is off): a Python int, no sync
     top_p: torch.Tensor | None
     min_p: torch.Tensor | None
     repetition_penalty: torch.Tensor | None
@@ -58,13 +63,19 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         sampled = [p for p in params if not p.greedy]
-        top_k = [p.top_k if (p.top_k and not p.greedy) else vocab_size for p in params]
+        # k <= 0 turns top-k off; a k beyond the vocabulary keeps every token, as off does.
+        row_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in sampled]
+        top_k_max = max(row_k, default=vocab_size)
+        # A greedy row's sampled token is thrown away: its k is the batch's largest, costing nothing.
+        sampled_k = iter(row_k)
+        top_k = [top_k_max if p.greedy else next(sampled_k) for p in params]
         penalties = any(p.frequency_penalty or p.presence_penalty for p in params)
         return cls(
             greedy=column(greedy, torch.bool),
             all_greedy=not sampled,
             temperature=column([1.0 if p.greedy else p.effective_temperature for p in params]),
             top_k=optional(top_k, vocab_size, torch.long) if sampled else None,
+            top_k_max=top_k_max,
             top_p=optional([1.0 if p.greedy else p.top_p for p in params], 1.0) if sampled else None,
             min_p=optional([0.0 if p.greedy else p.min_p for p in params], 0.0) if sampled else None,
             repetition_penalty=optional([p.repetition_penalty for p in params], 1.0),
@@ -123,7 +134,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | Non
     scores = logits / sb.temperature[:, None]
     if sb.top_k is not None and sb.top_p is None:
         # Only top-k: a partial sort to the largest k is enough.
-        k_max = int(sb.top_k.max())
+        k_max = sb.top_k_max
         kth = scores.topk(k_max, dim=-1).values.gather(1, (sb.top_k - 1).clamp(max=k_max - 1)[:, None])
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

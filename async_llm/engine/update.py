@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
 from async_llm.engine.logprobs import prompt_logprobs
 from async_llm.engine.output import StepOutputs, TokenLogprob
 from async_llm.engine.sampler import Choice, SamplingBatch, choose
 from async_llm.log import get_logger
+from async_llm.sampling_params import MAX_SEED
 
 if TYPE_CHECKING:
-    from async_llm.engine.batch import PaddedBatch
+    from async_llm.engine.batch import BatchRows
     from async_llm.engine.prefill import PrefillState
     from async_llm.engine.prefix_cache import PrefixCache
     from async_llm.engine.request import Request
@@ -33,7 +35,7 @@ class StepUpdate:
     """Sampling, the finish rule and outputs, for the rows a forward computed."""
 
     model: Any
-    batch: PaddedBatch
+    batch: BatchRows
     scheduler: Scheduler
     prefix_cache: PrefixCache | None
     vocab_size: int
@@ -65,9 +67,6 @@ class StepUpdate:
         if not states:
             return
         requests = [r for state in states for r in state.requests]
-        for r in requests:
-            if r.params.seed is not None and r.generator is None:
-                r.generator = torch.Generator().manual_seed(r.params.seed)
         logits = torch.stack([state.logits for state in states for _ in state.requests])  # type: ignore[misc]
         n = len(requests)
         sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
@@ -133,14 +132,31 @@ class StepUpdate:
                 self.prefix_cache.insert(tokens, self.batch.row_kv(i))
 
     def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:
-        """One uniform per row: from the request's own generator when seeded, else the engine's."""
+        """One uniform in [0, 1) per row (``[B]`` float32 on the engine's device), or ``None`` when
+        every row is greedy.
+
+        A sampled row's draw is a pure function of its request's seed and draw count, computed on
+        the device (:func:`~async_llm.engine.draws.uniforms`): the only host->device traffic is one
+        ``[2, B]`` copy of Python ints, and nothing is read back. A request without a seed of its own
+        takes one from the engine's generator when it first samples (so the engine's ``seed`` keeps
+        runs reproducible). Greedy rows draw nothing; their value is ignored.
+        """
         if sb.all_greedy:
             return None
-        u = torch.rand(len(requests), generator=self._rng)
+        seeds, counters = [0] * len(requests), [0] * len(requests)
         for i, r in enumerate(requests):
-            if r.generator is not None and not r.params.greedy:
-                u[i] = torch.rand((), generator=r.generator)
-        return u.to(self.device)
+            if r.params.greedy:
+                continue
+            if r.draw_seed is None:
+                seed = r.params.seed
+                if seed is None:  # the engine's generator is a CPU one: reading its draw is no device sync
+                    seed = int(torch.randint(MAX_SEED - 1, (), generator=self._rng))
+                r.draw_seed = seed
+            seeds[i], counters[i] = r.draw_seed, r.draws
+            r.draws += 1
+        host = torch.tensor([seeds, counters], dtype=torch.long)  # [2, B]
+        rows = host.to(self.device, non_blocking=True)  # pageable source: staged at once, no sync
+        return uniforms(rows[0], rows[1])
 
     def _update(
         self, request: Request, token: int, out: StepOutputs, logprob: TokenLogprob | None, grammar_done: bool

@@ -54,6 +54,8 @@ class Backend:
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.engine = Engine(model, pad_token_id, config, owns_model=owned, checks=checks)
+        if self.engine.max_context is not None:  # the static runner's rows hold max_model_len tokens
+            self.max_context = min(self.max_context or self.engine.max_context, self.engine.max_context)
         self.grammars = GrammarCompiler(tokenizer, self.engine.vocab_size)
         # A token's text and bytes, for logprobs (as OpenAI shows them: special tokens included).
         self.token_text: Callable[[int], tuple[str, list[int]]] = functools.lru_cache(maxsize=1 << 16)(self._token_text)

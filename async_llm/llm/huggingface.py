@@ -16,6 +16,8 @@ from transformers import BitsAndBytesConfig
 
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.core import Engine
+from async_llm.engine.kv_budget import check_cuda_graphs
+from async_llm.engine.model_api import input_device
 from async_llm.llm.backend import Backend, drain_and_close, model_to_serve, quantization_for, run_in_own_thread
 from async_llm.llm.base import BaseLLM, Prompt, check_prompt
 from async_llm.llm.compat import ModelNameAlias
@@ -56,7 +58,10 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         quantization_config: A ``BitsAndBytesConfig`` or a dict of its arguments (``load_in_8bit``,
             ``load_in_4bit``, ...), checked against the device before anything loads.
         device_map: Handed to accelerate through ``from_pretrained`` (``"auto"``, a dict...).
-        max_batch_size: Most requests decoded together in one forward pass.
+        max_batch_size: Most requests decoded together in one forward pass. None (the default): 32
+            with the CPU runners; with the static runner, as many slots of ``max_model_len``
+            tokens as the KV budget holds, up to 256 (a number the budget cannot hold raises when
+            the engine starts). The engine's value is ``llm.engine.scheduler.max_batch_size``.
         max_queue_size: Most requests waiting for a row; more raise :class:`QueueFullError`.
         pad_token_id: Padding id (default: the tokenizer's, else the eos id).
         eos_token_id: Id or ids that end generation (default: the model's generation config).
@@ -84,11 +89,32 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             about a quarter of a decode step, sized from times measured as the engine runs; 256
             tokens with the transformers forward. A number fixes both: larger chunks give a long
             prompt its first token sooner, at the running streams' expense.
+        runner: The engine's model runner: ``"static"`` (a KV store preallocated once from a memory
+            budget, one fixed slot of ``max_model_len`` tokens per running request, decode captured
+            as CUDA graphs; made for CUDA), ``"fast"`` (see ``fast_path``), ``"transformers"`` (the
+            model's own forward, any model). None (the default): the static runner on CUDA, the
+            fast runner on a CPU where the model passes its check, else transformers.
+            ``fast_path=False`` is ``runner="transformers"``.
+        max_model_len: The static runner's longest context, prompt plus output, per request. None:
+            the model's context (``max_position_embeddings``) capped at 8192, since every slot costs
+            that many tokens of keys and values whether its request uses them or not.
+        gpu_memory_utilization: With the static runner, the share (0, 1] of the device's total
+            memory this process may use for the weights, the KV store and activations together
+            (vLLM's meaning); the KV store gets what is left after the weights. None: 0.9 on CUDA.
+        kv_cache_bytes: With the static runner, the KV store's size in bytes, instead of deriving
+            it from ``gpu_memory_utilization`` (give one of the two).
+        cuda_graphs: Capture the static runner's decode step as CUDA graphs. None: on where the
+            device is CUDA; True on another device raises before the model loads.
         system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
         ModelNotAvailableError: The default model's package is not installed.
         UnsupportedConfigurationError: A device or quantization that cannot work here.
+        ParameterTypeError, InvalidParameterError: An engine option of the wrong type or range, two
+            that contradict each other (``gpu_memory_utilization`` with ``kv_cache_bytes``), or
+            ``cuda_graphs=True`` off CUDA: raised before the model loads (``.param`` names it).
+            A static runner's KV budget that holds no row, or fewer than ``max_batch_size``, raises
+            when the engine starts, once the weights' size is known.
         TypeError, ValueError: Invalid settings (``quantize`` contradicting ``quantization_config``,
             ``model_id`` and ``model_name`` naming different models).
     """
@@ -107,7 +133,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         torch_dtype: torch.dtype | str | None = None,
         quantization_config: BitsAndBytesConfig | dict[str, Any] | None = None,
         device_map: str | dict[str, Any] | None = None,
-        max_batch_size: int = 32,
+        max_batch_size: int | None = None,
         max_queue_size: int = 1024,
         pad_token_id: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
@@ -119,6 +145,11 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         prefix_cache: bool = True,
         prefix_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        runner: str | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_bytes: int | None = None,
+        cuda_graphs: bool | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(max_length=max_length, **settings)
@@ -129,6 +160,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         self._device_name = None if device is None else str(device)
         config = quantization(quantization_for(quantize, quantization_config, device_), device_)
         self._options = LoadOptions(device_, dtype, config, device_map, dict(model_kwargs or {}))
+        # Every engine option is checked here, before the model loads (seconds to minutes).
         self._engine_config = EngineConfig(
             max_batch_size=max_batch_size,
             max_queue_size=max_queue_size,
@@ -136,7 +168,14 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             prefix_cache=prefix_cache,
             prefix_cache_bytes=prefix_cache_bytes,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            runner=runner,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_bytes=kv_cache_bytes,
+            cuda_graphs=cuda_graphs,
         )
+        if cuda_graphs:  # a model passed in without a device stays where it is; anything else goes to device_
+            check_cuda_graphs(cuda_graphs, input_device(model) if model is not None and device is None else device_)
         self._token_ids = (pad_token_id, eos_token_id)
         self.bos_token_id = bos_token_id
         self.model_id, loaded, owned = model_to_serve(self._options, model_id, model, tokenizer, device is not None)
@@ -151,7 +190,12 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         )
         # An LLM dropped without close() still stops its threads (at GC or interpreter exit).
         self._finalizer = weakref.finalize(self, self._backend.close)
-        log.info("model loaded", model=self.model_id, device=str(self.torch_device), max_batch_size=max_batch_size)
+        log.info(
+            "model loaded",
+            model=self.model_id,
+            device=str(self.torch_device),
+            max_batch_size=self.engine.scheduler.max_batch_size,  # the engine's, when None was given
+        )
 
     # -- what is being served -----------------------------------------------------------------------------
     @property
@@ -358,8 +402,10 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
 
         Raises:
             UnsupportedConfigurationError: The model is quantized or dispatched by accelerate.
+            InvalidParameterError: ``cuda_graphs=True`` was given and ``device`` is not CUDA.
         """
         target = resolve_device(device)
+        check_cuda_graphs(self._engine_config.cuda_graphs, target)
         if self._options.quantization_config is not None or self._options.device_map is not None:
             from async_llm.loading.loading import UnsupportedConfigurationError
 
@@ -385,8 +431,9 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         return self._backend.sinks.steps
 
     def _batch_window(self) -> int:
-        # Enough to keep every row busy and a batch's worth queued behind it, within the queue.
-        max_batch_size, max_queue_size = self._engine_config.max_batch_size, self._engine_config.max_queue_size
+        # Enough to keep every row busy and a batch's worth queued behind it, within the queue. The
+        # engine's row count: it resolves max_batch_size=None (32, or what the KV budget holds).
+        max_batch_size, max_queue_size = self.engine.scheduler.max_batch_size, self._engine_config.max_queue_size
         return max(1, min(2 * max_batch_size, max_batch_size + max_queue_size))
 
     def _close_backend(self) -> None:

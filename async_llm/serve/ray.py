@@ -37,6 +37,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("async_llm.serve.ray needs Ray Serve: pip install 'async-llm[ray]'") from exc
 
+from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
 from async_llm.serve.openai_app import create_app
@@ -143,7 +144,7 @@ def build_app(
     *,
     num_replicas: int | None = None,
     autoscaling_config: dict[str, Any] | None = None,
-    max_batch_size: int = 32,
+    max_batch_size: int | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
     ray_actor_options: dict[str, Any] | None = None,
@@ -158,7 +159,10 @@ def build_app(
         num_replicas: Fixed number of replicas (default 1); not with ``autoscaling_config``.
         autoscaling_config: Serve's autoscaling config; ``target_ongoing_requests`` defaults to
             ``max_batch_size`` (a full batch per replica) instead of Serve's 2.
-        max_batch_size: Rows of each replica's engine; ``max_ongoing_requests`` is twice that.
+        max_batch_size: Rows of each replica's engine; ``max_ongoing_requests`` is twice that. None:
+            each engine sizes its own (32 on a CPU; with the static runner, what its KV budget
+            holds, up to 256), and Serve is sized for 32 rows, since the deployment's options are
+            fixed before any replica has measured its budget: give a number to size both.
         model_name: The model id clients send (default: the engine's ``model_id``).
         api_key: Require ``Authorization: Bearer <api_key>`` on the ``/v1`` routes.
         ray_actor_options: Resources of each replica (default ``{"num_cpus": 1}``).
@@ -172,16 +176,19 @@ def build_app(
     Raises:
         ValueError: Both ``num_replicas`` and ``autoscaling_config``, or a size below 1.
     """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_batch_size is not None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        llm_kwargs["max_batch_size"] = max_batch_size
+    rows = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
     options: dict[str, Any] = {
-        "max_ongoing_requests": 2 * max_batch_size,
+        "max_ongoing_requests": 2 * rows,
         "ray_actor_options": ray_actor_options if ray_actor_options is not None else {"num_cpus": 1},
     }
     if autoscaling_config is not None:
         if num_replicas is not None:
             raise ValueError("pass num_replicas or autoscaling_config, not both")
-        options["autoscaling_config"] = {"target_ongoing_requests": max_batch_size, **autoscaling_config}
+        options["autoscaling_config"] = {"target_ongoing_requests": rows, **autoscaling_config}
     else:
         if num_replicas is not None and num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -190,5 +197,5 @@ def build_app(
         options["max_queued_requests"] = max_queued_requests
     return LLMDeployment.options(**options).bind(
         model_id, model_name=model_name, api_key=api_key, stream_interval_s=stream_interval_s,
-        llm_kwargs={"max_batch_size": max_batch_size, **llm_kwargs},
+        llm_kwargs=llm_kwargs,
     )  # fmt: skip

@@ -212,11 +212,13 @@ async def serve_http(args: argparse.Namespace, llm: HuggingFaceLLM, listener: so
     return server.stopped_by
 
 
-async def serve_ray(args: argparse.Namespace) -> signal.Signals:
+async def serve_ray(args: argparse.Namespace, engine_options: dict[str, Any] | None = None) -> signal.Signals:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster and serve ``--replicas`` engines on it.
 
     Args:
         args: As for :func:`serve_http`, plus ``replicas`` and ``replica_cpus``.
+        engine_options: ``HuggingFaceLLM`` keyword arguments of every replica's engine
+            (``max_batch_size``, ``runner``, ``max_model_len``...; the command's engine flags).
 
     Returns:
         The signal (SIGINT for Ctrl-C, or SIGTERM) that shut the application and the local cluster down.
@@ -238,9 +240,9 @@ async def serve_ray(args: argparse.Namespace) -> signal.Signals:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(
-            model, num_replicas=args.replicas, max_batch_size=args.max_batch_size, device=args.device,
+            model, num_replicas=args.replicas, device=args.device,
             model_name=args.served_model_name, api_key=resolve_api_key(args.api_key),
-            ray_actor_options={"num_cpus": args.replica_cpus},
+            ray_actor_options={"num_cpus": args.replica_cpus}, **(engine_options or {}),
         )  # fmt: skip
         serve.run(app, blocking=False)  # returns once every replica has loaded its engine
         log.info("serving", url=f"http://{args.host}:{args.port}/v1", replicas=args.replicas)

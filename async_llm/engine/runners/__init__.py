@@ -26,8 +26,9 @@ from async_llm.log import get_logger
 if TYPE_CHECKING:
     import torch
 
-    from async_llm.engine.batch import PaddedBatch
+    from async_llm.engine.batch import BatchRows
     from async_llm.engine.prefill import Forward, Items
+    from async_llm.engine.slot_batch import SlotBatch
     from async_llm.engine.start_checks import CheckStore
 
 log = get_logger("async_llm.engine.runners")
@@ -52,7 +53,7 @@ class ModelRunner(Protocol):
         (in order; the batch decodes in the last, after the prompts completed before it joined)."""
         ...
 
-    def run(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor | None:
+    def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
         """Run ``forward``: its chunks' keys and values into their states' buffers (a state whose
         last token it computes gets ``logits`` [V]), and with ``forward.decode`` one decode step of
         ``batch``'s rows (their new column written). Returns the rows' float32 logits ``[B, V]``,
@@ -70,16 +71,32 @@ def select_runner(
     overhead_tokens: float,
     pair_cost: float,
     checks: CheckStore | None = None,
+    slots: SlotBatch | None = None,
+    cuda_graphs: bool | None = None,
 ) -> ModelRunner:
-    """The runner for ``model``: the fast one where it applies (checked on the model), else the
-    transformers one (its own checks run then). Runs the model: call it on the engine's thread."""
+    """The runner for ``model``: with ``slots`` (the engine planned a static store), the static one;
+    else the fast one where it applies; both are checked on the model first, and either falls back
+    to the transformers one (its own checks run then). Runs the model: call it on the engine's
+    thread.
+
+    Args:
+        cuda_graphs: Capture the static runner's decode step (None: where the device is CUDA).
+    """
     from async_llm.engine.runners.fast import FastRunner
     from async_llm.engine.runners.fast_check import prepare
+    from async_llm.engine.runners.static import DYNAMIC_ROPE_TYPES, StaticRunner
     from async_llm.engine.runners.transformers import TransformersRunner
 
     why: str | None = "fast_path=False"
     if fast_path:
         decoder, why = prepare(model, pad_token_id, cache_kwarg, batch_hint=batch_hint, owned=owned, checks=checks)
+        if decoder is not None and slots is not None:
+            graphs = cuda_graphs if cuda_graphs is not None else slots.device.type == "cuda"
+            rope = str(getattr(model.model.rotary_emb, "rope_type", "default"))
+            if graphs and rope in DYNAMIC_ROPE_TYPES:
+                log.info("decode graphs off: the model's rope frequencies change with the context", rope=rope)
+                graphs = False
+            return StaticRunner(decoder, slots, graphs=graphs)
         if decoder is not None:
             return FastRunner(decoder)
     log.info("fast runner off; running the transformers forward", reason=why)

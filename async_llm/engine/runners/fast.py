@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.batch import BatchRows, PaddedBatch
 from async_llm.engine.prefill import Forward, Items, materialize
 from async_llm.engine.runners.fast_forward import Chunk, FastDecoder, Rows
 
@@ -26,7 +26,8 @@ class FastRunner:
         # Nothing decoding yet: the prompts first, then the rows they complete take their first step.
         return [Forward(items), Forward([], decode=True)] if items else [Forward([], decode=True)]
 
-    def run(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor | None:
+    def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
+        assert isinstance(batch, PaddedBatch), "this runner decodes the padded batch"
         rows = None
         if forward.decode:
             inputs = batch.decode_inputs()

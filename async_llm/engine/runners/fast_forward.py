@@ -19,8 +19,8 @@ to floating-point reassociation; :mod:`.fast_check` checks that on the model at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,13 @@ class FastDecoder:
         logits, _ = self.step(Rows(input_ids, position_ids, attention_mask, kv, end), [])
         return logits
 
+    def decode_rows(self, rows: DecodeRows) -> torch.Tensor:
+        """One decode step of ``rows`` alone, all on the device (no host copy, nothing read back:
+        what a CUDA graph captures); returns ``[B, V]`` float32 logits."""
+        x = self._layers(rows.input_ids[:, 0], rows.position_ids[:, 0], rows, [])  # [B, E]
+        x = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
+        return self.lm_head(x).float()
+
     def new_kv(self, columns: int) -> torch.Tensor:
         """An empty ``[layers, 2, Hkv, columns, D]`` buffer for one row's keys and values."""
         weight = self.embed.weight
@@ -117,7 +124,7 @@ class FastDecoder:
         _, logits = self.step(None, chunks)
         return logits
 
-    def step(self, rows: Rows | None, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, rows: DecodeRows | None, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the batch's decode rows and of prompt chunks together.
 
         Every projection multiplies all their tokens at once, so the weights are read once for both
@@ -153,7 +160,7 @@ class FastDecoder:
         return logits[:b], logits[b:]
 
     def _layers(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: Rows | None, chunks: Sequence[Chunk]
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: DecodeRows | None, chunks: Sequence[Chunk]
     ) -> torch.Tensor:
         """The decoder layers over ``N = B + T`` tokens (decode rows first); returns hidden states
         ``[N, E]`` before the final norm."""
@@ -163,10 +170,8 @@ class FastDecoder:
         x: torch.Tensor = self.embed(ids)  # [N, E]
         cos, sin = self.rotary(x, positions[None])  # [1, N, D]
         cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
-        bias = None
-        if rows is not None:  # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; every layer
-            bias = torch.zeros(rows.attention_mask.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill_(rows.attention_mask == 0, float("-inf"))[:, None, None, :]
+        if rows is not None:
+            rows.begin(x.dtype)
         spans, first = [], b
         for c in chunks:
             # A chunk after a prefix sees all of it: query i may read columns up to start + i.
@@ -190,8 +195,8 @@ class FastDecoder:
             qk = qk * cos + _rotate_half(qk) * sin  # one rotation for queries and keys
             q, keys = qk[:, : self.heads], qk[:, self.heads :]  # [N, Hq, D], [N, Hkv, D]
             values = qkv[:, q_width + kv_width :].view(n, self.kv_heads, d)
-            if rows is not None and bias is not None:
-                attn[:b] = self._decode_attention(i, q[:b], keys[:b], values[:b], rows, bias)
+            if rows is not None:
+                attn[:b] = rows.attend(i, q[:b], keys[:b], values[:b], self.scaling)
             for c, (span, mask) in zip(chunks, spans):
                 end = c.start + span.stop - span.start
                 c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
@@ -211,35 +216,47 @@ class FastDecoder:
             x = x + layer.down(F.silu(gate) * up)
         return x
 
-    def _decode_attention(
-        self,
-        i: int,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: Rows,
-        bias: torch.Tensor,
+
+class DecodeRows(Protocol):
+    """A decode step's rows as the layers see them: one new token per row, and attention over the
+    row's keys and values in whatever layout the batch keeps them."""
+
+    input_ids: torch.Tensor  # [B, 1] the token each row feeds
+    position_ids: torch.Tensor  # [B, 1] its position
+
+    def begin(self, dtype: torch.dtype) -> None:
+        """Prepare what every layer shares (an attention bias) before the first layer."""
+        ...
+
+    def attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """Layer ``i``'s attention of the decode rows (``q`` ``[B, Hq, D]``, their new ``keys`` and
-        ``values`` ``[B, Hkv, D]``) over the batch's buffer; returns ``[B, Hq, D]``."""
-        b, group, d = q.shape[0], self.heads // self.kv_heads, self.head_dim
-        kv, end = rows.kv, rows.end
-        first = end + 1 - rows.attention_mask.shape[1]
-        kv[i, 0, :b, :, end] = keys
-        kv[i, 1, :b, :, end] = values
-        # Query heads of one key/value head are a "sequence" of `group` queries against it.
-        q = q.reshape(b, self.kv_heads, group, d)
-        live_keys = kv[i, 0, :b, :, first : end + 1]  # [B, Hkv, L + 1, D], in place
-        live_values = kv[i, 1, :b, :, first : end + 1]
-        # Two batched products and a softmax: for one query per head against a short cache this is
-        # faster than the fused attention kernels, which are tuned for long queries.
-        scores = torch.matmul(q, live_keys.transpose(-1, -2)).mul_(self.scaling).add_(bias)  # [B, Hkv, G, L + 1]
-        return torch.matmul(torch.softmax(scores, dim=-1), live_values).view(b, self.heads, d)
+        """Layer ``layer``'s attention: write the rows' new ``keys`` and ``values`` ``[B, Hkv, D]``
+        into the batch's store, then attend ``q`` ``[B, Hq, D]`` over each row's context; returns
+        ``[B, Hq, D]``."""
+        ...
+
+
+def grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One query per row and head against ``keys``/``values`` ``[B, Hkv, L, D]`` with an additive
+    ``bias`` ``[B, 1, 1, L]``; ``q`` is ``[B, Hq, D]``. Returns ``[B, Hq, D]``.
+
+    The query heads of one key/value head are a "sequence" of ``Hq / Hkv`` queries against it, so
+    keys and values are never repeated. Two batched products and a softmax: for one query per head
+    against a short cache this is faster than the fused attention kernels, tuned for long queries.
+    """
+    b, heads, d = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(b, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scaling).add_(bias)  # [B, Hkv, G, L]
+    return torch.matmul(torch.softmax(scores, dim=-1), values).view(b, heads, d)
 
 
 @dataclass
 class Rows:
-    """The running batch's decode step.
+    """The running batch's decode step over the padded buffer (:class:`~async_llm.engine.batch.PaddedBatch`).
 
     Attributes:
         input_ids: ``[B, 1]`` the token each row feeds.
@@ -256,6 +273,23 @@ class Rows:
     attention_mask: torch.Tensor
     kv: torch.Tensor
     end: int
+    _bias: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def begin(self, dtype: torch.dtype) -> None:
+        # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; shared by every layer.
+        bias = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device)
+        self._bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))[:, None, None, :]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        assert self._bias is not None, "begin() runs before the first layer"
+        b, end = q.shape[0], self.end
+        first = end + 1 - self.attention_mask.shape[1]
+        self.kv[layer, 0, :b, :, end] = keys
+        self.kv[layer, 1, :b, :, end] = values
+        live = slice(first, end + 1)  # [B, Hkv, L + 1, D], read in place
+        return grouped_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self._bias, scaling)
 
 
 @dataclass

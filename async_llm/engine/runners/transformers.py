@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from async_llm.engine.batch import PaddedBatch
+from async_llm.engine.batch import BatchRows, PaddedBatch
 from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, probe_batch
 from async_llm.engine.prefill import Forward, Items, PrefillState, materialize
 from async_llm.engine.runners.transformers_prefill import (
@@ -153,7 +153,8 @@ class TransformersRunner:
             ]
         return [*forwards, *resumed, Forward([], decode=True)]
 
-    def run(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor | None:
+    def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
+        assert isinstance(batch, PaddedBatch), "this runner decodes the padded batch"
         if forward.decode:
             if forward.items:
                 raise ValueError("the transformers runner decodes in a forward of its own")

@@ -1,0 +1,109 @@
+"""The static runner's decode step captured as CUDA graphs, one per (rows, width) bucket pair.
+
+Eager decoding of a small model on a GPU is bound by launching kernels, not by the GPU: a graph
+replays the whole step (embeddings through the output projection) as one launch. A graph reads and
+writes fixed addresses, so it is captured over the batch's own tensors (``tokens``, ``positions``
+and the KV store, see :class:`~async_llm.engine.slot_batch.SlotBatch`), which every step updates in
+place; its logits land in a buffer of the graph's memory pool, read before the next replay.
+
+All graphs share one memory pool (captured largest first, as torch's docs advise, so the smaller
+ones fit in what the larger freed). A pair that runs out of memory while capturing stays eager, with
+one log line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from async_llm.engine.runners.fast_forward import FastDecoder
+from async_llm.engine.slot_batch import SlotBatch, SlotRows
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.engine.runners.cuda_graphs")
+
+#: Widths captured when the engine starts (with every row bucket); wider steps are captured the
+#: first time one runs (a pause of one capture, logged).
+STARTUP_MAX_WIDTH = 512
+
+
+class DecodeGraphs:
+    """Captured decode steps of ``decoder`` over ``batch`` (engine thread only).
+
+    Args:
+        decoder: The layers (its :meth:`~FastDecoder.decode_rows` is what is captured).
+        batch: The batch whose tensors the graphs read and write.
+    """
+
+    def __init__(self, decoder: FastDecoder, batch: SlotBatch) -> None:
+        self.decoder = decoder
+        self.batch = batch
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.eager: set[tuple[int, int]] = set()  # pairs whose capture ran out of memory
+        self.capture_seconds = 0.0
+        self._pool: Any = None  # the first graph's memory pool handle, shared by the others
+
+    def capture(self, pairs: Iterable[tuple[int, int]] | None = None) -> float:
+        """Capture ``pairs`` (``(rows, width)``; None: every row bucket at the widths up to
+        :data:`STARTUP_MAX_WIDTH`), largest first. Returns the seconds it took."""
+        if pairs is None:
+            widths = [w for w in self.batch.widths if w <= STARTUP_MAX_WIDTH] or self.batch.widths[:1]
+            pairs = [(s, w) for s in self.batch.row_sizes for w in widths]
+        start = time.perf_counter()
+        for pair in sorted(pairs, reverse=True):
+            self._capture(pair)
+        seconds = time.perf_counter() - start
+        log.info("decode graphs captured", graphs=len(self.graphs), eager=len(self.eager), seconds=round(seconds, 3))
+        return seconds
+
+    def _capture(self, pair: tuple[int, int]) -> None:
+        if pair in self.graphs or pair in self.eager:
+            return
+        start = time.perf_counter()
+        rows = self.batch.rows_view(*pair)
+        try:
+            # Warm up on a side stream (lazy initialisations must not be captured). It computes what
+            # the replay will: the same keys at the same columns, so running it between steps is safe.
+            stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.decoder.decode_rows(rows)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self.decoder.decode_rows(self.batch.rows_view(*pair))
+        except torch.OutOfMemoryError as exc:
+            self.eager.add(pair)
+            log.warning(
+                "decode graph capture out of memory; that size runs eagerly",
+                rows=pair[0],
+                width=pair[1],
+                error=str(exc),
+            )
+            torch.cuda.empty_cache()
+            return
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.graphs[pair] = (graph, logits)
+        self.capture_seconds += time.perf_counter() - start
+
+    def run(self, rows: SlotRows) -> torch.Tensor | None:
+        """Replay the graph of ``rows``' shape (captured now if it was not): ``[S, V]`` float32
+        logits, valid until the next replay; None where that shape runs eagerly."""
+        pair = (int(rows.input_ids.shape[0]), rows.width)
+        if pair not in self.graphs:
+            if pair in self.eager:
+                return None
+            start = time.perf_counter()
+            self._capture(pair)
+            if pair not in self.graphs:
+                return None
+            log.info(
+                "decode graph captured", rows=pair[0], width=pair[1], seconds=round(time.perf_counter() - start, 3)
+            )
+        graph, logits = self.graphs[pair]
+        graph.replay()
+        return logits
