@@ -162,3 +162,18 @@ def test_the_static_store_is_sized_from_the_card(cuda_model):
     free, total = torch.cuda.mem_get_info()
     assert engine.slots is not None and engine.slots.bytes <= total * 0.5
     assert engine.scheduler.max_batch_size == engine.slots.rows == 256  # a tiny model: the most rows
+
+
+async def test_overlap_is_on_by_default_and_changes_no_output(cuda_model, tiny_tokenizer):
+    calls = [dict(max_tokens=20, ignore_eos=True), dict(max_tokens=12, temperature=0.9, seed=4, ignore_eos=True)]
+
+    async def run(llm: HuggingFaceLLM) -> list[list[int]]:
+        results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, **c) for p in PROMPTS for c in calls))
+        return [r.token_ids for r in results]
+
+    async with _llm(cuda_model, tiny_tokenizer) as llm:
+        assert llm.engine.overlap
+        overlapped = await run(llm)
+        assert _free(llm)
+    async with _llm(cuda_model, tiny_tokenizer, overlap=False) as llm:
+        assert await run(llm) == overlapped

@@ -395,3 +395,25 @@ async def test_decode_graphs_replay_over_the_batchs_own_tensors(tiny_model, tiny
     for prompt, result in zip(PROMPTS, results):
         expected = reference_ids(tiny_model, tiny_tokenizer(prompt).input_ids, 150)
         assert result.token_ids[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("failure", ["check", "error"])
+async def test_a_static_runner_that_fails_at_start_leaves_a_padded_batch_that_serves(
+    failure, tiny_model, tiny_tokenizer, monkeypatch
+):
+    """Its start-up check refuses the model, or choosing the runner raises: the engine serves with
+    the transformers runner over a padded batch, and the preallocated store is let go."""
+    from async_llm.engine.batch import PaddedBatch
+    from async_llm.engine.runners import fast_check
+
+    def refusing(*args, **kwargs):
+        if failure == "error":
+            raise RuntimeError("injected")
+        return None, "injected refusal"
+
+    monkeypatch.setattr(fast_check, "prepare", refusing)
+    async with _static(tiny_model, tiny_tokenizer) as llm:
+        result = await llm.acomplete("Hello", chat_template=False, max_tokens=8, ignore_eos=True)
+        assert llm.engine.runner.name == "transformers" and isinstance(llm.engine.batch, PaddedBatch)
+        assert llm.engine.slots is None
+    assert result.token_ids == reference_ids(tiny_model, tiny_tokenizer("Hello").input_ids, 8)

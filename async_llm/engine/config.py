@@ -81,6 +81,13 @@ class EngineConfig:
             ``gpu_memory_utilization`` (not with it).
         cuda_graphs: Capture the static runner's decode step as CUDA graphs (one per bucketed batch
             size). None: on where the device is CUDA; True on another device raises.
+        overlap: Launch each decode step before handling the previous one's tokens, so the CPU's
+            work on step t (detokenizing, stop strings, delivery) runs while the device computes
+            step t+1. A row that ends at step t has then computed step t+1 as well: that token is
+            dropped, never delivered. Steps with prompt chunks, or with rows that need their
+            tokens before the next step (grammars and other token controls, logprobs), run one
+            at a time. None: on with the static runner on CUDA (on a CPU both halves share the
+            cores, and nothing is gained).
 
     Raises:
         ParameterTypeError, InvalidParameterError: An option has the wrong type or range, or two
@@ -101,6 +108,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None
     kv_cache_bytes: int | None = None
     cuda_graphs: bool | None = None
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, 1, optional=True)
@@ -116,10 +124,10 @@ class EngineConfig:
         for name in ("fast_path", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ParameterTypeError(name, f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise ParameterTypeError(
-                "cuda_graphs", f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}"
-            )
+        for name in ("cuda_graphs", "overlap"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ParameterTypeError(name, f"{name} must be True, False or None, got {value!r}")
         self._check_runner()
         if self.kv_cache_bytes is not None and self.gpu_memory_utilization is not None:
             raise InvalidParameterError(

@@ -35,7 +35,7 @@ from async_llm.engine.runners.transformers import TransformersRunner
 from async_llm.engine.scheduler import Scheduler
 from async_llm.engine.slot_batch import SlotBatch
 from async_llm.engine.start_checks import CheckStore
-from async_llm.engine.update import StepUpdate
+from async_llm.engine.update import Ahead, StepUpdate
 from async_llm.engine.worker import Worker
 from async_llm.errors import ContextLengthError, GenerationError, RequestAbortedError
 from async_llm.log import get_logger
@@ -101,6 +101,8 @@ class Engine(StepUpdate, Worker):
         # The unchecked transformers runner until the engine starts (_prepare, on its own thread:
         # choosing the runner runs the model), and if choosing fails.
         self.runner: ModelRunner = self._plain_runner()
+        self._ahead: Ahead | None = None  # an overlapped decode step whose tokens are not handled yet
+        self.overlap = bool(config.overlap)  # decided again when the runner is chosen (_prepare)
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
 
@@ -148,22 +150,26 @@ class Engine(StepUpdate, Worker):
         self.runner = self._plain_runner()
         self.prefiller.can_resume = False
         self.chunk_budget.fused = False
-        self.runner = select_runner(
-            self.model,
-            self.pad_token_id,
-            self._cache_kwarg,
-            fast_path=self.config.requested_runner != "transformers",
-            batch_hint=min(16, self.scheduler.max_batch_size),
-            owned=self.owns_model,
-            overhead_tokens=self.prefill_overhead_tokens,
-            pair_cost=self._pair_cost,
-            checks=self.checks,
-            slots=self.batch if isinstance(self.batch, SlotBatch) else None,
-            cuda_graphs=self.config.cuda_graphs,
-        )
-        if isinstance(self.batch, SlotBatch) and not isinstance(self.runner, StaticRunner):
-            self.slots = None  # the static runner failed its check: the store goes, a padded batch comes
-            self.batch = self._new_batch()
+        try:
+            self.runner = select_runner(
+                self.model,
+                self.pad_token_id,
+                self._cache_kwarg,
+                fast_path=self.config.requested_runner != "transformers",
+                batch_hint=min(16, self.scheduler.max_batch_size),
+                owned=self.owns_model,
+                overhead_tokens=self.prefill_overhead_tokens,
+                pair_cost=self._pair_cost,
+                checks=self.checks,
+                slots=self.batch if isinstance(self.batch, SlotBatch) else None,
+                cuda_graphs=self.config.cuda_graphs,
+            )
+        finally:  # the static runner failed its check, or choosing failed: the store goes, a padded batch comes
+            if isinstance(self.batch, SlotBatch) and not isinstance(self.runner, StaticRunner):
+                self.slots = None
+                self.batch = self._new_batch()
+        overlap = self.config.overlap
+        self.overlap = overlap if overlap is not None else self.runner.name == "static" and self.device.type == "cuda"
         self.prefiller.can_resume = self.runner.can_resume
         # With a fused runner a chunk rides along with the decode step; a forward of its own costs
         # about a decode step before its first token, so without it chunks are fixed and larger.
@@ -205,6 +211,7 @@ class Engine(StepUpdate, Worker):
             self.scheduler.add(request)
 
     def _fail_live(self, error: BaseException, out: StepOutputs, reason_closed: bool) -> None:
+        self._ahead = None
         self.batch.clear()
         self.prefiller.clear()
         if reason_closed:
@@ -215,19 +222,69 @@ class Engine(StepUpdate, Worker):
             self._fail(list(self.scheduler.all_live()), error, out)
 
     def _step(self, out: StepOutputs, admit: bool = True) -> bool:
-        """plan -> run -> update, forward by forward (first tokens go out after each prefill)."""
+        """plan -> run -> update, forward by forward (first tokens go out after each prefill).
+
+        With ``overlap``, a step that only decodes plain rows is launched before the previous
+        one's tokens are handled (see :meth:`_decode_overlapped`); any other step first handles
+        them (:meth:`_drain`), so it plans and runs over a batch whose rows are all up to date."""
+        if self._ahead is not None and not self._may_overlap(admit):
+            self._drain(out)
         busy = self.batch.size > 0
         plan = plan_step(self.scheduler, self.prefiller, self.chunk_budget, self.runner, busy, admit)
         self._recount_waiting()
         for request in plan.admitted:
             event = "resumed" if request.output_ids else "admitted"
             log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+        decode_only = [(f.items, f.decode) for f in plan.forwards] == [([], True)]
+        if self.overlap and busy and decode_only and not plan.admitted and self._may_overlap(admit):
+            self._decode_overlapped(out)
+            return True
+        self._drain(out)
         for i, forward in enumerate(plan.forwards):
             if not self._run_forward(forward, plan.forwards[i + 1 :], out):
                 break
             if not forward.decode:
                 self._flush(out)
         return busy or bool(plan.admitted) or any(f.items for f in plan.forwards)
+
+    def _may_overlap(self, admit: bool) -> bool:
+        """Whether the next step may be launched before the last one's tokens are handled: no
+        prompt waits for a row or is being prefilled, and every row is plain (no token controls,
+        no logprobs: those need the previous token on the host first)."""
+        scheduler = self.scheduler
+        if self.prefiller.states or (admit and scheduler.waiting and len(scheduler.running) < scheduler.row_limit):
+            return False
+        return all(r.controls is None and not r.params.logprobs for r in self.batch.rows)
+
+    def _decode_overlapped(self, out: StepOutputs) -> None:
+        """Launch this step's decode and sampling, then handle the previous step's tokens while the
+        device computes (the device queue keeps the order: a slot freed here is reused by a later
+        step only)."""
+        rows = list(self.batch.rows)
+        start = time.perf_counter()
+        try:
+            logits = self.runner.run(Forward([], decode=True), self.batch)
+            assert logits is not None
+            ahead = self._decode_ahead(logits)
+        except torch.OutOfMemoryError as exc:
+            self._drain(out)
+            self._out_of_memory([], exc, out)
+            return
+        except Exception as exc:  # noqa: BLE001  # fails the batch's rows, as a failed decode step does
+            self._drain(out)
+            self.batch.clear()
+            self._fail([r for r in rows if not r.finished], exc, out)
+            return
+        previous, self._ahead = self._ahead, ahead
+        if previous is not None:
+            self._commit_ahead(previous, out)
+        self.chunk_budget.record_decode(time.perf_counter() - start)
+
+    def _drain(self, out: StepOutputs) -> None:
+        """Handle the tokens of the overlapped step still in flight, if any."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._commit_ahead(ahead, out)
 
     def _run_forward(self, forward: Forward, later: list[Forward], out: StepOutputs) -> bool:
         """Run one forward and update its rows. A failure fails the rows it ran (with decode rows,

@@ -214,7 +214,9 @@ class SlotBatch(BatchRows):
     def decode_rows(self) -> SlotRows:
         """The next decode step's rows: slots ``[0, S)`` over ``W`` columns (both bucketed)."""
         s = bucket(max(self.slots) + 1, self.row_sizes)
-        w = bucket(max(self.row_lengths) + 1, self.widths)
+        # A row one step past its end (an overlapped step, see the engine) may sit at `columns`:
+        # it writes the scratch column, and its token is never used.
+        w = bucket(min(max(self.row_lengths) + 1, self.columns), self.widths)
         return self.rows_view(s, w)
 
     def rows_view(self, s: int, w: int) -> SlotRows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +18,7 @@ from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
 from async_llm.engine.logprobs import prompt_logprobs
 from async_llm.engine.output import StepOutputs, TokenLogprob
-from async_llm.engine.sampler import Choice, SamplingBatch, choose
+from async_llm.engine.sampler import Choice, SamplingBatch, apply_penalties, choose, sample
 from async_llm.log import get_logger
 from async_llm.sampling_params import MAX_SEED
 
@@ -29,6 +30,21 @@ if TYPE_CHECKING:
     from async_llm.engine.scheduler import Scheduler
 
 log = get_logger("async_llm.engine.update")
+
+
+@dataclass
+class Ahead:
+    """An overlapped decode step whose tokens are on their way to the host.
+
+    Attributes:
+        rows: The batch's requests when the step ran, in row order.
+        tokens: ``[B]`` their tokens (pinned host memory on CUDA, being copied).
+        copied: Recorded after the copy was queued (None off CUDA: the copy is done).
+    """
+
+    rows: list[Request]
+    tokens: torch.Tensor
+    copied: torch.cuda.Event | None
 
 
 class StepUpdate:
@@ -128,8 +144,45 @@ class StepUpdate:
         for i in rows:
             request = self.batch.rows[i]
             tokens = request.prompt_ids + request.output_ids[:-1]  # the last token was never fed
-            if len(tokens) == self.batch.row_lengths[i]:
-                self.prefix_cache.insert(tokens, self.batch.row_kv(i))
+            # An overlapped row computed one step past its end: its columns start with these tokens.
+            if len(tokens) <= self.batch.row_lengths[i]:
+                self.prefix_cache.insert(tokens, self.batch.row_kv(i)[:, :, :, : len(tokens)])
+
+    # -- overlapped decode steps ------------------------------------------------------------------------
+    def _decode_ahead(self, logits: torch.Tensor) -> Ahead:
+        """Sample every row's next token from ``logits`` [B, V] and feed it to the next step, all on
+        the device; the tokens' copy to the host is started, not waited for (see :meth:`_commit_ahead`)."""
+        batch = self.batch
+        b, sb = batch.size, batch.sampling
+        assert sb is not None
+        counts = batch.counts[:b] if batch.counts is not None else None
+        prompt_mask = batch.prompt_mask[:b] if batch.prompt_mask is not None else None
+        rows = list(batch.rows)
+        tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(rows, sb))
+        batch.advance(tokens)
+        if tokens.device.type != "cuda":
+            return Ahead(rows, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record()
+        return Ahead(rows, host, done)
+
+    def _commit_ahead(self, ahead: Ahead, out: StepOutputs) -> None:
+        """Record the tokens of an overlapped step (waiting for their copy) and retire the rows that
+        finished. A row that ended at the step before (or was aborted since) computed this step
+        too: its token is dropped."""
+        if ahead.copied is not None:
+            ahead.copied.synchronize()
+        ended = []
+        for request, token in zip(ahead.rows, ahead.tokens.tolist(), strict=True):
+            if not request.finished and self._update(request, token, out, None, False):
+                ended.append(request)
+        if ended:
+            where = {id(r): i for i, r in enumerate(self.batch.rows)}
+            rows = [where[id(r)] for r in ended if id(r) in where]
+            self._keep_prefixes(rows)
+            self.batch.remove(rows)
 
     def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:
         """One uniform in [0, 1) per row (``[B]`` float32 on the engine's device), or ``None`` when

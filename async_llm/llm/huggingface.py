@@ -105,6 +105,9 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             it from ``gpu_memory_utilization`` (give one of the two).
         cuda_graphs: Capture the static runner's decode step as CUDA graphs. None: on where the
             device is CUDA; True on another device raises before the model loads.
+        overlap: Handle each decode step's tokens (detokenizing, stops, delivery) while the device
+            computes the next step. None: on with the static runner on CUDA (see
+            :class:`~async_llm.engine.config.EngineConfig`).
         system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
 
     Raises:
@@ -150,6 +153,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         gpu_memory_utilization: float | None = None,
         kv_cache_bytes: int | None = None,
         cuda_graphs: bool | None = None,
+        overlap: bool | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(max_length=max_length, **settings)
@@ -173,6 +177,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_bytes=kv_cache_bytes,
             cuda_graphs=cuda_graphs,
+            overlap=overlap,
         )
         if cuda_graphs:  # a model passed in without a device stays where it is; anything else goes to device_
             check_cuda_graphs(cuda_graphs, input_device(model) if model is not None and device is None else device_)

@@ -44,6 +44,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager: set[tuple[int, int]] = set()  # pairs whose capture ran out of memory
         self.capture_seconds = 0.0
+        self.broken: str | None = None  # why capturing failed for a reason other than memory
         self._pool: Any = None  # the first graph's memory pool handle, shared by the others
 
     def capture(self, pairs: Iterable[tuple[int, int]] | None = None) -> float:
@@ -54,7 +55,8 @@ class DecodeGraphs:
             pairs = [(s, w) for s in self.batch.row_sizes for w in widths]
         start = time.perf_counter()
         for pair in sorted(pairs, reverse=True):
-            self._capture(pair)
+            if self.broken is None:
+                self._capture(pair)
         seconds = time.perf_counter() - start
         log.info("decode graphs captured", graphs=len(self.graphs), eager=len(self.eager), seconds=round(seconds, 3))
         return seconds
@@ -85,6 +87,10 @@ class DecodeGraphs:
             )
             torch.cuda.empty_cache()
             return
+        except RuntimeError as exc:  # the step cannot be captured here at all: every size runs eagerly
+            self.broken = repr(exc)
+            log.warning("decode graphs off: the step could not be captured", error=self.broken)
+            return
         if self._pool is None:
             self._pool = graph.pool()
         self.graphs[pair] = (graph, logits)
@@ -95,7 +101,7 @@ class DecodeGraphs:
         logits, valid until the next replay; None where that shape runs eagerly."""
         pair = (int(rows.input_ids.shape[0]), rows.width)
         if pair not in self.graphs:
-            if pair in self.eager:
+            if pair in self.eager or self.broken is not None:
                 return None
             start = time.perf_counter()
             self._capture(pair)
