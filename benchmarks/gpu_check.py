@@ -25,10 +25,9 @@ With ``--tests`` the CUDA tests run first (pytest must be importable). It writes
 and prints a table last. Systems and bursts that would not fit in ``--budget-s`` are skipped and
 say so.
 
-On a lent machine (Python 3.12; torch, transformers and anyio are there), the library's other
-imports travel as wheels: structlog, llguidance, partial-json-parser, platformdirs, gguf (see the
-device notes of the project's tooling); then
-``PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py --out $OUT``.
+On a bare GPU machine (Python 3.12; torch, transformers, anyio and pytest there), the library's
+other imports travel as wheels: ``benchmarks/gpu_wheels.sh`` downloads them into ``.whl/``, and
+``benchmarks/gpu_run.sh`` installs them and runs this script with ``--tests``.
 """
 
 from __future__ import annotations

@@ -248,3 +248,139 @@ def test_bench_refuses_an_unknown_random_model(capsys) -> None:
 
     assert main(["--model", "random:huge", "--systems", "async_llm", "--quick", "--no-progress"]) == 2
     assert "unknown random model 'random:huge'" in capsys.readouterr().err
+
+
+# -- the static runner's options and the CUDA-only variant: parsing and selection, nothing timed -------------------
+
+
+def _args(*argv: str):
+    from async_llm.bench.cli import _resolve, build_parser
+
+    return _resolve(build_parser().parse_args(list(argv)))
+
+
+def test_the_cpu_suite_keeps_its_systems_and_dtype_and_cuda_adds_the_eager_variant() -> None:
+    from async_llm.bench.cli import ALL_SYSTEMS
+
+    cpu = _args()
+    assert cpu.dtype == "float32" and "async_llm-eager" not in cpu.systems
+    assert cpu.systems == [s for s in ALL_SYSTEMS if s != "async_llm-eager"]  # what the CPU suite always ran
+    cuda = _args("--device", "cuda:1")  # parsing only: main() checks that torch sees the device
+    assert cuda.dtype == "bfloat16" and cuda.systems == list(ALL_SYSTEMS)
+    assert cuda.systems.index("async_llm-eager") == cuda.systems.index("async_llm") + 2
+    assert _args("--device", "cuda", "--dtype", "float32").dtype == "float32"  # a flag given wins
+    assert _args("--systems", "async_llm-eager,async_llm").systems == ["async_llm", "async_llm-eager"]
+
+
+def test_engine_flags_parse_as_the_main_cli_reads_them() -> None:
+    args = _args("--runner", "static", "--max-model-len", "512", "--kv-cache-bytes", "1.5 GiB")
+    assert (args.runner, args.max_model_len, args.kv_cache_bytes) == ("static", 512, 3 << 29)
+    assert _args("--gpu-memory-utilization", "0.5").gpu_memory_utilization == 0.5
+    for bad in (
+        ["--gpu-memory-utilization", "0.5", "--kv-cache-bytes", "1GiB"],  # one budget or the other
+        ["--gpu-memory-utilization", "1.5"],
+        ["--kv-cache-bytes", "8GB"],
+        ["--max-model-len", "0"],
+        ["--runner", "paged"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            _args(*bad)
+        assert exc.value.code == 2, bad
+
+
+def test_engine_options_size_a_slot_to_the_longest_request_where_the_static_runner_runs(tiny_tokenizer) -> None:
+    from async_llm.bench.engine_args import engine_options, workload_context
+    from async_llm.bench.runner import SystemConfig
+
+    workloads = [
+        burst_workload(tiny_tokenizer, 2, 7),
+        mixed_workload(tiny_tokenizer, 5, rate=5.0, seed=1, prompt_range=(4, 40), output_range=(2, 30)),
+    ]
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for w in workloads for r in w.requests)
+    assert workload_context(workloads) == longest and workload_context([]) == 0
+    none = dict.fromkeys(("runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes"))
+    assert engine_options(_args(), workloads) == none  # CPU: the fast runner has no slots, nothing changes
+    assert engine_options(_args("--device", "cuda"), workloads) == {**none, "max_model_len": longest}
+    assert engine_options(_args("--runner", "static"), workloads)["max_model_len"] == longest
+    assert engine_options(_args("--device", "cuda", "--runner", "fast"), workloads)["max_model_len"] is None
+    given = engine_options(_args("--device", "cuda", "--max-model-len", "4096", "--gpu-memory-utilization", "0.4"), [])
+    assert given == {**none, "max_model_len": 4096, "gpu_memory_utilization": 0.4}
+    # Only the options set reach HuggingFaceLLM: none set, the library picks for the device.
+    assert SystemConfig("m").engine_options() == {}
+    assert SystemConfig("m", **given).engine_options() == {"max_model_len": 4096, "gpu_memory_utilization": 0.4}
+
+
+def test_the_async_llm_systems_pass_the_engine_options_and_their_own(monkeypatch) -> None:
+    import types
+
+    import async_llm
+    from async_llm.bench.async_llm_runner import AsyncLLMEagerRunner, AsyncLLMRunner
+    from async_llm.bench.runner import SystemConfig
+
+    calls: list[dict] = []
+
+    class FakeLLM:
+        def __init__(self, model_id: str, **kwargs: object) -> None:
+            calls.append({"model_id": model_id, **kwargs})
+            self.engine = types.SimpleNamespace(runner=types.SimpleNamespace(name=runner_name))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(async_llm, "HuggingFaceLLM", FakeLLM)
+    runner_name = "static"
+    config = SystemConfig("folder", device="cuda", dtype="bfloat16", max_batch_size=8, max_model_len=640)
+    AsyncLLMRunner(config).load()
+    AsyncLLMEagerRunner(config).load()
+    plain, eager = calls
+    assert plain["max_model_len"] == eager["max_model_len"] == 640 and plain["max_batch_size"] == 8
+    assert "cuda_graphs" not in plain and "runner" not in plain  # the engine's default runner for the device
+    assert eager["cuda_graphs"] is False
+    runner_name = "transformers"  # a model the static runner does not serve: no graphs to turn off
+    with pytest.raises(RuntimeError, match="no decode graphs to turn off"):
+        AsyncLLMEagerRunner(config).load()
+
+
+def test_the_eager_variant_is_skipped_with_a_reason_off_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from async_llm.bench.async_llm_runner import AsyncLLMEagerRunner
+    from async_llm.bench.runner import SystemConfig
+
+    assert "no CUDA graphs" in AsyncLLMEagerRunner.unavailable(SystemConfig("m", device="cpu"))
+    assert "--runner fast" in AsyncLLMEagerRunner.unavailable(SystemConfig("m", device="cuda", runner="fast"))
+    assert AsyncLLMEagerRunner.unavailable(SystemConfig("m", device="cuda")) is None
+    assert AsyncLLMEagerRunner.unavailable(SystemConfig("m", device="cuda:0", runner="static")) is None
+    # Named on a CPU: the run goes on and reports why it did not measure it (nothing is loaded or timed).
+    code = main(
+        [
+            "--model", str(tiny_model_dir), "--out", str(tmp_path), "--concurrency", "1", "--new-tokens", "2",
+            "--mixed-requests", "0", "--no-prefill-workloads", "--systems", "async_llm-eager", "--no-isolate",
+            "--no-progress", "--wait-quiet", "0", "--noisy-retries", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    why = report["systems"]["async_llm-eager"]["skipped"]
+    assert "no CUDA graphs to turn off on cpu" in why
+    assert report["results"]["burst-1"]["async_llm-eager"] == {"skipped": why}
+    assert report["meta"]["async_llm_engine"] == {} and report["meta"]["dtype"] == "float32"
+
+
+def test_the_async_llm_system_loads_the_static_runner_with_a_slot_of_the_given_length(tiny_model_dir: Path) -> None:
+    """``--runner static`` on a CPU: the static runner, eagerly, with slots of ``max_model_len``. The
+    store's budget is given (``kv_cache_bytes``): derived from the system's memory, it would depend on
+    what else the machine runs."""
+    from async_llm.bench.async_llm_runner import AsyncLLMRunner
+    from async_llm.bench.runner import SystemConfig
+
+    config = SystemConfig(
+        str(tiny_model_dir), max_batch_size=4, threads=1, runner="static", max_model_len=96, kv_cache_bytes=64 << 20
+    )
+    runner = AsyncLLMRunner(config)
+    runner.load()
+    try:
+        assert runner.llm.engine.ready.wait(60)
+        assert runner.llm.engine.runner.name == "static"
+        assert runner.llm.engine.max_context == 96 and runner.llm.engine.scheduler.max_batch_size == 4
+        assert runner.llm.engine.runner.graphs is None  # no CUDA: no graphs
+    finally:
+        runner.close()

@@ -58,11 +58,11 @@ def test_engine_flags(command: list[str]) -> None:
     assert engine_kwargs(defaults) == dict.fromkeys(ENGINE_FLAGS)
     args = cli.build_parser().parse_args(
         [*command, "--max-batch-size", "64", "--runner", "static", "--max-model-len", "4096",
-         "--gpu-memory-utilization", "0.8", "--no-cuda-graphs"]
+         "--gpu-memory-utilization", "0.8", "--no-cuda-graphs", "--overlap"]
     )  # fmt: skip
     assert engine_kwargs(args) == {
         "max_batch_size": 64, "runner": "static", "max_model_len": 4096,
-        "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False,
+        "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False, "overlap": True,
     }  # fmt: skip
     assert cli.build_parser().parse_args([*command, "--cuda-graphs"]).cuda_graphs is True
 
@@ -113,7 +113,7 @@ def test_serve_passes_the_engine_flags_to_the_llm(
     assert cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", *flags]) == 0
     assert loaded == [
         {"device": None, "max_batch_size": None, "runner": "transformers", "max_model_len": None,
-         "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None}
+         "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None, "overlap": None}
     ]  # fmt: skip
 
 

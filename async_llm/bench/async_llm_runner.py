@@ -1,5 +1,11 @@
 """async_llm under test: :class:`~async_llm.HuggingFaceLLM` with one streaming consumer task per
-request, timed per token as it reaches the consumer's event loop (``TokenStream.token_times``)."""
+request, timed per token as it reaches the consumer's event loop (``TokenStream.token_times``).
+
+Every variant runs the engine's default runner for the device (the static runner with decode graphs
+on CUDA, the fast runner on a CPU) unless ``--runner`` says otherwise, with the run's engine options
+(:meth:`SystemConfig.engine_options`; where the static runner runs, slots sized to the run's longest
+request, see :func:`~async_llm.bench.engine_args.engine_options`), plus the variant's own
+:attr:`AsyncLLMRunner.options`."""
 
 from __future__ import annotations
 
@@ -11,16 +17,20 @@ from typing import Any, ClassVar
 import torch
 
 from async_llm.bench.metrics import RequestRecord
-from async_llm.bench.runner import OnDone, Runner, new_records
+from async_llm.bench.runner import OnDone, Runner, SystemConfig, new_records
 from async_llm.bench.workloads import RequestSpec
 
-__all__ = ["AsyncLLMNoPrefixCacheRunner", "AsyncLLMRunner"]
+__all__ = ["AsyncLLMEagerRunner", "AsyncLLMNoPrefixCacheRunner", "AsyncLLMRunner"]
 
 
 class AsyncLLMRunner(Runner):
     name = "async_llm"
-    description = "async_llm HuggingFaceLLM: continuous batching, one streaming consumer task per request"
+    description = (
+        "async_llm HuggingFaceLLM with the engine's default runner for the device (static with decode graphs on "
+        "CUDA, fast on a CPU): continuous batching, one streaming consumer task per request"
+    )
     prefill_workloads = True
+    #: This variant's own ``HuggingFaceLLM`` keyword arguments, on top of the run's engine options.
     options: ClassVar[dict[str, Any]] = {}
 
     def load(self) -> None:
@@ -31,7 +41,7 @@ class AsyncLLMRunner(Runner):
             device=self.config.device,
             dtype=getattr(torch, self.config.dtype),
             max_batch_size=self.config.max_batch_size,
-            **self.options,
+            **{**self.config.engine_options(), **self.options},
         )
 
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
@@ -39,11 +49,15 @@ class AsyncLLMRunner(Runner):
         before = self.llm.stats()
         records, start = asyncio.run(self._run(requests, on_done))
         after = self.llm.stats()
+        runner = self.llm.engine.runner
+        graphs = getattr(runner, "graphs", None)  # the static runner's captured decode steps (None: eager)
         self.extra = {
             "engine_steps": self.llm.engine.steps - steps,
             "peak_batch_size": after["peak_batch_size"],
             "prefill_computed_tokens": after["prefill_computed_tokens"] - before["prefill_computed_tokens"],
             "prefix_cache_hit_tokens": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
+            "runner": runner.name,  # what the engine chose: static, fast or transformers
+            "decode_graphs": len(graphs.graphs) if graphs is not None else 0,
         }
         return records, start
 
@@ -82,3 +96,28 @@ class AsyncLLMNoPrefixCacheRunner(AsyncLLMRunner):
     description = "async_llm with prefix_cache=False (the prefill workloads only: what the cache saves)"
     prefill_only = True
     options: ClassVar[dict[str, Any]] = {"prefix_cache": False}
+
+
+class AsyncLLMEagerRunner(AsyncLLMRunner):
+    name = "async_llm-eager"
+    description = (
+        "async_llm with cuda_graphs=False: the static runner on CUDA with its decode step run eagerly "
+        "(what the graphs save); CUDA only"
+    )
+    prefill_workloads = False  # graphs change the decode step only: the bursts and the mixed workload say it
+    options: ClassVar[dict[str, Any]] = {"cuda_graphs": False}
+
+    @classmethod
+    def unavailable(cls, config: SystemConfig) -> str | None:
+        if not config.device.startswith("cuda"):
+            return f"no CUDA graphs to turn off on {config.device}: async_llm already decodes eagerly there"
+        if config.runner not in (None, "static"):
+            return f"--runner {config.runner} has no decode graphs to turn off (the static runner has)"
+        return None
+
+    def load(self) -> None:
+        super().load()
+        if self.llm.engine.runner.name != "static":  # the model is not one the static runner serves
+            runner = self.llm.engine.runner.name
+            self.llm.close()
+            raise RuntimeError(f"the engine runs the {runner} runner for this model: no decode graphs to turn off")

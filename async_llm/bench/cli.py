@@ -2,7 +2,7 @@
 
     async-llm bench                 # full suite on the CPU -> benchmarks/results/
     async-llm bench --quick         # under 3 minutes on 2 cores (what CI smoke-tests)
-    async-llm bench --device cuda   # the same suite on a GPU
+    async-llm bench --device cuda   # the same suite on a GPU (bfloat16; async_llm on the static runner)
 
 Exit codes: 0 done (whatever the targets say: CI asserts nothing about speed), 2 bad arguments.
 """
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from async_llm.bench.engine_args import add_engine_args, engine_options
 from async_llm.bench.suite import ROOFLINE
 
 #: Every system in run order; `--systems` picks a subset.
@@ -27,6 +28,7 @@ ALL_SYSTEMS = (
     ROOFLINE,
     "async_llm",
     "async_llm-no-prefix-cache",
+    "async_llm-eager",
     "transformers-static",
     "transformers-cb",
     "transformers-sequential",
@@ -35,6 +37,10 @@ ALL_SYSTEMS = (
     "llama.cpp-f32",
     "llama.cpp-q4_1",
 )
+
+#: Systems that only mean something on CUDA: left out of the default selection on another device (named
+#: in --systems there, they are skipped with the reason).
+CUDA_ONLY = frozenset({"async_llm-eager"})
 
 #: Defaults of the full suite and of --quick (an explicit flag always wins).
 PROFILES: dict[str, dict[str, Any]] = {
@@ -98,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="model folder, .gguf, hub id, or random:llama-1b / random:tiny (random weights built from a config, "
         "no download; default: the embedded SmolLM2-135M)",
     )
-    p.add_argument("--dtype", default="float32", help="weights dtype for every system (default float32)")
+    p.add_argument(
+        "--dtype", default=None, help="weights dtype for every system (default: float32 on a CPU, bfloat16 on CUDA)"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (json, md, png)")
     p.add_argument("--concurrency", default=None, help="burst levels, e.g. 1,4,16,64")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per burst request (full 64, quick 24)")
@@ -117,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-range", default=None, help="mixed output tokens LOW,HIGH (full 8,256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixed workload (default 0)")
     p.add_argument(
-        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}"
+        "--systems",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all; {', '.join(sorted(CUDA_ONLY))} "
+        "on CUDA only)",
     )
     p.add_argument("--max-batch-size", type=int, default=64, help="most rows per forward, every system (default 64)")
     p.add_argument("--static-window-ms", type=float, default=50.0, help="static batching collection window (50)")
@@ -157,9 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Python of a virtual environment with llama-cpp-python (the llama.cpp systems)",
     )
+    add_engine_args(p)
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every system in this process")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def default_systems(device: str) -> list[str]:
+    """The systems a run measures when ``--systems`` is not given: all of them, but the CUDA-only
+    variants off CUDA (the CPU suite measures what it always did)."""
+    on_cuda = device.startswith("cuda")
+    return [s for s in ALL_SYSTEMS if on_cuda or s not in CUDA_ONLY]
 
 
 def _gguf_files(model: str | None) -> tuple[str | None, str | None]:
@@ -186,6 +205,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.concurrency = _int_list(args.concurrency) if isinstance(args.concurrency, str) else args.concurrency
     args.prompt_range = _pair(args.prompt_range) if isinstance(args.prompt_range, str) else args.prompt_range
     args.output_range = _pair(args.output_range) if isinstance(args.output_range, str) else args.output_range
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.systems is None:
+        args.systems = ",".join(default_systems(args.device))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown:
@@ -233,7 +256,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _meta(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
+def _meta(args: argparse.Namespace, model_path: str, engine: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -252,6 +275,7 @@ def _meta(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "quick": args.quick,
         "max_batch_size": args.max_batch_size,
+        "async_llm_engine": {k: v for k, v in engine.items() if v is not None},
         "static_window_ms": args.static_window_ms,
         "isolated_processes": args.isolate,
         "repeats": {"burst": args.repeats, "mixed": args.mixed_repeats, "roofline_passes": args.roofline_repeats},
@@ -323,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gguf_q4 = gguf_f32 = None
     if args.llama_cpp_python and any(s.startswith("llama.cpp") for s in args.systems):
         gguf_q4, gguf_f32 = _gguf_files(args.model)
+    engine = engine_options(args, workloads)
     config = SystemConfig(
         model_path,
         args.device,
@@ -334,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         llama_cpp_python=args.llama_cpp_python,
         gguf_q4=gguf_q4,
         gguf_f32=gguf_f32,
+        **engine,
     )
     options = SuiteOptions(
         args.isolate,
@@ -361,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     systems = {
         name: {"description": SYSTEMS[name].description, **info[name]} for name in args.systems if name != ROOFLINE
     }
-    meta = _meta(args, model_path)
+    meta = _meta(args, model_path, engine)
     meta["busy_cores_at_start"] = round(load, 2)
     if ROOFLINE in info:
         meta["roofline_other_cpu_share"] = info[ROOFLINE]["other_cpu_share"]

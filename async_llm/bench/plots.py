@@ -41,7 +41,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     if xs:
         ax.set_xticks(xs, [str(x) for x in xs])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     paths.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -54,7 +54,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
         if xs:
             ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    _legend(axes[0])
     paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
     target: str | None = next(
@@ -74,9 +74,15 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     )
     ax.set(yscale="log", ylabel="ms (log scale)", title=f"Latency percentiles: {target}")
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     paths.append(_save(fig, out_dir / "latency_percentiles.png"))
     return paths
+
+
+def _legend(ax: Any) -> None:
+    """A legend when something was plotted (every system skipped: an empty plot, and no warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def _save(fig: Any, path: Path) -> Path:

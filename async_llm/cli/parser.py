@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any, NoReturn
+
+from async_llm.arg_types import byte_size, fraction, positive_int
 
 __all__ = ["ENGINE_FLAGS", "UsageError", "build_parser", "engine_kwargs"]
 
@@ -15,9 +16,9 @@ MAX_BODY_HELP, BODY_TIMEOUT_HELP = "4 MiB", "30"
 
 #: The engine's flags (every command that loads a model has them), each the ``HuggingFaceLLM``
 #: keyword argument of the same name; None (a flag not given) is the library's default.
-ENGINE_FLAGS = ("max_batch_size", "runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes", "cuda_graphs")
-
-_BYTE_UNITS = {"": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+ENGINE_FLAGS = (
+    "max_batch_size", "runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes", "cuda_graphs", "overlap"
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="stream several different prompts at once through one model")
     _add_model_args(demo)
-    demo.add_argument("--requests", type=_positive_int, default=6, help="number of concurrent requests (default 6)")
+    demo.add_argument("--requests", type=positive_int, default=6, help="number of concurrent requests (default 6)")
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most (default 96)")
     demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     demo.add_argument("--plain", action="store_true", help="print deltas as lines even on a terminal")
@@ -75,7 +76,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's)")
     # Defaults None: serve_http fills in async_llm.serve.limits' values.
     srv.add_argument(
-        "--max-body-bytes", type=_positive_int, default=None,
+        "--max-body-bytes", type=positive_int, default=None,
         help=f"larger request bodies get 413 (default {MAX_BODY_HELP})",
     )  # fmt: skip
     srv.add_argument(
@@ -83,7 +84,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help=f"seconds a request body may take to arrive, else 408 (default {BODY_TIMEOUT_HELP})",
     )  # fmt: skip
     srv.add_argument(
-        "--limit-concurrency", type=_positive_int, default=None,
+        "--limit-concurrency", type=positive_int, default=None,
         help="open connections at most; more get 503 from uvicorn (default: no limit)",
     )  # fmt: skip
     srv.add_argument(
@@ -91,7 +92,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="answer 400 to request fields the server does not know (default: ignore and log them)",
     )  # fmt: skip
     srv.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (needs async-llm[ray])")
-    srv.add_argument("--replicas", type=_positive_int, default=1, help="engines with --ray (default 1)")
+    srv.add_argument("--replicas", type=positive_int, default=1, help="engines with --ray (default 1)")
     srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
 
 
@@ -106,7 +107,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: best)")
     parser.add_argument(
-        "--max-batch-size", type=_positive_int, default=None,
+        "--max-batch-size", type=positive_int, default=None,
         help="rows decoded together (default: 32 on a CPU; with the static runner, as many as the KV budget "
         "holds, up to 256)",
     )  # fmt: skip
@@ -115,47 +116,26 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="model runner (default: static on CUDA, else fast where the model supports it, else transformers)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-model-len", type=_positive_int, default=None,
+        "--max-model-len", type=positive_int, default=None,
         help="static runner: most prompt + output tokens per request (default: the model's context, at most 8192)",
     )  # fmt: skip
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
-        "--gpu-memory-utilization", type=_fraction, default=None,
+        "--gpu-memory-utilization", type=fraction, default=None,
         help="static runner: share of the device's memory for weights, KV store and activations (default 0.9 on CUDA)",
     )  # fmt: skip
     budget.add_argument(
-        "--kv-cache-bytes", type=_byte_size, default=None,
+        "--kv-cache-bytes", type=byte_size, default=None,
         help="static runner: KV store size, e.g. 8GiB, 512MiB or bytes (default: from --gpu-memory-utilization)",
     )  # fmt: skip
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
         help="static runner: capture decode as CUDA graphs (default: on with CUDA)",
     )  # fmt: skip
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
-
-
-def _byte_size(text: str) -> int:
-    """A size in bytes: ``8589934592``, ``8GiB``, ``512 MiB`` (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i[bB])?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected bytes, or a size with KiB, MiB or GiB, got {text!r}")
-    value = int(float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
-    return value
+    parser.add_argument(
+        "--overlap", action=argparse.BooleanOptionalAction, default=None,
+        help="handle a decode step's tokens while the device runs the next (default: static runner on CUDA)",
+    )  # fmt: skip
 
 
 def _positive_float(text: str) -> float:

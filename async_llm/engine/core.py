@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 from collections.abc import Sequence
+from traceback import format_exception
 from typing import Any
 
 import torch
@@ -339,6 +341,7 @@ class Engine(StepUpdate, Worker):
         """End ``request`` with a :class:`GenerationError` caused by ``exc`` (its row is removed by the caller)."""
         if request.finished:
             return
+        _detach(exc)
         self.scheduler.finish(request, FinishReason.ERROR)
         error = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
@@ -367,3 +370,19 @@ class Engine(StepUpdate, Worker):
         # Rows of failed requests may already sit in the batch (a step can fail after merging them).
         self.batch.remove([i for i, r in enumerate(self.batch.rows) if r.finished])
         self.prefiller.drop(requests)
+
+
+def _detach(exc: BaseException) -> None:
+    """Log where ``exc`` (and what it chains) was raised, once, then drop its traceback: the error
+    goes to callers, who may keep it, and the engine's frames in a traceback hold the step's
+    tensors (a prefill's KV slot among them) for as long as they do."""
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        if chained.__traceback__ is not None:
+            if chained is exc:
+                log.error("step failure traceback", error=repr(exc), traceback="".join(format_exception(exc)))
+            traceback.clear_frames(chained.__traceback__)
+            chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__

@@ -107,12 +107,13 @@ def default_max_model_len(model_config: Any, max_model_len: int | None) -> int:
 
 
 def _memory(device: torch.device) -> tuple[int, int]:
-    """The device's total memory and the part already in use, in bytes (the system's on a CPU)."""
+    """The device's memory and the part already in use, in bytes. On a CPU the memory is what the
+    system has available now, none of it counted as used: a host's memory is shared with every
+    other process, and a share of its total minus what they hold could be nothing at all."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(total - free)
-    memory = psutil.virtual_memory()
-    return int(memory.total), int(memory.total - memory.available)
+    return int(psutil.virtual_memory().available), 0
 
 
 def kv_budget_bytes(
@@ -131,8 +132,9 @@ def kv_budget_bytes(
     the forward's activations will need.
 
     Args:
-        device: Where the store goes: on CUDA the figures come from ``torch.cuda.mem_get_info``, on
-            another device from the system's memory (``psutil``).
+        device: Where the store goes: on CUDA the figures come from ``torch.cuda.mem_get_info``; on
+            another device the total is the system's memory available now (``psutil``) and none
+            of it counts as used (see :func:`_memory`).
         gpu_memory_utilization: The share of the device's total memory to use, in (0, 1] (checked
             by ``EngineConfig``). None: 0.9 on CUDA, 0.5 elsewhere.
         kv_cache_bytes: The store's size, given outright (>= 1).

@@ -123,9 +123,13 @@ class Prefiller:
         gone = set(requests)
         for state in self.states:
             state.requests = [r for r in state.requests if r not in gone]
+            if not state.requests:
+                _free(state)
         self.states = [s for s in self.states if s.requests]
 
     def clear(self) -> None:
+        for state in self.states:
+            _free(state)
         self.states.clear()
 
     @property
@@ -215,6 +219,13 @@ class Prefiller:
         """Whether computing columns ``[before, after)`` filled a block the cache does not have yet."""
         cache = self.prefix_cache
         return cache is not None and after // cache.block_size > before // cache.block_size
+
+
+def _free(state: PrefillState) -> None:
+    """Let go of a dropped state's buffer now, though a forward or a traceback may still hold the
+    state (a buffer in the static runner's store frees its slot when released)."""
+    state.kv = state.logits = None
+    state.prefix = None
 
 
 def materialize(state: PrefillState, new_kv: Callable[[int], torch.Tensor] | None) -> None:

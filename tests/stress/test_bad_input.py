@@ -1,15 +1,17 @@
-"""Property-based bad input: every prompt and sampling value gets a typed error or a correct answer."""
+"""Property-based bad input: every prompt and sampling value gets a typed error or a correct answer;
+on each runner (the ``runner`` fixture: the CPU default, the static runner on a CPU and on CUDA)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_llm import HuggingFaceLLM
-from tests.stress.conftest import scaled
+from tests.stress.conftest import Runner, assert_released, scaled
 
 TYPED = (TypeError, ValueError)  # UnicodeEncodeError (lone surrogates) is a ValueError too
 
@@ -61,27 +63,37 @@ fields = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def shared_llm(tiny_model, tiny_tokenizer):
-    with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, max_tokens=6, max_batch_size=8) as llm:
+def shared_llm(runner: Runner) -> Iterator[HuggingFaceLLM]:
+    with runner.llm(max_tokens=6, max_batch_size=8) as llm:
         yield llm
 
 
+class GoodTraffic:
+    """Correct requests running on another thread until :meth:`stop`; each must match its solo text."""
+
+    def __init__(self, llm: HuggingFaceLLM) -> None:
+        self.expected = llm.run("Hello", max_tokens=12, ignore_eos=True)
+        self.results: list[bool] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(llm,))
+        self._thread.start()
+
+    def _loop(self, llm: HuggingFaceLLM) -> None:
+        while not self._stop.is_set():
+            self.results.append(llm.run("Hello", max_tokens=12, ignore_eos=True) == self.expected)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive()
+
+
 @pytest.fixture(scope="module")
-def good_traffic(shared_llm):
-    """Correct requests running the whole time on another thread; each must match its solo text."""
-    expected = shared_llm.run("Hello", max_tokens=12, ignore_eos=True)
-    stop = threading.Event()
-    results: list[bool] = []
-
-    def loop() -> None:
-        while not stop.is_set():
-            results.append(shared_llm.run("Hello", max_tokens=12, ignore_eos=True) == expected)
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    yield results
-    stop.set()
-    thread.join(60)
+def good_traffic(shared_llm: HuggingFaceLLM) -> Iterator[GoodTraffic]:
+    """Good traffic over ``shared_llm`` for as long as its module's tests run (on one runner)."""
+    traffic = GoodTraffic(shared_llm)
+    yield traffic
+    traffic.stop()
 
 
 @settings(max_examples=scaled(300, minimum=30), deadline=None, suppress_health_check=list(HealthCheck))
@@ -98,8 +110,11 @@ def test_bad_input_gets_a_typed_error_or_an_answer(shared_llm, good_traffic, pro
 
 
 def test_good_traffic_was_never_disturbed(shared_llm, good_traffic):
-    # Runs after the property test in this module: the engine is still up and every good result matched.
-    assert good_traffic and all(good_traffic)
+    # Runs after the property test in this module (on the same runner): the engine is still up and
+    # every good result matched; once the traffic stops, every row and slot is free again.
+    good_traffic.stop()
+    assert good_traffic.results and all(good_traffic.results)
     stats = shared_llm.stats()
-    assert stats["num_failed"] == 0
+    assert stats["num_failed"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert_released(shared_llm)
     print(f"bad input: {stats['num_finished']} requests served beside the fuzzing, 0 failed")

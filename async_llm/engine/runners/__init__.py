@@ -6,15 +6,15 @@ rows decode), writes the keys and values it computes (each prompt's into its sta
 decode rows' into the batch's), and returns the decode rows' logits; a prompt it completes gets its
 next-token logits. It also says how it can put a step's chunks into forwards (:meth:`forwards`).
 
-Two runners today, chosen once when the engine starts (:func:`select_runner`):
+Three runners, chosen once when the engine starts (:func:`select_runner`):
 
 - :class:`~async_llm.engine.runners.fast.FastRunner`: Llama-family models, the decode rows and every
-  prompt chunk in one fused forward (prepacked oneDNN weights on a CPU);
+  prompt chunk in one fused forward (prepacked oneDNN weights on a CPU), over the padded batch;
+- :class:`~async_llm.engine.runners.static.StaticRunner`: the fast runner's layers over a KV store
+  preallocated once in fixed slots, with the decode step captured as CUDA graphs (the default on
+  CUDA);
 - :class:`~async_llm.engine.runners.transformers.TransformersRunner`: any causal LM, through its own
   forward.
-
-A runner for an accelerator fits the same seam: its own KV store and captured graphs behind
-:meth:`ModelRunner.run`, static shapes chosen in :meth:`ModelRunner.forwards`.
 """
 
 from __future__ import annotations

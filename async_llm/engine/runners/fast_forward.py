@@ -251,7 +251,9 @@ def grouped_attention(
     kv_heads = keys.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scaling).add_(bias)  # [B, Hkv, G, L]
-    return torch.matmul(torch.softmax(scores, dim=-1), values).view(b, heads, d)
+    # The softmax in float32, as transformers' attention takes it (bf16 would round the weights).
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(weights, values).view(b, heads, d)
 
 
 @dataclass
