@@ -54,7 +54,9 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         quantize: True without ``quantization_config`` loads 4-bit nf4 with double quantization
             through bitsandbytes (float32 compute on a CPU, bfloat16 on CUDA); False/None: not quantized.
         dtype: Weights dtype (for example ``torch.bfloat16``); ``None`` keeps the checkpoint's.
-            ``torch_dtype`` is an alias (transformers' older name).
+            ``"auto"`` on a CPU is the CPU's fastest: bfloat16 where it multiplies bf16 in hardware
+            (AVX512-BF16, AMX), else float32 (elsewhere, the checkpoint's). ``torch_dtype`` is an
+            alias (transformers' older name).
         quantization_config: A ``BitsAndBytesConfig`` or a dict of its arguments (``load_in_8bit``,
             ``load_in_4bit``, ...), checked against the device before anything loads.
         device_map: Handed to accelerate through ``from_pretrained`` (``"auto"``, a dict...).

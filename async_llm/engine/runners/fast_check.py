@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, probe_batch
+from async_llm.engine.model_api import input_device, last_logits, probe_batch, probe_prompts, vocab_size
 from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
 from async_llm.engine.start_checks import CheckStore, remembered
 
@@ -189,7 +189,7 @@ def compared_logits(
     decoder: FastDecoder, model: Any, pad_token_id: int, cache_name: str, steps: int
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """The logits of the plain transformers forward and of ``decoder`` on the probe prompts
-    (:data:`~async_llm.engine.model_api.PROBE_PROMPTS`), side by side: after their prefill (the fast
+    (:func:`~async_llm.engine.model_api.probe_prompts`), side by side: after their prefill (the fast
     one packed, the longer prompt in two chunks, its second after a prefix), then after each of
     ``steps`` greedy decode steps.
 
@@ -203,13 +203,13 @@ def compared_logits(
         float32 logits of the ``n`` rows still compared.
     """
     device = input_device(model)
-    ids, mask = probe_batch(pad_token_id, device)  # [rows, width], left-padded
+    ids, mask = probe_batch(pad_token_id, device, vocab_size(model))  # [rows, width], left-padded
     rows, width = ids.shape
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     reference = last_logits(model, cache_name, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
     # The fast prefill of the same prompts, the longer one in two chunks (its second after a prefix).
-    short, long = PROBE_PROMPTS
+    short, long = probe_prompts(vocab_size(model))
     buffers = [decoder.new_kv(len(short)), decoder.new_kv(len(long))]  # [layers, 2, Hkv, n, D] each
     candidate = decoder.prefill([Chunk(short, buffers[0]), Chunk(long[:2], buffers[1], logits=False)])
     candidate = torch.cat([candidate, decoder.prefill([Chunk(long[2:], buffers[1], start=2)])])

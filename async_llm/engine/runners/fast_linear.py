@@ -2,7 +2,8 @@
 multiplied through oneDNN with a prepacked weight where that is faster.
 
 On a CPU in float32, oneDNN multiplies a weight it has reordered once for its kernel about twice as
-fast as the default kernel for a decode step's shapes (``benchmarks/fast_path.py``). The ops that do
+fast as the default kernel for a decode step's shapes (``benchmarks/fast_path.py``); in bfloat16 it
+does the same where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX). The ops that do
 it are torch's private ``torch.ops.mkldnn._*``: :func:`onednn_prepack` is the one place that checks
 they exist and work, once per process; every other path is a plain ``F.linear``.
 """
@@ -38,6 +39,37 @@ def onednn_prepack() -> bool:
         return False
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX, where oneDNN runs bf16
+    products at about three times float32's rate; without them bf16 is emulated and slower than
+    float32) and oneDNN's prepacked linear computes it here (checked once)."""
+    if not onednn_prepack() or not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return False
+    try:
+        weight = torch.linspace(-1, 1, 64 * 32).reshape(64, 32).bfloat16()
+        x = torch.linspace(1, -1, 4 * 32).reshape(4, 32).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 4)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(out.float(), F.linear(x.float(), weight.float()), rtol=2e-2, atol=2e-2))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        log.info("prepacked bfloat16 linear unavailable", error=repr(exc))
+        return False
+
+
 class _PackedLinear:
     """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel (its own copy)."""
 
@@ -51,13 +83,16 @@ class _PackedLinear:
 
 
 def prepacks(weight: torch.Tensor) -> bool:
-    """Whether :func:`prepacked_linear` gives ``weight`` its own prepacked copy."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_prepack()
+    """Whether :func:`prepacked_linear` gives ``weight`` its own prepacked copy: float32 on a CPU,
+    and bfloat16 on a CPU that multiplies it in hardware (:func:`onednn_bf16`)."""
+    if weight.device.type != "cpu" or not onednn_prepack():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and onednn_bf16())
 
 
 def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> Linear:
     """``x @ weight.T + bias``: through oneDNN with the weight prepacked once (its own reordered
-    copy) on a CPU in float32, where it is faster for these shapes than the default kernel; else the
+    copy) where :func:`prepacks` says so, faster for these shapes than the default kernel; else the
     plain linear over ``weight`` itself."""
     if prepacks(weight):
         return _PackedLinear(weight, bias, batch_hint)

@@ -130,4 +130,4 @@ class StaticRunner:
             completed = [state for (state, _), chunk in zip(forward.items, chunks, strict=True) if chunk.logits]
             for state, row in zip(completed, completed_logits, strict=True):
                 state.logits = row
-        return logits[batch.slot_index] if rows is not None else None  # [B, V], the rows' order
+        return logits[batch.slot_index].float() if rows is not None else None  # [B, V], the rows' order

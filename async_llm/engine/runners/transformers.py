@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
-from async_llm.engine.model_api import PROBE_PROMPTS, input_device, last_logits, probe_batch
+from async_llm.engine.model_api import input_device, last_logits, probe_batch, probe_prompts, vocab_size
 from async_llm.engine.prefill import Forward, Items, PrefillState, materialize
 from async_llm.engine.runners.transformers_prefill import (
     forward_packed,
@@ -101,11 +101,13 @@ class TransformersRunner:
         biases, for one), would not; it then keeps padded prefills only."""
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or sliding(self.model):
             return False
-        ids, mask = probe_batch(self.pad_token_id, input_device(self.model))
+        ids, mask = probe_batch(self.pad_token_id, input_device(self.model), vocab_size(self.model))
         try:
             with torch.inference_mode():
                 padded, _ = forward_padded(self.model, self.cache_kwarg, ids, mask)
-                packed, _ = forward_packed(self.model, self.cache_kwarg, [list(p) for p in PROBE_PROMPTS], ids.shape[1])
+                packed, _ = forward_packed(
+                    self.model, self.cache_kwarg, [list(p) for p in probe_prompts(vocab_size(self.model))], ids.shape[1]
+                )
         except torch.OutOfMemoryError:
             raise  # not a property of the architecture: the model does not fit, say so
         except Exception as exc:  # noqa: BLE001  # whatever the model rejects, padded prefills remain
@@ -119,7 +121,7 @@ class TransformersRunner:
     def _resume_disagrees(self) -> str | None:
         """Why a prefill that continues after a prefix (its keys and values passed as the cache) does
         not give this model's logits of the whole prompt, or None when it does."""
-        tokens = list(PROBE_PROMPTS[1])
+        tokens = list(probe_prompts(vocab_size(self.model))[1])
         try:
             with torch.inference_mode():
                 whole = forward_resume(self.model, self.cache_kwarg, tokens, None, 0, len(tokens))[0]

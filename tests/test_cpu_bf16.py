@@ -1,0 +1,72 @@
+"""bfloat16 on a CPU: the fast runner's products prepacked through oneDNN where the CPU multiplies
+bf16 in hardware (AVX512-BF16, AMX), and ``dtype="auto"`` choosing bf16 there and float32 elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from async_llm import HuggingFaceLLM
+from async_llm.engine.runners import fast_linear
+from async_llm.loading import loading
+from async_llm.loading.loading import LoadOptions
+from tests.conftest import PROMPTS, build_model
+
+
+@pytest.mark.parametrize("hardware_bf16", [True, False])
+def test_bfloat16_weights_are_prepacked_only_where_the_cpu_multiplies_them(hardware_bf16, monkeypatch):
+    monkeypatch.setattr(fast_linear, "onednn_bf16", lambda: hardware_bf16)
+    weight = torch.randn(32, 16).bfloat16()
+    linear = fast_linear.prepacked_linear(weight, None, 4)
+    assert isinstance(linear, fast_linear._PackedLinear) is (hardware_bf16 and fast_linear.onednn_prepack())
+    x = torch.randn(3, 16).bfloat16()
+    assert torch.allclose(linear(x).float(), torch.nn.functional.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
+    assert fast_linear.prepacks(weight.float()) is fast_linear.onednn_prepack()  # float32: always
+
+
+@pytest.mark.parametrize("fastest", [torch.bfloat16, torch.float32])
+def test_auto_dtype_on_a_cpu_is_its_fastest_and_elsewhere_the_checkpoints(fastest, monkeypatch):
+    monkeypatch.setattr(loading, "cpu_dtype", lambda: fastest)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert LoadOptions(cpu, "auto").resolved_dtype() is fastest
+    assert LoadOptions(cpu, None).resolved_dtype() is None  # the checkpoint's, as before
+    assert LoadOptions(cpu, torch.float16).resolved_dtype() is torch.float16  # given: kept
+    assert LoadOptions(cuda, "auto").resolved_dtype() == "auto"  # transformers reads the checkpoint's
+
+
+def test_cpu_dtype_follows_the_cpus_bf16_instructions():
+    expected = torch.bfloat16 if fast_linear.onednn_bf16() else torch.float32
+    assert loading.cpu_dtype() is expected
+    if fast_linear.onednn_bf16():  # only where the CPU has the instructions
+        assert {"avx512_bf16", "amx_bf16"} & fast_linear.cpu_flags()
+
+
+async def test_auto_dtype_loads_a_folder_in_the_cpus_dtype(tiny_model_dir):
+    async with HuggingFaceLLM(tiny_model_dir, device="cpu", dtype="auto", max_tokens=8) as llm:
+        assert next(llm.model.parameters()).dtype is loading.cpu_dtype()
+        assert llm.engine.runner.name == "fast"  # the fast runner in either dtype
+        assert await llm.arun("Hello")
+
+
+@pytest.mark.skipif(not fast_linear.onednn_bf16(), reason="this CPU multiplies bf16 in software")
+async def test_the_bfloat16_fast_runner_agrees_with_transformers_bf16(tiny_tokenizer):
+    """Where the arithmetic allows: greedy tokens equal transformers' own bf16 forward's until a
+    near-tie (the start-up check's tolerance) parts them; on the tiny model, over 16 tokens."""
+    model = build_model(len(tiny_tokenizer)).to(torch.bfloat16)
+
+    async def greedy(fast_path: bool) -> list[list[int]]:
+        async with HuggingFaceLLM(
+            model=model, tokenizer=tiny_tokenizer, device="cpu", fast_path=fast_path, max_tokens=16
+        ) as llm:
+            assert (llm.engine.runner.name == "fast") is fast_path
+            if fast_path:
+                assert isinstance(llm.engine.runner.decoder.lm_head, fast_linear._PackedLinear)
+            results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, ignore_eos=True) for p in PROMPTS))
+        return [r.token_ids for r in results]
+
+    fast, plain = await greedy(True), await greedy(False)
+    agree = [next((i for i, (a, b) in enumerate(zip(f, p)) if a != b), len(f)) for f, p in zip(fast, plain)]
+    print("bf16 tokens agreeing with transformers' bf16 per prompt:", agree)
+    assert sum(agree) >= 0.75 * 16 * len(PROMPTS), f"tokens agreeing per prompt: {agree}"
