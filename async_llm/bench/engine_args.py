@@ -9,8 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from async_llm.arg_types import byte_size, fraction, positive_int
-from async_llm.engine.config import RUNNERS
+from async_llm.arg_types import add_runner_args
 
 __all__ = ["ENGINE_FLAGS", "add_engine_args", "engine_options", "workload_context"]
 
@@ -22,24 +21,11 @@ ENGINE_FLAGS = ("runner", "max_model_len", "gpu_memory_utilization", "kv_cache_b
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The async_llm systems' engine options; not given, each is the library's default for the device."""
     engine = p.add_argument_group("async_llm engine (the async_llm systems only; default: the library's)")
-    engine.add_argument(
-        "--runner", choices=RUNNERS, default=None,
-        help="model runner (default: static on CUDA, else fast where the model supports it, else transformers)",
-    )  # fmt: skip
-    engine.add_argument(
-        "--max-model-len", type=positive_int, default=None,
-        help="static runner: tokens per slot (default: the longest request of the run's workloads, prompt and "
+    add_runner_args(
+        engine,
+        "static runner: tokens per slot (default: the longest request of the run's workloads, prompt and "
         "output, wherever the static runner runs)",
-    )  # fmt: skip
-    budget = engine.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--gpu-memory-utilization", type=fraction, default=None,
-        help="static runner: share of the device's memory for weights, KV store and activations (default 0.9 on CUDA)",
-    )  # fmt: skip
-    budget.add_argument(
-        "--kv-cache-bytes", type=byte_size, default=None,
-        help="static runner: KV store size, e.g. 8GiB, 512MiB or bytes (default: from --gpu-memory-utilization)",
-    )  # fmt: skip
+    )
 
 
 def workload_context(workloads: Sequence[Any]) -> int:

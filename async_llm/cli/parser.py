@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
-from async_llm.arg_types import byte_size, fraction, positive_int
+from async_llm.arg_types import add_runner_args, positive_int
 
 __all__ = ["ENGINE_FLAGS", "UsageError", "build_parser", "engine_kwargs"]
 
@@ -111,23 +111,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="rows decoded together (default: 32 on a CPU; with the static runner, as many as the KV budget "
         "holds, up to 256)",
     )  # fmt: skip
-    parser.add_argument(
-        "--runner", choices=("static", "fast", "transformers"), default=None,
-        help="model runner (default: static on CUDA, else fast where the model supports it, else transformers)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-model-len", type=positive_int, default=None,
-        help="static runner: most prompt + output tokens per request (default: the model's context, at most 8192)",
-    )  # fmt: skip
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--gpu-memory-utilization", type=fraction, default=None,
-        help="static runner: share of the device's memory for weights, KV store and activations (default 0.9 on CUDA)",
-    )  # fmt: skip
-    budget.add_argument(
-        "--kv-cache-bytes", type=byte_size, default=None,
-        help="static runner: KV store size, e.g. 8GiB, 512MiB or bytes (default: from --gpu-memory-utilization)",
-    )  # fmt: skip
+    add_runner_args(
+        parser, "static runner: most prompt + output tokens per request (default: the model's context, at most 8192)"
+    )
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
         help="static runner: capture decode as CUDA graphs (default: on with CUDA)",
