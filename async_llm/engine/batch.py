@@ -9,7 +9,10 @@ Layout (all rows share one column axis; every row's tokens are right-aligned, le
 Invariants (the engine thread is the only one that touches these tensors):
   * for live rows, mask is 0 outside [start, end);
   * row i's real tokens fill the columns [end - lengths[i], end), so its next position id is lengths[i];
-  * capacity grows geometrically, so appending a column is an in-place write, not a concatenation.
+  * capacity grows geometrically, so appending a column is an in-place write, not a concatenation;
+  * for live rows, every column of [start, end) holds a token of the row or zeroed padding: the
+    buffer is allocated uninitialised, and nothing outside that region (and column `end`, written
+    before it is read) is ever read.
 
 Rows join by writing their prefilled cache into free rows (left-padded to the batch's length), leave
 by moving the last rows into their slots, and columns that are padding for every row are dropped by
@@ -255,14 +258,16 @@ class PaddedBatch(BatchRows):
         self._reserve(rows=old_b + n, columns=max(live, p), like=kv_rows[0], ahead=ahead)
         assert self.kv is not None
         if p > self.end - self.start:
-            # The new rows are longer than the live region: open columns on the left (zeroed mask).
+            # The new rows are longer than the live region: open columns on the left (zeroed mask;
+            # zeroed keys and values too, the buffer being uninitialised, see _reserve).
             self.mask[:old_b, self.end - p : self.start] = 0
+            self.kv[:, :, :old_b, :, self.end - p : self.start] = 0
             self.start = self.end - p
         rows = slice(old_b, old_b + n)
         self.mask[rows] = 0
         for row, (kv, length) in enumerate(zip(kv_rows, lengths), start=old_b):
             # Zero the padded columns: masked attention multiplies them by 0, and 0 * NaN would poison the row.
-            self.kv[:, :, row, :, self.end - p : self.end - length] = 0
+            self.kv[:, :, row, :, self.start : self.end - length] = 0
             self.kv[:, :, row, :, self.end - length : self.end] = kv
             self.mask[row, self.end - length : self.end] = 1
         self.lengths[rows] = torch.tensor(lengths, device=self.device)
@@ -295,7 +300,11 @@ class PaddedBatch(BatchRows):
         new_b = _next_capacity(rows, b_cap, self.max_rows)
         live = self.end - self.start
         new_l = _next_capacity(max(columns, live) + max(ahead, _MIN_COLUMNS), max(l_cap, _MIN_COLUMNS))
-        kv = torch.zeros(self.num_layers, 2, new_b, heads, new_l, head_dim, dtype=self.dtype, device=self.device)
+        # Uninitialised: only the live region is ever read (rows [0, B), columns [start, end] with
+        # `end` written first), and every column of it holds a row's token or is zeroed as padding
+        # when rows join (add). Zeroing all of it cost a burst's first token 10-60 ms on a CPU
+        # (the pages of a fresh buffer faulted in).
+        kv = torch.empty(self.num_layers, 2, new_b, heads, new_l, head_dim, dtype=self.dtype, device=self.device)
         mask = torch.zeros(new_b, new_l, dtype=torch.long, device=self.device)
         b = self.size
         new_end = max(columns, live)  # right-aligned, room on the left for a longer joiner
