@@ -1,5 +1,6 @@
-"""bfloat16 on a CPU: the fast runner's products prepacked through oneDNN where the CPU multiplies
-bf16 in hardware (AVX512-BF16, AMX), and ``dtype="auto"`` choosing bf16 there and float32 elsewhere."""
+"""The fast runner's products on a CPU: bfloat16 prepacked through oneDNN where the CPU multiplies it
+in hardware (AVX512-BF16, AMX), ``dtype="auto"`` choosing bf16 there and float32 elsewhere, and one
+float32 row through the plain kernel."""
 
 from __future__ import annotations
 
@@ -70,3 +71,29 @@ async def test_the_bfloat16_fast_runner_agrees_with_transformers_bf16(tiny_token
     agree = [next((i for i, (a, b) in enumerate(zip(f, p)) if a != b), len(f)) for f, p in zip(fast, plain)]
     print("bf16 tokens agreeing with transformers' bf16 per prompt:", agree)
     assert sum(agree) >= 0.75 * 16 * len(PROMPTS), f"tokens agreeing per prompt: {agree}"
+
+
+@pytest.mark.skipif(not fast_linear.onednn_prepack(), reason="no prepacked linear in this torch")
+def test_one_float32_row_multiplies_through_the_plain_kernel_over_the_modules_weights(monkeypatch):
+    """One row streams each weight once: the default matrix-vector kernel over the modules' own
+    weights (nothing held twice), the packed kernel from two rows up; the results agree."""
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(16, n, bias=False) for n in (8, 4, 4)]
+    fused = fast_linear.fused_linear(modules, batch_hint=4, owned=False)
+    single = fast_linear.prepacked_linear(modules[0].weight, None, 4)
+    assert isinstance(fused, fast_linear._PackedLinear) and isinstance(single, fast_linear._PackedLinear)
+    one, two = torch.randn(1, 16), torch.randn(2, 16)
+    expected = torch.cat([m(one) for m in modules], dim=-1)
+    calls = []
+    packed = torch.ops.mkldnn._linear_pointwise
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return packed(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+    with torch.inference_mode():
+        assert torch.equal(fused(one), expected.detach()) and torch.equal(single(one), modules[0](one).detach())
+        assert calls == []  # one row: the plain kernel
+        assert torch.allclose(fused(two), torch.cat([m(two) for m in modules], dim=-1), atol=1e-5)
+    assert calls == [2]
