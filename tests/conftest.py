@@ -232,3 +232,19 @@ def record_prefills(llm: HuggingFaceLLM, monkeypatch: pytest.MonkeyPatch) -> lis
 
         monkeypatch.setattr(runner.decoder, "step", recording_fast)
     return shapes
+
+
+def limit_device_rows(llm: HuggingFaceLLM, monkeypatch: pytest.MonkeyPatch, rows: int = 2) -> dict[str, int]:
+    """Make the engine's runner run out of memory on any forward of more than ``rows`` prompts or
+    decode rows (a device too small for the burst); returns the count of injected errors (``"n"``)."""
+    run = llm.engine.runner.run
+    ooms = {"n": 0}
+
+    def small_device(forward: Any, batch: Any) -> Any:
+        if len(forward.items) > rows or (forward.decode and batch.size > rows):
+            ooms["n"] += 1
+            raise torch.OutOfMemoryError("injected: KV cache does not fit")
+        return run(forward, batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", small_device)
+    return ooms

@@ -17,6 +17,7 @@ from async_llm.engine.draws import hash32, uniforms
 from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
 from async_llm.engine.update import StepUpdate
 from async_llm.sampling_params import MAX_SEED, SamplingParams
+from tests.conftest import limit_device_rows
 
 SEEDS = (0, 1, 7, 2**32, 2**32 - 1, 123_456_789_012_345, MAX_SEED - 1)
 
@@ -260,16 +261,7 @@ async def test_a_preempted_seeded_request_continues_its_draws(plain_llm, monkeyp
     kwargs = dict(chat_template=False, max_tokens=16, ignore_eos=True, temperature=1.0, top_k=20)
     with anyio.fail_after(60):
         alone = [(await plain_llm.acomplete(p, seed=i, **kwargs)).token_ids for i, p in enumerate(prompts)]
-    run = plain_llm.engine.runner.run
-    ooms = {"n": 0}
-
-    def small_device(forward, batch):
-        if len(forward.items) > 2 or (forward.decode and batch.size > 2):
-            ooms["n"] += 1
-            raise torch.OutOfMemoryError("injected: KV cache does not fit")
-        return run(forward, batch)
-
-    monkeypatch.setattr(plain_llm.engine.runner, "run", small_device)
+    ooms = limit_device_rows(plain_llm, monkeypatch)
     with anyio.fail_after(60):
         results = await asyncio.gather(*(plain_llm.acomplete(p, seed=i, **kwargs) for i, p in enumerate(prompts)))
     assert ooms["n"] > 0 and plain_llm.engine.scheduler.num_preempted > 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from async_llm import EngineClosedError, GenerationError, HuggingFaceLLM, QueueFullError
+from tests.conftest import limit_device_rows
 
 LONG = dict(max_tokens=400, ignore_eos=True)
 
@@ -264,16 +265,7 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_finishes_e
 ):
     """A KV-cache OOM preempts the newest half of the rows; they resume by recomputing their cache."""
 
-    run = plain_llm.engine.runner.run
-    ooms = {"n": 0}
-
-    def small_device(forward, batch):
-        if len(forward.items) > 2 or (forward.decode and batch.size > 2):
-            ooms["n"] += 1
-            raise torch.OutOfMemoryError("injected: KV cache does not fit")
-        return run(forward, batch)
-
-    monkeypatch.setattr(plain_llm.engine.runner, "run", small_device)
+    ooms = limit_device_rows(plain_llm, monkeypatch)
     prompts = ["Hello", "The quick brown fox", "日本語 🎉", "def hello(name):", "What is the capital of France?"]
     with anyio.fail_after(60):
         results = await asyncio.gather(
