@@ -88,10 +88,18 @@ def mixed_workload(n: int = 64, seed: int = 0) -> list[tuple[str, int]]:
 
 
 def run_async_llm(
-    results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, **options: Any
+    results: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    bursts: list[int],
+    new_tokens: int,
+    profile: str | None = None,
+    **options: Any,
 ) -> None:
     """Bursts through :class:`~async_llm.HuggingFaceLLM` (``options``: the engine's, e.g.
-    ``cuda_graphs=False`` or ``runner="fast"``), then the mixed workload."""
+    ``cuda_graphs=False`` or ``runner="fast"``), then the mixed workload; with ``profile`` (a file
+    name), one more burst of the largest size under ``torch.profiler``, its table of the most
+    expensive operations written to ``DIR/profile``."""
     from async_llm import HuggingFaceLLM
 
     async def burst(llm: Any, calls: list[tuple[str, int]], device: torch.device) -> dict[str, Any]:
@@ -138,8 +146,40 @@ def run_async_llm(
             if graphs is not None:
                 results["graphs_after"] = len(graphs.graphs)
             save()
+            if profile is not None and _OUT is not None:
+                await _profiled(llm, prompts(max(bursts)), new_tokens, device, _OUT / profile)
+                results["profile"] = profile
+                save()
 
     asyncio.run(main())
+
+
+async def _profiled(llm: Any, texts: list[str], new_tokens: int, device: torch.device, path: Path) -> None:
+    """One burst under ``torch.profiler`` (the device's kernels too where CUDA is): the operations
+    that took the most time, as a table, to ``path`` (what a missed target's note quotes). The
+    profiler runs on the engine's thread, where the model runs: it starts with the burst's first
+    step there and stops there once the engine is idle again."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    engine = llm.engine
+    step = engine._step
+
+    def profiled_step(*args: Any, **kwargs: Any) -> Any:
+        if engine._step is profiled_step:  # the first step of the burst: start here, then step plainly
+            engine._step = step
+            prof.start()
+        return step(*args, **kwargs)
+
+    engine._step = profiled_step
+    await asyncio.gather(
+        *(llm.acomplete(t, max_tokens=new_tokens, ignore_eos=True, chat_template=False) for t in texts)
+    )
+    await asyncio.wrap_future(engine.call_when_idle(prof.stop))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    await asyncio.to_thread(path.write_text, table)
 
 
 def run_static(results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int) -> None:
@@ -313,7 +353,9 @@ def main() -> None:
     # Most wanted first: a run cut short by --budget-s keeps the comparisons that matter most.
     systems = {
         "floor": lambda results: run_floor(results, model, bursts),
-        "async_llm": lambda results: run_async_llm(results, model, tokenizer, bursts, args.new_tokens),
+        "async_llm": lambda results: run_async_llm(
+            results, model, tokenizer, bursts, args.new_tokens, profile="profile_async_llm.txt"
+        ),
         "transformers_cb": lambda results: run_transformers_cb(results, model, tokenizer, bursts, args.new_tokens),
         "async_llm_eager": lambda results: run_async_llm(
             results, model, tokenizer, bursts, args.new_tokens, cuda_graphs=False
