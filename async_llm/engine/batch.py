@@ -114,9 +114,7 @@ class BatchRows:
     def size(self) -> int:
         return len(self.rows)
 
-    def _add_penalty_rows(
-        self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None, capacity: int
-    ) -> None:
+    def _add_penalty_rows(self, rows: slice, counts: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> None:
         """Set the penalty state of ``rows`` (zeroed when they have none but the batch has some)."""
         if counts is None or prompt_mask is None:
             if self.counts is not None:
@@ -124,8 +122,8 @@ class BatchRows:
                 self.prompt_mask[rows] = False  # type: ignore[index]
             return
         if self.counts is None:
-            self.counts = torch.zeros(capacity, self.vocab_size, dtype=torch.float32, device=self.device)
-            self.prompt_mask = torch.zeros(capacity, self.vocab_size, dtype=torch.bool, device=self.device)
+            self.counts = torch.zeros(self.capacity, self.vocab_size, dtype=torch.float32, device=self.device)
+            self.prompt_mask = torch.zeros(self.capacity, self.vocab_size, dtype=torch.bool, device=self.device)
         self.counts[rows] = counts
         self.prompt_mask[rows] = prompt_mask  # type: ignore[index]
 
@@ -162,13 +160,19 @@ class BatchRows:
         if self.counts is not None and not self.sampling.uses_penalties:
             self.counts = self.prompt_mask = None  # the last penalised row left
 
+    def penalty_state(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The live rows' output token counts and prompt masks, ``[B, V]`` each (None without penalties)."""
+        b = self.size
+        counts = self.counts[:b] if self.counts is not None else None
+        prompt_mask = self.prompt_mask[:b] if self.prompt_mask is not None else None
+        return counts, prompt_mask
+
     def record_tokens(self, tokens: torch.Tensor) -> None:
         """Count each row's new token for frequency/presence/repetition penalties."""
         if self.counts is not None:
             b = self.size
             self.counts[:b].scatter_add_(1, tokens[:b, None], torch.ones(b, 1, device=self.device))
 
-    # -- what each layout implements ------------------------------------------------------------------
     def add(
         self,
         requests: Sequence[Request],
@@ -177,8 +181,41 @@ class BatchRows:
         counts: torch.Tensor | None,
         prompt_mask: torch.Tensor | None,
     ) -> None:
-        """Merge freshly prefilled rows (their keys and values ``[layers, 2, H, L_i, D]``, first
-        tokens ``[n]`` and penalty state ``[n, V]``) into the batch, after the rows it has."""
+        """Merge freshly prefilled rows into the batch, after the rows it has.
+
+        Args:
+            requests: The new rows' requests, in row order.
+            kv_rows: Each row's keys and values, ``[layers, 2, H, L_i, D]`` with ``L_i`` its context
+                length (rows of one request may share one tensor; see each layout's :meth:`_place`).
+            first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
+            counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
+        """
+        old_b, lengths = self.size, [kv.shape[3] for kv in kv_rows]
+        self._place(requests, kv_rows, lengths, first_tokens)
+        self._add_penalty_rows(slice(old_b, old_b + len(requests)), counts, prompt_mask)
+        self.rows.extend(requests)
+        self.row_lengths.extend(lengths)
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """Rebuild what follows the rows' order (rows joined or left)."""
+        self._rebuild_sampling()
+
+    # -- what each layout implements ------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Rows the per-row tensors hold (``B_cap``)."""
+        raise NotImplementedError
+
+    def _place(
+        self,
+        requests: Sequence[Request],
+        kv_rows: Sequence[torch.Tensor],
+        lengths: Sequence[int],
+        first_tokens: torch.Tensor,
+    ) -> None:
+        """Put the joining rows' keys and values (``lengths`` columns each) and first tokens in the
+        layout, as rows ``[B, B + n)``; the rows themselves are appended after (see :meth:`add`)."""
         raise NotImplementedError
 
     def remove(self, indices: Sequence[int]) -> None:
@@ -228,25 +265,20 @@ class PaddedBatch(BatchRows):
         self.cache = PaddedKVCache(self, num_layers)
 
     # -- joining ----------------------------------------------------------------------------------
-    def add(
+    @property
+    def capacity(self) -> int:
+        return int(self.mask.shape[0])
+
+    def _place(
         self,
         requests: Sequence[Request],
         kv_rows: Sequence[torch.Tensor],
+        lengths: Sequence[int],
         first_tokens: torch.Tensor,
-        counts: torch.Tensor | None,
-        prompt_mask: torch.Tensor | None,
     ) -> None:
-        """Merge freshly prefilled rows into the batch.
-
-        Args:
-            requests: The new rows' requests, in row order.
-            kv_rows: Each row's keys and values, ``[layers, 2, H, L_i, D]`` with ``L_i`` its context
-                length (rows of one request may share one tensor).
-            first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
-            counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
-        """
+        """Copy the joining rows' keys and values in, right-aligned, left-padded to the batch's
+        width (growing the buffer when it is too small)."""
         n = len(requests)
-        lengths = [kv.shape[3] for kv in kv_rows]
         p = max(lengths)
         if self.size == 0:  # an empty batch starts over, at the left of its buffer
             self.start = self.end = p if p < self.mask.shape[1] else 0
@@ -272,10 +304,6 @@ class PaddedBatch(BatchRows):
             self.mask[row, self.end - length : self.end] = 1
         self.lengths[rows] = torch.tensor(lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
-        self._add_penalty_rows(rows, counts, prompt_mask, self.mask.shape[0])
-        self.rows.extend(requests)
-        self.row_lengths.extend(lengths)
-        self._rebuild_sampling()
 
     def row_kv(self, index: int) -> torch.Tensor:
         """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""

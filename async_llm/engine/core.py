@@ -24,8 +24,14 @@ import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
 from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
-from async_llm.engine.kv_budget import check_cuda_graphs
-from async_llm.engine.model_api import attention_pair_cost, cache_kwarg, default_prefix_cache_bytes, input_device
+from async_llm.engine.kv_budget import check_cuda_graphs, kv_geometry
+from async_llm.engine.model_api import (
+    attention_pair_cost,
+    cache_kwarg,
+    default_prefix_cache_bytes,
+    input_device,
+    vocab_size,
+)
 from async_llm.engine.output import FinishReason, StepOutputs
 from async_llm.engine.planner import ChunkBudget, plan_step
 from async_llm.engine.prefill import Forward, Prefiller
@@ -83,7 +89,7 @@ class Engine(StepUpdate, Worker):
         self.owns_model = owns_model
         self.checks = checks
         self.pad_token_id = pad_token_id
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = vocab_size(model)
         self._cache_kwarg = cache_kwarg(model)
         self._rng = torch.Generator()
         if config.seed is not None:
@@ -104,28 +110,33 @@ class Engine(StepUpdate, Worker):
         # choosing the runner runs the model), and if choosing fails.
         self.runner: ModelRunner = self._plain_runner()
         self._ahead: Ahead | None = None  # an overlapped decode step whose tokens are not handled yet
-        self.overlap = bool(config.overlap)  # decided again when the runner is chosen (_prepare)
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
 
     def _new_batch(self) -> BatchRows:
         """The batch the runner decodes: the static runner's slots, else the padded buffer."""
         self.device = input_device(self.model)
-        text = self.model.config.get_text_config()
+        layers, kv_heads, head_dim = kv_geometry(self.model.config)
         dtype = next(self.model.parameters()).dtype
         if self.slots is not None:
-            heads = text.num_attention_heads
             return SlotBatch(
-                num_layers=text.num_hidden_layers,
-                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                num_layers=layers,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
                 vocab_size=self.vocab_size,
                 max_rows=self.slots.rows,
                 columns=self.slots.columns,
                 device=self.device,
                 dtype=dtype,
             )
-        return PaddedBatch(text.num_hidden_layers, self.vocab_size, self.scheduler.max_batch_size, self.device, dtype)
+        return PaddedBatch(layers, self.vocab_size, self.scheduler.max_batch_size, self.device, dtype)
+
+    @property
+    def overlap(self) -> bool:
+        """Whether decode steps overlap (``EngineConfig.overlap``; None: with the static runner on CUDA)."""
+        if self.config.overlap is not None:
+            return self.config.overlap
+        return self.runner.name == "static" and self.device.type == "cuda"
 
     @property
     def max_context(self) -> int | None:
@@ -170,8 +181,6 @@ class Engine(StepUpdate, Worker):
             if isinstance(self.batch, SlotBatch) and not isinstance(self.runner, StaticRunner):
                 self.slots = None
                 self.batch = self._new_batch()
-        overlap = self.config.overlap
-        self.overlap = overlap if overlap is not None else self.runner.name == "static" and self.device.type == "cuda"
         self.prefiller.can_resume = self.runner.can_resume
         # With a fused runner a chunk rides along with the decode step; a forward of its own costs
         # about a decode step before its first token, so without it chunks are fixed and larger.
@@ -229,7 +238,8 @@ class Engine(StepUpdate, Worker):
         With ``overlap``, a step that only decodes plain rows is launched before the previous
         one's tokens are handled (see :meth:`_decode_overlapped`); any other step first handles
         them (:meth:`_drain`), so it plans and runs over a batch whose rows are all up to date."""
-        if self._ahead is not None and not self._may_overlap(admit):
+        may_overlap = self.overlap and self._may_overlap(admit)
+        if self._ahead is not None and not may_overlap:
             self._drain(out)
         busy = self.batch.size > 0
         plan = plan_step(self.scheduler, self.prefiller, self.chunk_budget, self.runner, busy, admit)
@@ -237,8 +247,9 @@ class Engine(StepUpdate, Worker):
         for request in plan.admitted:
             event = "resumed" if request.output_ids else "admitted"
             log.info(event, request_id=request.request_id, prompt_tokens=request.num_prompt_tokens)
+        # Planning changed nothing _may_overlap reads unless it admitted (it then prefills).
         decode_only = [(f.items, f.decode) for f in plan.forwards] == [([], True)]
-        if self.overlap and busy and decode_only and not plan.admitted and self._may_overlap(admit):
+        if may_overlap and busy and decode_only and not plan.admitted:
             self._decode_overlapped(out)
             return True
         self._drain(out)

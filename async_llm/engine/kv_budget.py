@@ -57,6 +57,17 @@ def _text_config(model_config: Any) -> Any:
     return get() if callable(get) else model_config
 
 
+def kv_geometry(model_config: Any) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers config (its text config when it has one):
+    ``num_key_value_heads`` falls back to ``num_attention_heads``, ``head_dim`` to
+    ``hidden_size // num_attention_heads``."""
+    config = _text_config(model_config)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
 def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token takes across all layers.
 
@@ -64,19 +75,14 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     in bfloat16 takes 32 KiB a token.
 
     Args:
-        model_config: A transformers ``PretrainedConfig`` (its text config is read when it has one):
-            ``num_hidden_layers``, ``num_key_value_heads`` (else ``num_attention_heads``),
-            ``head_dim`` (else ``hidden_size // num_attention_heads``).
+        model_config: A transformers ``PretrainedConfig`` (see :func:`kv_geometry`).
         dtype: The KV store's dtype (the model's).
 
     Returns:
         The bytes per token.
     """
-    config = _text_config(model_config)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * dtype.itemsize
+    layers, kv_heads, head_dim = kv_geometry(model_config)
+    return layers * 2 * kv_heads * head_dim * dtype.itemsize
 
 
 def default_max_model_len(model_config: Any, max_model_len: int | None) -> int:

@@ -84,11 +84,6 @@ class SlotBatch(BatchRows):
     def num_slots(self) -> int:
         return int(self.kv.shape[2])
 
-    @property
-    def bytes(self) -> int:
-        """Bytes of the KV store."""
-        return self.kv.numel() * self.kv.element_size()
-
     # -- slots -----------------------------------------------------------------------------------------
     def _reclaim(self) -> None:
         while self._released:
@@ -128,24 +123,20 @@ class SlotBatch(BatchRows):
         return slot if rest == 0 and 0 <= slot < self.num_slots else None
 
     # -- joining and leaving ---------------------------------------------------------------------------
-    def add(
+    @property
+    def capacity(self) -> int:
+        return self.num_slots
+
+    def _place(
         self,
         requests: Sequence[Request],
         kv_rows: Sequence[torch.Tensor],
+        lengths: Sequence[int],
         first_tokens: torch.Tensor,
-        counts: torch.Tensor | None,
-        prompt_mask: torch.Tensor | None,
     ) -> None:
-        """Merge freshly prefilled rows into the batch.
-
-        Args:
-            requests: The new rows' requests, in row order.
-            kv_rows: Each row's keys and values ``[layers, 2, Hkv, L_i, D]``: the buffer of
-                :meth:`new_kv` (the row takes its slot; rows of one request share it, and all but
-                the first get a copy in a slot of their own), or any other tensor (copied in).
-            first_tokens: ``[n]`` the token sampled from the prefill, fed at the next decode step.
-            counts, prompt_mask: ``[n, V]`` their penalty state, when any of them uses penalties.
-        """
+        """Each row takes the slot of its prefill's buffer (:meth:`new_kv`; rows of one request share
+        it, and all but the first get a copy in a slot of their own); any other buffer is copied
+        into a free slot."""
         self._reclaim()
         taken: list[int] = []
         try:
@@ -163,16 +154,10 @@ class SlotBatch(BatchRows):
             for slot in taken:  # none of the rows joins
                 heapq.heappush(self._free, slot)
             raise
-        n, old_b = len(requests), self.size
-        lengths = [kv.shape[3] for kv in kv_rows]
         index = torch.tensor(taken, device=self.device)
         self.tokens[index] = first_tokens
-        self.positions[index] = torch.tensor(lengths, device=self.device)
-        self._add_penalty_rows(slice(old_b, old_b + n), counts, prompt_mask, self.num_slots)
-        self.rows.extend(requests)
-        self.row_lengths.extend(lengths)
+        self.positions[index] = torch.tensor(list(lengths), device=self.device)
         self.slots.extend(taken)
-        self._rows_changed()
 
     def remove(self, indices: Sequence[int]) -> None:
         """Drop rows: their slots are free again (nothing is copied but the rows' penalty state)."""

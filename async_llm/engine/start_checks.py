@@ -19,7 +19,7 @@ from async_llm.log import get_logger
 log = get_logger("async_llm.engine.start_checks")
 
 # Bump when a start-up check changes what it decides: stored verdicts of older checks are then unused.
-_CHECKS_VERSION = "2"  # 2: probe prompts from the middle of the vocabulary
+_CHECKS_VERSION = "2"  # 2: the fast check's tolerance scaled to the dtype; probe prompts mid-vocabulary
 
 # A check's verdict: JSON, so that it can be stored.
 Verdict = TypeVar("Verdict", bound="str | bool | None")

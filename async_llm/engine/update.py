@@ -66,11 +66,9 @@ class StepUpdate:
         """Sample each row's next token from the decode step's ``logits`` [B, V], commit the step,
         and retire the rows that finished."""
         batch = self.batch
-        b = batch.size
         sb = batch.sampling
         assert sb is not None
-        counts = batch.counts[:b] if batch.counts is not None else None
-        prompt_mask = batch.prompt_mask[:b] if batch.prompt_mask is not None else None
+        counts, prompt_mask = batch.penalty_state()
         choice = choose(logits, batch.rows, sb, counts, prompt_mask, self._uniforms(batch.rows, sb))
         batch.advance(choice.tokens)
         done = self._commit(batch.rows, choice, out)
@@ -153,10 +151,9 @@ class StepUpdate:
         """Sample every row's next token from ``logits`` [B, V] and feed it to the next step, all on
         the device; the tokens' copy to the host is started, not waited for (see :meth:`_commit_ahead`)."""
         batch = self.batch
-        b, sb = batch.size, batch.sampling
+        sb = batch.sampling
         assert sb is not None
-        counts = batch.counts[:b] if batch.counts is not None else None
-        prompt_mask = batch.prompt_mask[:b] if batch.prompt_mask is not None else None
+        counts, prompt_mask = batch.penalty_state()
         rows = list(batch.rows)
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(rows, sb))
         batch.advance(tokens)

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
 from async_llm.engine.prefill import Forward, Items, materialize
-from async_llm.engine.runners.fast_forward import Chunk, FastDecoder, Rows
+from async_llm.engine.runners.fast_forward import Chunk, DecodeRows, FastDecoder, Rows
 
 
 class FastRunner:
@@ -33,9 +35,19 @@ class FastRunner:
             inputs = batch.decode_inputs()
             assert batch.kv is not None
             rows = Rows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
+        decode_logits = self._forward(rows, forward, self.decoder.new_kv)
+        return decode_logits if rows is not None else None
+
+    def _forward(
+        self, rows: DecodeRows | None, forward: Forward, new_kv: Callable[[int], torch.Tensor]
+    ) -> torch.Tensor:
+        """One forward of the decode ``rows`` (None: none) and ``forward``'s prompt chunks, each
+        chunk computed into its state's buffer (made by ``new_kv``, the batch's layout, before its
+        first chunk); a prompt it completes gets its next-token logits. Returns the rows' float32
+        logits ``[B, V]``."""
         chunks = []
         for state, n in forward.items:
-            materialize(state, self.decoder.new_kv)
+            materialize(state, new_kv)
             assert state.kv is not None
             last = state.done + n == len(state.tokens)
             chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
@@ -43,4 +55,4 @@ class FastRunner:
         completed = [state for (state, _), chunk in zip(forward.items, chunks, strict=True) if chunk.logits]
         for state, row in zip(completed, logits, strict=True):
             state.logits = row
-        return decode_logits if rows is not None else None
+        return decode_logits

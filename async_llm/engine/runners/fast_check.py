@@ -50,10 +50,6 @@ LOW_PRECISION_EPS = 8
 #: Greedy decode steps the check compares in a narrower dtype (one in full precision).
 GREEDY_STEPS = 4
 
-# Part of a stored verdict's context: bump when what the check decides changes, so that verdicts of
-# the earlier rule are not reused (2: the tolerance scaled to the dtype, greedy steps).
-_RULE = "2"
-
 
 def unsupported_reason(model: Any) -> str | None:
     """Why the fast step cannot serve ``model`` (None when it can, pending the numeric check)."""
@@ -122,7 +118,6 @@ def prepare(
         "batch_hint": str(batch_hint),
         # The verdict holds for the dtype the forwards ran in only (its tolerance is the dtype's).
         "compute_dtype": str(_compute_dtype(model)),
-        "rule": _RULE,
     }
     reason = remembered(checks, model, "fast_decode", context, check, valid=lambda v: v is None or isinstance(v, str))
     if reason is not None:

@@ -18,16 +18,19 @@ import torch
 from async_llm.engine.batch import BatchRows
 from async_llm.engine.config import EngineConfig
 from async_llm.engine.kv_budget import (
+    DEFAULT_STATIC_ROWS,
     SlotPlan,
     default_max_model_len,
     kv_budget_bytes,
     kv_bytes_per_token,
     plan_slots,
 )
-from async_llm.engine.prefill import Forward, Items, materialize
+from async_llm.engine.model_api import vocab_size
+from async_llm.engine.prefill import Forward
 from async_llm.engine.runners.cuda_graphs import DecodeGraphs
+from async_llm.engine.runners.fast import FastRunner
 from async_llm.engine.runners.fast_check import unsupported_reason
-from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
+from async_llm.engine.runners.fast_forward import FastDecoder
 from async_llm.engine.slot_batch import SlotBatch
 from async_llm.errors import InvalidParameterError
 from async_llm.log import get_logger
@@ -62,8 +65,7 @@ def activation_bytes(model: Any, rows: int, prefill_tokens: int) -> int:
     text = model.config.get_text_config()
     dtype = next(model.parameters()).dtype
     width = text.hidden_size * 4 + getattr(text, "intermediate_size", 4 * text.hidden_size) * 3
-    vocab = model.get_output_embeddings().weight.shape[0]
-    return int(prefill_tokens * width * dtype.itemsize * 2 + rows * vocab * 4 * 4)
+    return int(prefill_tokens * width * dtype.itemsize * 2 + rows * vocab_size(model) * 4 * 4)
 
 
 def plan_static(model: Any, config: EngineConfig, device: torch.device) -> SlotPlan | None:
@@ -79,7 +81,7 @@ def plan_static(model: Any, config: EngineConfig, device: torch.device) -> SlotP
     text = model.config.get_text_config()
     columns = default_max_model_len(text, config.max_model_len)
     dtype = next(model.parameters()).dtype
-    rows_hint = config.max_batch_size or 256
+    rows_hint = config.max_batch_size or DEFAULT_STATIC_ROWS
     reserve = activation_bytes(model, rows_hint, config.max_prefill_tokens)
     budget = kv_budget_bytes(device, config.gpu_memory_utilization, config.kv_cache_bytes, activation_bytes=reserve)
     plan = plan_slots(kv_bytes_per_token(text, dtype), budget, columns, config.max_batch_size)
@@ -87,8 +89,9 @@ def plan_static(model: Any, config: EngineConfig, device: torch.device) -> SlotP
     return plan
 
 
-class StaticRunner:
-    """Runs :class:`FastDecoder` over a :class:`SlotBatch`, with captured decode graphs when given.
+class StaticRunner(FastRunner):
+    """Runs :class:`FastDecoder` over a :class:`SlotBatch`, with captured decode graphs when given
+    (the fast runner's forwards otherwise: prompt chunks ride in the decode step's forward).
 
     Args:
         decoder: The layers (built and checked by ``fast_check.prepare``).
@@ -97,37 +100,21 @@ class StaticRunner:
     """
 
     name = "static"
-    fused = True  # chunks ride in the decode step's forward, as in the fast runner
-    can_resume = True
 
     def __init__(self, decoder: FastDecoder, batch: SlotBatch, graphs: bool) -> None:
-        self.decoder = decoder
+        super().__init__(decoder)
         self.batch = batch
         self.graphs = DecodeGraphs(decoder, batch) if graphs else None
         if self.graphs is not None:
-            self.capture_seconds = self.graphs.capture()
-
-    def forwards(self, items: Items, decoding: bool) -> list[Forward]:
-        if decoding:
-            return [Forward(items, decode=True)]
-        return [Forward(items), Forward([], decode=True)] if items else [Forward([], decode=True)]
+            self.graphs.capture()  # the start-up sizes; their time is logged and kept on the graphs
 
     def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
         batch = cast(SlotBatch, batch)
         assert batch is self.batch, "the static runner runs the batch it was built with"
         rows = batch.decode_rows() if forward.decode else None
-        chunks = []
-        for state, n in forward.items:
-            materialize(state, batch.new_kv)  # the slot it will decode in
-            assert state.kv is not None
-            last = state.done + n == len(state.tokens)
-            chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
         logits = None
-        if rows is not None and not chunks and self.graphs is not None:
+        if rows is not None and not forward.items and self.graphs is not None:
             logits = self.graphs.run(rows)  # [S, V]
         if logits is None:
-            logits, completed_logits = self.decoder.step(rows, chunks)  # [S, V], [completed, V]
-            completed = [state for (state, _), chunk in zip(forward.items, chunks, strict=True) if chunk.logits]
-            for state, row in zip(completed, completed_logits, strict=True):
-                state.logits = row
+            logits = self._forward(rows, forward, batch.new_kv)  # [S, V]; prompts into their slots
         return logits[batch.slot_index].float() if rows is not None else None  # [B, V], the rows' order
