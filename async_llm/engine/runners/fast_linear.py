@@ -74,8 +74,9 @@ class _PackedLinear:
     """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel (its own
     copy), and, for one row in float32, the plain kernel over the weights the model holds anyway:
     streaming a weight for one row, the default kernel (a matrix-vector product) is faster than the
-    packed one (21.5 against 24.6 ms for the default model's products, weights cycled through
-    memory as in a decode step; at 4 rows and more the packed kernel wins, 25.5 against 38.5)."""
+    packed one (20.2 against 23.9 ms for the default model's products, weights streamed from memory
+    as in a decode step; at 4 rows and more the packed kernel wins, 24.6 against 40.5: see
+    ``benchmarks/cpu_products.py``). In bfloat16 the packed kernel wins at one row too."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, single_row: Linear | None = None
