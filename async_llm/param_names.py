@@ -83,3 +83,7 @@ def one_value(name: str, value: Any, alias: str, alias_value: Any) -> Any:
             alias, f"{name}={value!r} and {alias}={alias_value!r} (an alias) differ: give one, not both"
         )
     return alias_value
+
+
+#: The weight quantizations the engine applies itself (``quantize=``; ``True`` is bitsandbytes').
+QUANTIZE_MODES = ("int8",)

@@ -120,6 +120,8 @@ class SamplingParams:
         guided_regex: A regular expression the whole output matches.
         guided_choice: A list of strings; the output is exactly one of them.
         guided_grammar: A grammar (Lark or GBNF/EBNF) the output follows.
+        speculative_config: This request's n-gram speculative decoding (a dict of vLLM's keys, see
+            ``HuggingFaceLLM``), ``False`` to turn the engine's off for it; None or True: the engine's.
         max_tokens_explicit: Whether ``max_tokens`` was given rather than defaulted (set by
             :meth:`merge`; ``None`` infers it: any value but the default 256 was given).
         response_model: The pydantic class ``response_format`` came from (set on construction;
@@ -163,6 +165,7 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_choice: tuple[str, ...] | None = None
     guided_grammar: str | None = None
+    speculative_config: Any = None
     max_tokens_explicit: bool | None = field(default=None, repr=False, compare=False)
     response_model: type | None = field(default=None, repr=False, compare=False)
 
@@ -198,6 +201,12 @@ class SamplingParams:
         min_p = number("min_p", self.min_p)
         _check_range("min_p", min_p, 0.0, 1.0)
         set_(self, "min_p", min_p)
+        if self.speculative_config is True:
+            set_(self, "speculative_config", None)
+        elif self.speculative_config is not False:
+            from async_llm.engine.speculative import SpeculativeConfig  # the engine's: imported when used
+
+            set_(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         rep = number("repetition_penalty", self.repetition_penalty)
         _check_range("repetition_penalty", rep, 0.0, math.inf, low_open=True)
         set_(self, "repetition_penalty", rep)

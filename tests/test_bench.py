@@ -40,6 +40,8 @@ def bench_out(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             "--mixed-requests",
             "3",
             "--no-prefill-workloads",
+            "--grounded",
+            "0",
             "--rate",
             "50",
             "--prompt-range",
@@ -195,7 +197,7 @@ def test_prefill_workloads_run_with_and_without_the_prefix_cache(tiny_model_dir:
     code = main(
         [
             "--model", str(tiny_model_dir), "--out", str(tmp_path), "--concurrency", "1", "--new-tokens", "2",
-            "--mixed-requests", "0", "--prefill-workloads", "--prefill-scale", "0.05",
+            "--mixed-requests", "0", "--grounded", "0", "--prefill-workloads", "--prefill-scale", "0.05",
             "--systems", "async_llm,async_llm-no-prefix-cache,transformers-static", "--repeats", "1",
             "--threads", "1", "--no-isolate", "--no-progress", "--wait-quiet", "0", "--noisy-retries", "0",
         ]
@@ -264,10 +266,11 @@ def test_the_cpu_suite_keeps_its_systems_and_dtype_and_cuda_adds_the_eager_varia
 
     cpu = _args()
     assert cpu.dtype == "float32" and "async_llm-eager" not in cpu.systems
-    assert cpu.systems == [s for s in ALL_SYSTEMS if s != "async_llm-eager"]  # what the CPU suite always ran
+    assert cpu.systems == [s for s in ALL_SYSTEMS if s != "async_llm-eager"]  # every CPU system
+    assert {"async_llm-int8", "async_llm-ngram", "llama.cpp-q8_0"} <= set(cpu.systems)
     cuda = _args("--device", "cuda:1")  # parsing only: main() checks that torch sees the device
-    assert cuda.dtype == "bfloat16" and cuda.systems == list(ALL_SYSTEMS)
-    assert cuda.systems.index("async_llm-eager") == cuda.systems.index("async_llm") + 2
+    assert cuda.dtype == "bfloat16" and cuda.systems == [s for s in ALL_SYSTEMS if s != "async_llm-int8"]
+    assert cuda.systems.index("async_llm-eager") == cuda.systems.index("async_llm") + 3
     assert _args("--device", "cuda", "--dtype", "float32").dtype == "float32"  # a flag given wins
     assert _args("--systems", "async_llm-eager,async_llm").systems == ["async_llm", "async_llm-eager"]
 
@@ -384,3 +387,24 @@ def test_the_async_llm_system_loads_the_static_runner_with_a_slot_of_the_given_l
         assert runner.llm.engine.runner.graphs is None  # no CUDA: no graphs
     finally:
         runner.close()
+
+
+def test_the_grounded_workload_and_the_opt_in_systems(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """int8 and n-gram speculation as systems of their own, on a burst and on the grounded workload
+    (answers that copy their prompt), with their targets reported."""
+    code = main(
+        [
+            "--model", str(tiny_model_dir), "--out", str(tmp_path), "--concurrency", "1", "--new-tokens", "4",
+            "--grounded", "1", "--mixed-requests", "0", "--no-prefill-workloads",
+            "--systems", "async_llm,async_llm-int8,async_llm-ngram", "--repeats", "1", "--threads", "1",
+            "--no-isolate", "--no-progress", "--wait-quiet", "0", "--noisy-retries", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    grounded = report["results"]["grounded-1"]
+    for system in ("async_llm", "async_llm-int8", "async_llm-ngram"):
+        assert grounded[system]["complete"] and grounded[system]["output_tokens"] == 128
+    assert report["workloads"][1]["name"] == "grounded-1" and report["workloads"][1]["kind"] == "grounded"
+    labels = {t["target"] for t in report["targets"]}
+    assert {"ngram grounded N=1: tokens/s vs without", "int8 burst N=1: tokens/s vs llama.cpp Q8_0"} <= labels

@@ -119,3 +119,31 @@ def test_the_f32_gguf_holds_the_weights_async_llm_runs(tmp_path: Path) -> None:
     embedding = tensors["token_embd.weight"]
     values = np.asarray(embedding.data).reshape(tuple(int(n) for n in reversed(embedding.shape)))
     assert np.array_equal(values, model.get_input_embeddings().weight.detach().numpy())
+
+
+@pytest.mark.slow
+def test_the_q8_0_gguf_is_the_same_weights_in_blocks_of_32(tmp_path: Path) -> None:
+    """llama.cpp's Q8_0 file: every matrix Q8_0 (within half a step of its block's scale of the
+    float32 weights async_llm loads), every vector F32, the metadata that says so."""
+    pytest.importorskip("gguf")
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM
+
+    from async_llm.bench.gguf_f32 import q8_0_copy
+    from async_llm.loading.default import default_model_path, find_default_gguf
+
+    path = q8_0_copy(find_default_gguf(), tmp_path)
+    reader = GGUFReader(path)
+    assert int(reader.fields["general.file_type"].contents()) == 7  # llama.cpp's MOSTLY_Q8_0
+    tensors = {t.name: t for t in reader.tensors}
+    kinds = {t.name: GGMLQuantizationType(int(t.tensor_type)) for t in tensors.values()}
+    assert all(k == GGMLQuantizationType.Q8_0 for n, k in kinds.items() if len(tensors[n].shape) == 2)
+    assert all(k == GGMLQuantizationType.F32 for n, k in kinds.items() if len(tensors[n].shape) == 1)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path())
+    embedding = tensors["token_embd.weight"]
+    values = dequantize(embedding.data, embedding.tensor_type).reshape(model.get_input_embeddings().weight.shape)
+    weights = model.get_input_embeddings().weight.detach().numpy()
+    block_max = np.abs(weights.reshape(-1, 32)).max(axis=1, keepdims=True)
+    assert np.all(np.abs(values - weights).reshape(-1, 32) <= block_max / 127 * 0.5 + 1e-6)

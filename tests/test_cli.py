@@ -22,7 +22,7 @@ import pytest
 
 import async_llm
 from async_llm import HuggingFaceLLM, cli
-from async_llm.cli.parser import ENGINE_FLAGS, engine_kwargs
+from async_llm.cli.parser import ENGINE_FLAGS, UsageError, engine_kwargs
 
 CLOSING_LINE = re.compile(
     r"^(?P<n>\d+) requests, (?P<tokens>\d+) tokens in (?P<secs>\d+\.\d\d) s: "
@@ -63,8 +63,17 @@ def test_engine_flags(command: list[str]) -> None:
     assert engine_kwargs(args) == {
         "max_batch_size": 64, "runner": "static", "max_model_len": 4096,
         "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False, "overlap": True,
+        "quantize": None, "speculative_config": None,
     }  # fmt: skip
     assert cli.build_parser().parse_args([*command, "--cuda-graphs"]).cuda_graphs is True
+    opt_in = cli.build_parser().parse_args(
+        [*command, "--quantize", "int8", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
+    )
+    assert engine_kwargs(opt_in)["quantize"] == "int8"
+    assert engine_kwargs(opt_in)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    for bad in (["--quantize", "int4"], ["--speculative-config", "ngram"], ["--speculative-config", "[1]"]):
+        with pytest.raises(UsageError):
+            cli.build_parser().parse_args([*command, *bad])
 
 
 @pytest.mark.parametrize(
@@ -109,11 +118,13 @@ def test_serve_passes_the_engine_flags_to_the_llm(
 
     monkeypatch.setattr(async_llm, "HuggingFaceLLM", load)
     monkeypatch.setattr(server, "serve_http", served)
-    flags = ["--runner", "transformers", "--kv-cache-bytes", "1MiB"]
+    flags = ["--runner", "fast", "--kv-cache-bytes", "1MiB", "--quantize", "int8",
+             "--speculative-config", '{"method": "ngram"}']  # fmt: skip
     assert cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", *flags]) == 0
     assert loaded == [
-        {"device": None, "max_batch_size": None, "runner": "transformers", "max_model_len": None,
-         "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None, "overlap": None}
+        {"device": None, "max_batch_size": None, "runner": "fast", "max_model_len": None,
+         "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None, "overlap": None,
+         "quantize": "int8", "speculative_config": {"method": "ngram"}}
     ]  # fmt: skip
 
 

@@ -140,3 +140,51 @@ async def test_a_weather_question_calls_get_weather_for_paris(smollm):
         for call in result.tool_calls:
             assert call["function"]["name"] == "get_weather"
             assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_int8_holds_the_default_models_quality(smollm):
+    """``quantize="int8"`` on the default model: perplexity on 512 tokens of English prose within
+    2% of float32's (``benchmarks/quality.py`` measures 0.7% over 4,096), and a chat answer that
+    still names Paris in bfloat16 (the dtype ``"auto"`` takes on a CPU that multiplies it fast)."""
+    pytest.importorskip("pydoc_data")
+    import pydoc_data.topics
+
+    from async_llm.engine.runners.fast_linear import onednn_int8
+
+    if not onednn_int8():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    ids = smollm.tokenizer(pydoc_data.topics.topics["assignment"]).input_ids[:512]
+    targets = torch.tensor(ids[1:])
+
+    def perplexity(llm: HuggingFaceLLM) -> float:
+        llm.engine.ready.wait()  # the runner is chosen on the engine's thread
+        decoder = llm.engine.runner.decoder  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            logits = decoder.sequence_logits(ids[:-1])
+        return float(torch.exp(torch.nn.functional.cross_entropy(logits, targets)))
+
+    reference = perplexity(smollm)
+    with HuggingFaceLLM(device="cpu", quantize="int8") as llm:
+        llm.engine.ready.wait()
+        assert type(llm.engine.runner.decoder.layers[0].qkv).__name__ == "Int8Linear"  # type: ignore[attr-defined]
+        assert perplexity(llm) < 1.02 * reference
+    with HuggingFaceLLM(device="cpu", quantize="int8", dtype=torch.bfloat16) as llm:
+        assert "Paris" in llm.run("What is the capital of France?", max_tokens=16)
+
+
+async def test_ngram_speculation_copies_from_the_prompt_and_changes_no_token(smollm):
+    """A request whose answer copies its prompt: with n-gram drafts, the same greedy tokens as one
+    token per step, most of them accepted from drafts (several tokens a step)."""
+    text = (
+        "def moving_average(values, window):\n    total = sum(values[:window])\n    averages = [total / window]\n"
+        "    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n"
+        "        averages.append(total / window)\n    return averages\n"
+    )
+    prompt = f"Rewrite this Python function with the variable `total` renamed to `running`:\n\n{text}"
+    expected = await smollm.acomplete(prompt, max_tokens=96)
+    with HuggingFaceLLM(device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 4}) as llm:
+        got = await llm.acomplete(prompt, max_tokens=96)
+        stats = llm.stats()
+    assert got.token_ids == expected.token_ids
+    assert stats["spec_decode_num_accepted_tokens"] >= len(got.token_ids) // 3
+    assert stats["spec_decode_num_verify_steps"] < len(got.token_ids)

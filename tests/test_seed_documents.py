@@ -356,8 +356,10 @@ def test_quantize_is_checked_before_anything_loads(tmp_path):
     assert info.value.param == "quantize"
     with pytest.raises(InvalidParameterError, match="quantize=True contradicts"):
         HuggingFaceLLM(missing, "cpu", quantize=True, quantization_config={"load_in_8bit": False})
-    with pytest.raises(ParameterTypeError, match="quantize must be True, False or None"):
+    with pytest.raises(InvalidParameterError, match="quantize must be True, False, None or one of 'int8'"):
         HuggingFaceLLM(missing, "cpu", quantize="4bit")
+    with pytest.raises(ParameterTypeError, match="quantize must be True, False, 'int8' or None"):
+        HuggingFaceLLM(missing, "cpu", quantize=4)
     with pytest.raises(UnsupportedConfigurationError, match="does not run on 'meta'"):
         HuggingFaceLLM(missing, "meta", quantize=True)  # the default config, checked like any other
 

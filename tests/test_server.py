@@ -484,3 +484,33 @@ async def test_choices_are_merged_without_a_task_per_stream():
     with pytest.raises(RuntimeError, match="boom"):
         await merged.__anext__()
     assert aborted == []
+
+
+async def test_a_request_speculates_over_http_and_metrics_count_its_drafts(client, url, llm):
+    """``speculative_config`` per request (the server's engine has none), counted on /metrics with
+    vLLM's names; a bad one is a 400 naming the key."""
+    body = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}, "ignore_eos": True}
+    with anyio.fail_after(30):
+        done = await client.completions.create(
+            model=MODEL, prompt="the the the the the", max_tokens=120, extra_body=body
+        )
+        assert done.usage.completion_tokens == 120
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{url}/metrics")).text
+            bad = await http.post(
+                f"{url}/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "hi",
+                    "speculative_config": {"method": "ngram", "num_speculative_tokens": 0},
+                },
+            )
+    values = {}
+    for line in metrics.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    stats = llm.stats()
+    assert values["async_llm_spec_decode_num_draft_tokens_total"] == stats["spec_decode_num_draft_tokens"] > 0
+    assert values["async_llm_spec_decode_num_accepted_tokens_total"] == stats["spec_decode_num_accepted_tokens"]
+    assert bad.status_code == 400 and "num_speculative_tokens" in bad.text

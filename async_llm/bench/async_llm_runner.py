@@ -20,7 +20,13 @@ from async_llm.bench.metrics import RequestRecord
 from async_llm.bench.runner import OnDone, Runner, SystemConfig, new_records
 from async_llm.bench.workloads import RequestSpec
 
-__all__ = ["AsyncLLMEagerRunner", "AsyncLLMNoPrefixCacheRunner", "AsyncLLMRunner"]
+__all__ = [
+    "AsyncLLMEagerRunner",
+    "AsyncLLMInt8Runner",
+    "AsyncLLMNgramRunner",
+    "AsyncLLMNoPrefixCacheRunner",
+    "AsyncLLMRunner",
+]
 
 
 class AsyncLLMRunner(Runner):
@@ -96,6 +102,54 @@ class AsyncLLMNoPrefixCacheRunner(AsyncLLMRunner):
     description = "async_llm with prefix_cache=False (the prefill workloads only: what the cache saves)"
     prefill_only = True
     options: ClassVar[dict[str, Any]] = {"prefix_cache": False}
+
+
+class AsyncLLMInt8Runner(AsyncLLMRunner):
+    name = "async_llm-int8"
+    description = (
+        'async_llm with quantize="int8": the fast runner\'s layer products with int8 weights and rows quantized '
+        "on the fly (CPU only; the peer of llama.cpp-q8_0)"
+    )
+    prefill_workloads = False
+    options: ClassVar[dict[str, Any]] = {"quantize": "int8"}
+
+    @classmethod
+    def unavailable(cls, config: SystemConfig) -> str | None:
+        if config.device != "cpu":
+            return f'quantize="int8" runs on a CPU, not {config.device}'
+        return None
+
+    def load(self) -> None:
+        super().load()
+        self.llm.engine.ready.wait()
+        decoder = getattr(self.llm.engine.runner, "decoder", None)
+        if getattr(decoder, "quantize", None) != "int8":  # the model or the CPU cannot take it: not int8
+            self.llm.close()
+            raise RuntimeError("the engine runs this model unquantized: no int8 to measure")
+
+
+class AsyncLLMNgramRunner(AsyncLLMRunner):
+    name = "async_llm-ngram"
+    description = (
+        "async_llm with n-gram speculative decoding (speculative_config={'method': 'ngram', "
+        "'num_speculative_tokens': 4}): drafts from each request's own context, verified in one forward"
+    )
+    prefill_workloads = False
+    options: ClassVar[dict[str, Any]] = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+
+    @classmethod
+    def unavailable(cls, config: SystemConfig) -> str | None:
+        if config.runner == "static" or (config.runner is None and config.device.startswith("cuda")):
+            return "the static runner does not speculate yet (the fast runner does, on a CPU)"
+        return None
+
+    def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
+        before = self.llm.stats()
+        records, start = super().run(requests, on_done)
+        after = self.llm.stats()
+        for key in ("spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "spec_decode_num_verify_steps"):
+            self.extra[key] = after[key] - before[key]
+        return records, start
 
 
 class AsyncLLMEagerRunner(AsyncLLMRunner):

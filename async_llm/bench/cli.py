@@ -27,6 +27,8 @@ from async_llm.bench.suite import ROOFLINE
 ALL_SYSTEMS = (
     ROOFLINE,
     "async_llm",
+    "async_llm-int8",
+    "async_llm-ngram",
     "async_llm-no-prefix-cache",
     "async_llm-eager",
     "transformers-static",
@@ -35,17 +37,21 @@ ALL_SYSTEMS = (
     "vllm",
     "vllm-cpu",
     "llama.cpp-f32",
+    "llama.cpp-q8_0",
     "llama.cpp-q4_1",
 )
 
 #: Systems that only mean something on CUDA: left out of the default selection on another device (named
 #: in --systems there, they are skipped with the reason).
 CUDA_ONLY = frozenset({"async_llm-eager"})
+#: And the systems that only run on a CPU, left out on CUDA the same way.
+CPU_ONLY = frozenset({"async_llm-int8"})
 
 #: Defaults of the full suite and of --quick (an explicit flag always wins).
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "concurrency": "1,4,16,64",
+        "grounded": "1,4",
         "new_tokens": 64,
         "mixed_requests": 100,
         "rate": 2.0,
@@ -61,6 +67,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "concurrency": "1,4,16",
+        "grounded": "",
         "new_tokens": 24,
         "mixed_requests": 16,
         "rate": 4.0,
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (json, md, png)")
     p.add_argument("--concurrency", default=None, help="burst levels, e.g. 1,4,16,64")
+    p.add_argument(
+        "--grounded", default=None,
+        help="levels of the grounded workload (answers that copy their prompt), e.g. 1,4; 0: none "
+        "(full 1,4, quick none)",
+    )  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per burst request (full 64, quick 24)")
     p.add_argument("--mixed-requests", type=int, default=None, help="requests in the mixed workload (0: none)")
     p.add_argument(
@@ -178,13 +190,13 @@ def default_systems(device: str) -> list[str]:
     """The systems a run measures when ``--systems`` is not given: all of them, but the CUDA-only
     variants off CUDA (the CPU suite measures what it always did)."""
     on_cuda = device.startswith("cuda")
-    return [s for s in ALL_SYSTEMS if on_cuda or s not in CUDA_ONLY]
+    return [s for s in ALL_SYSTEMS if s not in (CPU_ONLY if on_cuda else CUDA_ONLY)]
 
 
-def _gguf_files(model: str | None) -> tuple[str | None, str | None]:
+def _gguf_files(model: str | None) -> tuple[str | None, str | None, str | None]:
     """The GGUF llama.cpp runs as given (the default model's shipped Q4_1 file, or ``--model`` when it
-    is a .gguf) and its F32 copy (written once, beside the converted models)."""
-    from async_llm.bench.gguf_f32 import f32_copy
+    is a .gguf), its F32 copy and its Q8_0 copy (each written once, beside the converted models)."""
+    from async_llm.bench.gguf_f32 import f32_copy, q8_0_copy
     from async_llm.loading.default import find_default_gguf
     from async_llm.loading.gguf import cache_root
 
@@ -193,8 +205,9 @@ def _gguf_files(model: str | None) -> tuple[str | None, str | None]:
     elif str(model).endswith(".gguf"):
         source = Path(model)
     else:
-        return None, None
-    return str(source), str(f32_copy(source, cache_root() / "gguf-f32"))
+        return None, None, None
+    folder = cache_root() / "gguf-f32"
+    return str(source), str(f32_copy(source, folder)), str(q8_0_copy(source, folder))
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -203,6 +216,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.concurrency = _int_list(args.concurrency) if isinstance(args.concurrency, str) else args.concurrency
+    if isinstance(args.grounded, str):
+        args.grounded = [] if args.grounded.strip() in ("", "0") else _int_list(args.grounded)
     args.prompt_range = _pair(args.prompt_range) if isinstance(args.prompt_range, str) else args.prompt_range
     args.output_range = _pair(args.output_range) if isinstance(args.output_range, str) else args.output_range
     if args.dtype is None:
@@ -341,12 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         args.prompt_range,
         args.output_range,
+        args.grounded,
     )
     if args.prefill_workloads:
         workloads += prefill_workloads(tokenizer, args.seed, args.prefill_scale)
-    gguf_q4 = gguf_f32 = None
+    gguf_q4 = gguf_f32 = gguf_q8 = None
     if args.llama_cpp_python and any(s.startswith("llama.cpp") for s in args.systems):
-        gguf_q4, gguf_f32 = _gguf_files(args.model)
+        gguf_q4, gguf_f32, gguf_q8 = _gguf_files(args.model)
     engine = engine_options(args, workloads)
     config = SystemConfig(
         model_path,
@@ -359,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         llama_cpp_python=args.llama_cpp_python,
         gguf_q4=gguf_q4,
         gguf_f32=gguf_f32,
+        gguf_q8=gguf_q8,
         **engine,
     )
     options = SuiteOptions(

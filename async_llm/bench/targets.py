@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from async_llm.bench.metrics import HIGHER_IS_BETTER
 
-__all__ = ["BASE", "TARGETS", "advantage", "evaluate_targets", "figure_of", "paired_ratio"]
+__all__ = ["BASE", "FEATURE_TARGETS", "TARGETS", "advantage", "evaluate_targets", "figure_of", "paired_ratio"]
 
 #: The system every ratio is taken against.
 BASE = "async_llm"
@@ -73,6 +73,22 @@ INTERFERENCE_TARGET = (
     "long-prompt",
     2.0,
 )
+#: The opt-in features against their peers and against async_llm without them: (label, workload, figure,
+#: system, peer, goal), the ratio being ``system``'s advantage over ``peer``.
+INT8, NGRAM = "async_llm-int8", "async_llm-ngram"
+FEATURE_TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
+    ("int8 burst N=1: tokens/s vs llama.cpp Q8_0", "burst-1", "output_tokens_per_s", INT8, "llama.cpp-q8_0", 1.0),
+    ("int8 burst N=16: tokens/s vs llama.cpp Q8_0", "burst-16", "output_tokens_per_s", INT8, "llama.cpp-q8_0", 1.3),
+    ("int8 burst N=64: tokens/s vs llama.cpp Q8_0", "burst-64", "output_tokens_per_s", INT8, "llama.cpp-q8_0", 1.3),
+    ("int8 burst N=16: tokens/s vs vLLM CPU", "burst-16", "output_tokens_per_s", INT8, "vllm-cpu", 1.3),
+    ("int8 burst N=64: tokens/s vs vLLM CPU", "burst-64", "output_tokens_per_s", INT8, "vllm-cpu", 1.3),
+    ("ngram grounded N=1: tokens/s vs without", "grounded-1", "output_tokens_per_s", NGRAM, BASE, 1.8),
+    ("ngram grounded N=1: tokens/s vs llama.cpp F32", "grounded-1", "output_tokens_per_s", NGRAM, "llama.cpp-f32", 1.0),
+    ("ngram burst N=1: tokens/s vs without", "burst-1", "output_tokens_per_s", NGRAM, BASE, 0.97),
+    ("ngram burst N=16: tokens/s vs without", "burst-16", "output_tokens_per_s", NGRAM, BASE, 0.97),
+    ("ngram burst N=64: tokens/s vs without", "burst-64", "output_tokens_per_s", NGRAM, BASE, 0.97),
+)
+
 #: ITL p99 over ITL p50 of async_llm itself (no spikes), at most this.
 SPIKE_TARGETS: tuple[tuple[str, str, float], ...] = (
     ("burst N=16: ITL p99 / ITL p50", "burst-16", 1.3),
@@ -139,6 +155,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         *_peer_targets(results),
         *_roofline_targets(results, roofline),
         *_own_targets(results),
+        *_feature_targets(results),
         *_vllm_reported(results),
     ]
 
@@ -157,6 +174,18 @@ def _peer_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         strict = figure != "output_tokens_per_s" and peer != NO_CACHE
         met = None if ratio is None else (ratio > goal if strict else ratio >= goal)
         rows.append(_row(label, ratio, f"{'>' if strict else '>='} {goal}", met, how))
+    return rows
+
+
+def _feature_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The opt-in features (int8, n-gram speculation) against their peers (where both ran)."""
+    rows = []
+    for label, workload, figure, system, peer, goal in FEATURE_TARGETS:
+        by_system = results.get(workload, {})
+        if system not in by_system:
+            continue
+        ratio, how = paired_ratio(by_system[system], by_system.get(peer, {}), figure)
+        rows.append(_row(label, ratio, f">= {goal}", None if ratio is None else ratio >= goal, how))
     return rows
 
 

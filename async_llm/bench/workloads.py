@@ -9,6 +9,9 @@ Kinds:
   * burst: N requests all at t=0, a fixed prompt set, exactly ``new_tokens`` each (eos ignored);
   * mixed: Poisson arrivals at ``rate`` requests/s, prompt and output lengths drawn from a bounded
     Pareto distribution (long tail: most requests short, a few long);
+  * grounded: N requests all at t=0 whose answers copy spans of their prompts (rewrite code, fix a
+    paragraph, extract fields, quote a text; :data:`GROUNDED_PROMPTS`, in the model's chat
+    template), where n-gram speculation helps, beside the open-ended bursts where it does not;
   * the prefill workloads (:data:`PREFILL_KINDS`), for the prefix cache and chunked prefill:
     chat (conversations whose every turn resends the whole history, a turn sent when the previous
     one finished), shared-prefix (concurrent requests behind one long system prompt) and
@@ -36,6 +39,27 @@ BURST_PROMPTS: tuple[str, ...] = (
     "Give me a short recipe for pancakes.",
     "What is 17 times 23?",
 )
+
+#: The grounded workload's requests (user messages; the answer copies most of the text given).
+GROUNDED_PROMPTS: tuple[str, ...] = (
+    "Repeat the following paragraph word for word:\n\nThe lighthouse stood on the edge of the cliff for more "
+    "than two hundred years. Every night its keeper climbed the narrow stairs, lit the great lamp and watched the "
+    "ships pass safely along the rocky coast. When the storms came, the keeper stayed awake until morning, and "
+    "the light never went out.",
+    "Extract the name, the city, the date and the amount from this message as JSON with the keys name, city, "
+    "date and amount:\n\nDear support team, my name is Alice Martin and I live in Lyon. On 12 March 2024 I "
+    "paid 249.99 euros for a blue bicycle, order number 58213, but the bicycle I received is red. "
+    "Please send me the blue bicycle, or refund the 249.99 euros to my card. Alice Martin, Lyon.",
+    "Convert this sentence to title case and repeat it: the quick brown fox jumps over the lazy dog near the "
+    "river bank on a sunny afternoon in early spring, while the farmer watches from the old wooden bridge.",
+    "Rewrite this Python function with the variable `total` renamed to `running`. Reply with the full code.\n\n"
+    "def moving_average(values, window):\n    total = sum(values[:window])\n    averages = [total / window]\n"
+    "    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n"
+    "        averages.append(total / window)\n    return averages\n",
+)
+
+#: Tokens each grounded request generates: enough for the answer to copy most of its text.
+GROUNDED_NEW_TOKENS = 128
 
 #: Shape of the bounded Pareto for mixed lengths: 1.0 puts the median near 2x the minimum and the
 #: mean near 3.5x, with a tail up to the maximum (roughly what chat traffic looks like).
@@ -79,7 +103,7 @@ class Workload:
     @property
     def concurrency(self) -> int | None:
         """N of a burst workload (all requests at once); ``None`` for a mixed one."""
-        return len(self.requests) if self.kind == "burst" else None
+        return len(self.requests) if self.kind in ("burst", "grounded") else None
 
     def describe(self) -> dict[str, Any]:
         """Parameters and length statistics, JSON-ready."""
@@ -121,6 +145,25 @@ def burst_workload(tokenizer: Any, concurrency: int, new_tokens: int) -> Workloa
         text = f"Request {i}: {BURST_PROMPTS[i % len(BURST_PROMPTS)]}"
         requests.append(RequestSpec(i, 0.0, text, encode(tokenizer, text), new_tokens))
     return Workload(f"burst-{concurrency}", "burst", requests, {"concurrency": concurrency, "new_tokens": new_tokens})
+
+
+def grounded_workload(tokenizer: Any, concurrency: int, new_tokens: int = GROUNDED_NEW_TOKENS) -> Workload:
+    """``concurrency`` requests at t=0 over :data:`GROUNDED_PROMPTS`, each rendered with the model's
+    chat template into raw text (its ids are what every system prefills), ``new_tokens`` each."""
+    if concurrency < 1 or new_tokens < 1:
+        raise ValueError("concurrency and new_tokens must be >= 1")
+    requests = []
+    for i in range(concurrency):
+        message = GROUNDED_PROMPTS[i % len(GROUNDED_PROMPTS)]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = message
+        requests.append(RequestSpec(i, 0.0, text, encode(tokenizer, text), new_tokens))
+    params = {"concurrency": concurrency, "new_tokens": new_tokens}
+    return Workload(f"grounded-{concurrency}", "grounded", requests, params)
 
 
 def bounded_pareto(rng: random.Random, low: int, high: int, alpha: float = PARETO_ALPHA) -> int:
@@ -350,9 +393,12 @@ def build_workloads(
     seed: int,
     prompt_range: tuple[int, int] = (16, 512),
     output_range: tuple[int, int] = (8, 256),
+    grounded: Sequence[int] = (),
 ) -> list[Workload]:
-    """Burst workloads for each concurrency level, then the mixed workload (skipped when 0 requests)."""
+    """Burst workloads for each concurrency level, the grounded ones for each of ``grounded``, then
+    the mixed workload (skipped when 0 requests)."""
     workloads = [burst_workload(tokenizer, n, new_tokens) for n in concurrency]
+    workloads += [grounded_workload(tokenizer, n) for n in grounded]
     if mixed_requests > 0:
         workloads.append(mixed_workload(tokenizer, mixed_requests, rate, seed, prompt_range, output_range))
     return workloads

@@ -17,6 +17,11 @@ Invariants (the engine thread is the only one that touches these tensors):
 Rows join by writing their prefilled cache into free rows (left-padded to the batch's length), leave
 by moving the last rows into their slots, and columns that are padding for every row are dropped by
 moving `start` (no copy).
+
+A speculative verify step (:meth:`PaddedBatch.verify_inputs`) writes ``T`` columns at once; a row
+that keeps fewer of its ``T`` tokens leaves the others as holes (mask 0) inside its span. A row's
+span (``row_spans``, the columns from its first token to ``end``) is then longer than its length;
+without speculation the two are equal.
 """
 
 from __future__ import annotations
@@ -260,6 +265,7 @@ class PaddedBatch(BatchRows):
         self.start = 0
         self.end = 0
         self.kv: torch.Tensor | None = None  # [layers, 2, B_cap, H, L_cap, D]
+        self.row_spans: list[int] = []  # host copy: columns from each row's first token to `end`
         self.mask = self.lengths = self.last_tokens = torch.zeros(0)  # [B_cap, L_cap], [B_cap], [B_cap]
         self.clear()
         self.cache = PaddedKVCache(self, num_layers)
@@ -304,11 +310,18 @@ class PaddedBatch(BatchRows):
             self.mask[row, self.end - length : self.end] = 1
         self.lengths[rows] = torch.tensor(lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
+        self.row_spans.extend(lengths)
 
     def row_kv(self, index: int) -> torch.Tensor:
-        """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""
+        """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view; a copy of its
+        columns without the holes when a verify step left some)."""
         assert self.kv is not None
-        return self.kv[:, :, index, :, self.end - self.row_lengths[index] : self.end]
+        span, length = self.row_spans[index], self.row_lengths[index]
+        if span == length:
+            return self.kv[:, :, index, :, self.end - length : self.end]
+        first = self.end - span
+        columns = self.mask[index, first : self.end].nonzero().squeeze(1) + first
+        return self.kv[:, :, index].index_select(3, columns)
 
     def _reserve(self, rows: int, columns: int, like: torch.Tensor | None = None, ahead: int = 1) -> None:
         """Make room for ``rows`` rows, a live region of ``columns`` columns ending at ``end``, and
@@ -358,14 +371,16 @@ class PaddedBatch(BatchRows):
         """Drop rows: the last surviving rows move into the freed slots (copying only them)."""
         if not indices:
             return
-        holes, movers = self._compact(indices, ("mask", "lengths", "last_tokens", "counts", "prompt_mask"))
+        holes, movers = self._compact(
+            indices, ("mask", "lengths", "last_tokens", "counts", "prompt_mask"), lists=("row_spans",)
+        )
         if holes:
             assert self.kv is not None
             dst = torch.tensor(holes, device=self.device)
             self.kv.index_copy_(2, dst, self.kv.index_select(2, torch.tensor(movers, device=self.device)))
         if self.rows:
-            # Columns left of the longest row are padding for every row: trim them (no copy).
-            self.start = self.end - max(self.row_lengths)
+            # Columns left of the widest row are padding for every row: trim them (no copy).
+            self.start = self.end - max(self.row_spans)
             self._rebuild_sampling()
         else:
             self.clear()
@@ -389,6 +404,48 @@ class PaddedBatch(BatchRows):
         self.end += 1
         self.lengths[:b] += 1
         self.row_lengths = [n + 1 for n in self.row_lengths]
+        self.row_spans = [n + 1 for n in self.row_spans]
+        self.last_tokens[:b] = tokens
+        self.record_tokens(tokens)
+
+    # -- one speculative verify step --------------------------------------------------------------
+    def verify_inputs(self, drafts: Sequence[Sequence[int]], positions: int) -> dict[str, Any]:
+        """Inputs of a verify step: every row feeds its last token and its draft (``drafts[i]``, at
+        most ``positions - 1`` tokens; the rest of its ``positions`` are fillers nothing keeps),
+        written into the ``positions`` columns from ``end``; reserves them.
+
+        Returns:
+            ``input_ids`` and ``position_ids`` ``[B, T]``, and ``attention_mask`` ``[B, L]`` of the
+            live region before the step (the new columns' causal mask is the step's own).
+        """
+        self._reserve(rows=self.size, columns=self.end - self.start, ahead=positions)
+        b = self.size
+        filled = torch.full((b, positions - 1), -1, dtype=torch.long)
+        for i, draft in enumerate(drafts):
+            if draft:
+                filled[i, : len(draft)] = torch.tensor(draft, dtype=torch.long)
+        ids = self.last_tokens[:b, None].repeat(1, positions)
+        filled = filled.to(self.device)
+        ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
+        steps = torch.arange(positions, device=self.device)
+        return {
+            "input_ids": ids,
+            "position_ids": self.lengths[:b, None] + steps,
+            "attention_mask": self.mask[:b, self.start : self.end],
+        }
+
+    def advance_verify(self, fed: Sequence[int], positions: int, tokens: torch.Tensor) -> None:
+        """Commit a verify step of ``positions`` columns: row ``i`` keeps the first ``fed[i]`` of
+        them (its last token and the draft tokens it accepted; the others become holes), and
+        ``tokens`` ``[B]`` are fed next."""
+        b = self.size
+        kept = (torch.arange(positions)[None, :] < torch.tensor(list(fed))[:, None]).long()
+        self.mask[:b, self.end : self.end + positions] = kept.to(self.device)
+        self.end += positions
+        grown = torch.tensor(list(fed), dtype=torch.long, device=self.device)
+        self.lengths[:b] += grown
+        self.row_lengths = [n + f for n, f in zip(self.row_lengths, fed, strict=True)]
+        self.row_spans = [n + positions for n in self.row_spans]
         self.last_tokens[:b] = tokens
         self.record_tokens(tokens)
 
@@ -399,6 +456,7 @@ class PaddedBatch(BatchRows):
         """Forget every row and give the buffers back: an idle engine holds no KV memory."""
         self.rows.clear()
         self.row_lengths.clear()
+        self.row_spans = []
         self.start = self.end = 0
         self.kv = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)

@@ -4,9 +4,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from async_llm.errors import InvalidParameterError, ParameterTypeError
+from async_llm.param_names import QUANTIZE_MODES
+
+if TYPE_CHECKING:  # torch is imported where the engine runs, not where options are parsed (the CLI)
+    import torch
+
+    from async_llm.engine.speculative import SpeculativeConfig
 
 #: The model runners a caller may ask for (``EngineConfig.runner``); None picks one.
 RUNNERS = ("static", "fast", "transformers")
@@ -32,6 +40,21 @@ def _check_fraction(name: str, value: object) -> None:
         raise ParameterTypeError(name, f"{name} must be a number in (0, 1], got {value!r}")
     if math.isnan(value) or not 0 < value <= 1:
         raise InvalidParameterError(name, f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def check_quantize(quantize: str | None, device: torch.device) -> None:
+    """Refuse an engine quantization the device cannot run.
+
+    Raises:
+        InvalidParameterError: ``quantize`` is ``"int8"`` and ``device`` is not a CPU (``.param``
+            ``"quantize"``; on CUDA, bitsandbytes' 8-bit weights serve instead).
+    """
+    if quantize is not None and device.type != "cpu":
+        raise InvalidParameterError(
+            "quantize",
+            f"quantize={quantize!r} runs on a CPU, but the model runs on {device}; on CUDA, use "
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True)",
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,14 @@ class EngineConfig:
             tokens before the next step (grammars and other token controls, logprobs), run one
             at a time. None: on with the static runner on CUDA (on a CPU both halves share the
             cores, and nothing is gained).
+        quantize: ``"int8"``: the fast runner's layer products with int8 weights (per output
+            channel, symmetric) and rows quantized on the fly, on a CPU (see
+            ``async_llm.engine.runners.int8``); None: the model's dtype. A model the fast runner
+            cannot take runs unquantized, with one log line.
+        speculative_config: n-gram speculative decoding for every request that does not say
+            otherwise (vLLM's keys: ``{"method": "ngram", "num_speculative_tokens": 4,
+            "prompt_lookup_max": 4, "prompt_lookup_min": 2, "disable_by_batch_size": 2}``; see
+            ``async_llm.engine.speculative``); kept as a ``SpeculativeConfig``. None: off.
 
     Raises:
         ParameterTypeError, InvalidParameterError: An option has the wrong type or range, or two
@@ -109,6 +140,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     cuda_graphs: bool | None = None
     overlap: bool | None = None
+    quantize: str | None = None
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, 1, optional=True)
@@ -129,6 +162,20 @@ class EngineConfig:
             if value is not None and not isinstance(value, bool):
                 raise ParameterTypeError(name, f"{name} must be True, False or None, got {value!r}")
         self._check_runner()
+        from async_llm.engine.speculative import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        if self.quantize is not None:
+            if not isinstance(self.quantize, str):
+                raise ParameterTypeError("quantize", f"quantize must be 'int8' or None, got {self.quantize!r}")
+            if self.quantize not in QUANTIZE_MODES:
+                raise InvalidParameterError("quantize", f"quantize must be 'int8' or None, got {self.quantize!r}")
+            if self.requested_runner == "transformers":
+                raise InvalidParameterError(
+                    "quantize",
+                    f"quantize={self.quantize!r} runs on the fast runner; it contradicts "
+                    f"{'fast_path=False' if not self.fast_path else 'runner=' + repr(self.runner)}",
+                )
         if self.kv_cache_bytes is not None and self.gpu_memory_utilization is not None:
             raise InvalidParameterError(
                 "kv_cache_bytes",
@@ -149,6 +196,15 @@ class EngineConfig:
                 "runner",
                 f"runner={self.runner!r} contradicts fast_path=False (the transformers runner): give one",
             )
+
+    @property
+    def speculation(self) -> SpeculativeConfig | None:
+        """``speculative_config`` as parsed (a :class:`SpeculativeConfig`, or None: off)."""
+        from async_llm.engine.speculative import SpeculativeConfig
+
+        config = self.speculative_config
+        assert config is None or isinstance(config, SpeculativeConfig), "parsed on construction"
+        return config
 
     @property
     def requested_runner(self) -> str | None:

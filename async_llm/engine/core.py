@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
-from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig
+from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig, check_quantize
 from async_llm.engine.kv_budget import check_cuda_graphs, kv_geometry
 from async_llm.engine.model_api import (
     attention_pair_cost,
@@ -64,6 +64,9 @@ class Engine(StepUpdate, Worker):
             caller is never changed).
         checks: The verdicts of the start-up checks kept for the model's files (its loader's),
             or None to check every time.
+        calibration_ids: With ``config.quantize``, the tokens of a text to calibrate the int8
+            products on (see ``async_llm.engine.runners.int8``; None: tokens drawn from the
+            vocabulary, a weaker calibration).
     """
 
     def __init__(
@@ -73,11 +76,14 @@ class Engine(StepUpdate, Worker):
         config: EngineConfig | None = None,
         owns_model: bool = False,
         checks: CheckStore | None = None,
+        calibration_ids: Sequence[int] | None = None,
     ) -> None:
         config = config if config is not None else EngineConfig()
         self.config = config
         self.device = input_device(model)
         check_cuda_graphs(config.cuda_graphs, self.device)
+        check_quantize(config.quantize, self.device)
+        self.calibration_ids = calibration_ids
         # The static runner's store is sized now, before the engine starts: a budget that cannot
         # work raises here, naming the option to change.
         self.slots = plan_static(model, config, self.device)
@@ -110,6 +116,8 @@ class Engine(StepUpdate, Worker):
         # choosing the runner runs the model), and if choosing fails.
         self.runner: ModelRunner = self._plain_runner()
         self._ahead: Ahead | None = None  # an overlapped decode step whose tokens are not handled yet
+        self.speculative_config = config.speculation
+        self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verify_steps = 0
         # A burst of submits made together is prefilled together (see Worker._gather_burst).
         self.burst_gap_s, self.burst_window_s = 0.001, 0.02
 
@@ -176,6 +184,8 @@ class Engine(StepUpdate, Worker):
                 checks=self.checks,
                 slots=self.batch if isinstance(self.batch, SlotBatch) else None,
                 cuda_graphs=self.config.cuda_graphs,
+                quantize=self.config.quantize,
+                calibration_ids=self.calibration_ids,
             )
         finally:  # the static runner failed its check, or choosing failed: the store goes, a padded batch comes
             if isinstance(self.batch, SlotBatch) and not isinstance(self.runner, StaticRunner):
@@ -195,6 +205,9 @@ class Engine(StepUpdate, Worker):
         counters["prefix_cache_queried_tokens"] = cache.queried_tokens if cache else 0
         counters["prefix_cache_bytes"] = cache.bytes if cache else 0
         counters["prefill_computed_tokens"] = self.prefiller.computed_tokens
+        counters["spec_decode_num_draft_tokens"] = self.spec_draft_tokens
+        counters["spec_decode_num_accepted_tokens"] = self.spec_accepted_tokens
+        counters["spec_decode_num_verify_steps"] = self.spec_verify_steps
         return counters
 
     def submit(self, item: Any) -> None:
@@ -253,6 +266,11 @@ class Engine(StepUpdate, Worker):
             self._decode_overlapped(out)
             return True
         self._drain(out)
+        if decode_only and busy and not plan.admitted and self.runner.speculates:
+            drafts = self._drafts()
+            if drafts is not None:
+                self._run_verify(drafts, out)
+                return True
         for i, forward in enumerate(plan.forwards):
             if not self._run_forward(forward, plan.forwards[i + 1 :], out):
                 break
@@ -291,6 +309,22 @@ class Engine(StepUpdate, Worker):
         previous, self._ahead = self._ahead, ahead
         if previous is not None:
             self._commit_ahead(previous, out)
+        self.chunk_budget.record_decode(time.perf_counter() - start)
+
+    def _run_verify(self, drafts: list[list[int]], out: StepOutputs) -> None:
+        """A speculative verify step (see :meth:`_verify_rows`); a failure fails the batch's rows,
+        as a failed decode step does."""
+        rows = list(self.batch.rows)
+        start = time.perf_counter()
+        try:
+            self._verify_rows(drafts, out)
+        except torch.OutOfMemoryError as exc:
+            self._out_of_memory([], exc, out)
+            return
+        except Exception as exc:  # noqa: BLE001  # fails the batch's rows, as a failed decode step does
+            self.batch.clear()
+            self._fail([r for r in rows if not r.finished], exc, out)
+            return
         self.chunk_budget.record_decode(time.perf_counter() - start)
 
     def _drain(self, out: StepOutputs) -> None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from async_llm.engine.controls import RowControls
     from async_llm.engine.detokenizer import Detokenizer
     from async_llm.engine.output import FinishReason, OutputSink
+    from async_llm.engine.speculative import RowSpeculation
     from async_llm.sampling_params import SamplingParams
 
 
@@ -53,6 +54,7 @@ class Request:
     draw_seed: int | None = None
     draws: int = 0
     prompt_logprobs_sent: bool = False
+    speculation: RowSpeculation | None = None  # its n-gram drafts' state, once it speculates
     end_ids: frozenset[int] = field(init=False, repr=False)  # see engine.finish.end_ids
 
     def __post_init__(self) -> None:

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
 from async_llm.engine.logprobs import prompt_logprobs
 from async_llm.engine.output import StepOutputs, TokenLogprob
 from async_llm.engine.sampler import Choice, SamplingBatch, apply_penalties, choose, sample
+from async_llm.engine.speculative import RowSpeculation, SpeculativeConfig, accept
 from async_llm.log import get_logger
 from async_llm.sampling_params import MAX_SEED
 
@@ -180,6 +182,135 @@ class StepUpdate:
             rows = [where[id(r)] for r in ended if id(r) in where]
             self._keep_prefixes(rows)
             self.batch.remove(rows)
+
+    # -- speculative verify steps ------------------------------------------------------------------------
+    speculative_config: SpeculativeConfig | None
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    spec_verify_steps: int
+
+    def _row_speculation(self, request: Request) -> SpeculativeConfig | None:
+        """The speculation ``request`` asks for (its own ``speculative_config``, else the engine's),
+        None where it does not speculate: off, or a row whose next token depends on more than its
+        logits (token controls, penalties) or that reports logprobs (see :mod:`.speculative`)."""
+        own = request.params.speculative_config
+        config = self.speculative_config if own is None else own or None
+        if config is None or request.controls is not None or request.params.logprobs:
+            return None
+        p = request.params
+        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            return None
+        assert isinstance(config, SpeculativeConfig)
+        return config
+
+    def _drafts(self) -> list[list[int]] | None:
+        """Each row's draft for a verify step, or None when the step decodes plainly (no row has a
+        draft, or the batch is past a row's ``disable_by_batch_size``)."""
+        rows = self.batch.rows
+        drafts: list[list[int]] = []
+        for request in rows:
+            config = self._row_speculation(request)
+            if config is None or len(rows) > config.disable_by_batch_size:
+                drafts.append([])
+                continue
+            if request.speculation is None:
+                request.speculation = RowSpeculation(config)
+            room = request.params.max_tokens - len(request.output_ids) - 1  # the step adds one more
+            drafts.append(request.speculation.draft(request.prompt_ids, request.output_ids)[: max(room, 0)])
+        return drafts if any(drafts) else None
+
+    def _verify_rows(self, drafts: list[list[int]], out: StepOutputs) -> None:
+        """One verify step: every row's last token and draft in one forward, the draft tokens each
+        row accepts and one more emitted (rows without a draft decode one token, through the usual
+        choice: controls, penalties, logprobs); then the finished rows retire."""
+        batch = self.batch
+        rows = list(batch.rows)
+        positions = 1 + max(len(d) for d in drafts)
+        logits = self.runner.verify(batch, drafts, positions)  # type: ignore[attr-defined]  # [B, T, V]
+        emitted: list[list[int]] = [[] for _ in rows]
+        plain = [i for i, d in enumerate(drafts) if not d]
+        speculating = [i for i, d in enumerate(drafts) if d]
+        choice = None
+        if plain:
+            requests = [rows[i] for i in plain]
+            sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
+            counts, prompt_mask = batch.penalty_state()
+            index = torch.tensor(plain, device=self.device)
+            choice = choose(
+                logits[index, 0],
+                requests,
+                sb,
+                None if counts is None else counts[index],
+                None if prompt_mask is None else prompt_mask[index],
+                self._uniforms(requests, sb),
+            )
+            for i, token in zip(plain, choice.token_list, strict=True):
+                emitted[i] = [token]
+        if speculating:
+            self._accept_drafts(logits, rows, drafts, speculating, positions, emitted)
+        fed = [len(e) for e in emitted]
+        assert isinstance(batch, PaddedBatch), "verify steps run over the padded batch"
+        batch.advance_verify(fed, positions, torch.tensor([e[-1] for e in emitted], device=self.device))
+        self.spec_verify_steps += 1
+        ended = []
+        failed = set()
+        where = {i: j for j, i in enumerate(plain)}
+        for i, (request, tokens) in enumerate(zip(rows, emitted, strict=True)):
+            j = where.get(i)
+            if choice is not None and j is not None:
+                error = choice.failed.get(j)
+                if error is not None:
+                    self._fail_one(request, error, out)
+                    ended.append(i)
+                    failed.add(i)
+                    continue
+                if self._update(request, tokens[0], out, choice.logprobs.get(j), j in choice.grammar_done):
+                    ended.append(i)
+                continue
+            for token in tokens:
+                if self._update(request, token, out, None, False):
+                    ended.append(i)
+                    break
+        self._keep_prefixes([i for i in ended if i not in failed])
+        batch.remove(ended)
+
+    def _accept_drafts(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[Request],
+        drafts: Sequence[Sequence[int]],
+        speculating: Sequence[int],
+        positions: int,
+        emitted: list[list[int]],
+    ) -> None:
+        """Fill ``emitted`` for the ``speculating`` rows (see :func:`~.speculative.accept`) and count
+        their drafted and accepted tokens."""
+        requests = [rows[i] for i in speculating]
+        greedy = [r.params.greedy for r in requests]
+        sampling = None
+        seeds, counters = [0] * len(requests), [0] * len(requests)
+        if not all(greedy):
+            sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
+            sampling = {"temperature": sb.temperature, "top_k": sb.top_k, "top_p": sb.top_p, "min_p": sb.min_p}
+            for j, r in enumerate(requests):
+                if r.params.greedy:
+                    continue
+                if r.draw_seed is None:
+                    seed = r.params.seed
+                    if seed is None:
+                        seed = int(torch.randint(MAX_SEED - 1, (), generator=self._rng))
+                    r.draw_seed = seed
+                seeds[j], counters[j] = r.draw_seed, r.draws
+                r.draws += 2 * positions
+        index = torch.tensor(list(speculating), device=logits.device)
+        tokens = accept(logits[index], [drafts[i] for i in speculating], greedy, sampling, seeds, counters)
+        for i, r, out in zip(speculating, requests, tokens, strict=True):
+            emitted[i] = out
+            accepted = len(out) - 1
+            self.spec_draft_tokens += len(drafts[i])
+            self.spec_accepted_tokens += accepted
+            assert r.speculation is not None
+            r.speculation.record(len(drafts[i]), accepted, len(r.output_ids) + len(out))
 
     def _uniforms(self, requests: Sequence[Request], sb: SamplingBatch) -> torch.Tensor | None:
         """One uniform in [0, 1) per row (``[B]`` float32 on the engine's device), or ``None`` when

@@ -20,6 +20,7 @@ from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.llm.controls import GrammarCompiler
 from async_llm.llm.frontend import Sinks
 from async_llm.loading.loading import DEFAULT_MODEL_NAME, Loaded, LoadOptions
+from async_llm.param_names import QUANTIZE_MODES
 
 T = TypeVar("T")
 
@@ -53,7 +54,12 @@ class Backend:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.pad_token_id = pad_token_id
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.engine = Engine(model, pad_token_id, config, owns_model=owned, checks=checks)
+        calibration = None
+        if config.quantize is not None:  # the int8 products' calibration text, in the model's tokens
+            from async_llm.engine.runners.int8 import calibration_text
+
+            calibration = list(tokenizer(calibration_text()).input_ids)
+        self.engine = Engine(model, pad_token_id, config, owns_model=owned, checks=checks, calibration_ids=calibration)
         if self.engine.max_context is not None:  # the static runner's rows hold max_model_len tokens
             self.max_context = min(self.max_context or self.engine.max_context, self.engine.max_context)
         self.grammars = GrammarCompiler(tokenizer, self.engine.vocab_size)
@@ -93,19 +99,28 @@ class Backend:
         self.beams.close()
 
 
-def quantization_for(quantize: bool | None, config: Any, device: torch.device) -> Any:
+def quantization_for(quantize: bool | str | None, config: Any, device: torch.device) -> Any:
     """The ``quantization_config`` to load with, given the swarm_models ``quantize`` flag.
 
     ``quantize=True`` without a config is 4-bit nf4 with double quantization (the swarm_models
     default), computing in bfloat16 on CUDA and float32 on a CPU (where bfloat16 matmuls are slow
-    or missing); False or None add nothing.
+    or missing); False or None add nothing; ``"int8"`` is the engine's own (see
+    :func:`engine_quantize`), nothing at load.
 
     Raises:
-        TypeError: ``quantize`` is not a bool or None.
-        ValueError: ``quantize`` contradicts an explicit ``quantization_config``.
+        TypeError: ``quantize`` is not a bool, ``"int8"`` or None.
+        ValueError: ``quantize`` contradicts an explicit ``quantization_config``, or names a mode
+            that does not exist.
     """
+    if isinstance(quantize, str):
+        engine_quantize(quantize)
+        if config is not None:
+            raise InvalidParameterError(
+                "quantize", f"quantize={quantize!r} contradicts quantization_config (bitsandbytes): give one"
+            )
+        return None
     if quantize is not None and not isinstance(quantize, bool):
-        raise ParameterTypeError("quantize", f"quantize must be True, False or None, got {quantize!r}")
+        raise ParameterTypeError("quantize", f"quantize must be True, False, 'int8' or None, got {quantize!r}")
     if config is None:
         if not quantize:
             return None
@@ -123,6 +138,23 @@ def quantization_for(quantize: bool | None, config: Any, device: torch.device) -
             "quantize", f"quantize={quantize} contradicts quantization_config (which quantizes: {quantizes}); give one"
         )
     return config
+
+
+def engine_quantize(quantize: bool | str | None) -> str | None:
+    """The engine's own quantization named by ``quantize`` (``"int8"``), or None for the others
+    (True: bitsandbytes at load; False, None: none).
+
+    Raises:
+        InvalidParameterError: A string that names no mode (``.param`` ``"quantize"``).
+    """
+    if not isinstance(quantize, str):
+        return None
+    if quantize not in QUANTIZE_MODES:
+        choices = ", ".join(repr(m) for m in QUANTIZE_MODES)
+        raise InvalidParameterError(
+            "quantize", f"quantize must be True, False, None or one of {choices}, got {quantize!r}"
+        )
+    return quantize
 
 
 def model_to_serve(

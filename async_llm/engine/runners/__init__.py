@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from async_llm.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from async_llm.engine.batch import BatchRows
@@ -42,11 +44,14 @@ class ModelRunner(Protocol):
         fused: Prompt chunks ride in the decode step's forward (the chunk budget is then measured
             against the decode step; see :class:`~async_llm.engine.planner.ChunkBudget`).
         can_resume: A prefill may continue after a prefix (prefix cache, chunked prefill).
+        speculates: It runs speculative verify steps (``verify(batch, drafts, positions)``: the
+            fast runner over the padded batch); the others decode one token per row and step.
     """
 
     name: str
     fused: bool
     can_resume: bool
+    speculates: bool
 
     def forwards(self, items: Items, decoding: bool) -> list[Forward]:
         """The forwards of a step that prefills ``items`` and, when ``decoding``, decodes the batch
@@ -73,6 +78,8 @@ def select_runner(
     checks: CheckStore | None = None,
     slots: SlotBatch | None = None,
     cuda_graphs: bool | None = None,
+    quantize: str | None = None,
+    calibration_ids: Sequence[int] | None = None,
 ) -> ModelRunner:
     """The runner for ``model``: with ``slots`` (the engine planned a static store), the static one;
     else the fast one where it applies; both are checked on the model first, and either falls back
@@ -81,6 +88,9 @@ def select_runner(
 
     Args:
         cuda_graphs: Capture the static runner's decode step (None: where the device is CUDA).
+        quantize: ``"int8"``: the fast and static runners' products in int8 (see :mod:`.int8`);
+            the transformers runner runs the model as it is.
+        calibration_ids: The int8 calibration's tokens.
     """
     from async_llm.engine.runners.fast import FastRunner
     from async_llm.engine.runners.fast_check import prepare
@@ -89,7 +99,16 @@ def select_runner(
 
     why: str | None = "fast_path=False"
     if fast_path:
-        decoder, why = prepare(model, pad_token_id, cache_kwarg, batch_hint=batch_hint, owned=owned, checks=checks)
+        decoder, why = prepare(
+            model,
+            pad_token_id,
+            cache_kwarg,
+            batch_hint=batch_hint,
+            owned=owned,
+            checks=checks,
+            quantize=quantize,
+            calibration_ids=calibration_ids,
+        )
         if decoder is not None and slots is not None:
             graphs = cuda_graphs if cuda_graphs is not None else slots.device.type == "cuda"
             rope = str(getattr(model.model.rotary_emb, "rope_type", "default"))
@@ -99,7 +118,9 @@ def select_runner(
             return StaticRunner(decoder, slots, graphs=graphs)
         if decoder is not None:
             return FastRunner(decoder)
-    log.info("fast runner off; running the transformers forward", reason=why)
+    # int8 products are the fast step's: without it the model runs in its own dtype (said once, here).
+    unquantized = {"quantize": f"{quantize} off (the fast runner's)"} if quantize else {}
+    log.info("fast runner off; running the transformers forward", reason=why, **unquantized)
     runner = TransformersRunner(model, cache_kwarg, pad_token_id, overhead_tokens, pair_cost, checks)
     runner.prepare()
     return runner

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
 from async_llm.engine.prefill import Forward, Items, materialize
-from async_llm.engine.runners.fast_forward import Chunk, DecodeRows, FastDecoder, Rows
+from async_llm.engine.runners.fast_forward import Chunk, DecodeRows, FastDecoder, Rows, VerifyRows
 
 
 class FastRunner:
@@ -18,6 +18,7 @@ class FastRunner:
     name = "fast"
     fused = True  # chunks ride in the decode step: the weights are read once for both
     can_resume = True  # its own check covers a prefill after a prefix
+    speculates = True  # verify steps (see verify): the padded batch takes T columns a step
 
     def __init__(self, decoder: FastDecoder) -> None:
         self.decoder = decoder
@@ -37,6 +38,18 @@ class FastRunner:
             rows = Rows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
         decode_logits = self._forward(rows, forward, self.decoder.new_kv)
         return decode_logits if rows is not None else None
+
+    def verify(self, batch: BatchRows, drafts: Sequence[Sequence[int]], positions: int) -> torch.Tensor:
+        """A speculative verify step of ``batch``'s rows: each feeds its last token and its draft
+        (``drafts[i]``, padded to ``positions`` tokens); returns float32 logits ``[B, T, V]``, those
+        after each position (see :meth:`PaddedBatch.verify_inputs`). The caller commits it
+        (:meth:`PaddedBatch.advance_verify`)."""
+        assert isinstance(batch, PaddedBatch), "this runner decodes the padded batch"
+        inputs = batch.verify_inputs(drafts, positions)
+        assert batch.kv is not None
+        rows = VerifyRows(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], batch.kv, batch.end)
+        logits, _ = self.decoder.step(rows, [])  # [B T, V]
+        return logits.view(batch.size, positions, -1)
 
     def _forward(
         self, rows: DecodeRows | None, forward: Forward, new_kv: Callable[[int], torch.Tensor]

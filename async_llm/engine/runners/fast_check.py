@@ -13,7 +13,7 @@ starts skip the check's forwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ from transformers.cache_utils import DynamicCache
 from async_llm.engine.model_api import input_device, last_logits, probe_batch, probe_prompts, vocab_size
 from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
 from async_llm.engine.start_checks import CheckStore, remembered
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.engine.runners.fast_check")
 
 #: Architectures whose decoder layers are the Llama layer (RMSNorm, rotary q/k, SiLU-gated MLP);
 #: Qwen3 adds per-head q/k norms, Qwen2 biases on q/k/v.
@@ -88,6 +91,8 @@ def prepare(
     batch_hint: int = 16,
     owned: bool = False,
     checks: CheckStore | None = None,
+    quantize: str | None = None,
+    calibration_ids: Sequence[int] | None = None,
 ) -> tuple[FastDecoder | None, str | None]:
     """Build the fast step for ``model`` and check it against the plain transformers step.
 
@@ -98,6 +103,9 @@ def prepare(
         batch_hint: Batch size the prepacked products are tuned for.
         owned: Whether the library loaded ``model`` (see :class:`FastDecoder`).
         checks: Verdicts kept for the model's files (see :mod:`async_llm.engine.start_checks`).
+        quantize: ``"int8"``: the fast step's products in int8 (see :mod:`.int8`), once the float
+            step passed its check; where int8 cannot run, the float step, with one log line.
+        calibration_ids: The int8 calibration's tokens (None: tokens drawn from the vocabulary).
 
     Returns:
         ``(decoder, None)`` when the fast step applies, else ``(None, why)``.
@@ -122,7 +130,21 @@ def prepare(
     reason = remembered(checks, model, "fast_decode", context, check, valid=lambda v: v is None or isinstance(v, str))
     if reason is not None:
         return None, reason
-    return decoder if decoder is not None else FastDecoder(model, batch_hint, owned), None
+
+    def float_decoder() -> FastDecoder:
+        return decoder if decoder is not None else FastDecoder(model, batch_hint, owned)
+
+    if quantize == "int8":
+        from async_llm.engine.runners import int8
+
+        why = int8.unavailable_reason(model)
+        if why is None:
+            ids = calibration_ids if calibration_ids is not None else int8.drawn_ids(vocab_size(model))
+            smoothing = int8.smoothing_for(model, float_decoder, ids, checks, context)
+            decoder = None  # its packed weights go before the int8 ones are made
+            return FastDecoder(model, batch_hint, owned, quantize="int8", smoothing=smoothing), None
+        log.info("int8 off; the fast step runs in the model's dtype", reason=why)
+    return float_decoder(), None
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from async_llm.engine.runners.fast_linear import Linear, fused_linear, prepacked_linear
+from async_llm.engine.runners.fast_linear import Linear, fused_linear, int8_linear, prepacked_linear
 
 #: Row counts of a prefill are rounded up to a multiple of this, and of a decode step with prompt
 #: chunks (small, where every row costs as much as a decode row) to a multiple of the second (see
@@ -48,6 +49,13 @@ class _Layer:
     k_norm: torch.Tensor | None
 
 
+def layer_products(layer: Any) -> tuple[tuple[nn.Linear, ...], ...]:
+    """A decoder layer's four products as the fast step runs them, each the linears of one input:
+    ``(q, k, v)``, ``(o,)``, ``(gate, up)``, ``(down,)``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -61,9 +69,21 @@ class FastDecoder:
         batch_hint: The batch size oneDNN tunes the prepacked products for (any size works).
         owned: Whether the library loaded ``model`` itself (see :func:`fused_linear`: a model
             passed in is never changed).
+        quantize: ``"int8"``: the layers' products with int8 weights and rows quantized on the fly
+            (:class:`~async_llm.engine.runners.fast_linear.Int8Linear`; the output projection keeps
+            the model's dtype); None: the model's dtype.
+        smoothing: With int8, each product's smoothing vector, in :func:`layer_products`' order
+            (see :mod:`async_llm.engine.runners.int8`); None: none.
     """
 
-    def __init__(self, model: Any, batch_hint: int = 16, owned: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch_hint: int = 16,
+        owned: bool = False,
+        quantize: str | None = None,
+        smoothing: Sequence[torch.Tensor] | None = None,
+    ) -> None:
         config = model.config
         body = model.model
         self.heads = config.num_attention_heads
@@ -74,18 +94,29 @@ class FastDecoder:
         self.embed = body.embed_tokens
         self.rotary = body.rotary_emb
         self.norm = body.norm.weight
+        self.quantize = quantize
+        smoothings = iter(smoothing) if smoothing is not None else None
+
+        def product(modules: Sequence[Any]) -> Linear:
+            if quantize == "int8":
+                return int8_linear(modules, batch_hint, None if smoothings is None else next(smoothings))
+            if len(modules) > 1:
+                return fused_linear(modules, batch_hint, owned)
+            return prepacked_linear(modules[0].weight, modules[0].bias, batch_hint)
+
         self.layers: list[_Layer] = []
         for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            qkv, o, gate_up, down = layer_products(layer)
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
-                    qkv=fused_linear([attn.q_proj, attn.k_proj, attn.v_proj], batch_hint, owned),
-                    o=prepacked_linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
+                    qkv=product(qkv),
+                    o=product(o),
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=fused_linear([mlp.gate_proj, mlp.up_proj], batch_hint, owned),
-                    down=prepacked_linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
+                    gate_up=product(gate_up),
+                    down=product(down),
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
                 )
@@ -126,6 +157,14 @@ class FastDecoder:
         _, logits = self.step(None, chunks)
         return logits
 
+    def sequence_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """``[T, V]`` float32 logits after every token of ``ids`` (one forward from an empty cache, as
+        a prefill runs it): what scores a text, for a perplexity."""
+        kv = self.new_kv(len(ids))
+        positions = torch.arange(len(ids), device=kv.device)
+        x = self._layers(torch.tensor(list(ids), device=kv.device), positions, None, [Chunk(ids, kv)])
+        return self.lm_head(F.rms_norm(x, x.shape[-1:], self.norm, self.eps)).float()
+
     def step(self, rows: DecodeRows | None, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the batch's decode rows and of prompt chunks together.
 
@@ -137,12 +176,13 @@ class FastDecoder:
         written into its buffer at columns ``[start, start + n)``.
 
         Returns:
-            ``[B, V]`` float32 logits of the decode rows (``[0, V]`` without), and ``[c, V]`` of the
-            last token of each chunk with ``logits`` set.
+            ``[B, V]`` float32 logits of the decode rows (``[0, V]`` without; ``[B T, V]`` for a
+            verify step's ``T`` tokens per row, row by row), and ``[c, V]`` of the last token of
+            each chunk with ``logits`` set.
         """
         device = self.embed.weight.device
         lengths = [len(c.ids) for c in chunks]
-        b = 0 if rows is None else rows.input_ids.shape[0]
+        b = 0 if rows is None else rows.input_ids.numel()  # a verify step's rows feed several tokens each
         # With chunks, the token axis is padded to a multiple of ROWS_BUCKET with rows nothing reads:
         # oneDNN builds its kernels for each row count it meets (~1 ms per projection), so row
         # counts are kept to a few that repeat.
@@ -153,8 +193,8 @@ class FastDecoder:
             torch.zeros(pad, dtype=torch.long, device=device),
         ]
         if rows is not None:
-            ids.insert(0, rows.input_ids[:, 0])
-            positions.insert(0, rows.position_ids[:, 0])
+            ids.insert(0, rows.input_ids.reshape(-1))
+            positions.insert(0, rows.position_ids.reshape(-1))
         x = self._layers(torch.cat(ids), torch.cat(positions), rows, chunks)  # [B + T, E]
         ends = [b + sum(lengths[: i + 1]) - 1 for i, c in enumerate(chunks) if c.logits]
         x = F.rms_norm(x[[*range(b), *ends]], x.shape[-1:], self.norm, self.eps)
@@ -167,7 +207,7 @@ class FastDecoder:
         """The decoder layers over ``N = B + T`` tokens (decode rows first); returns hidden states
         ``[N, E]`` before the final norm."""
         n = ids.shape[0]
-        b = 0 if rows is None else rows.input_ids.shape[0]
+        b = 0 if rows is None else rows.input_ids.numel()
         d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         x: torch.Tensor = self.embed(ids)  # [N, E]
         cos, sin = self.rotary(x, positions[None])  # [1, N, D]
@@ -301,6 +341,58 @@ class Rows:
         self.kv[layer, 1, :b, :, end] = values
         live = slice(first, end + 1)  # [B, Hkv, L + 1, D], read in place
         return grouped_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self._bias, scaling)
+
+
+@dataclass
+class VerifyRows:
+    """A speculative verify step over the padded buffer: each row feeds ``T`` tokens (its last
+    token and its draft), written into the ``T`` columns from ``end``, each attending to the row's
+    live region and causally to the new tokens before it.
+
+    Attributes:
+        input_ids: ``[B, T]`` the tokens each row feeds.
+        position_ids: ``[B, T]`` their positions.
+        attention_mask: ``[B, L]`` 1 where a column of the live region before the step holds a
+            real token of the row (the columns ``end - L`` to ``end - 1``).
+        kv: ``[layers, 2, B_cap, Hkv, L_cap, D]`` the batch's buffer.
+        end: The first column this step writes.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    kv: torch.Tensor
+    end: int
+    _bias: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def begin(self, dtype: torch.dtype) -> None:
+        b, t = self.input_ids.shape
+        device = self.attention_mask.device
+        old = self.attention_mask.bool()[:, None, None, :].expand(b, 1, t, self.attention_mask.shape[1])
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None].expand(b, 1, t, t)
+        allowed = torch.cat([old, causal], dim=-1)  # [B, 1, T, L + T]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        self._bias = bias.masked_fill_(~allowed, float("-inf"))
+
+    def attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        assert self._bias is not None, "begin() runs before the first layer"
+        b, t = self.input_ids.shape
+        heads, d = q.shape[1], q.shape[2]
+        end, first = self.end, self.end - self.attention_mask.shape[1]
+        self.kv[layer, 0, :b, :, end : end + t] = keys.reshape(b, t, -1, d).transpose(1, 2)
+        self.kv[layer, 1, :b, :, end : end + t] = values.reshape(b, t, -1, d).transpose(1, 2)
+        live = slice(first, end + t)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, t, heads, d).transpose(1, 2),  # [B, Hq, T, D]
+            self.kv[layer, 0, :b, :, live],  # [B, Hkv, L + T, D], read in place
+            self.kv[layer, 1, :b, :, live],
+            attn_mask=self._bias,
+            scale=scaling,
+            enable_gqa=True,
+        )  # [B, Hq, T, D]
+        return out.transpose(1, 2).reshape(b * t, heads, d)
 
 
 @dataclass

@@ -70,6 +70,81 @@ def onednn_bf16() -> bool:
         return False
 
 
+@functools.cache
+def onednn_int8() -> bool:
+    """Whether this torch build has oneDNN's int8 linear ops and they compute integer products
+    exactly here (checked once). oneDNN picks its kernel for the CPU it runs on (AMX, AVX512-VNNI,
+    AVX-VNNI, or AVX2's ``vpmaddubsw``), so no instruction the CPU lacks is ever run."""
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        weight = (torch.arange(64 * 32) % 255 - 127).reshape(64, 32).to(torch.int8)
+        x = (torch.arange(3 * 32) * 7 % 255 - 127).reshape(3, 32).to(torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(weight, [3, 32])
+        ones, zeros = torch.ones(64), torch.zeros(64, dtype=torch.int32)
+        out = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+        return bool(torch.equal(out, x.float() @ weight.float().T))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # a torch build without the ops
+        log.info("int8 linear unavailable", error=repr(exc))
+        return False
+
+
+def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[N, K]`` (divided by a smoothing vector ``[K]`` first, given its inverse) as int8,
+    symmetric per row: ``(q, scale)`` with ``x / s ~ q * scale``, ``scale`` ``[N, 1]`` float32 (a
+    row of zeros gets the smallest positive scale and quantizes to zeros)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if inverse_smoothing is None:
+        x = x.float()  # the caller's own tensor in float32: not written to
+        amax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=tiny)
+        q = (x * (127.0 / amax)).round_().to(torch.int8)
+    else:
+        x = x * inverse_smoothing  # a new float32 tensor (the vector is float32)
+        amax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=tiny)
+        q = x.mul_(127.0 / amax).round_().to(torch.int8)
+    return q, amax.div_(127.0)
+
+
+class Int8Linear:
+    """A linear layer with int8 weights, symmetric per output channel, whose input is quantized per
+    row on the fly, so the product is an integer dot product (oneDNN's int8 kernel with its weight
+    prepacked: AMX or VNNI where the CPU has them), then scaled back: ``(q_x @ q_w.T) * s_w * s_x``.
+
+    Given a smoothing vector ``s`` (see :mod:`async_llm.engine.runners.int8`), input channel ``j`` is
+    divided by ``s_j`` before it is quantized and the weight's column ``j`` multiplied by it. Weights
+    take a quarter of float32's memory, and a decode step streams a quarter of the bytes. The result
+    is in the input's dtype (the model's).
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, smoothing: torch.Tensor | None = None
+    ) -> None:
+        w = weight.detach().float()
+        self.inverse_smoothing = None
+        if smoothing is not None:  # input channel j divided by s_j, weight column j multiplied by it
+            w = w * smoothing.float()
+            self.inverse_smoothing = 1.0 / smoothing.float()
+        scale = w.abs().amax(dim=1).clamp_(min=torch.finfo(torch.float32).tiny).div_(127.0)  # [N]
+        q = torch.round(w / scale[:, None]).to(torch.int8)
+        self.weight = torch.ops.onednn.qlinear_prepack(q, [batch_hint, w.shape[1]])
+        self.scale = scale
+        self.zero_points = torch.zeros(w.shape[0], dtype=torch.int32)
+        self.bias = None if bias is None else bias.detach()
+        self.out_features = w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, row_scale = quantize_rows(x, self.inverse_smoothing)
+        out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 0, self.weight, self.scale, self.zero_points, None, 1.0, 0, x.dtype, "none", [], ""
+        )
+        out.mul_(row_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out
+
+
 class _PackedLinear:
     """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel (its own
     copy), and, for one row in float32, the plain kernel over the weights the model holds anyway:
@@ -154,3 +229,13 @@ def _share(modules: Sequence[nn.Linear], weight: torch.Tensor, bias: torch.Tenso
         if m.bias is not None and bias is not None:
             m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
         row += n
+
+
+def int8_linear(modules: Sequence[nn.Linear], batch_hint: int, smoothing: torch.Tensor | None = None) -> Linear:
+    """One :class:`Int8Linear` for several linears of the same input (their outputs concatenated);
+    the modules keep their own weights (the int8 copy is the runner's)."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    return Int8Linear(weight, bias, batch_hint, smoothing)

@@ -100,6 +100,7 @@ class StaticRunner(FastRunner):
     """
 
     name = "static"
+    speculates = False  # a verify step over fixed slots is not written yet: rows decode one token a step
 
     def __init__(self, decoder: FastDecoder, batch: SlotBatch, graphs: bool) -> None:
         super().__init__(decoder)

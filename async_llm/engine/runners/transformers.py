@@ -46,6 +46,7 @@ class TransformersRunner:
     """
 
     name = "transformers"
+    speculates = False
     fused = False  # a chunk is a forward of its own
 
     def __init__(
