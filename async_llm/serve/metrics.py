@@ -89,26 +89,33 @@ class _EngineCollector(Collector):
             "async_llm_prefix_cache_bytes", "Bytes the prefix cache holds.", stats.get("prefix_cache_bytes", 0)
         )
         # n-gram speculative decoding, with vLLM's names (accepted / draft is the acceptance rate).
-        yield CounterMetricFamily(
-            "async_llm_spec_decode_num_draft_tokens",
-            "Draft tokens proposed to verify steps.",
-            stats.get("spec_decode_num_draft_tokens", 0),
-        )
-        yield CounterMetricFamily(
-            "async_llm_spec_decode_num_accepted_tokens",
-            "Draft tokens the verify steps accepted.",
-            stats.get("spec_decode_num_accepted_tokens", 0),
-        )
-        yield CounterMetricFamily(
-            "async_llm_spec_decode_num_drafts",
-            "Verify steps run (each takes a draft per speculating row).",
-            stats.get("spec_decode_num_verify_steps", 0),
-        )
+        for name, help_text, key in _SPEC_DECODE_COUNTERS:
+            yield CounterMetricFamily(name, help_text, stats.get(key, 0))
         yield CounterMetricFamily(
             "async_llm_prefill_computed_tokens",
             "Prompt tokens run through the model (not taken from the cache).",
             stats.get("prefill_computed_tokens", 0),
         )
+
+
+#: (metric, help, ``stats()`` key) of the speculative decoding counters.
+_SPEC_DECODE_COUNTERS = (
+    (
+        "async_llm_spec_decode_num_draft_tokens",
+        "Draft tokens proposed to verify steps.",
+        "spec_decode_num_draft_tokens",
+    ),
+    (
+        "async_llm_spec_decode_num_accepted_tokens",
+        "Draft tokens the verify steps accepted.",
+        "spec_decode_num_accepted_tokens",
+    ),
+    (
+        "async_llm_spec_decode_num_drafts",
+        "Verify steps run (each takes a draft per speculating row).",
+        "spec_decode_num_verify_steps",
+    ),
+)
 
 
 class ServerMetrics:

@@ -4,8 +4,9 @@
 ``.ci/run`` runs a short version with a smaller scale.
 
 The fault, cancellation-storm and bad-input tests run over the model runners (the ``runner``
-fixture): the CPU default, the static runner run eagerly on a CPU, and the static runner on CUDA
-with its captured decode graphs (marked ``cuda``: skipped without a GPU).
+fixture): the CPU default, the static runner run eagerly on a CPU, the CPU default with n-gram
+speculation (verify steps at every batch size) and with int8 products, and the static runner on
+CUDA with its captured decode graphs (marked ``cuda``: skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ STATIC = {"max_batch_size": 8, "max_model_len": 256, "kv_cache_bytes": 64 * 2**2
     params=[
         pytest.param("default", id="default"),
         pytest.param("static", id="static"),
+        pytest.param("ngram", id="ngram"),
+        pytest.param("int8", id="int8"),
         pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
     ],
 )
@@ -86,6 +89,11 @@ def runner(request: pytest.FixtureRequest, tiny_model: Any, tiny_tokenizer: Any)
         return Runner("default", "fast", tiny_model, tiny_tokenizer, {"device": "cpu"})
     if request.param == "static":  # eager on a CPU
         return Runner("static", "static", tiny_model, tiny_tokenizer, {"device": "cpu", "runner": "static", **STATIC})
+    if request.param == "ngram":  # verify steps at any batch size (drafts from each row's own context)
+        spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 64}
+        return Runner("ngram", "fast", tiny_model, tiny_tokenizer, {"device": "cpu", "speculative_config": spec})
+    if request.param == "int8":
+        return Runner("int8", "fast", tiny_model, tiny_tokenizer, {"device": "cpu", "quantize": "int8"})
     # The default on CUDA: the static runner with captured graphs. The same weights (same seed).
     model = build_model(len(tiny_tokenizer)).cuda()
     return Runner("cuda", "static", model, tiny_tokenizer, {"device": "cuda", **STATIC})

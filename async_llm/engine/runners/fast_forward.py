@@ -344,26 +344,15 @@ class Rows:
 
 
 @dataclass
-class VerifyRows:
+class VerifyRows(Rows):
     """A speculative verify step over the padded buffer: each row feeds ``T`` tokens (its last
     token and its draft), written into the ``T`` columns from ``end``, each attending to the row's
     live region and causally to the new tokens before it.
 
-    Attributes:
-        input_ids: ``[B, T]`` the tokens each row feeds.
-        position_ids: ``[B, T]`` their positions.
-        attention_mask: ``[B, L]`` 1 where a column of the live region before the step holds a
-            real token of the row (the columns ``end - L`` to ``end - 1``).
-        kv: ``[layers, 2, B_cap, Hkv, L_cap, D]`` the batch's buffer.
-        end: The first column this step writes.
+    The fields are :class:`Rows`' with these shapes: ``input_ids`` and ``position_ids`` ``[B, T]``;
+    ``attention_mask`` ``[B, L]``, 1 where a column of the live region *before* the step (columns
+    ``end - L`` to ``end - 1``) holds a real token of the row; ``end`` the first column written.
     """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    kv: torch.Tensor
-    end: int
-    _bias: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def begin(self, dtype: torch.dtype) -> None:
         b, t = self.input_ids.shape
