@@ -5,6 +5,7 @@ right and wrong), rejection sampling's distribution, and what does not speculate
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import pytest
@@ -25,7 +26,7 @@ from async_llm.engine.speculative import (
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 from async_llm.sampling_params import SamplingParams
 from tests.conftest import PROMPTS
-from tests.test_fast_decode import FAST
+from tests.test_fast_decode import FAST, PLAIN
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 8}
 
@@ -280,3 +281,15 @@ async def test_seeded_sampling_with_speculation_runs_and_repeats(tiny_model, tin
     two, _ = await _answers(tiny_model, tiny_tokenizer, SPEC, prompts, 60, **kw)
     assert one[0].token_ids == two[0].token_ids and len(one[0].token_ids) == 60
     assert stats["spec_decode_num_draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+async def test_a_runner_that_does_not_speculate_says_so_once_and_decodes_as_before(name, tiny_tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="async_llm")
+    model = PLAIN[name]()
+    plain, _ = await _answers(model, tiny_tokenizer, None, PROMPTS[:2], max_tokens=12)
+    speculated, stats = await _answers(model, tiny_tokenizer, SPEC, PROMPTS[:2], max_tokens=12)
+    assert [r.token_ids for r in speculated] == [r.token_ids for r in plain]
+    assert stats["spec_decode_num_verify_steps"] == 0
+    said = [r for r in caplog.records if "speculation off" in r.getMessage()]
+    assert len(said) == 1 and "transformers" in said[0].getMessage()

@@ -192,6 +192,8 @@ class Engine(StepUpdate, Worker):
                 self.slots = None
                 self.batch = self._new_batch()
         self.prefiller.can_resume = self.runner.can_resume
+        if self.speculative_config is not None and not self.runner.speculates:
+            log.info("speculation off: this runner decodes one token per row and step", runner=self.runner.name)
         # With a fused runner a chunk rides along with the decode step; a forward of its own costs
         # about a decode step before its first token, so without it chunks are fixed and larger.
         self.chunk_budget.fused = self.runner.fused

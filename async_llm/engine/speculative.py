@@ -50,6 +50,10 @@ DEFAULT_LOOKUP_MIN = 2
 #: ``benchmarks/README.md``, speculation).
 DEFAULT_DISABLE_BY_BATCH_SIZE = 2
 
+#: A row's first draft length, and the shortest it drafts after a refusal (see RowSpeculation).
+START_DRAFT = 4
+MIN_DRAFT = 2
+
 #: A row whose drafts were accepted at less than this rate over its last :data:`ACCEPTANCE_WINDOW`
 #: drafted tokens stops drafting for :data:`BACKOFF_TOKENS` tokens (then tries again). A verify step
 #: of one row costs 1.1x (bf16) to 1.3x (fp32) a plain step on a CPU (``benchmarks/README.md``), so
@@ -177,6 +181,10 @@ class RowSpeculation:
         self.drafted = 0  # in the current acceptance window
         self.accepted = 0
         self.paused_until = 0  # output length before which the row does not draft (low acceptance)
+        # Draft length: doubles after a draft accepted whole (up to num_speculative_tokens), drops to
+        # one past the accepted tokens after a refusal (at least MIN_DRAFT): a copy in progress gets
+        # long drafts, text that parts from its context short ones.
+        self.length = min(START_DRAFT, config.num_speculative_tokens)
 
     def draft(self, prompt: Sequence[int], output: Sequence[int]) -> list[int]:
         """The row's draft for its next step, its tokens so far being ``prompt`` then ``output``."""
@@ -187,12 +195,17 @@ class RowSpeculation:
             self.index.extend(prompt[indexed:])
             indexed = len(prompt)
         self.index.extend(output[indexed - len(prompt) :])
-        return self.index.draft(self.config.num_speculative_tokens)
+        return self.index.draft(self.length)
 
     def record(self, drafted: int, accepted: int, produced: int) -> None:
         """Count a verified draft; pause drafting when the recent acceptance rate is too low."""
         self.drafted += drafted
         self.accepted += accepted
+        limit = self.config.num_speculative_tokens
+        if accepted >= drafted:
+            self.length = min(limit, 2 * self.length)
+        else:
+            self.length = min(limit, max(MIN_DRAFT, accepted + 1))
         if self.drafted >= ACCEPTANCE_WINDOW:
             if self.accepted < MIN_ACCEPTANCE * self.drafted:
                 self.paused_until = produced + BACKOFF_TOKENS
