@@ -28,6 +28,26 @@ class GenerationError(AsyncLLMError):
     """A model step failed for this request. The engine itself keeps serving other requests."""
 
 
+class RequestTimeoutError(AsyncLLMError):
+    """The request ran out of time: its ``timeout`` (from submission to the last token), its
+    ``queue_timeout`` (waiting for a row) or its ``stall_timeout`` (no new token for that long). Its
+    row was freed at once; the tokens it produced before are in :attr:`token_ids` (a stream has
+    already delivered them).
+
+    Attributes:
+        limit: Which limit ran out: ``"timeout"``, ``"queue_timeout"`` or ``"stall_timeout"``.
+        seconds: That limit's value.
+        token_ids: The output tokens produced before it ran out.
+    """
+
+    def __init__(self, limit: str, seconds: float, token_ids: list[int] | None = None) -> None:
+        produced = len(token_ids or [])
+        super().__init__(f"request exceeded its {limit} of {seconds:g} s ({produced} tokens produced)")
+        self.limit = limit
+        self.seconds = seconds
+        self.token_ids = list(token_ids or [])
+
+
 class ModelNotAvailableError(AsyncLLMError):
     """The requested model (for example the embedded default model) cannot be found or loaded."""
 

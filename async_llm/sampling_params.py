@@ -26,6 +26,9 @@ from async_llm.token_params import (
     number,
 )
 
+#: The values ``priority`` may take (a 32-bit int, as vLLM's).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
 #: Fields that are bookkeeping, not sampling parameters: :meth:`SamplingParams.merge` refuses them.
 _INTERNAL_FIELDS = frozenset({"max_tokens_explicit", "response_model"})
 
@@ -120,6 +123,12 @@ class SamplingParams:
         guided_regex: A regular expression the whole output matches.
         guided_choice: A list of strings; the output is exactly one of them.
         guided_grammar: A grammar (Lark or GBNF/EBNF) the output follows.
+        priority: Scheduling priority under ``scheduling_policy="priority"``: lower runs first
+            (vLLM's convention), within ``PRIORITY_RANGE``; default 0. Ignored (as order) by "fcfs".
+        timeout: Seconds from submission to the last token; past it the request ends with
+            :class:`~async_llm.errors.RequestTimeoutError` and its row is freed. None: no limit.
+        queue_timeout: Seconds the request may wait for a row (each time it waits).
+        stall_timeout: Seconds the request may go without a new token once running.
         speculative_config: This request's n-gram speculative decoding (a dict of vLLM's keys, see
             ``HuggingFaceLLM``), ``False`` to turn the engine's off for it; None or True: the engine's.
         max_tokens_explicit: Whether ``max_tokens`` was given rather than defaulted (set by
@@ -166,6 +175,10 @@ class SamplingParams:
     guided_choice: tuple[str, ...] | None = None
     guided_grammar: str | None = None
     speculative_config: Any = None
+    priority: int = 0
+    timeout: float | None = None
+    queue_timeout: float | None = None
+    stall_timeout: float | None = None
     max_tokens_explicit: bool | None = field(default=None, repr=False, compare=False)
     response_model: type | None = field(default=None, repr=False, compare=False)
 
@@ -201,6 +214,19 @@ class SamplingParams:
         min_p = number("min_p", self.min_p)
         _check_range("min_p", min_p, 0.0, 1.0)
         set_(self, "min_p", min_p)
+        if not is_int(self.priority):
+            raise ParameterTypeError("priority", f"priority must be an int, got {type(self.priority).__name__}")
+        if not PRIORITY_RANGE[0] <= self.priority <= PRIORITY_RANGE[1]:
+            raise InvalidParameterError(
+                "priority", f"priority must be in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}], got {self.priority}"
+            )
+        for name in ("timeout", "queue_timeout", "stall_timeout"):
+            value = getattr(self, name)
+            if value is not None:
+                seconds = number(name, value)
+                if not (math.isfinite(seconds) and seconds > 0):
+                    raise InvalidParameterError(name, f"{name} must be a positive number of seconds, got {value!r}")
+                set_(self, name, seconds)
         if self.speculative_config is True:
             set_(self, "speculative_config", None)
         elif self.speculative_config is not False:
@@ -228,6 +254,11 @@ class SamplingParams:
         self._check_beams()
         self._check_token_controls()
         object.__setattr__(self, "_grammar", grammar_spec(self))
+        if self.num_beams > 1 and (self.priority or self.timeout or self.queue_timeout or self.stall_timeout):
+            name = next(n for n in ("priority", "timeout", "queue_timeout", "stall_timeout") if getattr(self, n))
+            raise InvalidParameterError(
+                name, f"{name} applies to the shared decode step; beam search (num_beams > 1) runs apart"
+            )
         if self.num_beams > 1:
             for name in self.token_control_fields():
                 raise InvalidParameterError(name, f"{name} is not supported with beam search (num_beams > 1)")

@@ -63,7 +63,7 @@ def test_engine_flags(command: list[str]) -> None:
     assert engine_kwargs(args) == {
         "max_batch_size": 64, "runner": "static", "max_model_len": 4096,
         "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False, "overlap": True,
-        "quantize": None, "speculative_config": None,
+        "quantize": None, "speculative_config": None, "scheduling_policy": None,
     }  # fmt: skip
     assert cli.build_parser().parse_args([*command, "--cuda-graphs"]).cuda_graphs is True
     opt_in = cli.build_parser().parse_args(
@@ -119,12 +119,14 @@ def test_serve_passes_the_engine_flags_to_the_llm(
     monkeypatch.setattr(async_llm, "HuggingFaceLLM", load)
     monkeypatch.setattr(server, "serve_http", served)
     flags = ["--runner", "fast", "--kv-cache-bytes", "1MiB", "--quantize", "int8",
-             "--speculative-config", '{"method": "ngram"}']  # fmt: skip
+             "--speculative-config", '{"method": "ngram"}', "--scheduling-policy", "priority",
+             "--request-timeout", "30", "--stall-timeout", "2.5"]  # fmt: skip
     assert cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", *flags]) == 0
     assert loaded == [
         {"device": None, "max_batch_size": None, "runner": "fast", "max_model_len": None,
          "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None, "overlap": None,
-         "quantize": "int8", "speculative_config": {"method": "ngram"}}
+         "quantize": "int8", "speculative_config": {"method": "ngram"}, "scheduling_policy": "priority",
+         "timeout": 30.0, "stall_timeout": 2.5}
     ]  # fmt: skip
 
 

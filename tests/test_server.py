@@ -443,6 +443,15 @@ async def test_health_and_prometheus_metrics(client, url, llm):
     assert values["async_llm_prefix_cache_queries_total"] == stats["prefix_cache_queried_tokens"]
     assert values["async_llm_prefix_cache_bytes"] == stats["prefix_cache_bytes"] > 0
     assert values["async_llm_prefill_computed_tokens_total"] == stats["prefill_computed_tokens"]
+    # vLLM's names, as its dashboards and the Gateway API inference extension read them.
+    assert values["vllm:num_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
+    assert values["vllm:kv_cache_usage_perc"] == 0.0  # idle: no row holds keys and values
+    assert values["vllm:generation_tokens_total"] == stats["tokens_generated"]
+    assert values["vllm:prompt_tokens_total"] == values["async_llm_prompt_tokens_total"] > 0
+    assert values["vllm:prefix_cache_hits_total"] == stats["prefix_cache_hit_tokens"]
+    assert values["vllm:num_preemptions_total"] == stats["num_preempted"] == 0
+    assert values["vllm:time_to_first_token_seconds_count"] == values["vllm:e2e_request_latency_seconds_count"] == 2
+    assert values["vllm:time_per_output_token_seconds_count"] == 2
 
 
 def test_serve_command_defaults_to_loopback():
@@ -514,3 +523,34 @@ async def test_a_request_speculates_over_http_and_metrics_count_its_drafts(clien
     assert values["async_llm_spec_decode_num_draft_tokens_total"] == stats["spec_decode_num_draft_tokens"] > 0
     assert values["async_llm_spec_decode_num_accepted_tokens_total"] == stats["spec_decode_num_accepted_tokens"]
     assert bad.status_code == 400 and "num_speculative_tokens" in bad.text
+
+
+async def test_deadlines_over_http_are_408_or_504_and_a_final_stream_event(client, url, llm):
+    """``timeout`` past its end: 504 naming the limit (``code``); a streamed one ends with an error
+    event after the chunks it sent; ``queue_timeout`` spent waiting: 408; ``priority`` is taken."""
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "timeout": 0.2}
+    with anyio.fail_after(30):
+        async with httpx.AsyncClient() as http:
+            late = await http.post(f"{url}/v1/completions", json=body)
+            streamed = await http.post(f"{url}/v1/completions", json={**body, "stream": True})
+            ok = await http.post(
+                f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, "priority": -2}
+            )
+            bad = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "priority": "high"})
+    assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and '"text"' in events[0]
+    assert json.loads(events[-2])["error"]["code"] == "timeout" and events[-1] == "[DONE]"
+    assert ok.status_code == 200
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+    assert not llm.engine.batch.holds_rows()
+
+
+def test_a_timed_out_wait_maps_to_408_and_a_timed_out_run_to_504():
+    from async_llm.errors import RequestTimeoutError
+    from async_llm.serve.errors import from_exception
+
+    assert from_exception(RequestTimeoutError("queue_timeout", 1.0)).status == 408
+    for limit in ("timeout", "stall_timeout"):
+        error = from_exception(RequestTimeoutError(limit, 2.0, [1, 2]))
+        assert error.status == 504 and error.code == limit and "2 tokens produced" in error.message

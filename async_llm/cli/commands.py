@@ -15,7 +15,7 @@ from typing import Any
 
 from async_llm.cli.console import EXIT_INTERRUPTED, EXIT_RUNTIME, fail, progress
 from async_llm.cli.demo_view import make_view
-from async_llm.cli.parser import UsageError, engine_kwargs
+from async_llm.cli.parser import UsageError, deadline_defaults, engine_kwargs
 
 __all__ = ["DEMO_PROMPTS", "demo", "generate", "serve"]
 
@@ -87,7 +87,9 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         what = check_model(args.model)
         listener = bind_listener(args.host, args.port)  # a port in use fails now, not after the load
-        load = functools.partial(HuggingFaceLLM, args.model, device=args.device, **engine_kwargs(args))
+        load = functools.partial(
+            HuggingFaceLLM, args.model, device=args.device, **engine_kwargs(args), **deadline_defaults(args)
+        )
         try:
             with progress(what, args.verbose):
                 llm = await anyio.to_thread.run_sync(load)

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from async_llm.arg_types import add_runner_args, positive_int
 from async_llm.param_names import QUANTIZE_MODES
 
-__all__ = ["ENGINE_FLAGS", "UsageError", "build_parser", "engine_kwargs"]
+__all__ = ["ENGINE_FLAGS", "UsageError", "build_parser", "deadline_defaults", "engine_kwargs"]
 
 # The serve command's body limits, shown in --help (async_llm.serve.limits holds the values; importing
 # it here would import FastAPI for every command; tests/test_new_user.py checks these agree).
@@ -20,7 +20,7 @@ MAX_BODY_HELP, BODY_TIMEOUT_HELP = "4 MiB", "30"
 #: keyword argument of the same name; None (a flag not given) is the library's default.
 ENGINE_FLAGS = (
     "max_batch_size", "runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes", "cuda_graphs", "overlap",
-    "quantize", "speculative_config",
+    "quantize", "speculative_config", "scheduling_policy",
 )  # fmt: skip
 
 
@@ -94,9 +94,24 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--reject-unknown-fields", action="store_true",
         help="answer 400 to request fields the server does not know (default: ignore and log them)",
     )  # fmt: skip
+    for flag, name, what in (
+        ("--request-timeout", "timeout", "from submission to the last token (504)"),
+        ("--queue-timeout", "queue_timeout", "waiting for a row (408)"),
+        ("--stall-timeout", "stall_timeout", "without a new token once running (504)"),
+    ):
+        srv.add_argument(
+            flag, dest=name, type=_positive_float, default=None,
+            help=f"default seconds a request may take {what}; a request's own field wins (default: no limit)",
+        )  # fmt: skip
     srv.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (needs async-llm[ray])")
     srv.add_argument("--replicas", type=positive_int, default=1, help="engines with --ray (default 1)")
     srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+
+
+def deadline_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The server's default deadlines (``--request-timeout`` and the others), as sampling defaults."""
+    names = ("timeout", "queue_timeout", "stall_timeout")
+    return {name: value for name in names if (value := getattr(args, name, None)) is not None}
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,6 +140,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=QUANTIZE_MODES, default=None,
         help="int8: layer products with int8 weights and rows quantized on the fly, on a CPU (about 0.7%% of "
         "perplexity on the default model; default: the model's dtype)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scheduling-policy", choices=("fcfs", "priority"), default=None,
+        help="fcfs (default), or priority: requests by their priority (lower first), more urgent ones preempting",
     )  # fmt: skip
     parser.add_argument(
         "--speculative-config", type=_json_object, default=None,

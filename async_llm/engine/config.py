@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # torch is imported where the engine runs, not where options 
 #: The model runners a caller may ask for (``EngineConfig.runner``); None picks one.
 RUNNERS = ("static", "fast", "transformers")
 
+#: How waiting requests are ordered (``EngineConfig.scheduling_policy``).
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 #: Rows decoded together when ``max_batch_size`` is None and a CPU runner (fast, transformers) runs.
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -115,6 +118,11 @@ class EngineConfig:
             channel, symmetric) and rows quantized on the fly, on a CPU (see
             ``async_llm.engine.runners.int8``); None: the model's dtype. A model the fast runner
             cannot take runs unquantized, with one log line.
+        scheduling_policy: ``"fcfs"`` (first come, first served; the default) or ``"priority"``:
+            waiting requests go by ``priority`` (lower first), then arrival, a waiting request
+            gaining one level per ``AGEING_SECONDS`` waited; a request that waits for a row while a
+            running one has a larger (less urgent) ``priority`` preempts it (see
+            ``async_llm.engine.scheduler``).
         speculative_config: n-gram speculative decoding for every request that does not say
             otherwise (vLLM's keys: ``{"method": "ngram", "num_speculative_tokens": 4,
             "prompt_lookup_max": 4, "prompt_lookup_min": 2, "disable_by_batch_size": 2}``; see
@@ -142,6 +150,7 @@ class EngineConfig:
     overlap: bool | None = None
     quantize: str | None = None
     speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, 1, optional=True)
@@ -162,6 +171,14 @@ class EngineConfig:
             if value is not None and not isinstance(value, bool):
                 raise ParameterTypeError(name, f"{name} must be True, False or None, got {value!r}")
         self._check_runner()
+        if not isinstance(self.scheduling_policy, str):
+            raise ParameterTypeError(
+                "scheduling_policy", f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise InvalidParameterError(
+                "scheduling_policy", f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
         from async_llm.engine.speculative import SpeculativeConfig
 
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))

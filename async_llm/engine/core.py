@@ -45,7 +45,7 @@ from async_llm.engine.slot_batch import SlotBatch
 from async_llm.engine.start_checks import CheckStore
 from async_llm.engine.update import Ahead, StepUpdate
 from async_llm.engine.worker import Worker
-from async_llm.errors import ContextLengthError, GenerationError, RequestAbortedError
+from async_llm.errors import ContextLengthError, GenerationError, RequestAbortedError, RequestTimeoutError
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.core")
@@ -90,7 +90,11 @@ class Engine(StepUpdate, Worker):
         rows = config.max_batch_size if config.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         if self.slots is not None:
             rows = self.slots.rows
-        super().__init__("async-llm-engine", Scheduler(rows, config.max_prefill_tokens), config.max_queue_size)
+        super().__init__(
+            "async-llm-engine",
+            Scheduler(rows, config.max_prefill_tokens, config.scheduling_policy),
+            config.max_queue_size,
+        )
         self.model = model
         self.owns_model = owns_model
         self.checks = checks
@@ -212,6 +216,15 @@ class Engine(StepUpdate, Worker):
         counters["spec_decode_num_verify_steps"] = self.spec_verify_steps
         return counters
 
+    def kv_usage(self) -> float:
+        """The share of the KV memory in use, 0 to 1, read from any thread: the static runner's
+        slots held; with the padded batch (which grows with its rows) the rows in use out of
+        ``max_batch_size``."""
+        batch = self.batch
+        if isinstance(batch, SlotBatch):
+            return batch.usage()
+        return min(1.0, len(batch.rows) / max(1, self.scheduler.max_batch_size))
+
     def submit(self, item: Any) -> None:
         """Queue a request (see :meth:`Worker.submit`).
 
@@ -253,6 +266,9 @@ class Engine(StepUpdate, Worker):
         With ``overlap``, a step that only decodes plain rows is launched before the previous
         one's tokens are handled (see :meth:`_decode_overlapped`); any other step first handles
         them (:meth:`_drain`), so it plans and runs over a batch whose rows are all up to date."""
+        self._enforce_deadlines(out)
+        if admit and self.scheduler.policy == "priority" and self.scheduler.waiting:
+            self._preempt_for_priority(out)
         may_overlap = self.overlap and self._may_overlap(admit)
         if self._ahead is not None and not may_overlap:
             self._drain(out)
@@ -279,6 +295,43 @@ class Engine(StepUpdate, Worker):
             if not forward.decode:
                 self._flush(out)
         return busy or bool(plan.admitted) or any(f.items for f in plan.forwards)
+
+    def _enforce_deadlines(self, out: StepOutputs) -> None:
+        """End the requests past a deadline (``timeout``, ``queue_timeout``, ``stall_timeout``) with
+        :class:`~async_llm.errors.RequestTimeoutError`, freeing their rows at once."""
+        expired = self.scheduler.expired(time.perf_counter())
+        if not expired:
+            return
+        self._drain(out)
+        rows = []
+        for request, limit, seconds in expired:
+            if request.finished:
+                continue
+            if request in self.batch.rows:
+                rows.append(self.batch.rows.index(request))
+            self.scheduler.finish(request, FinishReason.ERROR)
+            out.add(request, reason=FinishReason.ERROR, error=RequestTimeoutError(limit, seconds, request.output_ids))
+            log.info("timed out", request_id=request.request_id, limit=limit, tokens=len(request.output_ids))
+        self.batch.remove(rows)
+        self.prefiller.drop(r for r, _, _ in expired)
+
+    def _preempt_for_priority(self, out: StepOutputs) -> None:
+        """Preempt running rows for more urgent waiting requests (the scheduler's rule): their keys
+        and values go to the prefix cache, their rows are freed, and they wait again."""
+        in_batch = {id(r) for r in self.batch.rows}
+        if not self.scheduler.victims(lambda r: id(r) in in_batch):
+            return
+        self._drain(out)  # the rows' last tokens first
+        in_batch = {id(r) for r in self.batch.rows}
+        victims = [r for r in self.scheduler.victims(lambda r: id(r) in in_batch) if not r.finished]
+        if not victims:
+            return
+        rows = [self.batch.rows.index(r) for r in victims]
+        self._keep_prefixes(rows)
+        self.batch.remove(rows)
+        self.scheduler.preempt(victims)
+        for request in victims:
+            log.info("preempted", request_id=request.request_id, priority=request.params.priority)
 
     def _may_overlap(self, admit: bool) -> bool:
         """Whether the next step may be launched before the last one's tokens are handled: no

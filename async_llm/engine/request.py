@@ -55,6 +55,12 @@ class Request:
     draws: int = 0
     prompt_logprobs_sent: bool = False
     speculation: RowSpeculation | None = None  # its n-gram drafts' state, once it speculates
+    # Scheduling (engine.scheduler): when it last started waiting, the seconds it waited before
+    # that, how often it was preempted, and when it last made progress (admitted, or a token).
+    queued_at: float = 0.0
+    waited: float = 0.0
+    preemptions: int = 0
+    last_progress: float = 0.0
     end_ids: frozenset[int] = field(init=False, repr=False)  # see engine.finish.end_ids
 
     def __post_init__(self) -> None:

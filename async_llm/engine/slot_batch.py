@@ -180,6 +180,11 @@ class SlotBatch(BatchRows):
         """Row ``index``'s keys and values so far, ``[layers, 2, Hkv, L, D]`` (a view)."""
         return self.kv[:, :, self.slots[index], :, : self.row_lengths[index]]
 
+    def usage(self) -> float:
+        """The share of slots held, read from any thread (a slot whose prompt was dropped counts
+        until the engine's thread reclaims it)."""
+        return (self.num_slots - len(self._free)) / self.num_slots
+
     def slots_in_use(self) -> int:
         """Slots held by a row or by a prompt being prefilled."""
         self._reclaim()

@@ -346,8 +346,9 @@ class StepUpdate:
         finished (see :func:`~async_llm.engine.finish.finish_reason`)."""
         request.output_ids.append(token)
         self.scheduler.record_tokens(1)
+        request.last_progress = time.perf_counter()
         if request.first_token_time is None:
-            request.first_token_time = time.perf_counter()
+            request.first_token_time = request.last_progress
         reason = finish_reason(request, token, grammar_done)
         out.add(request, request.detokenizer.take_delta(final=reason is not None), (token,), reason, logprob=logprob)
         if reason is not None:

@@ -82,6 +82,7 @@ class Backend:
         for key, value in self.beams.stats().items():
             if key not in ("peak_batch_size", "steps"):
                 stats[key] += value
+        stats["kv_cache_usage_perc"] = round(self.engine.kv_usage(), 4)
         busy = self.engine.busy_seconds
         stats["engine_tokens_per_second"] = round(self.engine.scheduler.tokens_generated / busy, 2) if busy else 0.0
         return stats

@@ -128,7 +128,12 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             output keeps its distribution; it pays where answers copy their prompt, and switches
             itself off for busier steps and rows whose drafts are refused (see the README). A
             request may pass its own, or ``False``. None: off.
-        system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`.
+        scheduling_policy: ``"fcfs"`` (None, the default) or ``"priority"``: requests start by their
+            ``priority`` (lower first), then arrival, and a more urgent waiting request preempts the
+            least urgent running one (see the README, "Priorities, preemption and deadlines").
+        system_prompt, chat_template, role, history, **sampling_defaults: See :class:`BaseLLM`
+            (``timeout``, ``queue_timeout`` and ``stall_timeout`` among the defaults set every
+            request's deadlines).
 
     Raises:
         ModelNotAvailableError: The default model's package is not installed.
@@ -175,6 +180,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         cuda_graphs: bool | None = None,
         overlap: bool | None = None,
         speculative_config: dict[str, Any] | None = None,
+        scheduling_policy: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(max_length=max_length, **settings)
@@ -201,6 +207,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             overlap=overlap,
             quantize=engine_quantize(quantize),
             speculative_config=speculative_config,
+            scheduling_policy="fcfs" if scheduling_policy is None else scheduling_policy,
         )
         if self._engine_config.quantize is not None:  # a model passed in without a device stays where it is
             check_quantize(

@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from async_llm.errors import EngineClosedError, GenerationError, ParameterError, QueueFullError, RequestAbortedError
+from async_llm.errors import (
+    EngineClosedError,
+    GenerationError,
+    ParameterError,
+    QueueFullError,
+    RequestAbortedError,
+    RequestTimeoutError,
+)
 
 # status -> (OpenAI error type, default code)
 _TYPES: dict[int, tuple[str, str | None]] = {
@@ -61,8 +68,9 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
         400 for invalid input (``ValueError``/``TypeError``; with ``param`` for a
         :class:`~async_llm.errors.ParameterError`, which names the parameter at fault, and its
         ``code`` when it has one: ``context_length_exceeded`` for a prompt or ``max_tokens`` beyond
-        the model's context, as OpenAI answers), 429 for a full queue, 503 for a closed engine,
-        500 otherwise.
+        the model's context, as OpenAI answers), 429 for a full queue, 503 for a closed engine, 408
+        for a request that waited past its ``queue_timeout`` and 504 past its ``timeout`` or
+        ``stall_timeout`` (``code`` names the limit), 500 otherwise.
     """
     if isinstance(exc, APIError):
         return exc
@@ -70,6 +78,8 @@ def from_exception(exc: BaseException, field_name: Callable[[str], str] = lambda
         return APIError(429, str(exc))
     if isinstance(exc, (EngineClosedError, RequestAbortedError)):
         return APIError(503, str(exc))
+    if isinstance(exc, RequestTimeoutError):  # never started: 408 (retry later); started, not done: 504
+        return APIError(408 if exc.limit == "queue_timeout" else 504, str(exc), code=exc.limit)
     if isinstance(exc, GenerationError):
         return APIError(500, str(exc))
     if isinstance(exc, ParameterError):

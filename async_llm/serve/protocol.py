@@ -56,7 +56,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "structured_outputs": (None,),
     "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
-    "priority": (None, 0),
     "logits_processors": (None, []),
     "return_tokens_as_token_ids": (None, False),
     "cache_salt": (None,),

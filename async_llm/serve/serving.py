@@ -249,7 +249,8 @@ class OpenAIServing:
             if s.finished_at is None:
                 continue  # aborted before the engine answered: nothing to measure
             ttft = None if s.first_token_at is None else s.first_token_at - s.created_at
-            self.metrics.observe_generation(len(s.prompt_token_ids), ttft, s.finished_at - s.created_at)
+            latency = s.finished_at - s.created_at
+            self.metrics.observe_generation(len(s.prompt_token_ids), ttft, latency, len(s.token_ids))
 
 
 _ID_PREFIX: dict[Kind, str] = {"completion": "cmpl-", "chat": "chatcmpl-"}
