@@ -91,9 +91,12 @@ async def test_a_preempted_request_resumes_exactly_where_it_stopped(tiny_model, 
     assert stats["prefix_cache_hit_tokens"] > 0  # it resumed from the blocks it left
 
 
-async def test_fcfs_never_preempts(tiny_model, tiny_tokenizer):
+async def test_fcfs_refuses_a_priority_it_cannot_honour_and_never_preempts(tiny_model, tiny_tokenizer):
     async with _llm(tiny_model, tiny_tokenizer, max_batch_size=1) as llm:
-        first = await llm.submit("first", max_tokens=20, priority=3, **LONG)
+        with pytest.raises(InvalidParameterError, match="scheduling_policy='priority'") as caught:
+            await llm.arun("urgent", priority=-1)
+        assert caught.value.param == "priority" and llm.stats()["num_waiting"] == 0
+        first = await llm.submit("first", max_tokens=20, **LONG)
         await _running(llm, first, 2)
         second = await llm.submit("second", max_tokens=4, priority=0, **LONG)
         (_, first_end), (_, second_end) = await asyncio.gather(_finish(first), _finish(second))

@@ -527,14 +527,17 @@ async def test_a_request_speculates_over_http_and_metrics_count_its_drafts(clien
 
 async def test_deadlines_over_http_are_408_or_504_and_a_final_stream_event(client, url, llm):
     """``timeout`` past its end: 504 naming the limit (``code``); a streamed one ends with an error
-    event after the chunks it sent; ``queue_timeout`` spent waiting: 408; ``priority`` is taken."""
+    event after the chunks it sent; a ``priority`` this FCFS server cannot honour is a 400."""
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "timeout": 0.2}
     with anyio.fail_after(30):
         async with httpx.AsyncClient() as http:
             late = await http.post(f"{url}/v1/completions", json=body)
             streamed = await http.post(f"{url}/v1/completions", json={**body, "stream": True})
             ok = await http.post(
-                f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, "priority": -2}
+                f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, "priority": 0}
+            )
+            unhonoured = await http.post(
+                f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "priority": -2}
             )
             bad = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "priority": "high"})
     assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
@@ -542,6 +545,7 @@ async def test_deadlines_over_http_are_408_or_504_and_a_final_stream_event(clien
     assert streamed.status_code == 200 and '"text"' in events[0]
     assert json.loads(events[-2])["error"]["code"] == "timeout" and events[-1] == "[DONE]"
     assert ok.status_code == 200
+    assert unhonoured.status_code == 400 and "scheduling_policy" in unhonoured.json()["error"]["message"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
     assert not llm.engine.batch.holds_rows()
 

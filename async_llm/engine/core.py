@@ -45,7 +45,13 @@ from async_llm.engine.slot_batch import SlotBatch
 from async_llm.engine.start_checks import CheckStore
 from async_llm.engine.update import Ahead, StepUpdate
 from async_llm.engine.worker import Worker
-from async_llm.errors import ContextLengthError, GenerationError, RequestAbortedError, RequestTimeoutError
+from async_llm.errors import (
+    ContextLengthError,
+    GenerationError,
+    InvalidParameterError,
+    RequestAbortedError,
+    RequestTimeoutError,
+)
 from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.core")
@@ -231,7 +237,15 @@ class Engine(StepUpdate, Worker):
         Raises:
             ContextLengthError: Its prompt and ``max_tokens`` cannot fit in a row of the static
                 runner's store (``max_model_len``): it could never run.
+            InvalidParameterError: A non-zero ``priority`` on an engine that schedules first come,
+                first served (it could not be honoured).
         """
+        if isinstance(item, Request) and item.params.priority and self.scheduler.policy != "priority":
+            raise InvalidParameterError(
+                "priority",
+                f"priority={item.params.priority} needs scheduling_policy='priority'; this engine serves "
+                "first come, first served",
+            )
         limit = self.max_context
         if limit is not None and isinstance(item, Request):
             needed = item.num_prompt_tokens + item.params.max_tokens

@@ -29,7 +29,7 @@ from async_llm.engine.output import FinishReason
 from async_llm.engine.request import Request, RequestStatus
 
 #: Seconds of waiting worth one level of ``priority`` (the ageing of the priority policy).
-AGEING_SECONDS = 10.0
+AGEING_SECONDS = 60.0
 
 #: Times a request may be preempted for more urgent ones (then it runs to its end).
 MAX_PREEMPTIONS = 3
