@@ -27,6 +27,7 @@ from async_llm.errors import (
     ParameterTypeError,
     QueueFullError,
     RequestAbortedError,
+    RequestTimeoutError,
 )
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ __all__ = [
     "QueueFullError",
     "RequestAbortedError",
     "RequestStream",
+    "RequestTimeoutError",
     "SamplingParams",
     "StreamDelta",
     "TokenStream",

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from async_llm import HuggingFaceLLM, SamplingParams
+from async_llm import HuggingFaceLLM, RequestTimeoutError, SamplingParams
 from async_llm.engine.scheduler import AGEING_SECONDS, MAX_PREEMPTIONS, Scheduler
-from async_llm.errors import InvalidParameterError, ParameterTypeError, RequestTimeoutError
+from async_llm.errors import InvalidParameterError, ParameterTypeError
 
 LONG = {"chat_template": False, "ignore_eos": True}
 

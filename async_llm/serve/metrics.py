@@ -156,28 +156,22 @@ class ServerMetrics:
             registry=self.registry,
         )  # fmt: skip
         self.prompt_tokens = Counter("async_llm_prompt_tokens", "Prompt tokens of requests.", registry=self.registry)
-        self.ttft = Histogram(
-            "async_llm_time_to_first_token_seconds", "From submission to the first token, as the server saw it.",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "async_llm_request_latency_seconds", "From submission to the last token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+
+        def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, help_text, buckets=buckets, registry=self.registry)
+
+        first, last = "From submission to the first token", "From submission to the last token."
+        self.ttft = histogram("async_llm_time_to_first_token_seconds", f"{first}, as the server saw it.", _TTFT_BUCKETS)
+        self.latency = histogram("async_llm_request_latency_seconds", last, _LATENCY_BUCKETS)
         # vLLM's names for the same, and its time per output token.
         self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of requests.", registry=self.registry)
-        self.vllm_ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "From submission to the first token.",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.vllm_e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "From submission to the last token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.vllm_tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Mean time between tokens after the first, per request.",
-            buckets=_TPOT_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+        self.vllm_ttft = histogram("vllm:time_to_first_token_seconds", f"{first}.", _TTFT_BUCKETS)
+        self.vllm_e2e = histogram("vllm:e2e_request_latency_seconds", last, _LATENCY_BUCKETS)
+        self.vllm_tpot = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Mean time between tokens after the first, per request.",
+            _TPOT_BUCKETS,
+        )
 
     def observe_request(self, endpoint: str, status: int) -> None:
         """Count one API request and its response status."""
