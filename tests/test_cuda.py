@@ -177,3 +177,16 @@ async def test_overlap_is_on_by_default_and_changes_no_output(cuda_model, tiny_t
         assert _free(llm)
     async with _llm(cuda_model, tiny_tokenizer, overlap=False) as llm:
         assert await run(llm) == overlapped
+
+
+async def test_ngram_speculation_on_the_static_runner_changes_no_greedy_token(cuda_model, tiny_tokenizer):
+    """Verify steps over the slots (eager, beside the captured one-token steps): the same greedy
+    tokens, drafts counted, every slot free after."""
+    async with _llm(cuda_model, tiny_tokenizer) as llm:
+        plain = await _greedy(llm, 120)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 16}
+    async with _llm(cuda_model, tiny_tokenizer, speculative_config=spec) as llm:
+        assert llm.engine.runner.name == "static"
+        assert await _greedy(llm, 120) == plain
+        assert llm.stats()["spec_decode_num_draft_tokens"] > 0
+        assert _free(llm)

@@ -30,6 +30,13 @@ from tests.test_fast_decode import FAST, PLAIN
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 8}
 
+#: The runners that speculate: the fast one over the padded batch (the CPU default) and the static
+#: one over fixed slots (CUDA's default; run eagerly here), with a small store.
+RUNNERS = {
+    "fast": {},
+    "static": {"runner": "static", "max_batch_size": 8, "max_model_len": 256, "kv_cache_bytes": 64 * 2**20},
+}
+
 
 # -- drafts -----------------------------------------------------------------------------------------
 def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -143,10 +150,13 @@ def _oracle(monkeypatch: pytest.MonkeyPatch, references: dict[tuple[int, ...], l
     monkeypatch.setattr(RowSpeculation, "draft", draft)
 
 
-async def _answers(model, tokenizer, spec, prompts=PROMPTS, max_tokens=24, **kwargs):
+async def _answers(model, tokenizer, spec, prompts=PROMPTS, max_tokens=24, runner=None, **kwargs):
+    options = RUNNERS[runner or "fast"]
     async with HuggingFaceLLM(
-        model=model, tokenizer=tokenizer, device="cpu", pad_token_id=0, speculative_config=spec
+        model=model, tokenizer=tokenizer, device="cpu", pad_token_id=0, speculative_config=spec, **options
     ) as llm:
+        llm.engine.ready.wait()
+        assert runner is None or llm.engine.runner.name == runner  # the runner asked for runs
         results = await asyncio.gather(
             *(llm.acomplete(p, chat_template=False, max_tokens=max_tokens, ignore_eos=True, **kwargs) for p in prompts)
         )
@@ -154,14 +164,17 @@ async def _answers(model, tokenizer, spec, prompts=PROMPTS, max_tokens=24, **kwa
         return results, llm.stats()
 
 
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
 @pytest.mark.parametrize("name", sorted(FAST))
 @pytest.mark.parametrize("wrong_every", [0, 3])
-async def test_greedy_output_is_unchanged_by_drafts_right_or_wrong(name, wrong_every, tiny_tokenizer, monkeypatch):
+async def test_greedy_output_is_unchanged_by_drafts_right_or_wrong(
+    name, wrong_every, runner, tiny_tokenizer, monkeypatch
+):
     model = FAST[name]()
     plain, _ = await _answers(model, tiny_tokenizer, None)
     references = {tuple(r.prompt_token_ids): r.token_ids for r in plain}
     _oracle(monkeypatch, references, wrong_every)
-    speculated, stats = await _answers(model, tiny_tokenizer, SPEC)
+    speculated, stats = await _answers(model, tiny_tokenizer, SPEC, runner=runner)
     assert [r.token_ids for r in speculated] == [r.token_ids for r in plain]
     assert [r.text for r in speculated] == [r.text for r in plain]
     assert stats["spec_decode_num_accepted_tokens"] > 0
@@ -169,10 +182,11 @@ async def test_greedy_output_is_unchanged_by_drafts_right_or_wrong(name, wrong_e
     assert stats["spec_decode_num_verify_steps"] < sum(len(r.token_ids) for r in plain)
 
 
-async def test_ngram_drafts_from_the_context_leave_greedy_output_unchanged(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+async def test_ngram_drafts_from_the_context_leave_greedy_output_unchanged(runner, tiny_model, tiny_tokenizer):
     prompts = ["a b c d a b c d a b c", *PROMPTS]
     plain, _ = await _answers(tiny_model, tiny_tokenizer, None, prompts, max_tokens=120)
-    speculated, stats = await _answers(tiny_model, tiny_tokenizer, SPEC, prompts, max_tokens=120)
+    speculated, stats = await _answers(tiny_model, tiny_tokenizer, SPEC, prompts, max_tokens=120, runner=runner)
     assert [r.token_ids for r in speculated] == [r.token_ids for r in plain]
     assert stats["spec_decode_num_draft_tokens"] > 0
 

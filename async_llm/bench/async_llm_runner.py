@@ -137,12 +137,6 @@ class AsyncLLMNgramRunner(AsyncLLMRunner):
     prefill_workloads = False
     options: ClassVar[dict[str, Any]] = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
 
-    @classmethod
-    def unavailable(cls, config: SystemConfig) -> str | None:
-        if config.runner == "static" or (config.runner is None and config.device.startswith("cuda")):
-            return "the static runner does not speculate yet (the fast runner does, on a CPU)"
-        return None
-
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
         before = self.llm.stats()
         records, start = super().run(requests, on_done)

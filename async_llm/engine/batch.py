@@ -231,6 +231,11 @@ class BatchRows:
         """Commit a decode step: its column is part of every row now, and ``tokens`` ``[B]`` are fed next."""
         raise NotImplementedError
 
+    def advance_verify(self, fed: Sequence[int], positions: int, tokens: torch.Tensor) -> None:
+        """Commit a speculative verify step of ``positions`` tokens a row: row ``i`` keeps the first
+        ``fed[i]`` (its last token and the draft tokens it accepted), and ``tokens`` ``[B]`` are fed next."""
+        raise NotImplementedError
+
     def row_kv(self, index: int) -> torch.Tensor:
         """Row ``index``'s keys and values so far, ``[layers, 2, H, L, D]`` (a view)."""
         raise NotImplementedError

@@ -354,7 +354,11 @@ class Engine(StepUpdate, Worker):
         scheduler = self.scheduler
         if self.prefiller.states or (admit and scheduler.waiting and len(scheduler.running) < scheduler.row_limit):
             return False
-        return all(r.controls is None and not r.params.logprobs for r in self.batch.rows)
+        if self.speculative_config is not None and self.runner.speculates:
+            return False  # verify steps need each row's last token on the host
+        return all(
+            r.controls is None and not r.params.logprobs and not r.params.speculative_config for r in self.batch.rows
+        )
 
     def _decode_overlapped(self, out: StepOutputs) -> None:
         """Launch this step's decode and sampling, then handle the previous step's tokens while the

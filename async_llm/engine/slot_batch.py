@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from async_llm.engine.batch import BatchRows
 from async_llm.engine.buckets import bucket, row_buckets, width_buckets
@@ -214,6 +215,32 @@ class SlotBatch(BatchRows):
         every step: what a captured graph reads)."""
         return SlotRows(self.tokens[:s, None], self.positions[:s, None], self.kv, w)
 
+    def verify_rows(self, drafts: Sequence[Sequence[int]], positions: int) -> SlotVerifyRows:
+        """A verify step's rows: each row's last token and its draft (``drafts[i]``, at most
+        ``positions - 1`` tokens; fillers after it), at the positions that follow its context."""
+        b = self.size
+        filled = torch.full((b, positions - 1), -1, dtype=torch.long)
+        for i, draft in enumerate(drafts):
+            if draft:
+                filled[i, : len(draft)] = torch.tensor(list(draft), dtype=torch.long)
+        ids = self.tokens[self.slot_index, None].repeat(1, positions)
+        filled = filled.to(self.device)
+        ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
+        steps = torch.arange(positions, device=self.device)
+        # A filler past a row's last column writes the scratch column: its result is never kept.
+        where = (self.positions[self.slot_index, None] + steps).clamp_(max=self.columns)
+        width = min(max(self.row_lengths) + positions, self.columns + 1)
+        return SlotVerifyRows(ids, where, self.slot_index, self.kv, width)
+
+    def advance_verify(self, fed: Sequence[int], positions: int, tokens: torch.Tensor) -> None:
+        """Commit a verify step: row ``i`` keeps the first ``fed[i]`` of its ``positions`` tokens'
+        keys and values (the rest are written over later) and ``tokens`` ``[B]`` are fed next."""
+        del positions  # a slot's columns are its positions: nothing to mask
+        self.tokens[self.slot_index] = tokens
+        self.positions[self.slot_index] += torch.tensor(list(fed), dtype=torch.long, device=self.device)
+        self.row_lengths = [n + f for n, f in zip(self.row_lengths, fed, strict=True)]
+        self.record_tokens(tokens)
+
     def advance(self, tokens: torch.Tensor) -> None:
         """Commit the step: each row's written column becomes part of its context and ``tokens``
         ``[B]`` (row order) are fed next."""
@@ -221,6 +248,51 @@ class SlotBatch(BatchRows):
         self.positions[self.slot_index] += 1
         self.row_lengths = [n + 1 for n in self.row_lengths]
         self.record_tokens(tokens)
+
+
+@dataclass
+class SlotVerifyRows:
+    """A speculative verify step over a :class:`SlotBatch`: each row feeds ``T`` tokens (its last
+    token and its draft) at positions ``p .. p + T - 1`` of its slot, which are also the columns
+    their keys are written to; a refused draft token's column is simply written over later (the
+    row's length counts what it kept). Only the rows' own slots are written and read.
+
+    Attributes:
+        input_ids, position_ids: ``[B, T]``, in row order.
+        slots: ``[B]`` each row's slot.
+        kv: The store, ``[layers, 2, slots, Hkv, columns + 1, D]``.
+        width: Columns attended: every position written is below it.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    slots: torch.Tensor
+    kv: torch.Tensor
+    width: int
+    _bias: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def begin(self, dtype: torch.dtype) -> None:
+        columns = torch.arange(self.width, device=self.position_ids.device)
+        # [B, 1, T, W]: token j of a row sees its columns up to its own position.
+        visible = columns[None, None, :] <= self.position_ids[:, :, None]
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        self._bias = bias.masked_fill_(~visible, float("-inf"))[:, None]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        assert self._bias is not None, "begin() runs before the first layer"
+        b, t = self.input_ids.shape
+        heads, d = q.shape[1], q.shape[2]
+        where = (self.slots[:, None], slice(None), self.position_ids)  # [B, T] (slot, position) pairs
+        self.kv[layer, 0][where] = keys.reshape(b, t, -1, d)
+        self.kv[layer, 1][where] = values.reshape(b, t, -1, d)
+        k = self.kv[layer, 0, :, :, : self.width].index_select(0, self.slots)  # [B, Hkv, W, D]
+        v = self.kv[layer, 1, :, :, : self.width].index_select(0, self.slots)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, t, heads, d).transpose(1, 2), k, v, attn_mask=self._bias, scale=scaling, enable_gqa=True
+        )  # [B, Hq, T, D]
+        return out.transpose(1, 2).reshape(b * t, heads, d)
 
 
 @dataclass

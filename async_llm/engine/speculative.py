@@ -1,5 +1,6 @@
 """Speculative decoding without a second model: n-gram (prompt-lookup) drafts, verified in one
-forward of ``k + 1`` positions per row inside the running batch.
+forward of ``k + 1`` positions per row inside the running batch (the fast runner's padded batch, or
+the static runner's slots, eagerly).
 
 A row's draft is what followed the last time its latest ``n`` tokens appeared earlier in its own
 context (prompt and output), ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min``: where

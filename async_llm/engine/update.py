@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from async_llm.engine.batch import PaddedBatch
 from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
 from async_llm.engine.logprobs import prompt_logprobs
@@ -249,7 +248,6 @@ class StepUpdate:
         if speculating:
             self._accept_drafts(logits, rows, drafts, speculating, positions, emitted)
         fed = [len(e) for e in emitted]
-        assert isinstance(batch, PaddedBatch), "verify steps run over the padded batch"
         batch.advance_verify(fed, positions, torch.tensor([e[-1] for e in emitted], device=self.device))
         self.spec_verify_steps += 1
         ended = []

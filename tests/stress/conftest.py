@@ -79,6 +79,7 @@ STATIC = {"max_batch_size": 8, "max_model_len": 256, "kv_cache_bytes": 64 * 2**2
         pytest.param("default", id="default"),
         pytest.param("static", id="static"),
         pytest.param("ngram", id="ngram"),
+        pytest.param("static-ngram", id="static-ngram"),
         pytest.param("int8", id="int8"),
         pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
     ],
@@ -92,6 +93,10 @@ def runner(request: pytest.FixtureRequest, tiny_model: Any, tiny_tokenizer: Any)
     if request.param == "ngram":  # verify steps at any batch size (drafts from each row's own context)
         spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 64}
         return Runner("ngram", "fast", tiny_model, tiny_tokenizer, {"device": "cpu", "speculative_config": spec})
+    if request.param == "static-ngram":  # verify steps over fixed slots, eager on a CPU
+        spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 64}
+        options = {"device": "cpu", "runner": "static", **STATIC, "speculative_config": spec}
+        return Runner("static-ngram", "static", tiny_model, tiny_tokenizer, options)
     if request.param == "int8":
         return Runner("int8", "fast", tiny_model, tiny_tokenizer, {"device": "cpu", "quantize": "int8"})
     # The default on CUDA: the static runner with captured graphs. The same weights (same seed).

@@ -45,7 +45,8 @@ class ModelRunner(Protocol):
             against the decode step; see :class:`~async_llm.engine.planner.ChunkBudget`).
         can_resume: A prefill may continue after a prefix (prefix cache, chunked prefill).
         speculates: It runs speculative verify steps (``verify(batch, drafts, positions)``: the
-            fast runner over the padded batch); the others decode one token per row and step.
+            fast runner over the padded batch, the static runner over its slots); the transformers
+            runner decodes one token per row and step.
     """
 
     name: str

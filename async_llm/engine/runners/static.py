@@ -11,6 +11,7 @@ check it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -100,7 +101,7 @@ class StaticRunner(FastRunner):
     """
 
     name = "static"
-    speculates = False  # a verify step over fixed slots is not written yet: rows decode one token a step
+    speculates = True  # verify steps run eagerly (the graphs capture the one-token decode step)
 
     def __init__(self, decoder: FastDecoder, batch: SlotBatch, graphs: bool) -> None:
         super().__init__(decoder)
@@ -108,6 +109,14 @@ class StaticRunner(FastRunner):
         self.graphs = DecodeGraphs(decoder, batch) if graphs else None
         if self.graphs is not None:
             self.graphs.capture()  # the start-up sizes; their time is logged and kept on the graphs
+
+    def verify(self, batch: BatchRows, drafts: Sequence[Sequence[int]], positions: int) -> torch.Tensor:
+        """A speculative verify step over the slots (see :meth:`SlotBatch.verify_rows`); returns
+        float32 logits ``[B, T, V]`` in row order."""
+        batch = cast(SlotBatch, batch)
+        assert batch is self.batch, "the static runner runs the batch it was built with"
+        logits, _ = self.decoder.step(batch.verify_rows(drafts, positions), [])  # [B T, V]
+        return logits.view(batch.size, positions, -1)
 
     def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
         batch = cast(SlotBatch, batch)
