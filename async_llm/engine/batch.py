@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from async_llm.engine.request import Request
 from async_llm.engine.sampler import SamplingBatch
+from async_llm.engine.speculative import verify_inputs
 
 _MIN_COLUMNS = 64
 #: Most columns reserved past the live region when rows join (see PaddedBatch.add).
@@ -425,13 +426,7 @@ class PaddedBatch(BatchRows):
         """
         self._reserve(rows=self.size, columns=self.end - self.start, ahead=positions)
         b = self.size
-        filled = torch.full((b, positions - 1), -1, dtype=torch.long)
-        for i, draft in enumerate(drafts):
-            if draft:
-                filled[i, : len(draft)] = torch.tensor(draft, dtype=torch.long)
-        ids = self.last_tokens[:b, None].repeat(1, positions)
-        filled = filled.to(self.device)
-        ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
+        ids = verify_inputs(self.last_tokens[:b], drafts, positions)
         steps = torch.arange(positions, device=self.device)
         return {
             "input_ids": ids,

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from async_llm.engine.batch import BatchRows
 from async_llm.engine.buckets import bucket, row_buckets, width_buckets
 from async_llm.engine.request import Request
-from async_llm.engine.runners.fast_forward import grouped_attention
+from async_llm.engine.runners.fast_forward import additive_mask, grouped_attention
+from async_llm.engine.speculative import verify_inputs
 
 
 class SlotBatch(BatchRows):
@@ -218,14 +219,7 @@ class SlotBatch(BatchRows):
     def verify_rows(self, drafts: Sequence[Sequence[int]], positions: int) -> SlotVerifyRows:
         """A verify step's rows: each row's last token and its draft (``drafts[i]``, at most
         ``positions - 1`` tokens; fillers after it), at the positions that follow its context."""
-        b = self.size
-        filled = torch.full((b, positions - 1), -1, dtype=torch.long)
-        for i, draft in enumerate(drafts):
-            if draft:
-                filled[i, : len(draft)] = torch.tensor(list(draft), dtype=torch.long)
-        ids = self.tokens[self.slot_index, None].repeat(1, positions)
-        filled = filled.to(self.device)
-        ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
+        ids = verify_inputs(self.tokens[self.slot_index], drafts, positions)
         steps = torch.arange(positions, device=self.device)
         # A filler past a row's last column writes the scratch column: its result is never kept.
         where = (self.positions[self.slot_index, None] + steps).clamp_(max=self.columns)
@@ -274,9 +268,7 @@ class SlotVerifyRows:
     def begin(self, dtype: torch.dtype) -> None:
         columns = torch.arange(self.width, device=self.position_ids.device)
         # [B, 1, T, W]: token j of a row sees its columns up to its own position.
-        visible = columns[None, None, :] <= self.position_ids[:, :, None]
-        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-        self._bias = bias.masked_fill_(~visible, float("-inf"))[:, None]
+        self._bias = additive_mask(columns[None, None, :] <= self.position_ids[:, :, None], dtype)[:, None]
 
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
@@ -319,9 +311,7 @@ class SlotRows:
         positions = self.position_ids[:, 0]
         columns = torch.arange(self.width, device=positions.device)
         # [S, 1, 1, W]: a row sees its columns up to its position (the key written this step).
-        visible = columns[None, :] <= positions[:, None]
-        self._bias = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
-        self._bias = self._bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        self._bias = additive_mask(columns[None, :] <= positions[:, None], dtype)[:, None, None, :]
         self._slots = torch.arange(s, device=positions.device)
 
     def attend(

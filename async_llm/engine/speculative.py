@@ -213,6 +213,21 @@ class RowSpeculation:
             self.drafted = self.accepted = 0
 
 
+def verify_inputs(last: torch.Tensor, drafts: Sequence[Sequence[int]], positions: int) -> torch.Tensor:
+    """A verify step's tokens ``[B, T]``: each row's ``last`` token (``[B]``, the one it feeds
+    next) then its draft, the positions past a draft filled with the last token again (fillers:
+    their results are never kept)."""
+    b = last.shape[0]
+    filled = torch.full((b, positions - 1), -1, dtype=torch.long)
+    for i, draft in enumerate(drafts):
+        if draft:
+            filled[i, : len(draft)] = torch.tensor(list(draft), dtype=torch.long)
+    ids = last[:, None].repeat(1, positions)
+    filled = filled.to(last.device)
+    ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
+    return ids
+
+
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
                   top_p: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """Each row's sampling distribution ``[N, V]`` (normalised), as the sampler draws from it:

@@ -279,6 +279,11 @@ class DecodeRows(Protocol):
         ...
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention bias: 0 where ``allowed``, -inf elsewhere (same shape)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def grouped_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -328,8 +333,7 @@ class Rows:
 
     def begin(self, dtype: torch.dtype) -> None:
         # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; shared by every layer.
-        bias = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device)
-        self._bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))[:, None, None, :]
+        self._bias = additive_mask(self.attention_mask != 0, dtype)[:, None, None, :]
 
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
@@ -359,9 +363,7 @@ class VerifyRows(Rows):
         device = self.attention_mask.device
         old = self.attention_mask.bool()[:, None, None, :].expand(b, 1, t, self.attention_mask.shape[1])
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None].expand(b, 1, t, t)
-        allowed = torch.cat([old, causal], dim=-1)  # [B, 1, T, L + T]
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        self._bias = bias.masked_fill_(~allowed, float("-inf"))
+        self._bias = additive_mask(torch.cat([old, causal], dim=-1), dtype)  # [B, 1, T, L + T]
 
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
