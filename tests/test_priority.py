@@ -61,7 +61,7 @@ def test_waiting_requests_go_by_aged_priority_then_arrival():
 
 async def test_priority_policy_starts_the_most_urgent_first(tiny_model, tiny_tokenizer):
     async with _llm(tiny_model, tiny_tokenizer, max_batch_size=1, scheduling_policy="priority") as llm:
-        first = await llm.submit("hold the row", max_tokens=30, priority=-5, **LONG)
+        first = await llm.submit("hold the row", max_tokens=200, priority=-5, **LONG)  # still running below
         await _running(llm, first, 2)
         lax = await llm.submit("lax", max_tokens=4, priority=5, **LONG)
         urgent = await llm.submit("urgent", max_tokens=4, priority=1, **LONG)
@@ -77,9 +77,9 @@ async def test_a_preempted_request_resumes_exactly_where_it_stopped(tiny_model, 
     is token for token what it is when nothing interrupts it (greedy and seeded sampling)."""
     prompt = "a patient request that holds its row for a while, " * 3  # more than a cache block by then
     async with _llm(tiny_model, tiny_tokenizer, max_batch_size=1) as alone:
-        expected = await alone.acomplete(prompt, max_tokens=48, **LONG, **sampling)
+        expected = await alone.acomplete(prompt, max_tokens=200, **LONG, **sampling)
     async with _llm(tiny_model, tiny_tokenizer, max_batch_size=1, scheduling_policy="priority") as llm:
-        patient = await llm.submit(prompt, max_tokens=48, priority=3, **LONG, **sampling)
+        patient = await llm.submit(prompt, max_tokens=200, priority=3, **LONG, **sampling)  # running when urgent comes
         text = await _running(llm, patient, 10)
         urgent = await llm.submit("urgent", max_tokens=8, priority=0, **LONG)
         (tokens, patient_end), (_, urgent_end) = await asyncio.gather(_finish(patient, text), _finish(urgent))
@@ -120,12 +120,27 @@ async def test_a_request_is_preempted_a_bounded_number_of_times(tiny_model, tiny
         assert llm.stats()["num_preempted"] <= MAX_PREEMPTIONS
 
 
-async def test_timeout_ends_the_request_frees_its_row_and_keeps_its_tokens(tiny_model, tiny_tokenizer):
+def _slow_steps(llm: HuggingFaceLLM, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every step of ``llm``'s engine takes ``seconds`` longer: a long request outlasts its deadline
+    however fast the machine, and a short one still gets its tokens however busy."""
+    llm.engine.ready.wait()
+    runner = llm.engine.runner
+    run = runner.run
+
+    def slow(forward, batch):
+        time.sleep(seconds)
+        return run(forward, batch)
+
+    monkeypatch.setattr(runner, "run", slow)
+
+
+async def test_timeout_ends_the_request_frees_its_row_and_keeps_its_tokens(tiny_model, tiny_tokenizer, monkeypatch):
     async with _llm(tiny_model, tiny_tokenizer, max_batch_size=4) as llm:
+        _slow_steps(llm, monkeypatch, 0.01)
         other = asyncio.ensure_future(llm.acomplete("unhurried", max_tokens=40, **LONG))
         with pytest.raises(RequestTimeoutError) as caught:
-            await llm.acomplete("hurried", max_tokens=900, timeout=0.3, **LONG)
-        assert caught.value.limit == "timeout" and caught.value.seconds == 0.3
+            await llm.acomplete("hurried", max_tokens=900, timeout=1.5, **LONG)
+        assert caught.value.limit == "timeout" and caught.value.seconds == 1.5
         assert 0 < len(caught.value.token_ids) < 900
         assert len((await other).token_ids) == 40  # the other request never noticed
         assert not llm.engine.batch.holds_rows()
@@ -145,15 +160,7 @@ async def test_stall_timeout_ends_a_running_request_that_makes_no_progress(tiny_
     """A long prompt prefilled a few tokens a step, each step slow: no token comes for longer than
     the limit, and the request ends while still running."""
     async with _llm(tiny_model, tiny_tokenizer, prefill_chunk_tokens=4) as llm:
-        llm.engine.ready.wait()
-        runner = llm.engine.runner
-        run = runner.run
-
-        def slow(forward, batch):
-            time.sleep(0.05)
-            return run(forward, batch)
-
-        monkeypatch.setattr(runner, "run", slow)
+        _slow_steps(llm, monkeypatch, 0.05)
         busy = asyncio.ensure_future(llm.acomplete("keeps decoding", max_tokens=400, **LONG))
         await asyncio.sleep(0.1)
         with pytest.raises(RequestTimeoutError) as caught:
@@ -198,8 +205,9 @@ async def test_kv_usage_is_a_share_of_the_rows_while_they_run(tiny_model, tiny_t
             await stream.aclose()
 
 
-async def test_deadlines_as_defaults_of_the_llm_apply_to_every_request(tiny_model, tiny_tokenizer):
-    async with _llm(tiny_model, tiny_tokenizer, timeout=0.2) as llm:
+async def test_deadlines_as_defaults_of_the_llm_apply_to_every_request(tiny_model, tiny_tokenizer, monkeypatch):
+    async with _llm(tiny_model, tiny_tokenizer, timeout=0.5) as llm:
+        _slow_steps(llm, monkeypatch, 0.01)
         with pytest.raises(RequestTimeoutError):
             await llm.arun("long", max_tokens=900, **LONG)
         assert len(await llm.arun("short", max_tokens=3, timeout=None, **LONG)) > 0

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -525,10 +526,17 @@ async def test_a_request_speculates_over_http_and_metrics_count_its_drafts(clien
     assert bad.status_code == 400 and "num_speculative_tokens" in bad.text
 
 
-async def test_deadlines_over_http_are_408_or_504_and_a_final_stream_event(client, url, llm):
+async def test_deadlines_over_http_are_408_or_504_and_a_final_stream_event(client, url, llm, monkeypatch):
     """``timeout`` past its end: 504 naming the limit (``code``); a streamed one ends with an error
     event after the chunks it sent; a ``priority`` this FCFS server cannot honour is a 400."""
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "timeout": 0.2}
+    run = llm.engine.runner.run
+
+    def slow(forward, batch):  # 900 tokens outlast the deadline however fast the machine
+        time.sleep(0.01)
+        return run(forward, batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", slow)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "timeout": 1.5}
     with anyio.fail_after(30):
         async with httpx.AsyncClient() as http:
             late = await http.post(f"{url}/v1/completions", json=body)
