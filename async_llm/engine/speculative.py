@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -329,24 +328,3 @@ def accept(
             out.append(int(_draw(p[j][None], torch.tensor([draws[row][2 * j + 1]], device=p.device))[0]))
         emitted.append(out)
     return emitted
-
-
-def draws_per_step(positions: int) -> int:
-    """Uniforms a sampled speculating row uses in a verify step of ``positions`` positions."""
-    return 2 * positions
-
-
-def worth_drafting(batch_rows: int, config: SpeculativeConfig) -> bool:
-    """Whether a step of ``batch_rows`` rows may speculate under ``config``."""
-    return batch_rows <= config.disable_by_batch_size
-
-
-def config_summary(config: SpeculativeConfig) -> dict[str, Any]:
-    """The config as vLLM's ``speculative_config`` dict (for logs and the server's model card)."""
-    return {
-        "method": config.method,
-        "num_speculative_tokens": config.num_speculative_tokens,
-        "prompt_lookup_max": config.prompt_lookup_max,
-        "prompt_lookup_min": config.prompt_lookup_min,
-        "disable_by_batch_size": config.disable_by_batch_size,
-    }
