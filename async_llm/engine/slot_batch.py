@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from async_llm.engine.batch import BatchRows
 from async_llm.engine.buckets import bucket, row_buckets, width_buckets
 from async_llm.engine.request import Request
-from async_llm.engine.runners.fast_forward import additive_mask, grouped_attention
+from async_llm.engine.runners.fast_forward import additive_mask, grouped_attention, verify_attention
 from async_llm.engine.speculative import verify_inputs
 
 
@@ -275,16 +274,13 @@ class SlotVerifyRows:
     ) -> torch.Tensor:
         assert self._bias is not None, "begin() runs before the first layer"
         b, t = self.input_ids.shape
-        heads, d = q.shape[1], q.shape[2]
+        d = q.shape[2]
         where = (self.slots[:, None], slice(None), self.position_ids)  # [B, T] (slot, position) pairs
         self.kv[layer, 0][where] = keys.reshape(b, t, -1, d)
         self.kv[layer, 1][where] = values.reshape(b, t, -1, d)
         k = self.kv[layer, 0, :, :, : self.width].index_select(0, self.slots)  # [B, Hkv, W, D]
         v = self.kv[layer, 1, :, :, : self.width].index_select(0, self.slots)
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, t, heads, d).transpose(1, 2), k, v, attn_mask=self._bias, scale=scaling, enable_gqa=True
-        )  # [B, Hq, T, D]
-        return out.transpose(1, 2).reshape(b * t, heads, d)
+        return verify_attention(q, k, v, self._bias, scaling)
 
 
 @dataclass

@@ -284,6 +284,20 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+def verify_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """A verify step's attention: ``q`` ``[B T, Hq, D]`` (``T`` tokens a row, row by row) against
+    each row's ``keys``/``values`` ``[B, Hkv, W, D]`` with an additive ``bias`` ``[B, 1, T, W]``;
+    returns ``[B T, Hq, D]``."""
+    b = keys.shape[0]
+    t, heads, d = q.shape[0] // b, q.shape[1], q.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, t, heads, d).transpose(1, 2), keys, values, attn_mask=bias, scale=scaling, enable_gqa=True
+    )  # [B, Hq, T, D]
+    return out.transpose(1, 2).reshape(b * t, heads, d)
+
+
 def grouped_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -370,20 +384,12 @@ class VerifyRows(Rows):
     ) -> torch.Tensor:
         assert self._bias is not None, "begin() runs before the first layer"
         b, t = self.input_ids.shape
-        heads, d = q.shape[1], q.shape[2]
+        d = q.shape[2]
         end, first = self.end, self.end - self.attention_mask.shape[1]
         self.kv[layer, 0, :b, :, end : end + t] = keys.reshape(b, t, -1, d).transpose(1, 2)
         self.kv[layer, 1, :b, :, end : end + t] = values.reshape(b, t, -1, d).transpose(1, 2)
-        live = slice(first, end + t)
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, t, heads, d).transpose(1, 2),  # [B, Hq, T, D]
-            self.kv[layer, 0, :b, :, live],  # [B, Hkv, L + T, D], read in place
-            self.kv[layer, 1, :b, :, live],
-            attn_mask=self._bias,
-            scale=scaling,
-            enable_gqa=True,
-        )  # [B, Hq, T, D]
-        return out.transpose(1, 2).reshape(b * t, heads, d)
+        live = slice(first, end + t)  # [B, Hkv, L + T, D], read in place
+        return verify_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self._bias, scaling)
 
 
 @dataclass
