@@ -290,16 +290,7 @@ class StepUpdate:
         if not all(greedy):
             sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
             sampling = {"temperature": sb.temperature, "top_k": sb.top_k, "top_p": sb.top_p, "min_p": sb.min_p}
-            for j, r in enumerate(requests):
-                if r.params.greedy:
-                    continue
-                if r.draw_seed is None:
-                    seed = r.params.seed
-                    if seed is None:
-                        seed = int(torch.randint(MAX_SEED - 1, (), generator=self._rng))
-                    r.draw_seed = seed
-                seeds[j], counters[j] = r.draw_seed, r.draws
-                r.draws += 2 * positions
+            seeds, counters = self._take_draws(requests, 2 * positions)  # see speculative.accept
         index = torch.tensor(list(speculating), device=logits.device)
         tokens = accept(logits[index], [drafts[i] for i in speculating], greedy, sampling, seeds, counters)
         for i, r, out in zip(speculating, requests, tokens, strict=True):
@@ -322,20 +313,28 @@ class StepUpdate:
         """
         if sb.all_greedy:
             return None
+        seeds, counters = self._take_draws(requests, 1)
+        host = torch.tensor([seeds, counters], dtype=torch.long)  # [2, B]
+        rows = host.to(self.device, non_blocking=True)  # pageable source: staged at once, no sync
+        return uniforms(rows[0], rows[1])
+
+    def _take_draws(self, requests: Sequence[Request], count: int) -> tuple[list[int], list[int]]:
+        """Each sampled request's draw seed and the index of the first of the ``count`` draws it
+        takes now (its draw count moves past them); greedy requests get ``(0, 0)`` and draw nothing.
+        A request without a seed of its own takes one from the engine's generator when it first
+        samples (a CPU generator: reading its draw is no device sync)."""
         seeds, counters = [0] * len(requests), [0] * len(requests)
         for i, r in enumerate(requests):
             if r.params.greedy:
                 continue
             if r.draw_seed is None:
                 seed = r.params.seed
-                if seed is None:  # the engine's generator is a CPU one: reading its draw is no device sync
+                if seed is None:
                     seed = int(torch.randint(MAX_SEED - 1, (), generator=self._rng))
                 r.draw_seed = seed
             seeds[i], counters[i] = r.draw_seed, r.draws
-            r.draws += 1
-        host = torch.tensor([seeds, counters], dtype=torch.long)  # [2, B]
-        rows = host.to(self.device, non_blocking=True)  # pageable source: staged at once, no sync
-        return uniforms(rows[0], rows[1])
+            r.draws += count
+        return seeds, counters
 
     def _update(
         self, request: Request, token: int, out: StepOutputs, logprob: TokenLogprob | None, grammar_done: bool
