@@ -332,19 +332,22 @@ class Engine(StepUpdate, Worker):
     def _preempt_for_priority(self, out: StepOutputs) -> None:
         """Preempt running rows for more urgent waiting requests (the scheduler's rule): their keys
         and values go to the prefix cache, their rows are freed, and they wait again."""
-        in_batch = {id(r) for r in self.batch.rows}
-        if not self.scheduler.victims(lambda r: id(r) in in_batch):
+
+        def find() -> list[Request]:  # rows in the batch only: not prompts being prefilled
+            in_batch = {id(r) for r in self.batch.rows}
+            return self.scheduler.victims(lambda r: id(r) in in_batch)
+
+        chosen = find()
+        if chosen and self._ahead is not None:  # an overlapped step's tokens first: rows may end
+            self._drain(out)
+            chosen = find()
+        if not chosen:
             return
-        self._drain(out)  # the rows' last tokens first
-        in_batch = {id(r) for r in self.batch.rows}
-        victims = [r for r in self.scheduler.victims(lambda r: id(r) in in_batch) if not r.finished]
-        if not victims:
-            return
-        rows = [self.batch.rows.index(r) for r in victims]
+        rows = [self.batch.rows.index(r) for r in chosen]
         self._keep_prefixes(rows)
         self.batch.remove(rows)
-        self.scheduler.preempt(victims)
-        for request in victims:
+        self.scheduler.preempt(chosen)
+        for request in chosen:
             log.info("preempted", request_id=request.request_id, priority=request.params.priority)
 
     def _may_overlap(self, admit: bool) -> bool:
