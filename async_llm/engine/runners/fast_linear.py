@@ -107,6 +107,14 @@ def quantize_rows(x: torch.Tensor, inverse_smoothing: torch.Tensor | None = None
     return q, amax.div_(127.0)
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` ``[N, K]`` as int8, symmetric per output channel: ``(q, scale)`` with
+    ``weight ~ q * scale[:, None]``, ``scale`` ``[N]`` float32."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp_(min=torch.finfo(torch.float32).tiny).div_(127.0)
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
 class Int8Linear:
     """A linear layer with int8 weights, symmetric per output channel, whose input is quantized per
     row on the fly, so the product is an integer dot product (oneDNN's int8 kernel with its weight
@@ -126,8 +134,7 @@ class Int8Linear:
         if smoothing is not None:  # input channel j divided by s_j, weight column j multiplied by it
             w = w * smoothing.float()
             self.inverse_smoothing = 1.0 / smoothing.float()
-        scale = w.abs().amax(dim=1).clamp_(min=torch.finfo(torch.float32).tiny).div_(127.0)  # [N]
-        q = torch.round(w / scale[:, None]).to(torch.int8)
+        q, scale = quantize_weight(w)
         self.weight = torch.ops.onednn.qlinear_prepack(q, [batch_hint, w.shape[1]])
         self.scale = scale
         self.zero_points = torch.zeros(w.shape[0], dtype=torch.int32)
@@ -197,6 +204,16 @@ def prepacked_linear(
     return plain
 
 
+def concatenated(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of linears of one input as one ``[sum(out), in]`` weight (their outputs
+    concatenated), and their biases so (zeros for a module without one; None when none has one)."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    return weight, bias
+
+
 def fused_linear(modules: Sequence[nn.Linear], batch_hint: int, owned: bool) -> Linear:
     """One product for several linears of the same input (their outputs concatenated).
 
@@ -205,10 +222,7 @@ def fused_linear(modules: Sequence[nn.Linear], batch_hint: int, owned: bool) -> 
     dtype), an owned model's modules become views of the concatenated weight (nothing held twice),
     and a model passed in keeps its weights while the runner holds a concatenated copy.
     """
-    weight = torch.cat([m.weight.detach() for m in modules])  # [sum(out), in]
-    bias = None
-    if any(m.bias is not None for m in modules):
-        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    weight, bias = concatenated(modules)
     if not prepacks(weight) and owned:
         _share(modules, weight, bias)
         return prepacked_linear(weight, bias, batch_hint)
@@ -234,8 +248,5 @@ def _share(modules: Sequence[nn.Linear], weight: torch.Tensor, bias: torch.Tenso
 def int8_linear(modules: Sequence[nn.Linear], batch_hint: int, smoothing: torch.Tensor | None = None) -> Linear:
     """One :class:`Int8Linear` for several linears of the same input (their outputs concatenated);
     the modules keep their own weights (the int8 copy is the runner's)."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    bias = None
-    if any(m.bias is not None for m in modules):
-        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    weight, bias = concatenated(modules)
     return Int8Linear(weight, bias, batch_hint, smoothing)

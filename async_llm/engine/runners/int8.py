@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from async_llm.engine.runners.fast_forward import FastDecoder, layer_products
-from async_llm.engine.runners.fast_linear import Linear, onednn_int8
+from async_llm.engine.runners.fast_linear import Linear, concatenated, onednn_int8, quantize_rows, quantize_weight
 from async_llm.engine.start_checks import CheckStore, remembered
 from async_llm.log import get_logger
 
@@ -49,7 +49,11 @@ CHOICE_TOKENS = 256
 #: Sections of ``pydoc_data.topics`` the calibration reads (none of those the quality benchmark scores).
 CALIBRATION_SECTIONS = ("atom-literals", "attribute-access", "augassign", "binary", "bitwise", "booleans", "calls")
 
-#: The smallest value of a scale or a largest magnitude (a channel that is always zero).
+#: Bump when the calibration judges its candidates differently (2: through Int8Linear's own row and
+#: weight quantization).
+CALIBRATION_VERSION = 2
+
+#: The smallest value of a smoothing factor or a largest magnitude (a channel that is always zero).
 _FLOOR = 1e-5
 
 
@@ -89,12 +93,8 @@ class _Record:
         self.amax: torch.Tensor | None = None
         self.candidates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (s, quantized weight * s) in float
         self.errors: list[float] = []
-        biases = [m.bias for m in modules]
-        self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat(
-                [b.detach().float() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)]
-            )
+        _, bias = concatenated(modules)
+        self.bias = None if bias is None else bias.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
@@ -105,26 +105,21 @@ class _Record:
             return out
         reference = out.float() if self.bias is None else out.float() - self.bias
         for i, (s, weight) in enumerate(self.candidates):
-            q = xf / s
-            scale = q.abs().amax(dim=-1, keepdim=True).clamp_(min=_FLOOR) / 127
-            approx = (torch.round(q / scale) * scale) @ weight.T
+            q, scale = quantize_rows(xf, 1.0 / s)  # the rows as Int8Linear quantizes them
+            approx = (q.float() * scale) @ weight.T
             self.errors[i] += float((approx - reference).square().sum())
         return out
-
-    def weight(self) -> torch.Tensor:
-        return torch.cat([m.weight.detach().float() for m in self.modules])
 
     def propose(self) -> None:
         """Set the candidates, one per :data:`ALPHAS`, from the largest inputs seen."""
         assert self.amax is not None, "the first pass ran"
-        weight = self.weight()
+        weight = concatenated(self.modules)[0].float()
         columns = weight.abs().amax(dim=0).clamp_(min=_FLOOR)
         amax = self.amax.clamp(min=_FLOOR)
         for alpha in ALPHAS:
             s = (amax**alpha / columns ** (1 - alpha)).clamp_(min=_FLOOR)
-            smoothed = weight * s
-            scale = smoothed.abs().amax(dim=1, keepdim=True).clamp_(min=_FLOOR) / 127
-            self.candidates.append((s, torch.round(smoothed / scale) * scale))
+            q, scale = quantize_weight(weight * s)  # the weight as Int8Linear quantizes it
+            self.candidates.append((s, q.float() * scale[:, None]))
         self.errors = [0.0] * len(ALPHAS)
 
     def best(self) -> torch.Tensor:
@@ -199,7 +194,8 @@ def smoothing_for(
     """The smoothing vectors of ``model``: kept from an earlier start with the same files, else
     calibrated (:func:`calibrate`) on ``float_decoder()``, then kept."""
     ids = list(calibration_ids)[:CALIBRATION_TOKENS]
-    digest = hashlib.sha256(json.dumps([ids, ALPHAS, CHOICE_TOKENS]).encode()).hexdigest()[:16]
+    # The version counts changes to how candidates are judged: a stored choice of an older one is unused.
+    digest = hashlib.sha256(json.dumps([ids, ALPHAS, CHOICE_TOKENS, CALIBRATION_VERSION]).encode()).hexdigest()[:16]
     context = {**context, "calibration": digest}
 
     def run() -> str:
