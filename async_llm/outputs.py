@@ -77,10 +77,12 @@ def to_logprob(entry: TokenLogprob, token_text: TokenText) -> Logprob:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """A request's token counts (OpenAI's ``usage``): the prompt's and the generated ones (eos included)."""
+    """A request's token counts (OpenAI's ``usage``): the prompt's and the generated ones (eos
+    included), and how many of the prompt's were taken from the prefix cache instead of computed."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -159,6 +161,7 @@ class TokenStream(_ClosedOnExit):
         # is held back (a special token, part of a character) still arrived on time.
         self.token_times: list[float] = []
         self.finish_reason: FinishReason | None = None
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, known at the end
         # Timings as the consumer sees them (perf_counter on the loop, delivery included).
         self.created_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -178,7 +181,7 @@ class TokenStream(_ClosedOnExit):
         """The request's token counts once it has ended (None before): readable after the last delta."""
         if self.finish_reason is None:
             return None
-        return Usage(len(self.prompt_token_ids), len(self.token_ids))
+        return Usage(len(self.prompt_token_ids), len(self.token_ids), self.cached_tokens)
 
     # -- the front end's sink (runs on self.loop, through call_soon_threadsafe) -----------------------
     def put(self, output: RequestOutput) -> None:
@@ -211,6 +214,7 @@ class TokenStream(_ClosedOnExit):
             self.token_times.extend([now] * len(output.token_ids))
         if output.finish_reason is not None:
             self.finish_reason = output.finish_reason
+            self.cached_tokens = output.cached_tokens
             self.finished_at = time.perf_counter()
             self._error = output.error
         waiter = self._waiter
@@ -384,8 +388,9 @@ class Completion:
     tool_calls: list[dict[str, Any]] | None = None
     content: str | None = None
     parsed: Any = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def usage(self) -> Usage:
         """The request's token counts."""
-        return Usage(len(self.prompt_token_ids), len(self.token_ids))
+        return Usage(len(self.prompt_token_ids), len(self.token_ids), self.cached_tokens)

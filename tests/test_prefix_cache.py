@@ -133,6 +133,8 @@ async def test_a_conversation_reuses_the_previous_turn_and_its_answer(llm, tiny_
             break
         common += 1
     assert reused == common // 32 * 32 and reused > len(first.prompt_token_ids)  # the answer's blocks too
+    # Each request reports its own share, as OpenAI's usage.prompt_tokens_details.cached_tokens does.
+    assert first.usage.cached_tokens == 0 and second.usage.cached_tokens == reused
     assert second.token_ids == reference_ids(llm.model, second.prompt_token_ids, 8)[: len(second.token_ids)]
 
 

@@ -49,6 +49,23 @@ async def test_completion_equals_the_engine_and_counts_usage(client, llm):
     assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert response.usage.completion_tokens == len(expected.token_ids)
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert response.usage.prompt_tokens_details.cached_tokens == 0  # a prompt shorter than a cache block
+
+
+async def test_usage_counts_the_prompt_tokens_taken_from_the_prefix_cache(client):
+    prompt = "A long shared beginning that every request repeats word for word. " * 6
+    with anyio.fail_after(30):
+        first = await client.completions.create(model=MODEL, prompt=prompt + "One", max_tokens=2)
+        second = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt + "Two"}], max_tokens=2, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [chunk async for chunk in second]
+        third = await client.completions.create(model=MODEL, prompt=prompt + "Three", max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # the chat template puts text first
+    cached = third.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 32 == 0 and cached < third.usage.prompt_tokens  # whole blocks of the prefix
 
 
 async def test_chat_equals_the_engine_with_n_and_seeds(client, llm):

@@ -43,7 +43,8 @@ class RequestOutput:
     ``text`` is the new text safe to show (stop strings held back); ``token_ids`` the new token
     ids (eos included); ``logprobs`` one entry per new token when the request asked for them;
     ``prompt_logprobs`` on the first output when asked (``None`` for the first prompt token);
-    ``finish_reason`` is set on the request's last output, with ``error`` when it failed or was aborted.
+    ``finish_reason`` is set on the request's last output, with ``error`` when it failed or was
+    aborted, and ``cached_tokens`` (the prompt tokens taken from the prefix cache).
     """
 
     request_id: str
@@ -53,6 +54,7 @@ class RequestOutput:
     error: BaseException | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -84,6 +86,9 @@ class Routed(Protocol):
 
     @property
     def sink(self) -> OutputSink: ...
+
+    @property
+    def cached_tokens(self) -> int | None: ...
 
 
 class StepOutputs:
@@ -118,6 +123,7 @@ class StepOutputs:
             output.prompt_logprobs = prompt_logprobs
         if reason is not None:
             output.finish_reason, output.error = reason, error
+            output.cached_tokens = request.cached_tokens or 0
 
     def __bool__(self) -> bool:
         return bool(self._by_sink)

@@ -208,6 +208,9 @@ class Prefiller:
             state.started = True
             if state.remaining == 0:
                 done.append(state)
+                for request in state.requests:  # a resumed request keeps its first prefill's figure
+                    if request.cached_tokens is None:
+                        request.cached_tokens = min(state.cached, request.num_prompt_tokens)
             elif self._completes_a_block(state.done - n, state.done) and state.kv is not None:
                 assert self.prefix_cache is not None
                 # Blocks of a prompt still in chunks: prompts sharing them need not wait for its end.

@@ -54,6 +54,7 @@ class Request:
     draw_seed: int | None = None
     draws: int = 0
     prompt_logprobs_sent: bool = False
+    cached_tokens: int | None = None  # prompt tokens its first prefill took from the prefix cache
     speculation: RowSpeculation | None = None  # its n-gram drafts' state, once it speculates
     # Scheduling (engine.scheduler): when it last started waiting, the seconds it waited before
     # that, how often it was preempted, and when it last made progress (admitted, or a token).

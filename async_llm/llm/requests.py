@@ -291,6 +291,7 @@ async def collect(stream: TokenStream, call: Call) -> Completion:
         tool_calls=calls,
         content=content,
         parsed=None if model is None else parse_output(model, text),
+        cached_tokens=stream.cached_tokens,
     )
 
 

@@ -324,7 +324,8 @@ def _delta(
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _usage(streams: Sequence[TokenStream], n: int) -> dict[str, int]:
+def _usage(streams: Sequence[TokenStream], n: int) -> dict[str, Any]:
     # A prompt is counted once however many choices (n) it has.
-    prompt_tokens = sum(len(s.prompt_token_ids) for i, s in enumerate(streams) if i % n == 0)
-    return usage(prompt_tokens, sum(len(s.token_ids) for s in streams))
+    prompts = [s for i, s in enumerate(streams) if i % n == 0]
+    prompt_tokens = sum(len(s.prompt_token_ids) for s in prompts)
+    return usage(prompt_tokens, sum(len(s.token_ids) for s in streams), sum(s.cached_tokens for s in prompts))
