@@ -20,13 +20,20 @@ Why these choices:
   trip through the proxy, while Serve still balances whatever exceeds that across replicas.
 * Streams send the first token at once; later deltas are paced (``stream_interval_s``) so each
   chunk through the proxy carries several tokens, as Ray's own LLM serving batches its streams.
+* Requests that share a prompt prefix go to the same replica, so its prefix cache keeps working
+  (``routing="prefix"``, the default): Serve's proxy routes before reading a body, so a small
+  ingress deployment reads it and relays the request to an engine replica through a handle whose
+  router sees the prompt (:mod:`async_llm.serve.ray_router`). ``routing="power_of_two"`` serves the
+  engine replicas behind Serve's proxy directly, with Serve's default router.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any, Literal
 
 import anyio
 
@@ -40,16 +47,25 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
+from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from async_llm.serve.openai_app import create_app
+from async_llm.serve.prefix_affinity import PrefixAffinity
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from async_llm.serve.ray_router import LLMIngress, PrefixAffinityRouter, RelayedRequest
 from async_llm.serve.serving import ChunkStream, OpenAIServing
 
-__all__ = ["LLMServer", "build_app"]
+__all__ = ["LLMIngress", "LLMServer", "PrefixAffinityRouter", "build_app"]
 
 log = get_logger("async_llm.serve.ray")
 
 #: Pacing of stream chunks after the first token under Serve (see the module docstring).
 DEFAULT_STREAM_INTERVAL_S = 0.02
+
+#: Requests the relaying ingress holds at once; it only forwards bytes, the engines do the queueing.
+INGRESS_MAX_ONGOING_REQUESTS = 4096
+
+Routing = Literal["prefix", "power_of_two"]
+ROUTINGS: tuple[Routing, ...] = ("prefix", "power_of_two")
 
 
 class LLMServer:
@@ -65,6 +81,8 @@ class LLMServer:
         api_key: Require ``Authorization: Bearer <api_key>`` on the ``/v1`` routes.
         stream_interval_s: Pacing of stream chunks after the first token.
         llm_kwargs: Keyword arguments of :class:`HuggingFaceLLM` (``max_batch_size``, ``device``...).
+        max_body_bytes: Larger request bodies get 413.
+        body_timeout_s: A request body must arrive within this many seconds, or it gets 408.
     """
 
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
@@ -75,6 +93,8 @@ class LLMServer:
         api_key: str | None = None,
         stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
         llm_kwargs: dict[str, Any] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         load = functools.partial(HuggingFaceLLM, model_id, **(llm_kwargs or {}))
         self.llm = await anyio.to_thread.run_sync(load)  # seconds of disk and CPU: off the loop
@@ -82,7 +102,7 @@ class LLMServer:
         replica_id = _replica_id()
         self.openai_app = create_app(
             self.llm, model_name=model_name, api_key=api_key, owns_llm=True, server_id=replica_id,
-            stream_interval_s=stream_interval_s,
+            stream_interval_s=stream_interval_s, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
         )  # fmt: skip
         self.serving: OpenAIServing = self.openai_app.state.serving
         log.info("replica ready", replica=replica_id, model=self.serving.model_name)
@@ -119,6 +139,44 @@ class LLMServer:
         async for chunk in _drain(await self.serving.chat_completion_stream(request)):
             yield chunk
 
+    async def relay(self, request: RelayedRequest) -> AsyncIterator[dict[str, Any]]:
+        """Run one HTTP request relayed by :class:`LLMIngress` through this replica's app.
+
+        Yields the app's ASGI messages (response start, then body chunks) as they are sent.
+        Closing or cancelling the stream (the client left) cancels the app, which aborts the
+        request and frees its row.
+        """
+        messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": request.body, "more_body": False}
+            await asyncio.Event().wait()  # no disconnect comes this way: leaving cancels the app
+            raise AssertionError("unreachable")
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            messages.put_nowait(dict(message))
+
+        async def run() -> None:
+            try:
+                await self.openai_app(dict(request.scope), receive, send)
+            finally:
+                messages.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await messages.get()) is not None:
+                yield message
+            await task  # an app that raised after its last message still reports it
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
 
 async def _drain(chunks: ChunkStream) -> AsyncIterator[dict[str, Any]]:
     try:
@@ -139,6 +197,23 @@ def _replica_id() -> str | None:
 LLMDeployment = serve.deployment(name="AsyncLLM")(serve.ingress()(LLMServer))
 
 
+class _RelayedLLMServer(LLMServer):
+    """An engine replica behind :class:`LLMIngress` (an application has one ingress, so this one is
+    not; it closes its engine when Serve stops it, as the ingress form's app shutdown does)."""
+
+    def __del__(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+
+
+#: The engine replicas behind the relaying ingress with ``routing="prefix"``.
+RelayedLLMDeployment = serve.deployment(name="AsyncLLM")(_RelayedLLMServer)
+
+#: The relaying ingress in front of the engines with ``routing="prefix"``.
+IngressDeployment = serve.deployment(name="AsyncLLMIngress")(serve.ingress()(LLMIngress))
+
+
 def build_app(
     model_id: str | None = None,
     *,
@@ -150,6 +225,10 @@ def build_app(
     ray_actor_options: dict[str, Any] | None = None,
     max_queued_requests: int | None = None,
     stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
+    routing: Routing = "prefix",
+    router_kwargs: dict[str, Any] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     **llm_kwargs: Any,
 ) -> Application:
     """A Serve application of :class:`LLMServer` replicas, ready for ``serve.run``.
@@ -168,14 +247,28 @@ def build_app(
         ray_actor_options: Resources of each replica (default ``{"num_cpus": 1}``).
         max_queued_requests: Requests Serve queues before answering 503 (default: Serve's, unbounded).
         stream_interval_s: Pacing of stream chunks after the first token.
+        routing: ``"prefix"`` (default): an ingress deployment relays each request to the engine
+            replica that was sent its prompt's prefix before, unless that replica's queue is
+            longer than the shortest by more than ``imbalance_threshold`` (default: a batch,
+            ``max_batch_size``), when the least loaded replica takes it (:class:`PrefixAffinityRouter`).
+            ``"power_of_two"``: the engine replicas are the ingress, routed by Serve's default router.
+        router_kwargs: Options of :class:`~async_llm.serve.prefix_affinity.PrefixAffinity`
+            (``imbalance_threshold``, ``block_chars``, ``max_blocks``, ``max_blocks_per_replica``).
+        max_body_bytes: Larger request bodies get 413 (at the ingress with ``routing="prefix"``).
+        body_timeout_s: A request body must arrive within this many seconds, or it gets 408.
         **llm_kwargs: Other :class:`HuggingFaceLLM` arguments (``device``, ``dtype``, sampling defaults...).
 
     Returns:
         The bound application.
 
     Raises:
-        ValueError: Both ``num_replicas`` and ``autoscaling_config``, or a size below 1.
+        ValueError: Both ``num_replicas`` and ``autoscaling_config``, a size below 1, an unknown
+            ``routing``, or ``router_kwargs`` with ``routing="power_of_two"`` or with a bad value.
     """
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    if router_kwargs and routing != "prefix":
+        raise ValueError("router_kwargs configure routing='prefix' only")
     if max_batch_size is not None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -195,7 +288,20 @@ def build_app(
         options["num_replicas"] = num_replicas or 1
     if max_queued_requests is not None:
         options["max_queued_requests"] = max_queued_requests
-    return LLMDeployment.options(**options).bind(
+    if routing == "prefix":
+        kwargs = {"imbalance_threshold": rows, **(router_kwargs or {})}
+        PrefixAffinity(**kwargs)  # bad values fail here, not in every replica's router
+        options["request_router_config"] = {
+            "request_router_class": f"{PrefixAffinityRouter.__module__}.{PrefixAffinityRouter.__qualname__}",
+            "request_router_kwargs": kwargs,
+        }
+    deployment = LLMDeployment if routing == "power_of_two" else RelayedLLMDeployment
+    engines = deployment.options(**options).bind(
         model_id, model_name=model_name, api_key=api_key, stream_interval_s=stream_interval_s,
-        llm_kwargs=llm_kwargs,
+        llm_kwargs=llm_kwargs, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
     )  # fmt: skip
+    if routing == "power_of_two":
+        return engines
+    return IngressDeployment.options(
+        num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0},
+    ).bind(engines, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)  # fmt: skip
