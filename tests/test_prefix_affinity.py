@@ -74,12 +74,42 @@ def test_same_prefix_goes_to_the_replica_that_has_it():
     assert affinity.rank(replicas, loads, new)[0] == other
 
 
+def test_a_short_shared_preamble_does_not_pull_every_prompt_to_one_replica():
+    """Prompts that share only a generic first block spread by load; each follows its own prefix."""
+    affinity: PrefixAffinity[str] = PrefixAffinity(imbalance_threshold=8)
+    preamble = "You are a helpful assistant working for a company that sells things."  # > one block
+    prompts = [routing_text(chat(f"{preamble} Topic {n}: " + f"details of topic {n}. " * 20, "Q")) for n in range(4)]
+    hashes = [affinity.hashes(p) for p in prompts]
+    assert len({h[0] for h in hashes}) == 1 and len(hashes[0]) > 4  # the first block is shared
+    homes = []
+    loads = {"a": 0, "b": 0}
+    for h in hashes:  # each new prompt goes to the replica with the smaller record
+        home = affinity.rank(["a", "b"], loads, h)[0]
+        affinity.record(home, h)
+        loads[home] += 1
+        homes.append(home)
+    assert sorted(homes) == ["a", "a", "b", "b"]
+    for h, home in zip(hashes, homes, strict=True):  # later requests of each prompt follow it
+        assert affinity.rank(["a", "b"], loads, h)[0] == home
+    # A long shared prefix routes by affinity even when it is under half of a longer prompt.
+    long_prefix = "x" * 64 * 40
+    affinity.record("b", affinity.hashes(long_prefix))
+    assert affinity.rank(["a", "b"], {"a": 0, "b": 2}, affinity.hashes(long_prefix + "y" * 64 * 60))[0] == "b"
+
+
 def test_an_overloaded_replica_is_passed_over_for_the_least_loaded():
     affinity: PrefixAffinity[str] = PrefixAffinity(imbalance_threshold=4)
     hashes = affinity.hashes(routing_text(chat(SYSTEM, "Hi")))
     affinity.record("a", hashes)
     assert affinity.rank(["a", "b", "c"], {"a": 4, "b": 0, "c": 1}, hashes)[0] == "a"  # within the threshold
     assert affinity.rank(["a", "b", "c"], {"a": 5, "b": 1, "c": 0}, hashes) == ["c", "b", "a"]
+    # A new prefix goes to the smaller record, but never past the load tolerance.
+    new = affinity.hashes("a new prompt nobody has sent, long enough for two blocks of text. " * 2)
+    assert affinity.rank(["a", "b"], {"a": 4, "b": 0}, new)[0] == "b"  # "a" remembers blocks, "b" none
+    affinity.record("b", affinity.hashes("filler " * 200))
+    assert affinity.remembered("b") > affinity.remembered("a")
+    assert affinity.rank(["a", "b"], {"a": 4, "b": 0}, new)[0] == "a"  # within 4 of the least loaded
+    assert affinity.rank(["a", "b"], {"a": 5, "b": 0}, new)[0] == "b"  # past it
     # Unknown loads (no figure yet) count as idle; every candidate is ranked, none dropped.
     assert sorted(affinity.rank(["a", "b"], {}, hashes)) == ["a", "b"]
     assert affinity.rank([], {}, hashes) == []
@@ -103,7 +133,16 @@ def test_longest_match_wins_and_memory_is_bounded_and_forgotten():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("imbalance_threshold", -1), ("block_chars", 0), ("max_blocks", 0), ("max_blocks_per_replica", True)],
+    [
+        ("imbalance_threshold", -1),
+        ("block_chars", 0),
+        ("max_blocks", 0),
+        ("max_blocks_per_replica", True),
+        ("match_blocks", 0),
+        ("match_fraction", 0),
+        ("match_fraction", 1.5),
+        ("match_fraction", "half"),
+    ],  # fmt: skip
 )
 def test_bad_sizes_are_refused_by_name(name, value):
     with pytest.raises(ValueError, match=name):

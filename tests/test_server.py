@@ -487,6 +487,27 @@ def test_serve_command_defaults_to_loopback():
             cli.build_parser().parse_args(["serve", *bad])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--routing", "prefix"], "--routing needs --ray"),
+        (["--max-replicas", "2"], "--max-replicas needs --ray"),
+        (["--ray", "--replicas", "3", "--max-replicas", "2"], r"--max-replicas \(2\) is below --replicas \(3\)"),
+    ],
+)
+async def test_serve_refuses_ray_options_it_cannot_honour(argv, message):
+    """Refused before anything loads or listens (nothing reaches Ray or a model)."""
+    from async_llm import cli
+    from async_llm.cli.commands import serve
+    from async_llm.cli.parser import UsageError
+
+    args = cli.build_parser().parse_args(["serve", *argv])
+    with pytest.raises(UsageError, match=message):
+        await serve(args)
+    with pytest.raises(cli._UsageError, match="routing"):
+        cli.build_parser().parse_args(["serve", "--ray", "--routing", "random"])
+
+
 async def test_choices_are_merged_without_a_task_per_stream():
     """`n` streamed choices are read in one task (each stream wakes one event): deltas come in
     arrival order, each choice's end after its text, and a failed choice raises after its text."""

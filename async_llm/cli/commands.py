@@ -75,11 +75,17 @@ async def serve(args: argparse.Namespace) -> int:
     from async_llm import HuggingFaceLLM
     from async_llm.serve.server import bind_listener, serve_http, serve_ray
 
+    if not args.ray:
+        for flag, value in (("--max-replicas", args.max_replicas), ("--routing", args.routing)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --ray")
+    elif args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise UsageError(f"--max-replicas ({args.max_replicas}) is below --replicas ({args.replicas})")
     if args.ray:
         if args.reject_unknown_fields:
             raise UsageError("--reject-unknown-fields is not available with --ray")
         try:
-            stopped_by: signal.Signals | None = await serve_ray(args, engine_kwargs(args))
+            stopped_by: signal.Signals | None = await serve_ray(args, {**engine_kwargs(args), **deadline_defaults(args)})
         except ModuleNotFoundError as exc:
             if exc.name is None or not exc.name.startswith("ray"):
                 raise

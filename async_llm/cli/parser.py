@@ -106,6 +106,15 @@ def _add_serve_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     srv.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (needs async-llm[ray])")
     srv.add_argument("--replicas", type=positive_int, default=1, help="engines with --ray (default 1)")
     srv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    srv.add_argument(
+        "--max-replicas", type=positive_int, default=None,
+        help="with --ray: autoscale between --replicas and this many engines on their queues (default: fixed)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--routing", choices=("prefix", "power_of_two"), default=None,
+        help="with --ray: send a prompt prefix to the replica that has it cached (prefix, the default), "
+        "or use Ray Serve's default router (power_of_two)",
+    )  # fmt: skip
 
 
 def deadline_defaults(args: argparse.Namespace) -> dict[str, Any]:

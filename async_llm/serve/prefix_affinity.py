@@ -12,12 +12,16 @@ router's memory of which replica was sent which prefix, and its rule for choosin
 * Each replica remembers the hashes of the requests routed to it, least recently used first out
   past ``max_blocks_per_replica`` (the replica's own cache evicts too; this is an estimate of it,
   as SGLang's router and Ray Serve's prefix-aware router keep one).
-* A request goes to the replica with the longest match, unless that replica's queue is longer than
-  the shortest queue by more than ``imbalance_threshold`` requests: a cache hit does not pay for
-  waiting behind a batch's worth of requests. Then, and for prompts nobody has seen, the least
-  loaded replica takes it, ties going to the replica remembering the fewest blocks (so new
-  prefixes spread out) and then to a hash of the prompt's first block (so routers in different
-  processes agree where they can).
+* A request goes to the replica with the longest match, when the match is worth it (at least
+  ``match_fraction`` of the prompt's blocks, or ``match_blocks`` blocks) and that replica's queue
+  is not longer than the shortest queue by more than ``imbalance_threshold`` requests (a cache hit
+  does not pay for waiting behind a batch's worth of requests). Otherwise, among the replicas within
+  that load tolerance, the one remembering the fewest blocks takes it (new prefixes spread over the
+  caches, as SGLang's router sends them to its smallest tree), ties going to the less loaded and
+  then to a hash of the prompt's first block (so routers in different processes agree where they
+  can). The match rule keeps a short preamble that many prompts share ("You are a helpful
+  assistant.") from pulling every prompt to the first replica that saw it: a new system prompt
+  behind it goes where the load says, and its own later requests follow it there.
 
 Pure Python, no Ray: :mod:`async_llm.serve.ray_router` wraps it in Serve's request-router API.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -33,6 +38,8 @@ from typing import Any, Generic, TypeVar
 __all__ = [
     "DEFAULT_BLOCK_CHARS",
     "DEFAULT_MAX_BLOCKS",
+    "DEFAULT_MATCH_BLOCKS",
+    "DEFAULT_MATCH_FRACTION",
     "DEFAULT_MAX_BLOCKS_PER_REPLICA",
     "PrefixAffinity",
     "block_hashes",
@@ -47,6 +54,12 @@ DEFAULT_MAX_BLOCKS = 256
 
 DEFAULT_MAX_BLOCKS_PER_REPLICA = 65_536
 """Blocks remembered per replica (4 MiB of prompt text), least recently routed out first."""
+
+DEFAULT_MATCH_FRACTION = 0.5
+"""A match of half the prompt routes by affinity (SGLang's router uses the same share)."""
+
+DEFAULT_MATCH_BLOCKS = 32
+"""So does a match of 32 blocks (2,048 characters, about 500 tokens of prefill saved)."""
 
 
 def block_hashes(
@@ -154,6 +167,9 @@ class PrefixAffinity(Generic[R]):
     Args:
         imbalance_threshold: Queue-length lead (requests) past which the longest match is passed
             over for the least loaded replica.
+        match_fraction: A match of at least this share of the prompt's blocks routes by affinity.
+        match_blocks: So does a match of at least this many blocks, whatever the share (a long
+            shared prefix is worth routing for even under a longer unique rest).
         block_chars: Characters per block.
         max_blocks: Blocks hashed per request.
         max_blocks_per_replica: Blocks remembered per replica.
@@ -166,19 +182,30 @@ class PrefixAffinity(Generic[R]):
         self,
         *,
         imbalance_threshold: int = 32,
+        match_fraction: float = DEFAULT_MATCH_FRACTION,
+        match_blocks: int = DEFAULT_MATCH_BLOCKS,
         block_chars: int = DEFAULT_BLOCK_CHARS,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
         max_blocks_per_replica: int = DEFAULT_MAX_BLOCKS_PER_REPLICA,
     ) -> None:
         for name, value, least in (
             ("imbalance_threshold", imbalance_threshold, 0),
+            ("match_blocks", match_blocks, 1),
             ("block_chars", block_chars, 1),
             ("max_blocks", max_blocks, 1),
             ("max_blocks_per_replica", max_blocks_per_replica, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if (
+            isinstance(match_fraction, bool)
+            or not isinstance(match_fraction, int | float)
+            or not 0 < match_fraction <= 1
+        ):
+            raise ValueError(f"match_fraction must be a number in (0, 1], got {match_fraction!r}")
         self.imbalance_threshold = imbalance_threshold
+        self.match_fraction = float(match_fraction)
+        self.match_blocks = match_blocks
         self.block_chars = block_chars
         self.max_blocks = max_blocks
         self.max_blocks_per_replica = max_blocks_per_replica
@@ -239,12 +266,14 @@ class PrefixAffinity(Generic[R]):
         load = {replica: loads.get(replica) or 0 for replica in candidates}
         least = min(load.values())
         matched = {replica: self.matched_blocks(replica, hashes) for replica in candidates}
-        affine = [r for r in candidates if matched[r] > 0 and load[r] - least <= self.imbalance_threshold]
+        worth = min(self.match_blocks, max(1, math.ceil(self.match_fraction * len(hashes))))
+        affine = [r for r in candidates if matched[r] >= worth and load[r] - least <= self.imbalance_threshold]
         if affine:
             chosen = min(affine, key=lambda r: (-matched[r], load[r], self.remembered(r)))
-        else:
+        else:  # a new prefix: the smallest record within the load tolerance, where it will have room
             first = hashes[0] if hashes else b""
-            chosen = min(candidates, key=lambda r: (load[r], self.remembered(r), _rendezvous(first, r)))
+            balanced = [r for r in candidates if load[r] - least <= self.imbalance_threshold]
+            chosen = min(balanced, key=lambda r: (self.remembered(r), load[r], _rendezvous(first, r)))
         rest = sorted((r for r in candidates if r != chosen), key=lambda r: (load[r], -matched[r]))
         return [chosen, *rest]
 

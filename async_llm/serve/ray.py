@@ -253,7 +253,8 @@ def build_app(
             ``max_batch_size``), when the least loaded replica takes it (:class:`PrefixAffinityRouter`).
             ``"power_of_two"``: the engine replicas are the ingress, routed by Serve's default router.
         router_kwargs: Options of :class:`~async_llm.serve.prefix_affinity.PrefixAffinity`
-            (``imbalance_threshold``, ``block_chars``, ``max_blocks``, ``max_blocks_per_replica``).
+            (``imbalance_threshold``, ``match_fraction``, ``match_blocks``, ``block_chars``,
+            ``max_blocks``, ``max_blocks_per_replica``).
         max_body_bytes: Larger request bodies get 413 (at the ingress with ``routing="prefix"``).
         body_timeout_s: A request body must arrive within this many seconds, or it gets 408.
         **llm_kwargs: Other :class:`HuggingFaceLLM` arguments (``device``, ``dtype``, sampling defaults...).

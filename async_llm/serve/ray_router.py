@@ -96,7 +96,8 @@ class PrefixAffinityRouter(RequestRouter):
     """Serve's request router for engine replicas: same prefix, same replica, unless it is overloaded.
 
     Configured through ``request_router_kwargs`` (see :class:`~async_llm.serve.prefix_affinity.PrefixAffinity`):
-    ``imbalance_threshold``, ``block_chars``, ``max_blocks``, ``max_blocks_per_replica``.
+    ``imbalance_threshold``, ``match_fraction``, ``match_blocks``, ``block_chars``, ``max_blocks``,
+    ``max_blocks_per_replica``.
     Requests without a prompt (``GET /health``, ``/metrics``) go to the least loaded replica.
 
     Each handle owner (the ingress replica) has its own router and so its own record of prefixes;

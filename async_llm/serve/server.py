@@ -239,10 +239,13 @@ async def serve_ray(args: argparse.Namespace, engine_options: dict[str, Any] | N
     ray.init(include_dashboard=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        replicas: dict[str, Any] = {"num_replicas": args.replicas}
+        if getattr(args, "max_replicas", None) is not None:  # Serve scales on requests in flight per engine
+            replicas = {"autoscaling_config": {"min_replicas": args.replicas, "max_replicas": args.max_replicas}}
         app = build_app(
-            model, num_replicas=args.replicas, device=args.device,
-            model_name=args.served_model_name, api_key=resolve_api_key(args.api_key),
-            ray_actor_options={"num_cpus": args.replica_cpus}, **(engine_options or {}),
+            model, device=args.device, model_name=args.served_model_name, api_key=resolve_api_key(args.api_key),
+            ray_actor_options={"num_cpus": args.replica_cpus}, routing=getattr(args, "routing", None) or "prefix",
+            **replicas, **(engine_options or {}),
         )  # fmt: skip
         serve.run(app, blocking=False)  # returns once every replica has loaded its engine
         log.info("serving", url=f"http://{args.host}:{args.port}/v1", replicas=args.replicas)
