@@ -58,12 +58,12 @@ def test_engine_flags(command: list[str]) -> None:
     assert engine_kwargs(defaults) == dict.fromkeys(ENGINE_FLAGS)
     args = cli.build_parser().parse_args(
         [*command, "--max-batch-size", "64", "--runner", "static", "--max-model-len", "4096",
-         "--gpu-memory-utilization", "0.8", "--no-cuda-graphs", "--overlap"]
+         "--gpu-memory-utilization", "0.8", "--no-cuda-graphs", "--overlap", "--max-queue-tokens", "50000"]
     )  # fmt: skip
     assert engine_kwargs(args) == {
         "max_batch_size": 64, "runner": "static", "max_model_len": 4096,
         "gpu_memory_utilization": 0.8, "kv_cache_bytes": None, "cuda_graphs": False, "overlap": True,
-        "quantize": None, "speculative_config": None, "scheduling_policy": None,
+        "quantize": None, "speculative_config": None, "scheduling_policy": None, "max_queue_tokens": 50000,
     }  # fmt: skip
     assert cli.build_parser().parse_args([*command, "--cuda-graphs"]).cuda_graphs is True
     opt_in = cli.build_parser().parse_args(
@@ -71,7 +71,11 @@ def test_engine_flags(command: list[str]) -> None:
     )
     assert engine_kwargs(opt_in)["quantize"] == "int8"
     assert engine_kwargs(opt_in)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
-    for bad in (["--quantize", "int4"], ["--speculative-config", "ngram"], ["--speculative-config", "[1]"]):
+    bad_flags = (
+        ["--quantize", "int4"], ["--speculative-config", "ngram"], ["--speculative-config", "[1]"],
+        ["--max-queue-tokens", "0"],
+    )  # fmt: skip
+    for bad in bad_flags:
         with pytest.raises(UsageError):
             cli.build_parser().parse_args([*command, *bad])
 
@@ -126,7 +130,7 @@ def test_serve_passes_the_engine_flags_to_the_llm(
         {"device": None, "max_batch_size": None, "runner": "fast", "max_model_len": None,
          "gpu_memory_utilization": None, "kv_cache_bytes": 1 << 20, "cuda_graphs": None, "overlap": None,
          "quantize": "int8", "speculative_config": {"method": "ngram"}, "scheduling_policy": "priority",
-         "timeout": 30.0, "stall_timeout": 2.5}
+         "max_queue_tokens": None, "timeout": 30.0, "stall_timeout": 2.5}
     ]  # fmt: skip
 
 

@@ -78,6 +78,34 @@ async def test_full_queue_raises_at_once_and_accepted_requests_finish(tiny_model
         assert llm.stats()["num_finished"] == len(served)
 
 
+async def test_a_token_bound_sheds_load_by_cost_and_refuses_what_could_never_queue(tiny_model, tiny_tokenizer):
+    """``max_queue_tokens`` counts prompt + max_tokens of the waiting requests: a long request is
+    refused where a short one still fits, and a request bigger than the whole bound never queues."""
+    from async_llm import InvalidParameterError
+
+    prompt_tokens = len(tiny_tokenizer("Hello").input_ids)
+    long_cost = prompt_tokens + 40
+    bound = 2 * long_cost - 1  # one long request waits; a second does not fit beside it
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=1, max_queue_tokens=bound
+    ) as llm:
+        kwargs = dict(chat_template=False, ignore_eos=True)
+        running = await llm.submit("Hello", max_tokens=40, **kwargs)
+        await wait_for(lambda: llm.stats()["num_running"] == 1)
+        waiting = await llm.submit("Hello", max_tokens=40, **kwargs)
+        with pytest.raises(QueueFullError, match="max_queue_tokens"):
+            await llm.submit("Hello", max_tokens=40, **kwargs)
+        short = await llm.submit("Hello", max_tokens=long_cost - 2 * prompt_tokens - 1, **kwargs)  # still fits
+        with pytest.raises(InvalidParameterError, match="max_queue_tokens") as refused:
+            await llm.submit("Hello", max_tokens=bound, **kwargs)
+        assert refused.value.param == "max_tokens"
+        for stream in (running, waiting, short):
+            assert [delta async for delta in stream]
+        assert llm.stats()["num_finished"] == 3 and llm.stats()["num_waiting"] == 0
+        # The tokens of requests that left the queue are free again.
+        assert len((await llm.acomplete("Hello", max_tokens=40, **kwargs)).token_ids) == 40
+
+
 async def test_forward_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
     await _forward_error_fails_only_that_step(llm, monkeypatch)
 

@@ -290,9 +290,12 @@ def test_the_cpu_runners_keep_their_default_batch_size(tiny_model):
 
     engine = Engine(tiny_model, 0, EngineConfig())
     assert engine.scheduler.max_batch_size == DEFAULT_MAX_BATCH_SIZE and engine.slots is None
+    assert engine.max_queue_tokens is None  # no KV budget to count tokens against: requests only
     engine = Engine(tiny_model, 0, EngineConfig(runner="static", max_model_len=128, kv_cache_bytes=1 << 22))
     per_token = 2 * 2 * 2 * 16 * 4  # layers, keys and values, kv heads, head dim, float32
     assert engine.scheduler.max_batch_size == min(256, (1 << 22) // (128 * per_token))
+    # Queued work is bounded in tokens too: 8 turns of the whole store.
+    assert engine.max_queue_tokens == 8 * engine.scheduler.max_batch_size * 128
 
 
 @pytest.mark.parametrize("name", ["llama"])

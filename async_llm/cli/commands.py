@@ -85,7 +85,9 @@ async def serve(args: argparse.Namespace) -> int:
         if args.reject_unknown_fields:
             raise UsageError("--reject-unknown-fields is not available with --ray")
         try:
-            stopped_by: signal.Signals | None = await serve_ray(args, {**engine_kwargs(args), **deadline_defaults(args)})
+            stopped_by: signal.Signals | None = await serve_ray(
+                args, {**engine_kwargs(args), **deadline_defaults(args)}
+            )
         except ModuleNotFoundError as exc:
             if exc.name is None or not exc.name.startswith("ray"):
                 raise

@@ -20,7 +20,7 @@ MAX_BODY_HELP, BODY_TIMEOUT_HELP = "4 MiB", "30"
 #: keyword argument of the same name; None (a flag not given) is the library's default.
 ENGINE_FLAGS = (
     "max_batch_size", "runner", "max_model_len", "gpu_memory_utilization", "kv_cache_bytes", "cuda_graphs", "overlap",
-    "quantize", "speculative_config", "scheduling_policy",
+    "quantize", "speculative_config", "scheduling_policy", "max_queue_tokens",
 )  # fmt: skip
 
 
@@ -149,6 +149,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=QUANTIZE_MODES, default=None,
         help="int8: layer products with int8 weights and rows quantized on the fly, on a CPU (about 0.7%% of "
         "perplexity on the default model; default: the model's dtype)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-queue-tokens", type=positive_int, default=None,
+        help="most prompt + max_tokens tokens waiting for a row; more get 429 (default: 8 KV stores' worth with "
+        "the static runner, no bound otherwise)",
     )  # fmt: skip
     parser.add_argument(
         "--scheduling-policy", choices=("fcfs", "priority"), default=None,

@@ -25,6 +25,9 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 #: Rows decoded together when ``max_batch_size`` is None and a CPU runner (fast, transformers) runs.
 DEFAULT_MAX_BATCH_SIZE = 32
 
+#: ``max_queue_tokens`` by default with the static runner: this many turns of a full KV store.
+QUEUE_TURNS = 8
+
 
 def _check_int(name: str, value: object, low: int, optional: bool = False) -> None:
     if value is None and optional:
@@ -71,6 +74,11 @@ class EngineConfig:
             with the static runner, a budget that holds fewer rows raises at start.
         max_queue_size: Most requests waiting for a row; a submit past it raises
             :class:`~async_llm.errors.QueueFullError`.
+        max_queue_tokens: Most tokens (each request's prompt plus ``max_tokens``) of the requests
+            waiting for a row; a submit past it raises :class:`~async_llm.errors.QueueFullError`,
+            and a request that alone needs more is refused (``max_tokens``). Sheds load by what it
+            will cost, not by count. None: 8 times the KV store's tokens with the static runner
+            (the queue drains in about 8 turns of a full store), no token bound with the others.
         max_prefill_tokens: Most prompt tokens prefilled in one step while no row decodes.
         seed: Seed of the engine's generator, used by sampled requests that have no seed of their own.
         prefill_overhead_tokens: The fixed cost of one forward, in tokens of compute: prompts
@@ -135,6 +143,7 @@ class EngineConfig:
 
     max_batch_size: int | None = None
     max_queue_size: int = 1024
+    max_queue_tokens: int | None = None
     max_prefill_tokens: int = 8192
     seed: int | None = None
     prefill_overhead_tokens: int | None = None
@@ -155,6 +164,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, 1, optional=True)
         _check_int("max_queue_size", self.max_queue_size, 1)
+        _check_int("max_queue_tokens", self.max_queue_tokens, 1, optional=True)
         _check_int("max_prefill_tokens", self.max_prefill_tokens, 1)
         _check_int("seed", self.seed, 0, optional=True)
         _check_int("prefill_overhead_tokens", self.prefill_overhead_tokens, 0, optional=True)

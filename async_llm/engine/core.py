@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from async_llm.engine.batch import BatchRows, PaddedBatch
-from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, EngineConfig, check_quantize
+from async_llm.engine.config import DEFAULT_MAX_BATCH_SIZE, QUEUE_TURNS, EngineConfig, check_quantize
 from async_llm.engine.kv_budget import check_cuda_graphs, kv_geometry
 from async_llm.engine.model_api import (
     attention_pair_cost,
@@ -101,6 +101,9 @@ class Engine(StepUpdate, Worker):
             Scheduler(rows, config.max_prefill_tokens, config.scheduling_policy),
             config.max_queue_size,
         )
+        self.max_queue_tokens = config.max_queue_tokens
+        if self.max_queue_tokens is None and self.slots is not None:
+            self.max_queue_tokens = QUEUE_TURNS * self.slots.rows * self.slots.columns
         self.model = model
         self.owns_model = owns_model
         self.checks = checks
@@ -238,7 +241,9 @@ class Engine(StepUpdate, Worker):
             ContextLengthError: Its prompt and ``max_tokens`` cannot fit in a row of the static
                 runner's store (``max_model_len``): it could never run.
             InvalidParameterError: A non-zero ``priority`` on an engine that schedules first come,
-                first served (it could not be honoured).
+                first served (it could not be honoured), or a request that alone needs more tokens
+                than ``max_queue_tokens`` (``max_tokens``).
+            QueueFullError: Past ``max_queue_size`` requests or ``max_queue_tokens`` tokens waiting.
         """
         if isinstance(item, Request) and item.params.priority and self.scheduler.policy != "priority":
             raise InvalidParameterError(
@@ -246,6 +251,14 @@ class Engine(StepUpdate, Worker):
                 f"priority={item.params.priority} needs scheduling_policy='priority'; this engine serves "
                 "first come, first served",
             )
+        if isinstance(item, Request) and self.max_queue_tokens is not None:
+            needed = self._tokens(item)
+            if needed > self.max_queue_tokens:
+                raise InvalidParameterError(
+                    "max_tokens",
+                    f"the prompt ({item.num_prompt_tokens} tokens) and max_tokens ({item.params.max_tokens}) need "
+                    f"{needed} tokens, more than the whole queue may hold (max_queue_tokens={self.max_queue_tokens})",
+                )
         limit = self.max_context
         if limit is not None and isinstance(item, Request):
             needed = item.num_prompt_tokens + item.params.max_tokens
@@ -259,6 +272,10 @@ class Engine(StepUpdate, Worker):
         super().submit(item)
 
     # -- Worker hooks (engine thread) -------------------------------------------------------------------
+    def _tokens(self, item: Any) -> int:
+        """A request's cost against ``max_queue_tokens``: its prompt and ``max_tokens``."""
+        return item.num_prompt_tokens + item.params.max_tokens if isinstance(item, Request) else 0
+
     def _accept(self, requests: list[Request]) -> None:
         for request in requests:
             self.scheduler.add(request)

@@ -48,6 +48,11 @@ class Worker(abc.ABC):
         self._aborts: set[str] = set()
         self._idle_calls: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._num_waiting = 0  # waiting requests as of the last step (read by submitters)
+        # The token bound (subclasses that count tokens set it): tokens of the requests submitted
+        # since the last step, and of those waiting as of the last step.
+        self.max_queue_tokens: int | None = None
+        self._inbox_tokens = 0
+        self._waiting_tokens = 0
         self._closing = False
         self._closed_done = False  # the closing step ran: every request was ended
         self._prepared = False
@@ -83,10 +88,16 @@ class Worker(abc.ABC):
     def _waiting_count(self) -> int:
         return len(self.scheduler.waiting)
 
+    def _tokens(self, item: Any) -> int:
+        """What ``item`` counts against ``max_queue_tokens`` (subclasses that set the bound say)."""
+        return 0
+
     def _recount_waiting(self) -> None:
-        """Publish the waiting count once a step has admitted, before its (long) forward: a taken
-        request counts as waiting until then, and as running after."""
+        """Publish the waiting count (and tokens) once a step has admitted, before its (long)
+        forward: a taken request counts as waiting until then, and as running after."""
         self._num_waiting = self._waiting_count()
+        if self.max_queue_tokens is not None:
+            self._waiting_tokens = sum(self._tokens(request) for request in self.scheduler.waiting)
 
     @abc.abstractmethod
     def _apply_aborts(self, request_ids: set[str], out: StepOutputs) -> None: ...
@@ -118,6 +129,14 @@ class Worker(abc.ABC):
                 raise QueueFullError(
                     f"request queue is full ({self.max_queue_size} waiting); retry later or raise max_queue_size"
                 )
+            if self.max_queue_tokens is not None:
+                tokens, queued = self._tokens(item), self._inbox_tokens + self._waiting_tokens
+                if queued + tokens > self.max_queue_tokens:
+                    raise QueueFullError(
+                        f"request queue is full: the waiting requests need {queued} tokens (prompt + max_tokens) "
+                        f"and this one {tokens}, past max_queue_tokens={self.max_queue_tokens}; retry later"
+                    )
+                self._inbox_tokens += tokens
             self._inbox.append(item)
             self._lock.notify()
 
@@ -202,6 +221,8 @@ class Worker(abc.ABC):
             # Taken requests still wait: counted until the step recounts them, so submitters never
             # see a free queue that is not (the bound and num_waiting agree).
             self._num_waiting += len(inbox)
+            self._waiting_tokens += self._inbox_tokens
+            self._inbox_tokens = 0
             aborts, self._aborts = self._aborts, set()
             idle_calls, self._idle_calls = self._idle_calls, []
             closing = self._closing
@@ -224,7 +245,7 @@ class Worker(abc.ABC):
                 self._apply_aborts(aborts, out)
                 if idle_calls and self._is_idle():
                     # What was just accepted waits for these calls: count it now, not after them.
-                    self._num_waiting = self._waiting_count()
+                    self._recount_waiting()
                     for fn, future in idle_calls:
                         self._call(fn, future)
                     idle_calls = []
@@ -240,7 +261,7 @@ class Worker(abc.ABC):
             if idle_calls:  # still busy: keep them for a later step
                 with self._lock:
                     self._idle_calls[:0] = idle_calls
-            self._num_waiting = self._waiting_count()
+            self._recount_waiting()
             self._flush(out)
         self.steps += 1
         return True

@@ -76,6 +76,10 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
             tokens as the KV budget holds, up to 256 (a number the budget cannot hold raises when
             the engine starts). The engine's value is ``llm.engine.scheduler.max_batch_size``.
         max_queue_size: Most requests waiting for a row; more raise :class:`QueueFullError`.
+        max_queue_tokens: Most tokens (prompt plus ``max_tokens`` of each) waiting for a row; more
+            raise :class:`QueueFullError`, and a request that alone needs more is refused (naming
+            ``max_tokens``). None: 8 times the KV store's tokens with the static runner, no bound
+            with the others (see :class:`~async_llm.engine.config.EngineConfig`).
         pad_token_id: Padding id (default: the tokenizer's, else the eos id).
         eos_token_id: Id or ids that end generation (default: the model's generation config).
         bos_token_id: Prepended to raw (non-chat-template) prompts that do not start with it.
@@ -163,6 +167,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         device_map: str | dict[str, Any] | None = None,
         max_batch_size: int | None = None,
         max_queue_size: int = 1024,
+        max_queue_tokens: int | None = None,
         pad_token_id: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         bos_token_id: int | None = None,
@@ -195,6 +200,7 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         self._engine_config = EngineConfig(
             max_batch_size=max_batch_size,
             max_queue_size=max_queue_size,
+            max_queue_tokens=max_queue_tokens,
             fast_path=fast_path,
             prefix_cache=prefix_cache,
             prefix_cache_bytes=prefix_cache_bytes,
