@@ -28,8 +28,8 @@ from tests.conftest import SERVED_MODEL
 MODEL = SERVED_MODEL
 CHAT = [{"role": "user", "content": "What time is it?"}]
 ROUTES = [
-    "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model}", "GET /health",
-    "GET /metrics",
+    "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models",
+    "GET /v1/models/{model}", "GET /health", "GET /metrics",
 ]  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def _asgi(app: Any) -> httpx.AsyncClient:
 # -- unknown routes ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("GET", "/x")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/files"), ("POST", "/v1/responses"), ("GET", "/x")])
 @pytest.mark.parametrize("api_key", [None, "s3cret"])
 async def test_an_unknown_route_is_a_404_in_openai_shape_naming_the_routes(llm, method, path, api_key):
     async with _asgi(create_app(llm, model_name=MODEL, api_key=api_key)) as http:
@@ -64,8 +64,8 @@ async def test_a_route_called_with_the_wrong_method_is_a_405_naming_the_right_on
 
 async def test_the_official_client_raises_not_found(client):
     with anyio.fail_after(10), pytest.raises(openai.NotFoundError) as info:
-        await client.embeddings.create(model=MODEL, input="x")
-    assert "/v1/embeddings" in info.value.message
+        await client.files.list()
+    assert "GET /v1/files" in info.value.message and "POST /v1/embeddings" in info.value.message
 
 
 # -- unknown body fields -----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from async_llm.llm.base import BaseLLM, Prompt, check_prompt
 from async_llm.llm.compat import ModelNameAlias
 from async_llm.llm.concurrency import gather
 from async_llm.llm.device import DeviceName
+from async_llm.llm.embeddings import DEFAULT_EMBED_BATCH, EmbeddingInput, embed
 from async_llm.llm.frontend import StepSignal, require_asyncio
 from async_llm.llm.metrics import RequestMetrics
 from async_llm.llm.requests import CALL_OPTIONS, Call, check_call, collect, encode_prompt, open_streams
@@ -422,6 +423,41 @@ class HuggingFaceLLM(ModelNameAlias, BaseLLM):
         """See :meth:`BaseLLM.arun`: a str, or a list of ``n`` str when ``n`` > 1."""
         result = await self.acomplete(prompt, **kwargs)
         return [c.text for c in result] if isinstance(result, list) else result.text
+
+    async def aembed(
+        self,
+        inputs: EmbeddingInput,
+        *,
+        pooling: str | None = None,
+        normalize: bool = True,
+        dimensions: int | None = None,
+        batch_size: int = DEFAULT_EMBED_BATCH,
+    ) -> list[list[float]]:
+        """Embeddings of ``inputs`` (a str, a list of str, token ids or lists of them), one per input.
+
+        The model's final hidden state pooled per input (the way Qwen3-Embedding-style models built
+        on causal LMs embed), run in a worker thread in batches of ``batch_size``.
+
+        Args:
+            pooling: ``"last"`` (the last token's state) or ``"mean"``; None: what the model
+                folder's sentence-transformers config says, else ``"last"``.
+            normalize: L2-normalise each vector (cosine similarity is then a dot product).
+            dimensions: Keep the first ``dimensions`` values (before normalising), for models
+                trained for it (Matryoshka); at most the model's width.
+
+        Raises:
+            InvalidParameterError, ParameterTypeError: Bad options, or an input that is empty,
+                not text or token ids, or longer than the model's context (``param`` names its
+                index: ``input[3]``), before anything runs.
+        """
+        result = await embed(
+            self, inputs, pooling=pooling, normalize=normalize, dimensions=dimensions, batch_size=batch_size
+        )
+        return result.vectors
+
+    def embed(self, inputs: EmbeddingInput, **options: Any) -> list[list[float]]:
+        """Blocking :meth:`aembed` (works inside a running event loop too)."""
+        return self._call_sync(self.aembed, inputs, **options)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the engine and the beam-search runner together: num_running, num_waiting,

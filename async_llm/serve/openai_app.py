@@ -1,10 +1,10 @@
 """The OpenAI-compatible ASGI app (FastAPI) over one shared engine.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
-server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
-``GET /health`` and ``GET /metrics`` (Prometheus text). With an API key, every ``/v1`` route needs
-``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open, as in vLLM, for probes and
-scrapers. Any other route (``/v1/embeddings``, ``/v1/responses``...) gets a 404, and a route called
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text). With an API key, every
+``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open, as in
+vLLM, for probes and scrapers. Any other route (``/v1/responses``...) gets a 404, and a route called
 with the wrong method a 405, in OpenAI's error shape, naming the routes this server has.
 
 A client that goes away aborts its request: a stream through sse-starlette's disconnect listener
@@ -39,7 +39,7 @@ from async_llm.log import get_logger
 from async_llm.serve.errors import APIError, from_validation_errors
 from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits, check_limits
 from async_llm.serve.metrics import CONTENT_TYPE
-from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from async_llm.serve.serving import ChunkStream, OpenAIServing
 
 __all__ = ["create_app"]
@@ -155,6 +155,10 @@ def _api_router(serving: OpenAIServing, api_key: str | None) -> APIRouter:
         if body.stream:
             return _event_stream(await serving.chat_completion_stream(body))
         return await _unless_disconnected(request, serving.chat_completion(body))
+
+    @router.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await _unless_disconnected(request, serving.embeddings(body))
 
     return router
 

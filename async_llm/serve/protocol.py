@@ -316,3 +316,19 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+class EmbeddingRequest(_Strict):
+    """``/v1/embeddings``: OpenAI's fields, plus ``pooling`` and ``normalize`` (extensions)."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    pooling: Literal["last", "mean"] | None = None
+    normalize: bool = True
+
+    def unknown_fields(self) -> list[str]:
+        """The body's fields this route does not know, sorted."""
+        return sorted(self.model_extra or {})

@@ -10,7 +10,9 @@ status can still say so; only failures during generation arrive inside a stream.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
 import functools
 import time
 import uuid
@@ -20,6 +22,7 @@ from typing import Any, Literal
 from async_llm import __version__
 from async_llm.llm.base import Prompt
 from async_llm.llm.concurrency import gather
+from async_llm.llm.embeddings import embed
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
 from async_llm.outputs import StreamDelta, TokenStream
@@ -30,6 +33,7 @@ from async_llm.serve.metrics import ServerMetrics
 from async_llm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     SamplingRequest,
     check_unsupported,
     usage,
@@ -158,7 +162,33 @@ class OpenAIServing:
             raise
         return streams
 
-    def _check_unknown(self, request: SamplingRequest) -> None:
+    # -- embeddings ---------------------------------------------------------------------------------------
+    async def embeddings(self, request: EmbeddingRequest) -> dict[str, Any]:
+        """A ``/v1/embeddings`` response (OpenAI's shape; ``base64`` is little-endian float32).
+
+        Raises:
+            APIError: 400 naming the field (an input's index: ``input[3]``) or 404 for another model.
+        """
+        self._check_unknown(request)
+        self.check_model(request.model)
+        try:
+            result = await embed(
+                self.llm, request.input, pooling=request.pooling, normalize=request.normalize,
+                dimensions=request.dimensions,
+            )  # fmt: skip
+        except Exception as exc:
+            raise from_exception(exc) from exc
+        data = []
+        for index, vector in enumerate(result.vectors):
+            value: Any = vector
+            if request.encoding_format == "base64":
+                value = base64.b64encode(array.array("f", vector).tobytes()).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        tokens = result.prompt_tokens
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": self.model_name, "usage": usage}
+
+    def _check_unknown(self, request: SamplingRequest | EmbeddingRequest) -> None:
         """Refuse (``reject_unknown_fields``) or log the body's unknown fields.
 
         Raises:
