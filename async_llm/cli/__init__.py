@@ -29,6 +29,7 @@ from collections.abc import Sequence
 # The underscored names are how tests reach this package's parts (main looks the commands up here,
 # so that a test can replace one): the names they had when the command was one module.
 from async_llm.cli.commands import DEMO_PROMPTS
+from async_llm.cli.commands import batch as _batch
 from async_llm.cli.commands import demo as _demo
 from async_llm.cli.commands import generate as _generate
 from async_llm.cli.commands import serve as _serve
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"async-llm: error: {exc}", EXIT_USAGE)
     except SystemExit as exc:  # --help / --version: argparse has printed, report its code
         return exc.code if isinstance(exc.code, int) else 0
-    runner = {"demo": _demo, "generate": _generate, "serve": _serve}[args.command]
+    runner = {"batch": _batch, "demo": _demo, "generate": _generate, "serve": _serve}[args.command]
     with CliLogging(args.verbose):
         try:
             return asyncio.run(runner(args))

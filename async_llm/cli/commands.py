@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 from async_llm.cli.console import EXIT_INTERRUPTED, EXIT_RUNTIME, fail, progress
@@ -111,6 +112,30 @@ async def serve(args: argparse.Namespace) -> int:
     if stopped_by is None:
         return fail("async-llm: error: the server stopped before it started serving", EXIT_RUNTIME)
     return 0
+
+
+async def batch(args: argparse.Namespace) -> int:
+    """``async-llm batch``: every line of an OpenAI Batch API file; exit status 1 if any failed."""
+    import anyio
+
+    from async_llm import HuggingFaceLLM
+    from async_llm.serve.batch_file import error_path_for, run_batch_file
+
+    load = functools.partial(HuggingFaceLLM, args.model, device=args.device, **engine_kwargs(args))
+    with progress(check_model(args.model), args.verbose):
+        llm = await anyio.to_thread.run_sync(load)
+    async with llm:
+        summary = await run_batch_file(
+            llm, args.input, args.output, args.error_file, window=args.window, progress=args.progress,
+            model_name=args.served_model_name,
+        )  # fmt: skip
+    errors = args.error_file or error_path_for(Path(args.output))
+    print(
+        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} already done "
+        f"(results: {args.output}; failures: {errors})",
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
 
 
 async def generate(args: argparse.Namespace) -> int:

@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_parser(commands)
 
+    batch = commands.add_parser("batch", help="run an OpenAI Batch API file (JSONL) through one engine")
+    batch.add_argument("-i", "--input", required=True, help="request lines: custom_id, method, url, body")
+    batch.add_argument("-o", "--output", required=True, help="result lines (appended; a rerun skips what is there)")
+    batch.add_argument("--error-file", default=None, help="failed lines (default: <output>.errors.jsonl)")
+    batch.add_argument("--window", type=positive_int, default=None, help="requests in flight (default: the engine's)")
+    batch.add_argument(
+        "--served-model-name", default=None, help="the model name bodies may give (default: the model's)"
+    )
+    batch.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    _add_model_args(batch)
+
     # Listed for --help only: main() hands `bench ...` to the suite's own parser (async-llm bench --help).
     commands.add_parser("bench", help="benchmark suite against transformers and peers (async-llm bench --help)")
     return parser
