@@ -28,8 +28,8 @@ from tests.conftest import SERVED_MODEL
 MODEL = SERVED_MODEL
 CHAT = [{"role": "user", "content": "What time is it?"}]
 ROUTES = [
-    "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models",
-    "GET /v1/models/{model}", "GET /health", "GET /metrics",
+    "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings", "POST /v1/responses",
+    "GET /v1/responses/{response_id}", "GET /v1/models", "GET /v1/models/{model}", "GET /health", "GET /metrics",
 ]  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def _asgi(app: Any) -> httpx.AsyncClient:
 # -- unknown routes ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/files"), ("POST", "/v1/responses"), ("GET", "/x")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/files"), ("POST", "/v1/batches"), ("GET", "/x")])
 @pytest.mark.parametrize("api_key", [None, "s3cret"])
 async def test_an_unknown_route_is_a_404_in_openai_shape_naming_the_routes(llm, method, path, api_key):
     async with _asgi(create_app(llm, model_name=MODEL, api_key=api_key)) as http:

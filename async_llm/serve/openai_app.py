@@ -2,9 +2,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``POST /v1/embeddings``,
+``POST /v1/responses`` and ``GET /v1/responses/{id}`` (:mod:`async_llm.serve.responses`),
 ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text). With an API key, every
 ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open, as in
-vLLM, for probes and scrapers. Any other route (``/v1/responses``...) gets a 404, and a route called
+vLLM, for probes and scrapers. Any other route (``/v1/files``...) gets a 404, and a route called
 with the wrong method a 405, in OpenAI's error shape, naming the routes this server has.
 
 A client that goes away aborts its request: a stream through sse-starlette's disconnect listener
@@ -40,6 +41,7 @@ from async_llm.serve.errors import APIError, from_validation_errors
 from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits, check_limits
 from async_llm.serve.metrics import CONTENT_TYPE
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from async_llm.serve.responses import ResponsesAPI, ResponsesRequest
 from async_llm.serve.serving import ChunkStream, OpenAIServing
 
 __all__ = ["create_app"]
@@ -160,6 +162,18 @@ def _api_router(serving: OpenAIServing, api_key: str | None) -> APIRouter:
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await _unless_disconnected(request, serving.embeddings(body))
 
+    responses = ResponsesAPI(serving)
+
+    @router.post("/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        if body.stream:
+            return _response_events(await responses.stream(body))
+        return await _unless_disconnected(request, responses.create(body))
+
+    @router.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> JSONResponse:
+        return JSONResponse(responses.get(response_id))
+
     return router
 
 
@@ -200,6 +214,17 @@ def _event_stream(chunks: ChunkStream) -> EventSourceResponse:
         _sse_data(chunks, shutdown), sep="\n", background=BackgroundTask(chunks.aclose),
         shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S,
     )  # fmt: skip
+
+
+def _response_events(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """A Responses API stream: each event as ``event: <type>`` and its JSON (no ``[DONE]``, as OpenAI)."""
+
+    async def sse() -> AsyncIterator[dict[str, str]]:
+        async for event in events:
+            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False, separators=(",", ":"))}
+
+    close = getattr(events, "aclose", None)
+    return EventSourceResponse(sse(), sep="\n", background=BackgroundTask(close) if close else None)
 
 
 async def _sse_data(chunks: ChunkStream, shutdown: anyio.Event) -> AsyncIterator[str]:
