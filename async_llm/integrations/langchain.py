@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -46,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from async_llm.errors import AsyncLLMError, QueueFullError
+from async_llm.integrations.shared import aclose_shared_engines, close_shared_engines, shared_engine
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.serve.errors import APIError
 from async_llm.serve.protocol import ChatCompletionRequest
@@ -54,19 +54,6 @@ from async_llm.serve.serving import OpenAIServing
 __all__ = ["ChatAsyncLLM"]
 
 ToolChoice = str | bool | dict[str, Any] | None
-
-_shared: dict[str, HuggingFaceLLM] = {}
-_shared_lock = threading.Lock()
-
-
-def _shared_engine(model: str | None, engine_kwargs: dict[str, Any]) -> HuggingFaceLLM:
-    """The engine of ``(model, engine_kwargs)``, loaded once per process (blocks while loading)."""
-    key = json.dumps([model, engine_kwargs], sort_keys=True, default=str)
-    with _shared_lock:  # one load per key, even when two chat models ask at once
-        llm = _shared.get(key)
-        if llm is None or llm.closed:
-            llm = _shared[key] = HuggingFaceLLM(model, **engine_kwargs)
-        return llm
 
 
 class ChatAsyncLLM(BaseChatModel):
@@ -134,7 +121,7 @@ class ChatAsyncLLM(BaseChatModel):
     def _engine(self) -> HuggingFaceLLM:
         if self.llm is not None:
             return self.llm
-        return _shared_engine(self.model, self.engine_kwargs)
+        return shared_engine(self.model, self.engine_kwargs)
 
     async def _aserving(self) -> OpenAIServing:
         if self._serving is None or self._serving.llm.closed:
@@ -149,21 +136,14 @@ class ChatAsyncLLM(BaseChatModel):
 
     @staticmethod
     async def aclose_shared_engines() -> None:
-        """Close every engine loaded by chat models built with ``model=`` (the next use reloads)."""
-        with _shared_lock:
-            engines = list(_shared.values())
-            _shared.clear()
-        for llm in engines:
-            await llm.aclose()
+        """Close every engine loaded by models built with ``model=`` (LangChain's and LlamaIndex's;
+        the next use loads again)."""
+        await aclose_shared_engines()
 
     @staticmethod
     def close_shared_engines() -> None:
         """Blocking :meth:`aclose_shared_engines`."""
-        with _shared_lock:
-            engines = list(_shared.values())
-            _shared.clear()
-        for llm in engines:
-            llm.close()
+        close_shared_engines()
 
     # -- requests --------------------------------------------------------------------------------------
     def _request(
