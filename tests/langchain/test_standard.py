@@ -41,7 +41,9 @@ def _close_engines() -> Iterator[None]:
     ChatAsyncLLM.close_shared_engines()
 
 
-class TestChatAsyncLLMUnit(ChatModelUnitTests):
+class _ChatAsyncLLM:
+    """What both suites are told about the model."""
+
     @property
     def chat_model_class(self) -> type[ChatAsyncLLM]:
         return ChatAsyncLLM
@@ -59,23 +61,11 @@ class TestChatAsyncLLMUnit(ChatModelUnitTests):
         return True
 
 
-class TestChatAsyncLLMIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatAsyncLLM]:
-        return ChatAsyncLLM
+class TestChatAsyncLLMUnit(_ChatAsyncLLM, ChatModelUnitTests):
+    pass
 
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return PARAMS
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
+class TestChatAsyncLLMIntegration(_ChatAsyncLLM, ChatModelIntegrationTests):
     @property
     def supported_usage_metadata_details(self) -> dict[str, list[str]]:
         return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
