@@ -117,3 +117,32 @@ async def test_the_official_client_gets_embeddings_as_floats_and_base64(client, 
     assert as_floats.usage.prompt_tokens == sum(len(tiny_tokenizer(t).input_ids) for t in TEXTS)
     assert len(cut.data[0].embedding) == 8
     assert too_long.value.body["param"] == "input[1]" and "input[1]" in too_long.value.message
+
+
+async def test_calls_made_together_share_forwards_and_keep_their_own_options(llm, monkeypatch):
+    import async_llm.llm.embeddings as embeddings
+
+    alone = [
+        (await llm.aembed(TEXTS[0], pooling="last"))[0],
+        (await llm.aembed(TEXTS[1], pooling="mean"))[0],
+        (await llm.aembed(TEXTS[2], dimensions=8))[0],
+    ]
+    forwards: list[int] = []
+    real = embeddings.embed_rows
+
+    def counted(model, rows, *args, **kwargs):
+        forwards.append(len(rows))
+        return real(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "embed_rows", counted)
+    together = await asyncio.gather(
+        llm.aembed(TEXTS[0], pooling="last"), llm.aembed(TEXTS[1], pooling="mean"), llm.aembed(TEXTS[2], dimensions=8)
+    )
+    assert forwards == [3]  # one forward for the three calls
+    for (vector,), expected in zip(together, alone, strict=True):
+        torch.testing.assert_close(torch.tensor(vector), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    # A call cancelled while it waits is dropped; the others are answered.
+    waiting = [asyncio.ensure_future(llm.aembed(t)) for t in TEXTS]
+    waiting[1].cancel()
+    done = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError) and len(done[0]) == len(done[2]) == 1

@@ -6,7 +6,8 @@ final hidden state of the **last** token (the model reads the whole input before
 models keep their quality there) and L2-normalised.
 
 Inputs are right-padded into one batch with an attention mask, so every row sees only its own
-tokens at the positions it would have alone; pooling reads real tokens only.
+tokens at the positions it would have alone; pooling reads real tokens only, and each row may be
+pooled its own way (rows of different requests share a forward).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["POOLINGS", "base_model", "embed_rows", "hidden_size"]
+__all__ = ["POOLINGS", "base_model", "embed_rows", "finish", "hidden_size"]
 
 POOLINGS = ("last", "mean")
 
@@ -38,17 +39,13 @@ def hidden_size(model: Any) -> int:
 
 @torch.inference_mode()
 def embed_rows(
-    model: Any,
-    rows: Sequence[Sequence[int]],
-    pad_token_id: int,
-    device: torch.device,
-    pooling: str,
-    normalize: bool = True,
-    dimensions: int | None = None,
+    model: Any, rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device, poolings: Sequence[str]
 ) -> torch.Tensor:
-    """Embeddings ``[len(rows), dimensions or hidden]`` (float32, on the CPU) of token-id ``rows``."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    """Pooled final hidden states ``[len(rows), hidden]`` (float32, on the CPU, not normalised) of
+    token-id ``rows``, each row pooled its own way (``poolings[i]``: ``"last"`` or ``"mean"``)."""
+    for pooling in poolings:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     lengths = torch.tensor([len(row) for row in rows], device=device)
     width = int(lengths.max())
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
@@ -57,15 +54,18 @@ def embed_rows(
         ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long, device=device)
         mask[i, : len(row)] = 1
     out = base_model(model)(input_ids=ids, attention_mask=mask)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    hidden = torch.as_tensor(hidden).float()
-    if pooling == "last":
-        pooled = hidden[torch.arange(len(rows), device=device), lengths - 1]
-    else:
-        pooled = (hidden * mask[..., None]).sum(dim=1) / lengths[:, None]
-    if dimensions is not None:
-        pooled = pooled[:, :dimensions]
-    if normalize:
-        pooled = F.normalize(pooled, dim=-1)
-    result: torch.Tensor = pooled.cpu()
+    hidden = torch.as_tensor(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
+    last = hidden[torch.arange(len(rows), device=device), lengths - 1]
+    mean = (hidden * mask[..., None]).sum(dim=1) / lengths[:, None]
+    use_mean = torch.tensor([p == "mean" for p in poolings], device=device)[:, None]
+    result: torch.Tensor = torch.where(use_mean, mean, last).cpu()
     return result
+
+
+def finish(vector: torch.Tensor, dimensions: int | None, normalize: bool) -> list[float]:
+    """A pooled vector as returned: cut to ``dimensions``, then L2-normalised when asked."""
+    if dimensions is not None:
+        vector = vector[:dimensions]
+    if normalize:
+        vector = F.normalize(vector, dim=-1)
+    return [float(x) for x in vector.tolist()]

@@ -1,8 +1,9 @@
 """``HuggingFaceLLM.aembed``: embeddings from the served causal LM (see :mod:`async_llm.engine.embedding`).
 
 Inputs are checked (types, emptiness, the model's context) before anything runs, each error naming
-the input's index. The forwards run in a worker thread, never on the event loop, in batches of
-similar lengths (sorted, so little is padded); one embedding batch runs at a time per engine, beside
+the input's index. Calls made at the same time are merged into shared forwards, as the engine
+batches generation (:class:`_Batcher`): the forwards run in a worker thread, never on the event
+loop, in batches of similar lengths (sorted, so little is padded), one at a time per model, beside
 the generation engine's own steps.
 
 Pooling: ``pooling=None`` reads the model folder's sentence-transformers pooling config
@@ -12,16 +13,18 @@ Pooling: ``pooling=None`` reads the model folder's sentence-transformers pooling
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from async_llm.engine.embedding import POOLINGS, embed_rows, hidden_size
+from async_llm.engine.embedding import POOLINGS, embed_rows, finish, hidden_size
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 
 __all__ = ["DEFAULT_EMBED_BATCH", "Embeddings", "EmbeddingInput", "embed", "folder_pooling"]
@@ -130,20 +133,98 @@ async def embed(
         raise InvalidParameterError("batch_size", f"batch_size must be an int >= 1, got {batch_size!r}")
     rows = _rows(llm, inputs)
     how = pooling or folder_pooling(llm.model_id) or "last"
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    vectors: list[list[float]] = [[] for _ in rows]
-    with _locks_guard:
-        lock = _locks.setdefault(id(llm.model), threading.Lock())
+    job = _Job(rows, how, normalize, dimensions, batch_size, asyncio.get_running_loop().create_future())
+    return Embeddings(await _batcher(llm).submit(job), sum(len(r) for r in rows))
 
-    def run(batch: list[int]) -> list[list[float]]:
-        with lock:  # one embedding forward at a time per model, beside the engine's steps
-            out = embed_rows(
-                llm.model, [rows[i] for i in batch], llm.pad_token_id, llm.torch_device, how, normalize, dimensions
-            )
-        return [list(map(float, v)) for v in out.tolist()]
 
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        for i, vector in zip(batch, await anyio.to_thread.run_sync(run, batch), strict=True):
-            vectors[i] = vector
-    return Embeddings(vectors, sum(len(r) for r in rows))
+@dataclass(eq=False)
+class _Job:
+    """One :func:`embed` call waiting for its vectors."""
+
+    rows: list[list[int]]
+    pooling: str
+    normalize: bool
+    dimensions: int | None
+    batch_size: int
+    future: asyncio.Future[list[list[float]]]
+    vectors: list[list[float] | None] = field(default_factory=list)
+    left: int = 0
+
+
+class _Batcher:
+    """The embedding calls of one model on one event loop, merged into shared forwards.
+
+    While a forward runs (in a worker thread), new calls wait; the next forward takes the rows of
+    every call waiting, shortest first, ``batch_size`` rows at a time (the smallest any of them
+    asked for). A call is answered as soon as its own rows are done; a cancelled call's rows are
+    dropped before they run. Forwards of one model never overlap (one lock per model, whatever the
+    loop), and run beside the generation engine's steps.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.pending: list[_Job] = []
+        self.draining = False
+        with _locks_guard:
+            self.lock = _locks.setdefault(id(llm.model), threading.Lock())
+
+    async def submit(self, job: _Job) -> list[list[float]]:
+        job.vectors, job.left = [None] * len(job.rows), len(job.rows)
+        self.pending.append(job)
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                jobs, self.pending = [j for j in self.pending if not j.future.done()], []
+                items = sorted(
+                    ((j, k) for j in jobs for k in range(len(j.rows))), key=lambda jk: len(jk[0].rows[jk[1]])
+                )
+                size = min((j.batch_size for j in jobs), default=DEFAULT_EMBED_BATCH)
+                for start in range(0, len(items), size):
+                    chunk = [(j, k) for j, k in items[start : start + size] if not j.future.done()]
+                    if chunk:
+                        await self._run(chunk)
+        finally:
+            self.draining = False
+
+    async def _run(self, chunk: list[tuple[_Job, int]]) -> None:
+        llm = self.llm
+
+        def forward() -> list[list[float]]:
+            with self.lock:
+                pooled = embed_rows(
+                    llm.model, [j.rows[k] for j, k in chunk], llm.pad_token_id, llm.torch_device,
+                    [j.pooling for j, _ in chunk],
+                )  # fmt: skip
+            return [finish(vector, j.dimensions, j.normalize) for (j, _), vector in zip(chunk, pooled, strict=True)]
+
+        try:
+            vectors = await anyio.to_thread.run_sync(forward)
+        except Exception as exc:  # noqa: BLE001  # the calls in this forward fail; others go on
+            for job, _ in chunk:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        for (job, k), vector in zip(chunk, vectors, strict=True):
+            if job.future.done():
+                continue
+            job.vectors[k] = vector
+            job.left -= 1
+            if job.left == 0:
+                job.future.set_result([v for v in job.vectors if v is not None])
+
+
+_batchers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Batcher]] = weakref.WeakKeyDictionary()
+
+
+def _batcher(llm: Any) -> _Batcher:
+    loop = asyncio.get_running_loop()
+    per_loop = _batchers.setdefault(llm, {})
+    batcher = per_loop.get(loop)
+    if batcher is None or batcher.llm.model is not llm.model:  # a new model after set_model_name
+        batcher = per_loop[loop] = _Batcher(llm)
+    return batcher
