@@ -147,3 +147,11 @@ def test_longest_match_wins_and_memory_is_bounded_and_forgotten():
 def test_bad_sizes_are_refused_by_name(name, value):
     with pytest.raises(ValueError, match=name):
         PrefixAffinity(**{name: value})
+
+
+def test_a_response_id_names_the_server_that_keeps_it():
+    from async_llm.serve.responses import response_server
+
+    assert response_server("resp_abc123_0f9e") == "abc123"
+    assert response_server("resp_0f9e") is None and response_server("resp_") is None
+    assert response_server("chatcmpl_x_y") is None and response_server(None) is None

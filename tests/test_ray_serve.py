@@ -300,6 +300,25 @@ def test_two_replicas_stream_over_http_on_a_local_cluster(local_cluster, tiny_mo
             response = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
             return str(response.system_fingerprint)
 
+        # A Responses follow-up goes to the replica that keeps the response it continues (any other
+        # would answer 404): its input alone, short and without a known prefix, says nothing.
+        from async_llm.serve.responses import response_server
+
+        bases: dict[str | None, str] = {}  # a response kept on each replica (new long inputs spread)
+        for n in range(8):
+            text = f"Conversation {n}: my name is Ada and this opening message is long enough to be routed."
+            base = await client.responses.create(model=MODEL, input=text, max_output_tokens=4)
+            bases.setdefault(response_server(base.id), base.id)
+            if len(bases) == 2:
+                break
+        assert len(bases) == 2 and None not in bases, bases
+        for _ in range(3):
+            for base_id in bases.values():
+                follow = await client.responses.create(
+                    model=MODEL, input="Name?", previous_response_id=base_id, max_output_tokens=2
+                )
+                assert follow.previous_response_id == base_id and response_server(follow.id) == response_server(base_id)
+
         first = [await ask(system, "Hello?") for system in systems]
         assert first[0] != first[1], first
         questions = [f"Question {i}?" for i in range(6)]

@@ -34,6 +34,7 @@ from async_llm.log import get_logger
 from async_llm.serve.errors import APIError
 from async_llm.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from async_llm.serve.prefix_affinity import PrefixAffinity, routing_text
+from async_llm.serve.responses import response_server
 
 __all__ = ["LLMIngress", "PrefixAffinityRouter", "RelayedRequest"]
 
@@ -76,15 +77,34 @@ class RelayedRequest:
             except ValueError:  # the replica's app answers a malformed body with its own 400
                 parsed = None
             if isinstance(parsed, dict):
-                names = ("prompt", "messages", "input", "instructions", "tools")
+                names = ("prompt", "messages", "input", "instructions", "tools", "previous_response_id")
                 fields = {name: parsed[name] for name in names if name in parsed}
         return cls(kept, body, fields.get("prompt"), fields.get("messages"), fields)
 
 
+def _relayed_fields(arg: Any) -> Mapping[str, Any] | None:
+    """A relayed request's prompt fields. Duck-typed, not ``isinstance``: Serve may rebuild the
+    ingress's classes by value in the router's process, so the class is not the same object."""
+    routing = getattr(arg, "routing", None)
+    return routing if isinstance(routing, Mapping) and hasattr(arg, "scope") else None
+
+
+def _kept_by(pending: PendingRequest) -> str | None:
+    """The replica (its unique id) that keeps the response a Responses request continues, if any."""
+    for arg in [*pending.args, *pending.kwargs.values()]:
+        fields = _relayed_fields(arg)
+        if fields is None and isinstance(arg, Mapping):
+            fields = arg
+        if fields is not None and fields.get("previous_response_id"):
+            return response_server(fields["previous_response_id"])
+    return None
+
+
 def _request_text(pending: PendingRequest) -> str | None:
     for arg in [*pending.args, *pending.kwargs.values()]:
-        if isinstance(arg, RelayedRequest):
-            return routing_text(arg.routing)
+        fields = _relayed_fields(arg)
+        if fields is not None:
+            return routing_text(fields)
         if isinstance(arg, Mapping) or hasattr(arg, "prompt") or hasattr(arg, "messages"):
             text = routing_text(arg)
             if text:
@@ -98,7 +118,9 @@ class PrefixAffinityRouter(RequestRouter):
     Configured through ``request_router_kwargs`` (see :class:`~async_llm.serve.prefix_affinity.PrefixAffinity`):
     ``imbalance_threshold``, ``match_fraction``, ``match_blocks``, ``block_chars``, ``max_blocks``,
     ``max_blocks_per_replica``.
-    Requests without a prompt (``GET /health``, ``/metrics``) go to the least loaded replica.
+    Requests without a prompt (``GET /health``, ``/metrics``) go to the least loaded replica. A
+    Responses request with ``previous_response_id`` goes to the replica that keeps that response
+    (its id names the replica), which alone can continue it.
 
     Each handle owner (the ingress replica) has its own router and so its own record of prefixes;
     with one ingress replica (the default) that record is exact, with several each routes on what
@@ -115,6 +137,11 @@ class PrefixAffinityRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if pending_request is None or not candidate_replicas:
             return [candidate_replicas]
+        keeper = _kept_by(pending_request)
+        if keeper is not None:  # only that replica keeps the response it continues
+            home = [r for r in candidate_replicas if r.replica_id.unique_id == keeper]
+            if home:  # waited for when busy, rather than sent where the response is not kept
+                return [home]
         hashes = self.affinity.hashes(_request_text(pending_request))
         if not hashes:
             return [candidate_replicas]  # Serve takes the least loaded of them

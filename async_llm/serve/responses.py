@@ -42,7 +42,7 @@ from async_llm.serve.errors import APIError
 from async_llm.serve.protocol import ChatCompletionRequest
 from async_llm.serve.serving import OpenAIServing
 
-__all__ = ["MAX_STORED_RESPONSES", "ResponsesAPI", "ResponsesRequest"]
+__all__ = ["MAX_STORED_RESPONSES", "ResponsesAPI", "ResponsesRequest", "response_server"]
 
 log = get_logger("async_llm.serve.responses")
 
@@ -175,7 +175,7 @@ class ResponsesAPI:
     async def _events(
         self, request: ResponsesRequest, chunks: Any, conversation: list[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        response_id = _id("resp")
+        response_id = self._response_id()
         created = int(time.time())
         sequence = 0
 
@@ -305,13 +305,19 @@ class ResponsesAPI:
         yield event("response.incomplete" if status == "incomplete" else "response.completed", response=response)
 
     # -- responses ---------------------------------------------------------------------------------------
+    def _response_id(self) -> str:
+        """``resp_<hex>``, or ``resp_<server id>_<hex>`` on a Ray replica: a follow-up naming it in
+        ``previous_response_id`` is routed to the replica that keeps it (see :func:`response_server`)."""
+        server = self.serving.server_id
+        return f"resp_{server}_{uuid.uuid4().hex}" if server else _id("resp")
+
     def _response(
         self, request: ResponsesRequest, output: list[dict[str, Any]], finish: str | None, usage: dict[str, Any] | None,
         *, response_id: str | None = None, created: int | None = None, status: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         incomplete = finish == "length"
         return {
-            "id": response_id or _id("resp"), "object": "response", "created_at": created or int(time.time()),
+            "id": response_id or self._response_id(), "object": "response", "created_at": created or int(time.time()),
             "status": status or ("incomplete" if incomplete else "completed"), "model": self.serving.model_name,
             "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete and status is None else None,
@@ -343,6 +349,14 @@ class ResponsesAPI:
         if stored is None:
             raise APIError(404, f"No response with id '{response_id}' is kept here", param="response_id")
         return stored[0]
+
+
+def response_server(response_id: Any) -> str | None:
+    """The server id inside a response id made by :meth:`ResponsesAPI._response_id` (None if none)."""
+    if not isinstance(response_id, str) or not response_id.startswith("resp_"):
+        return None
+    server, sep, rest = response_id[len("resp_") :].rpartition("_")
+    return server if sep and server and rest else None
 
 
 def _id(prefix: str) -> str:

@@ -101,6 +101,7 @@ class OpenAIServing:
         self._warned_fields: set[str] = set()
         self.llm = llm
         self.model_name = model_name or llm.model_id or "default"
+        self.server_id = server_id
         self.fingerprint = f"async_llm-{__version__}" + (f"-{server_id}" if server_id else "")
         self.metrics = metrics if metrics is not None else ServerMetrics(llm.stats)
         self.created = int(time.time())
