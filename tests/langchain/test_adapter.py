@@ -100,3 +100,15 @@ def test_sync_methods_work_inside_a_running_loop_and_shared_engines_close(tiny_m
     engine = chat._engine()
     ChatAsyncLLM.close_shared_engines()
     assert engine.closed
+
+
+async def test_logprobs_when_asked_in_whole_and_streamed_answers(tiny_model, tiny_tokenizer):
+    async with HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu") as llm:
+        chat = ChatAsyncLLM(llm=llm, max_tokens=5, logprobs=True, top_logprobs=2, model_kwargs={"ignore_eos": True})
+        message = await chat.ainvoke("Hi")
+        entries = message.response_metadata["logprobs"]["content"]
+        assert len(entries) == 5 and all(len(e["top_logprobs"]) == 2 for e in entries)
+        assert "".join(e["token"] for e in entries) == message.content
+        streamed = [chunk async for chunk in chat.astream("Hi")]
+        assert sum(len(c.response_metadata.get("logprobs", {}).get("content", [])) for c in streamed) == 5
+        assert "logprobs" not in (await ChatAsyncLLM(llm=llm, max_tokens=3).ainvoke("Hi")).response_metadata
