@@ -31,7 +31,7 @@ import pydantic
 
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.log import get_logger
-from async_llm.serve.errors import APIError, from_exception
+from async_llm.serve.errors import APIError, from_exception, from_validation_errors
 from async_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from async_llm.serve.serving import OpenAIServing
 
@@ -60,22 +60,24 @@ def error_path_for(output: Path) -> Path:
 
 
 def _finished_ids(path: Path) -> set[str]:
-    """``custom_id`` values of the complete lines of ``path``; a cut-off last line is removed."""
+    """``custom_id`` values of the complete lines of ``path``, read line by line (a large file is
+    never held whole); a cut-off last line is removed."""
     done: set[str] = set()
     if not path.exists():
         return done
     with path.open("rb+") as file:
-        data = file.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # the last line was cut off by a crash: drop it, redo that request
-            file.truncate(end)
-    for raw in data[:end].splitlines():
-        try:
-            custom_id = json.loads(raw).get("custom_id")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(custom_id, str):
-            done.add(custom_id)
+        whole = 0  # bytes of complete lines read so far
+        for raw in file:
+            if not raw.endswith(b"\n"):  # the last line was cut off by a crash: drop it, redo that request
+                file.truncate(whole)
+                break
+            whole += len(raw)
+            try:
+                custom_id = json.loads(raw).get("custom_id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(custom_id, str):
+                done.add(custom_id)
     return done
 
 
@@ -163,18 +165,15 @@ async def run_batch_file(
                 answer = await serving.completion(CompletionRequest.model_validate(body))
             else:
                 answer = await serving.embeddings(EmbeddingRequest.model_validate(body))
-        except pydantic.ValidationError as exc:
-            error = APIError(400, _validation_message(exc), param=_validation_param(exc))
-            response = {"status_code": 400, "request_id": f"req_{uuid.uuid4().hex}", "body": error.body()}
-            await fail(line, custom_id, "invalid_request", error.message, response)
+        except pydantic.ValidationError as exc:  # the body's 400, as the server answers it
+            error = from_validation_errors(exc.errors())
+            await fail(line, custom_id, "invalid_request", error.message, _response(400, error.body()))
         except Exception as exc:  # noqa: BLE001  # one line fails; the job goes on
             error = exc if isinstance(exc, APIError) else from_exception(exc)
-            response = {"status_code": error.status, "request_id": f"req_{uuid.uuid4().hex}", "body": error.body()}
-            await fail(line, custom_id, error.code or "error", error.message, response)
+            await fail(line, custom_id, error.code or "error", error.message, _response(error.status, error.body()))
         else:
             summary.succeeded += 1
-            response = {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": answer}
-            record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response}
+            record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": _response(200, answer)}
             await results.write({**record, "error": None})
         finally:
             if bar is not None:
@@ -197,16 +196,16 @@ async def run_batch_file(
                     continue
                 summary.lines += 1
                 parsed = _parse(text)
-                if isinstance(parsed, str):
-                    custom_id = _custom_id(text)
+                custom_id = parsed.custom_id
+                if parsed.error is not None:
                     if custom_id is not None and custom_id in done:
                         summary.skipped += 1
-                        continue
-                    await fail(number, custom_id, "invalid_line", parsed, None)
+                    else:
+                        await fail(number, custom_id, "invalid_line", parsed.error, None)
                     if bar is not None:
                         bar.update(1)
                     continue
-                custom_id, url, body = parsed
+                assert custom_id is not None
                 if custom_id in seen:
                     why = f"custom_id {custom_id!r} was used by an earlier line"
                     await fail(number, custom_id, "duplicate_custom_id", why, None)
@@ -220,7 +219,7 @@ async def run_batch_file(
                         bar.update(1)
                     continue
                 await slots.acquire()  # at most `window` requests in flight: memory stays bounded
-                tg.start_soon(guarded, number, custom_id, url, body)
+                tg.start_soon(guarded, number, custom_id, parsed.url, parsed.body)
     finally:
         await results.aclose()
         await failures.aclose()
@@ -246,46 +245,44 @@ def _prepare(source: Path, output: Path, errors: Path, count: bool) -> tuple[set
     return done, total
 
 
-def _custom_id(text: str) -> str | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    custom_id = value.get("custom_id") if isinstance(value, dict) else None
-    return custom_id if isinstance(custom_id, str) else None
+@dataclass
+class _Line:
+    """One input line as read: its ``custom_id`` (any string the line gave, even on a bad line, so
+    a restart can recognise it), and either why it cannot run or its ``url`` and ``body``."""
+
+    custom_id: str | None
+    error: str | None = None
+    url: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse(text: str) -> tuple[str, str, dict[str, Any]] | str:
-    """``(custom_id, url, body)`` of a line, or why it cannot be run."""
+def _parse(text: str) -> _Line:
+    """A line's ``custom_id``, ``url`` and ``body``, or why it cannot be run."""
     try:
         value = json.loads(text)
     except ValueError as exc:
-        return f"the line is not JSON: {exc}"
+        return _Line(None, f"the line is not JSON: {exc}")
     if not isinstance(value, dict):
-        return "the line is not a JSON object"
+        return _Line(None, "the line is not a JSON object")
     custom_id = value.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return "the line has no custom_id (a non-empty string)"
+    if not isinstance(custom_id, str):
+        custom_id = None
+    if not custom_id:
+        return _Line(custom_id, "the line has no custom_id (a non-empty string)")
     method = value.get("method", "POST")
     if method != "POST":
-        return f"method must be POST, got {method!r}"
+        return _Line(custom_id, f"method must be POST, got {method!r}")
     url = value.get("url")
     if url not in BATCH_URLS:
-        return f"url must be one of {', '.join(BATCH_URLS)}, got {url!r}"
+        return _Line(custom_id, f"url must be one of {', '.join(BATCH_URLS)}, got {url!r}")
     body = value.get("body")
     if not isinstance(body, dict):
-        return "the line has no body (a JSON object)"
+        return _Line(custom_id, "the line has no body (a JSON object)")
     if body.get("stream"):
-        return "stream is not available in a batch: results are written whole"
-    return custom_id, url, body
+        return _Line(custom_id, "stream is not available in a batch: results are written whole")
+    return _Line(custom_id, None, url, body)
 
 
-def _validation_message(exc: pydantic.ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-
-
-def _validation_param(exc: pydantic.ValidationError) -> str | None:
-    loc = exc.errors()[0].get("loc", ())
-    return str(loc[0]) if loc else None
+def _response(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A result line's ``response``: the API's status and body, under a request id of its own."""
+    return {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body}
