@@ -45,11 +45,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from async_llm.errors import AsyncLLMError, QueueFullError
-from async_llm.integrations.shared import aclose_shared_engines, close_shared_engines, shared_engine
+from async_llm.integrations.shared import (
+    EngineRef,
+    aclose_shared_engines,
+    api_error_cause,
+    close_shared_engines,
+    iterate_sync,
+)
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.serve.errors import APIError
 from async_llm.serve.protocol import ChatCompletionRequest
-from async_llm.serve.serving import OpenAIServing
 
 __all__ = ["ChatAsyncLLM"]
 
@@ -88,7 +93,7 @@ class ChatAsyncLLM(BaseChatModel):
     streaming: bool = False
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    _serving: OpenAIServing | None = PrivateAttr(default=None)
+    _ref: EngineRef | None = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -118,21 +123,13 @@ class ChatAsyncLLM(BaseChatModel):
         return params
 
     # -- the engine ------------------------------------------------------------------------------------
+    def _engines(self) -> EngineRef:
+        if self._ref is None:
+            self._ref = EngineRef(self.llm, self.model, self.engine_kwargs)
+        return self._ref
+
     def _engine(self) -> HuggingFaceLLM:
-        if self.llm is not None:
-            return self.llm
-        return shared_engine(self.model, self.engine_kwargs)
-
-    async def _aserving(self) -> OpenAIServing:
-        if self._serving is None or self._serving.llm.closed:
-            llm = self.llm if self.llm is not None else await asyncio.to_thread(self._engine)
-            self._serving = OpenAIServing(llm)
-        return self._serving
-
-    def _sync_serving(self) -> OpenAIServing:
-        if self._serving is None or self._serving.llm.closed:
-            self._serving = OpenAIServing(self._engine())
-        return self._serving
+        return self._engines().engine()
 
     @staticmethod
     async def aclose_shared_engines() -> None:
@@ -172,7 +169,7 @@ class ChatAsyncLLM(BaseChatModel):
                 return await call()
             except APIError as exc:
                 if exc.status != 429 or attempt == self.max_retries:
-                    raise _unwrap(exc) from exc
+                    raise api_error_cause(exc) from exc
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -186,7 +183,7 @@ class ChatAsyncLLM(BaseChatModel):
         if self.streaming:
             chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
             return _result_from_chunks(chunks)
-        serving = await self._aserving()
+        serving = await self._engines().aserving()
         request = self._request(messages, stop, False, **kwargs)
         response = await self._with_retries(lambda: serving.chat_completion(request))
         return _result(response)
@@ -198,7 +195,7 @@ class ChatAsyncLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        serving = await self._aserving()
+        serving = await self._engines().aserving()
         request = self._request(messages, stop, True, **kwargs)
         chunks = await self._with_retries(lambda: serving.chat_completion_stream(request))
         tail = _Tail()
@@ -225,7 +222,7 @@ class ChatAsyncLLM(BaseChatModel):
     ) -> ChatResult:
         if self.streaming:
             return _result_from_chunks(list(self._stream(messages, stop, run_manager, **kwargs)))
-        serving = self._sync_serving()
+        serving = self._engines().serving()
         request = self._request(messages, stop, False, **kwargs)
         return _result(serving.llm._call_sync(self._with_retries, lambda: serving.chat_completion(request)))
 
@@ -236,29 +233,11 @@ class ChatAsyncLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        serving = self._sync_serving()
-        request = self._request(messages, stop, True, **kwargs)
-        llm = serving.llm
-        chunks = llm._call_sync(self._with_retries, lambda: serving.chat_completion_stream(request))
-        iterator = chunks.__aiter__()
-        tail = _Tail()
-        try:
-            while True:
-                try:
-                    raw = llm._call_sync(_anext, iterator)
-                except StopAsyncIteration:
-                    break
-                chunk = tail.take(_chunk(raw))
-                if chunk is None:
-                    continue
-                if run_manager is not None and chunk.text:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-        finally:
-            llm._call_sync(chunks.aclose)
-        last = tail.last()
-        if last is not None:
-            yield last
+        # The async stream, awaited item by item on the engine's sync loop.
+        for chunk in iterate_sync(self._engine(), self._astream(messages, stop, None, **kwargs)):
+            if run_manager is not None and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     # -- tools and structured output ---------------------------------------------------------------------
     def bind_tools(
@@ -340,16 +319,6 @@ class ChatAsyncLLM(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
-
-
-async def _anext(iterator: AsyncIterator[Any]) -> Any:
-    return await iterator.__anext__()
-
-
-def _unwrap(exc: APIError) -> BaseException:
-    """The library's own error behind an API error (a typed error naming the parameter), if any."""
-    cause = exc.__cause__
-    return cause if isinstance(cause, AsyncLLMError) else exc
 
 
 def _usage(usage: dict[str, Any] | None) -> UsageMetadata | None:

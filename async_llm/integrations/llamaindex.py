@@ -20,9 +20,8 @@ you own. Needs the ``llamaindex`` extra (``pip install 'async-llm[llamaindex]'``
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
 try:
@@ -47,39 +46,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the LlamaIndex adapter needs llama-index-core: pip install 'async-llm[llamaindex]'") from exc
 
 from async_llm.errors import AsyncLLMError
-from async_llm.integrations.shared import shared_engine
+from async_llm.integrations.shared import EngineRef, api_error_cause, iterate_sync
 from async_llm.llm.huggingface import HuggingFaceLLM
 from async_llm.serve.errors import APIError
 from async_llm.serve.protocol import ChatCompletionRequest
-from async_llm.serve.serving import OpenAIServing
 
 __all__ = ["AsyncLLM", "AsyncLLMEmbedding"]
 
 DEFAULT_CONTEXT = 2048
-
-
-class _Engine:
-    """The engine of an adapter object: the one passed in, or the shared one of its model."""
-
-    def __init__(self, llm: HuggingFaceLLM | None, model: str | None, engine_kwargs: dict[str, Any]) -> None:
-        self._llm, self._model, self._kwargs = llm, model, engine_kwargs
-        self._serving: OpenAIServing | None = None
-
-    def sync(self) -> HuggingFaceLLM:
-        return self._llm if self._llm is not None else shared_engine(self._model, self._kwargs)
-
-    async def get(self) -> HuggingFaceLLM:
-        return self._llm if self._llm is not None else await asyncio.to_thread(self.sync)
-
-    def serving(self, llm: HuggingFaceLLM) -> OpenAIServing:
-        if self._serving is None or self._serving.llm is not llm or llm.closed:
-            self._serving = OpenAIServing(llm)
-        return self._serving
-
-
-def _unwrap(exc: APIError) -> BaseException:
-    cause = exc.__cause__
-    return cause if isinstance(cause, AsyncLLMError) else exc
 
 
 def _openai_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -118,11 +92,11 @@ class AsyncLLM(FunctionCallingLLM):
     seed: int | None = Field(default=None)
     additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="Other request fields (top_k, ...).")
 
-    _engine: _Engine = PrivateAttr()
+    _engine: EngineRef = PrivateAttr()
 
     def __init__(self, llm: HuggingFaceLLM | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._engine = _Engine(llm, self.model, self.engine_kwargs)
+        self._engine = EngineRef(llm, self.model, self.engine_kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -130,7 +104,7 @@ class AsyncLLM(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        llm = self._engine._llm
+        llm = self._engine.given
         context = (llm.max_context if llm is not None else None) or DEFAULT_CONTEXT
         name = str(llm.model_id) if llm is not None and llm.model_id else self.model or "SmolLM2-135M-Instruct"
         return LLMMetadata(
@@ -152,19 +126,19 @@ class AsyncLLM(FunctionCallingLLM):
         return ChatCompletionRequest.model_validate(body)
 
     async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        llm = await self._engine.get()
+        serving = await self._engine.aserving()
         try:
-            answer = await self._engine.serving(llm).chat_completion(self._request(messages, False, **kwargs))
+            answer = await serving.chat_completion(self._request(messages, False, **kwargs))
         except APIError as exc:
-            raise _unwrap(exc) from exc
+            raise api_error_cause(exc) from exc
         return _chat_response(answer)
 
     async def _astream(self, messages: Sequence[ChatMessage], **kwargs: Any) -> AsyncGenerator[ChatResponse, None]:
-        llm = await self._engine.get()
+        serving = await self._engine.aserving()
         try:
-            chunks = await self._engine.serving(llm).chat_completion_stream(self._request(messages, True, **kwargs))
+            chunks = await serving.chat_completion_stream(self._request(messages, True, **kwargs))
         except APIError as exc:
-            raise _unwrap(exc) from exc
+            raise api_error_cause(exc) from exc
         text = ""
         calls: dict[int, dict[str, Any]] = {}
         try:
@@ -204,25 +178,11 @@ class AsyncLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        llm = self._engine.sync()
-        return llm._call_sync(self._achat, messages, **kwargs)
+        return self._engine.engine()._call_sync(self._achat, messages, **kwargs)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        llm = self._engine.sync()
-        iterator = self._astream(messages, **kwargs)
-
-        def gen() -> Generator[ChatResponse, None, None]:
-            try:
-                while True:
-                    try:
-                        yield llm._call_sync(_anext, iterator)
-                    except StopAsyncIteration:
-                        return
-            finally:
-                llm._call_sync(iterator.aclose)
-
-        return gen()
+        return iterate_sync(self._engine.engine(), self._astream(messages, **kwargs))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -321,10 +281,6 @@ _REQUEST_FIELDS = frozenset(
 )
 
 
-async def _anext(iterator: AsyncIterator[Any]) -> Any:
-    return await iterator.__anext__()
-
-
 def _chat_response(answer: dict[str, Any]) -> ChatResponse:
     choice = answer["choices"][0]
     message = choice["message"]
@@ -354,19 +310,19 @@ class AsyncLLMEmbedding(BaseEmbedding):
         default=None, description="Put before queries (Qwen3-Embedding's 'Instruct: ...\\nQuery:')."
     )
 
-    _engine: _Engine = PrivateAttr()
+    _engine: EngineRef = PrivateAttr()
 
     def __init__(self, llm: HuggingFaceLLM | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("model_name", kwargs.get("model") or "async-llm")
         super().__init__(**kwargs)
-        self._engine = _Engine(llm, self.model, self.engine_kwargs)
+        self._engine = EngineRef(llm, self.model, self.engine_kwargs)
 
     @classmethod
     def class_name(cls) -> str:
         return "AsyncLLMEmbedding"
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        llm = await self._engine.get()
+        llm = await self._engine.aengine()
         return await llm.aembed(texts, pooling=self.pooling, dimensions=self.dimensions)
 
     def _query(self, query: str) -> str:
@@ -382,12 +338,12 @@ class AsyncLLMEmbedding(BaseEmbedding):
         return await self._embed(texts)
 
     def _get_query_embedding(self, query: str) -> list[float]:
-        llm = self._engine.sync()
+        llm = self._engine.engine()
         return llm.embed([self._query(query)], pooling=self.pooling, dimensions=self.dimensions)[0]
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        llm = self._engine.sync()
+        llm = self._engine.engine()
         return llm.embed(texts, pooling=self.pooling, dimensions=self.dimensions)
