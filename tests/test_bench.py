@@ -262,14 +262,16 @@ def _args(*argv: str):
 
 
 def test_the_cpu_suite_keeps_its_systems_and_dtype_and_cuda_adds_the_eager_variant() -> None:
-    from async_llm.bench.cli import ALL_SYSTEMS
+    from async_llm.bench.cli import ALL_SYSTEMS, CPU_ONLY, NAMED_ONLY
 
     cpu = _args()
     assert cpu.dtype == "float32" and "async_llm-eager" not in cpu.systems
-    assert cpu.systems == [s for s in ALL_SYSTEMS if s != "async_llm-eager"]  # every CPU system
+    assert cpu.systems == [s for s in ALL_SYSTEMS if s != "async_llm-eager" and s not in NAMED_ONLY]
     assert {"async_llm-int8", "async_llm-ngram", "llama.cpp-q8_0"} <= set(cpu.systems)
+    named = _args("--systems", "async_llm-python-step,async_llm")
+    assert named.systems == ["async_llm", "async_llm-python-step"]  # measured when named, in run order
     cuda = _args("--device", "cuda:1")  # parsing only: main() checks that torch sees the device
-    assert cuda.dtype == "bfloat16" and cuda.systems == [s for s in ALL_SYSTEMS if s != "async_llm-int8"]
+    assert cuda.dtype == "bfloat16" and cuda.systems == [s for s in ALL_SYSTEMS if s not in CPU_ONLY]
     assert cuda.systems.index("async_llm-eager") == cuda.systems.index("async_llm") + 3
     assert _args("--device", "cuda", "--dtype", "float32").dtype == "float32"  # a flag given wins
     assert _args("--systems", "async_llm-eager,async_llm").systems == ["async_llm", "async_llm-eager"]

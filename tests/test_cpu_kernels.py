@@ -21,7 +21,7 @@ def test_bfloat16_weights_are_prepacked_only_where_the_cpu_multiplies_them(hardw
     monkeypatch.setattr(fast_linear, "onednn_bf16", lambda: hardware_bf16)
     weight = torch.randn(32, 16).bfloat16()
     linear = fast_linear.prepacked_linear(weight, None, 4)
-    assert isinstance(linear, fast_linear._PackedLinear) is (hardware_bf16 and fast_linear.onednn_prepack())
+    assert isinstance(linear, fast_linear.PackedLinear) is (hardware_bf16 and fast_linear.onednn_prepack())
     x = torch.randn(3, 16).bfloat16()
     assert torch.allclose(linear(x).float(), torch.nn.functional.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
     assert fast_linear.prepacks(weight.float()) is fast_linear.onednn_prepack()  # float32: always
@@ -63,7 +63,7 @@ async def test_the_bfloat16_fast_runner_agrees_with_transformers_bf16(tiny_token
         ) as llm:
             assert (llm.engine.runner.name == "fast") is fast_path
             if fast_path:
-                assert isinstance(llm.engine.runner.decoder.lm_head, fast_linear._PackedLinear)
+                assert isinstance(llm.engine.runner.decoder.lm_head, fast_linear.PackedLinear)
             results = await asyncio.gather(*(llm.acomplete(p, chat_template=False, ignore_eos=True) for p in PROMPTS))
         return [r.token_ids for r in results]
 
@@ -81,7 +81,7 @@ def test_one_float32_row_multiplies_through_the_plain_kernel_over_the_modules_we
     modules = [torch.nn.Linear(16, n, bias=False) for n in (8, 4, 4)]
     fused = fast_linear.fused_linear(modules, batch_hint=4, owned=False)
     single = fast_linear.prepacked_linear(modules[0].weight, None, 4)
-    assert isinstance(fused, fast_linear._PackedLinear) and isinstance(single, fast_linear._PackedLinear)
+    assert isinstance(fused, fast_linear.PackedLinear) and isinstance(single, fast_linear.PackedLinear)
     one, two = torch.randn(1, 16), torch.randn(2, 16)
     expected = torch.cat([m(one) for m in modules], dim=-1)
     calls = []

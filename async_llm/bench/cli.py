@@ -29,6 +29,8 @@ ALL_SYSTEMS = (
     "async_llm",
     "async_llm-int8",
     "async_llm-ngram",
+    "async_llm-python-step",
+    "async_llm-int8-python-step",
     "async_llm-no-prefix-cache",
     "async_llm-eager",
     "transformers-static",
@@ -45,7 +47,9 @@ ALL_SYSTEMS = (
 #: in --systems there, they are skipped with the reason).
 CUDA_ONLY = frozenset({"async_llm-eager"})
 #: And the systems that only run on a CPU, left out on CUDA the same way.
-CPU_ONLY = frozenset({"async_llm-int8"})
+CPU_ONLY = frozenset({"async_llm-int8", "async_llm-python-step", "async_llm-int8-python-step"})
+#: Systems measured only when named: the Python decode layers, what the native step saves.
+NAMED_ONLY = frozenset({"async_llm-python-step", "async_llm-int8-python-step"})
 
 #: Defaults of the full suite and of --quick (an explicit flag always wins).
 PROFILES: dict[str, dict[str, Any]] = {
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--systems",
         default=None,
         help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all; {', '.join(sorted(CUDA_ONLY))} "
-        "on CUDA only)",
+        f"on CUDA only; {', '.join(sorted(NAMED_ONLY))} only when named)",
     )
     p.add_argument("--max-batch-size", type=int, default=64, help="most rows per forward, every system (default 64)")
     p.add_argument("--static-window-ms", type=float, default=50.0, help="static batching collection window (50)")
@@ -188,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_systems(device: str) -> list[str]:
     """The systems a run measures when ``--systems`` is not given: all of them, but the CUDA-only
-    variants off CUDA (the CPU suite measures what it always did)."""
+    variants off CUDA, the CPU-only ones on it, and those measured only when named."""
     on_cuda = device.startswith("cuda")
-    return [s for s in ALL_SYSTEMS if s not in (CPU_ONLY if on_cuda else CUDA_ONLY)]
+    return [s for s in ALL_SYSTEMS if s not in (CPU_ONLY if on_cuda else CUDA_ONLY) and s not in NAMED_ONLY]
 
 
 def _gguf_files(model: str | None) -> tuple[str | None, str | None, str | None]:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from async_llm.bench.async_llm_runner import (
     AsyncLLMEagerRunner,
+    AsyncLLMInt8PythonStepRunner,
     AsyncLLMInt8Runner,
     AsyncLLMNgramRunner,
     AsyncLLMNoPrefixCacheRunner,
+    AsyncLLMPythonStepRunner,
     AsyncLLMRunner,
 )
 from async_llm.bench.peer_runners import (
@@ -43,9 +45,11 @@ from async_llm.bench.transformers_runners import SequentialRunner, StaticBatchRu
 __all__ = [
     "SYSTEMS",
     "AsyncLLMEagerRunner",
+    "AsyncLLMInt8PythonStepRunner",
     "AsyncLLMInt8Runner",
     "AsyncLLMNgramRunner",
     "AsyncLLMNoPrefixCacheRunner",
+    "AsyncLLMPythonStepRunner",
     "AsyncLLMRunner",
     "ExternalRunner",
     "LlamaCppQ4Runner",
@@ -70,6 +74,8 @@ SYSTEMS: dict[str, type[Runner]] = {
         AsyncLLMRunner,
         AsyncLLMInt8Runner,
         AsyncLLMNgramRunner,
+        AsyncLLMPythonStepRunner,
+        AsyncLLMInt8PythonStepRunner,
         AsyncLLMNoPrefixCacheRunner,
         AsyncLLMEagerRunner,
         StaticBatchRunner,

@@ -76,6 +76,7 @@ INTERFERENCE_TARGET = (
 #: The opt-in features against their peers and against async_llm without them: (label, workload, figure,
 #: system, peer, goal), the ratio being ``system``'s advantage over ``peer``.
 INT8, NGRAM = "async_llm-int8", "async_llm-ngram"
+PYTHON_STEP, PY_INT8 = "async_llm-python-step", "async_llm-int8-python-step"
 FEATURE_TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
     ("int8 burst N=1: tokens/s vs llama.cpp Q8_0", "burst-1", "output_tokens_per_s", INT8, "llama.cpp-q8_0", 1.0),
     ("int8 burst N=16: tokens/s vs llama.cpp Q8_0", "burst-16", "output_tokens_per_s", INT8, "llama.cpp-q8_0", 1.3),
@@ -87,6 +88,11 @@ FEATURE_TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
     ("ngram burst N=1: tokens/s vs without", "burst-1", "output_tokens_per_s", NGRAM, BASE, 0.97),
     ("ngram burst N=16: tokens/s vs without", "burst-16", "output_tokens_per_s", NGRAM, BASE, 0.97),
     ("ngram burst N=64: tokens/s vs without", "burst-64", "output_tokens_per_s", NGRAM, BASE, 0.97),
+    ("native step burst N=1: tokens/s vs the Python step", "burst-1", "output_tokens_per_s", BASE, PYTHON_STEP, 1.0),
+    ("native step burst N=16: tokens/s vs the Python step", "burst-16", "output_tokens_per_s", BASE, PYTHON_STEP, 1.0),
+    ("native step burst N=64: tokens/s vs the Python step", "burst-64", "output_tokens_per_s", BASE, PYTHON_STEP, 1.0),
+    ("int8 native step burst N=1: tokens/s vs the Python step", "burst-1", "output_tokens_per_s", INT8, PY_INT8, 1.0),
+    ("int8 native step burst N=16: tokens/s vs the Python step", "burst-16", "output_tokens_per_s", INT8, PY_INT8, 1.0),
 )
 
 #: ITL p99 over ITL p50 of async_llm itself (no spikes), at most this.

@@ -26,9 +26,9 @@ import tempfile
 import time
 from typing import Any
 
-import platformdirs
 from filelock import FileLock, Timeout
 
+from async_llm.cache import CACHE_ENV_VAR, cache_root
 from async_llm.errors import ModelNotAvailableError
 from async_llm.loading.quiet import GGUF_READER_MODULE, quiet_progress
 from async_llm.log import get_logger
@@ -37,9 +37,6 @@ __all__ = ["CACHE_ENV_VAR", "GGUFReadError", "cache_root", "cached_conversion", 
 
 # structlog events through the stdlib logger of this module (see async_llm.log): never printed.
 logger = get_logger(__name__)
-
-#: Environment variable that overrides the cache directory.
-CACHE_ENV_VAR = "ASYNC_LLM_CACHE"
 
 # Bump when the conversion changes in a way that makes old cached folders wrong.
 _FORMAT_VERSION = "1"
@@ -51,20 +48,6 @@ _PACKED_MODULE_MARKERS = ("Gguf", "GGUF", "Ggml", "GGML")
 class GGUFReadError(ModelNotAvailableError, ValueError):
     """transformers cannot read a ``.gguf`` file as a model: it is truncated or corrupt, or holds an
     architecture transformers does not load from GGUF. Nothing is left in the cache."""
-
-
-def cache_root() -> pathlib.Path:
-    """Return the directory where async_llm keeps converted models.
-
-    Returns:
-        ``$ASYNC_LLM_CACHE`` when that variable is set and non-empty, otherwise the platform's user
-        cache directory for ``async_llm`` (for example ``~/.cache/async_llm`` on Linux). The
-        directory is not created here.
-    """
-    override = os.environ.get(CACHE_ENV_VAR)
-    if override:
-        return pathlib.Path(override).expanduser()
-    return pathlib.Path(platformdirs.user_cache_dir("async_llm"))
 
 
 def _check_gguf_path(gguf_path: str | os.PathLike[str]) -> pathlib.Path:

@@ -11,6 +11,9 @@ mask building and no module or keyword dispatch:
   are never repeated; the padding mask is one additive bias shared by every layer;
 - on a CPU in float32 every product runs through oneDNN with a prepacked weight.
 
+On a CPU a decode step's layers run as one native call once it is built (see :mod:`.native`): the
+same products, and compact kernels for what runs between them.
+
 Prefills run the same layers over the admitted prompts packed along one token axis (no padding is
 computed), each prompt attending causally to itself only. Results equal the transformers step up
 to floating-point reassociation; :mod:`.fast_check` checks that on the model at start-up.
@@ -26,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from async_llm.engine.runners.fast_linear import Linear, fused_linear, int8_linear, prepacked_linear
+from async_llm.engine.runners import native
+from async_llm.engine.runners.fast_linear import (
+    Linear,
+    NarrowLinear,
+    fused_linear,
+    int8_linear,
+    onednn_bf16,
+    prepacked_linear,
+)
 
 #: Row counts of a prefill are rounded up to a multiple of this, and of a decode step with prompt
 #: chunks (small, where every row costs as much as a decode row) to a multiple of the second (see
@@ -70,8 +81,9 @@ class FastDecoder:
         owned: Whether the library loaded ``model`` itself (see :func:`fused_linear`: a model
             passed in is never changed).
         quantize: ``"int8"``: the layers' products with int8 weights and rows quantized on the fly
-            (:class:`~async_llm.engine.runners.fast_linear.Int8Linear`; the output projection keeps
-            the model's dtype); None: the model's dtype.
+            (:class:`~async_llm.engine.runners.fast_linear.Int8Linear`; the output projection stays
+            a float product, in bfloat16 where the CPU multiplies it in hardware); None: the model's
+            dtype.
         smoothing: With int8, each product's smoothing vector, in :func:`layer_products`' order
             (see :mod:`async_llm.engine.runners.int8`); None: none.
     """
@@ -122,7 +134,21 @@ class FastDecoder:
                 )
             )
         head = model.get_output_embeddings()
-        self.lm_head = prepacked_linear(head.weight, head.bias, batch_hint)
+        self.lm_head: Linear = prepacked_linear(head.weight, head.bias, batch_hint)
+        if quantize == "int8" and head.weight.dtype == torch.float32 and onednn_bf16():
+            # The output projection in bfloat16 where the CPU multiplies it in hardware: half the
+            # bytes of float32 for no measured cost in perplexity (see async_llm.engine.runners.int8).
+            self.lm_head = NarrowLinear(head.weight, head.bias, batch_hint)
+        # The decode layers as one native call where it runs (see :mod:`.native`): built or loaded in
+        # the background; the Python layers serve until it is ready, with the same results.
+        self._native: tuple[list[torch.Tensor | None], list[int]] | None = None
+        self.native = True  # False: the Python layers always (the native call, once ready, gives the same results)
+        self.native_steps = 0  # decode steps the native call ran
+        weight = self.embed.weight
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+            self._native = native.layer_spec(self.layers)
+            if self._native is not None:
+                native.start()
 
     def decode(
         self,
@@ -211,9 +237,17 @@ class FastDecoder:
         d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         x: torch.Tensor = self.embed(ids)  # [N, E]
         cos, sin = self.rotary(x, positions[None])  # [1, N, D]
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
         if rows is not None:
             rows.begin(x.dtype)
+            if not chunks and isinstance(rows, Rows) and self.native and self._native is not None and native.ready():
+                params, layout = self._native
+                layers: torch.Tensor = torch.ops.async_llm_native.decode_layers(
+                    x, cos[0], sin[0], rows.kv, rows.first, rows.end, rows.bias, params, layout,
+                    self.eps, self.scaling, self.heads, self.kv_heads, self.head_dim, rows.input_ids.shape[1],
+                )  # fmt: skip
+                self.native_steps += 1
+                return layers
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
         spans, first = [], b
         for c in chunks:
             # A chunk after a prefix sees all of it: query i may read columns up to start + i.
@@ -349,12 +383,22 @@ class Rows:
         # [B, 1, 1, L + 1]: 0 on a row's tokens, -inf on its padding; shared by every layer.
         self._bias = additive_mask(self.attention_mask != 0, dtype)[:, None, None, :]
 
+    @property
+    def first(self) -> int:
+        """The first column of the live region (the rows' context, then the columns written from ``end``)."""
+        return self.end + 1 - self.attention_mask.shape[1]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The attention bias :meth:`begin` made."""
+        assert self._bias is not None, "begin() runs before the first layer"
+        return self._bias
+
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         assert self._bias is not None, "begin() runs before the first layer"
-        b, end = q.shape[0], self.end
-        first = end + 1 - self.attention_mask.shape[1]
+        b, end, first = q.shape[0], self.end, self.first
         self.kv[layer, 0, :b, :, end] = keys
         self.kv[layer, 1, :b, :, end] = values
         live = slice(first, end + 1)  # [B, Hkv, L + 1, D], read in place
@@ -372,6 +416,10 @@ class VerifyRows(Rows):
     ``end - L`` to ``end - 1``) holds a real token of the row; ``end`` the first column written.
     """
 
+    @property
+    def first(self) -> int:
+        return self.end - self.attention_mask.shape[1]
+
     def begin(self, dtype: torch.dtype) -> None:
         b, t = self.input_ids.shape
         device = self.attention_mask.device
@@ -385,7 +433,7 @@ class VerifyRows(Rows):
         assert self._bias is not None, "begin() runs before the first layer"
         b, t = self.input_ids.shape
         d = q.shape[2]
-        end, first = self.end, self.end - self.attention_mask.shape[1]
+        end, first = self.end, self.first
         self.kv[layer, 0, :b, :, end : end + t] = keys.reshape(b, t, -1, d).transpose(1, 2)
         self.kv[layer, 1, :b, :, end : end + t] = values.reshape(b, t, -1, d).transpose(1, 2)
         live = slice(first, end + t)  # [B, Hkv, L + T, D], read in place

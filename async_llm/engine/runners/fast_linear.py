@@ -152,7 +152,21 @@ class Int8Linear:
         return out
 
 
-class _PackedLinear:
+class PlainLinear:
+    """The linears of one input over their own weights (``parts``: each weight and bias), outputs
+    concatenated: ``torch.cat([x @ w.T + b ...], -1)`` (one product for one part)."""
+
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        self.parts = [(w.detach(), None if b is None else b.detach()) for w, b in parts]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            weight, bias = self.parts[0]
+            return F.linear(x, weight, bias)
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+class PackedLinear:
     """A linear layer whose weight oneDNN has reordered once for its matrix-multiply kernel (its own
     copy), and, for one row in float32, the plain kernel over the weights the model holds anyway:
     streaming a weight for one row, the default kernel (a matrix-vector product) is faster than the
@@ -190,18 +204,27 @@ def prepacked_linear(
     plain linear over ``weight`` itself.
 
     Args:
-        single_row: The product for one row (see :class:`_PackedLinear`); None: the plain linear
+        single_row: The product for one row (see :class:`PackedLinear`); None: the plain linear
             over ``weight`` (pass one when ``weight`` is a temporary the caller does not keep).
     """
-    weight = weight.detach()
-    bias = None if bias is None else bias.detach()
-
-    def plain(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, bias)
-
+    plain = PlainLinear([(weight, bias)])
     if prepacks(weight):
-        return _PackedLinear(weight, bias, batch_hint, single_row if single_row is not None else plain)
+        return PackedLinear(weight, bias, batch_hint, single_row if single_row is not None else plain)
     return plain
+
+
+class NarrowLinear:
+    """A float32 product run in bfloat16 (weight and input; the output, in bfloat16, is the caller's
+    to widen), through oneDNN with the weight prepacked: half the bytes a step streams, on a CPU that
+    multiplies bfloat16 in hardware (see :func:`onednn_bf16`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
+        self.inner = PackedLinear(
+            weight.detach().bfloat16(), None if bias is None else bias.detach().bfloat16(), batch_hint
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.bfloat16())
 
 
 def concatenated(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,11 +249,7 @@ def fused_linear(modules: Sequence[nn.Linear], batch_hint: int, owned: bool) -> 
     if not prepacks(weight) and owned:
         _share(modules, weight, bias)
         return prepacked_linear(weight, bias, batch_hint)
-    parts = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in modules]
-
-    def single_row(x: torch.Tensor) -> torch.Tensor:  # over the modules' own weights: nothing held twice
-        return torch.cat([F.linear(x, w, b) for w, b in parts], dim=-1)
-
+    single_row = PlainLinear([(m.weight, m.bias) for m in modules])  # the modules' own weights: nothing held twice
     return prepacked_linear(weight, bias, batch_hint, single_row)
 
 

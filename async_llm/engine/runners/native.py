@@ -1,0 +1,242 @@
+"""The fast runner's decode layers as one native call (``native_step.cpp``), built once per machine.
+
+A decode step at a small batch is bound by what runs between the products: per layer some thirty
+small operations (norms, rotary, the attention's parts, residuals, the int8 rows' quantization),
+each a few microseconds of interpreter and dispatch, about a fifth of a one-row step in float32 and
+more than half of it with int8 weights. The native call runs the same ATen operations in the same
+order from C++, and three element-wise kernels where Python ran several operations, each rounding as
+those operations do: its results are bitwise those of :meth:`FastDecoder._layers` (tested), so
+whether it is used changes speed only.
+
+It is compiled with the system's C++ compiler against the installed torch (``-march=native``: the
+instructions of the CPU it runs on, so it never meets one the CPU lacks), on a background thread the
+first time a fast runner starts (the Python step serves until it is ready, about half a minute), and
+kept under ``<cache_root>/native/``, keyed by its source, torch's version, the compiler and the CPU's
+flags; later starts load it at once. Without a compiler, or with ``ASYNC_LLM_NATIVE=0``, the Python
+step serves, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from async_llm.cache import cache_root
+from async_llm.engine.runners.fast_linear import Int8Linear, PackedLinear, PlainLinear, cpu_flags
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.engine.runners.native")
+
+SOURCE = Path(__file__).with_name("native_step.cpp")
+
+#: Set to ``0`` to keep the Python step (nothing is compiled or loaded).
+ENV_VAR = "ASYNC_LLM_NATIVE"
+
+#: The product kinds of ``native_step.cpp``.
+PLAIN, PACKED, INT8 = 0, 1, 2
+
+#: Seconds a build may take before it is abandoned.
+BUILD_TIMEOUT = 600
+
+_lock = threading.Lock()
+_future: Future[bool] | None = None
+_builds: set[subprocess.Popen[str]] = set()
+
+
+def disabled_reason() -> str | None:
+    """Why the native step is not tried here (None: it is)."""
+    if os.environ.get(ENV_VAR, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return f"{ENV_VAR}=0"
+    if _compiler() is None:
+        return "no C++ compiler (set CXX, or install g++ or clang++)"
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_path() -> Path:
+    """Where the library built for this source, torch, compiler and CPU is kept."""
+    compiler = _compiler() or "none"
+    version = _compiler_version(compiler)
+    key = hashlib.sha256(
+        "\n".join(
+            [SOURCE.read_text(encoding="utf-8"), torch.__version__, compiler, version, *sorted(cpu_flags())]
+        ).encode()
+    ).hexdigest()[:24]
+    return cache_root() / "native" / f"decode_step-{key}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile ``native_step.cpp`` into ``target`` (atomically: a half-written file never has its name)."""
+    compiler = _compiler()
+    assert compiler is not None
+    torch_dir = Path(torch.__file__).parent
+    lib_dir = torch_dir / "lib"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        out = Path(tmp) / target.name
+        command = [
+            compiler,
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-march=native",
+            "-ffp-contract=off",  # no fused multiply-adds: the Python step rounds each product
+            "-fopenmp-simd",
+            "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-I{torch_dir / 'include'}",
+            str(SOURCE),
+            "-o",
+            str(out),
+            f"-L{lib_dir}",
+            f"-Wl,-rpath,{lib_dir}",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-lc10",
+        ]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+            _builds.add(process)
+            try:
+                _, stderr = process.communicate(timeout=BUILD_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+            finally:
+                _builds.discard(process)
+        if process.returncode != 0:
+            raise RuntimeError(f"the native decode step did not compile: {stderr.strip()[-2000:]}")
+        os.replace(out, target)
+
+
+def _stop_builds() -> None:
+    """At exit: a compiler still running for a build this process started is stopped with it."""
+    for process in list(_builds):
+        process.kill()
+
+
+atexit.register(_stop_builds)
+
+
+def _load() -> bool:
+    reason = disabled_reason()
+    if reason is not None:
+        log.info("native decode step not used", reason=reason)
+        return False
+    try:
+        target = library_path()
+        if not target.exists():
+            with FileLock(str(target) + ".lock"):
+                if not target.exists():  # another process may have built it meanwhile
+                    log.info("building the native decode step (once per machine)", path=str(target))
+                    start = time.perf_counter()
+                    _build(target)
+                    log.info("native decode step built", seconds=round(time.perf_counter() - start, 1))
+        if not hasattr(torch.ops.async_llm_native, "decode_layers"):
+            torch.ops.load_library(str(target))  # type: ignore[no-untyped-call]
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a compiler that fails, a read-only cache
+        log.info("native decode step not used", reason=repr(exc))
+        return False
+    return True
+
+
+def start() -> Future[bool]:
+    """Load the native step, once per process: at once where this machine has built it (or where it
+    is not tried), else built on a background thread (the Python layers serve meanwhile). The future
+    says whether it is loaded."""
+    global _future
+    with _lock:
+        if _future is None:
+            future: Future[bool] = Future()
+            _future = future
+            if disabled_reason() is not None or library_path().exists():
+                future.set_result(_load())
+                return future
+
+            def run() -> None:
+                try:
+                    future.set_result(_load())
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
+                    future.set_exception(exc)
+
+            threading.Thread(target=run, name="async_llm-native-build", daemon=True).start()
+        return _future
+
+
+def ready() -> bool:
+    """Whether the native step is loaded (without waiting for a build)."""
+    future = _future
+    return future is not None and future.done() and future.exception() is None and future.result()
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Start the native step if needed and wait for it; whether it is loaded."""
+    return start().result(timeout)
+
+
+def product_spec(linear: Any, single_row: bool) -> tuple[int, list[torch.Tensor | None]] | None:
+    """A product as ``native_step.cpp`` takes it: its kind and parameters (None: a product it does
+    not run). ``single_row``: keep a packed product's plain weights for one row."""
+    if isinstance(linear, PlainLinear):
+        return PLAIN, [t for w, b in linear.parts for t in (w, b)]
+    if isinstance(linear, PackedLinear):
+        params: list[torch.Tensor | None] = [linear.weight, linear.bias]
+        if linear.single_row is not None:
+            if not isinstance(linear.single_row, PlainLinear):
+                return None
+            if single_row:
+                params += [t for w, b in linear.single_row.parts for t in (w, b)]
+        return PACKED, params
+    if isinstance(linear, Int8Linear):
+        return INT8, [linear.weight, linear.scale, linear.zero_points, linear.inverse_smoothing, linear.bias]
+    return None
+
+
+def layer_spec(layers: Sequence[Any]) -> tuple[list[torch.Tensor | None], list[int]] | None:
+    """The decoder layers (``FastDecoder.layers``) as the native call's ``params`` and ``layout``:
+    per layer its two norms (and q/k norms), then its four products, each ``kind, count`` in the
+    layout and its parameters in ``params``. None when a product is of a kind it does not run."""
+    params: list[torch.Tensor | None] = []
+    layout: list[int] = []
+    for layer in layers:
+        params += [layer.input_norm, layer.post_norm]
+        has_qk_norm = layer.q_norm is not None and layer.k_norm is not None
+        layout.append(int(has_qk_norm))
+        if has_qk_norm:
+            params += [layer.q_norm, layer.k_norm]
+        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            spec = product_spec(linear, single_row=True)
+            if spec is None:
+                return None
+            kind, tensors = spec
+            layout += [kind, len(tensors)]
+            params += tensors
+    return params, layout

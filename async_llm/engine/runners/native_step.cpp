@@ -1,0 +1,506 @@
+// The fast runner's decode layers in one native call (see native.py): the same products as
+// FastDecoder._layers runs for a decode step over the padded batch (the same ATen and oneDNN calls,
+// so the same results), and between them a handful of compact kernels where Python ran some thirty
+// small operations a layer: the residual addition with the next RMSNorm, rotary, attention at a few
+// rows (writing the step's keys and values into the batch's buffer, then a float32 softmax over each
+// row's live columns; more rows attend through ATen's batched products, as the Python layers do),
+// SiLU-and-multiply, and the int8 rows' quantization and scaling back. Each rounds where
+// the Python operations round (to the model's dtype after each of them); sums run in another order,
+// so results agree up to float32 reassociation (tested against the Python layers and generate).
+//
+// Why kernels of our own and not ATen's: a product streams megabytes of weights through the caches,
+// and the next operation's code and data come back from memory: measured on the machines here, a
+// first small ATen operation after a large product costs tens of microseconds (a composite one such
+// as rms_norm about 60), several times its own cost. A few small kernels keep that price small.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Scalars = c10::List<std::optional<at::Scalar>>;
+
+// Product kinds (native.py's spec): a plain linear over one or several weights (outputs
+// concatenated), oneDNN's prepacked float linear (with the plain weights for one row), oneDNN int8.
+constexpr int64_t PLAIN = 0;
+constexpr int64_t PACKED = 1;
+constexpr int64_t INT8 = 2;
+// Up to this many rows, attention runs in attention_kernel; more rows through ATen, whose
+// blocked products win there (measured on the default model: 1.1x to 1.2x the whole step at one or
+// two rows, even at four, behind from eight).
+constexpr int64_t ATTENTION_KERNEL_ROWS = 4;
+
+Tensor linear_pointwise(const Tensor& x, const Tensor& w, const OptTensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, Scalars,
+                                     std::optional<c10::string_view>)>();
+  return op.call(x, w, b, "none", Scalars(), std::nullopt);
+}
+
+Tensor qlinear_pointwise(const Tensor& q, const Tensor& w, const Tensor& scale, const Tensor& zero_points,
+                         at::ScalarType out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+                       .typed<Tensor(Tensor, double, int64_t, Tensor, Tensor, Tensor, OptTensor, double, int64_t,
+                                     std::optional<at::ScalarType>, c10::string_view, Scalars, c10::string_view)>();
+  return op.call(q, 1.0, 0, w, scale, zero_points, std::nullopt, 1.0, 0, out_dtype, "none", Scalars(), "");
+}
+
+// Element conversions the compiler vectorizes: float is itself; bfloat16 is the top half of a
+// float's bits, and a float rounds to it to nearest even (as torch rounds; NaN aside, which no step
+// produces).
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16); }
+
+template <typename T>
+T from_float(float v);
+template <>
+inline float from_float<float>(float v) {
+  return v;
+}
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
+  uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+// Rows of `x` [N, K] (float32 or bfloat16), times `inverse` [K] float32 when given, as int8
+// symmetric per row, as fast_linear.quantize_rows computes them: the row's largest magnitude m
+// (at least float32's tiny), q = round-half-even(x * ((1 / m) * 127)), scale = m / 127.
+template <typename T>
+void quantize_rows_kernel(const Tensor& x, const float* inverse, Tensor& q, Tensor& scale) {
+  const int64_t n = x.size(0), k = x.size(1);
+  const T* src = x.data_ptr<T>();
+  int8_t* dst = q.data_ptr<int8_t>();
+  float* scales = scale.data_ptr<float>();
+  const float tiny = std::numeric_limits<float>::min();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = src + r * k;
+      float m = 0.0f;
+      if (inverse != nullptr) {
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < k; ++j) m = std::max(m, std::fabs(as_float(row[j]) * inverse[j]));
+      } else {
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < k; ++j) m = std::max(m, std::fabs(as_float(row[j])));
+      }
+      m = std::max(m, tiny);
+      const float factor = (1.0f / m) * 127.0f;  // `127.0 / amax` in Python: amax.reciprocal() * 127
+      int8_t* out = dst + r * k;
+      if (inverse != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int8_t>(std::nearbyint((as_float(row[j]) * inverse[j]) * factor));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int8_t>(std::nearbyint(as_float(row[j]) * factor));
+      }
+      scales[r] = m / 127.0f;
+    }
+  });
+}
+
+// out[r, :] *= scale[r], then += bias, each rounded to out's dtype as two in-place ATen operations
+// would round it.
+template <typename T>
+void scale_rows_kernel(Tensor& out, const Tensor& scale, const OptTensor& bias) {
+  const int64_t n = out.size(0), k = out.size(1);
+  T* data = out.data_ptr<T>();
+  const float* scales = scale.data_ptr<float>();
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = data + r * k;
+      const float s = scales[r];
+      if (b != nullptr) {
+        for (int64_t j = 0; j < k; ++j) row[j] = from_float<T>(as_float(from_float<T>(as_float(row[j]) * s)) + as_float(b[j]));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) row[j] = from_float<T>(as_float(row[j]) * s);
+      }
+    }
+  });
+}
+
+// qk [N, H, D] rotated in place by cos, sin [N, D] as `qk * cos + rotate_half(qk) * sin` computes
+// it: each product rounded to the dtype, then their sum.
+template <typename T>
+void rotary_kernel(Tensor& qk, const Tensor& cos, const Tensor& sin) {
+  const int64_t n = qk.size(0), heads = qk.size(1), d = qk.size(2), half = d / 2;
+  const int64_t row_stride = qk.stride(0), head_stride = qk.stride(1);
+  T* data = qk.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();
+  const T* s = sin.data_ptr<T>();
+  const int64_t cs_stride = cos.stride(0);
+  TORCH_CHECK(d <= 1024 && qk.stride(2) == 1 && cos.stride(-1) == 1 && sin.stride(0) == cs_stride,
+              "rotary: unexpected layout");
+  at::parallel_for(0, n * heads, 16, [&](int64_t begin, int64_t end) {
+    float a[1024];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / heads, h = i % heads;
+      T* v = data + r * row_stride + h * head_stride;
+      const T* cr = c + r * cs_stride;
+      const T* sr = s + r * cs_stride;
+      for (int64_t j = 0; j < d; ++j) a[j] = as_float(v[j]);
+      for (int64_t j = 0; j < d; ++j) {
+        const float rotated = j < half ? -a[j + half] : a[j - half];
+        const float x = as_float(from_float<T>(a[j] * as_float(cr[j])));
+        const float y = as_float(from_float<T>(rotated * as_float(sr[j])));
+        v[j] = from_float<T>(x + y);
+      }
+    }
+  });
+}
+
+
+// exp(x) in float32 to about 2 ulp, branch-free so loops over it vectorize: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by its Taylor-like minimax polynomial (Cephes' expf coefficients), times
+// 2^n built in the exponent bits. Below -87.3 (a masked column's -inf included) it is 0.
+inline float exp_approx(float x) {
+  const float clamped = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = __builtin_bit_cast(float, bits);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// x [N, E] += delta (when given; each sum rounded to x's dtype), then out = RMSNorm(x) * weight as
+// transformers computes it: in float32, x * rsqrt(mean(x^2) + eps) rounded to the dtype, times the
+// weight, rounded.
+template <typename T>
+void add_rms_norm_kernel(Tensor& x, const Tensor* delta, const Tensor& weight, double eps, Tensor& out) {
+  const int64_t n = x.size(0), e = x.size(1);
+  T* xs = x.data_ptr<T>();
+  const T* ds = delta != nullptr ? delta->data_ptr<T>() : nullptr;
+  const T* w = weight.data_ptr<T>();
+  T* os = out.data_ptr<T>();
+  const float epsilon = static_cast<float>(eps);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = xs + r * e;
+      float sum = 0.0f;
+      if (ds != nullptr) {
+        const T* d = ds + r * e;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < e; ++j) {
+          const T v = from_float<T>(as_float(row[j]) + as_float(d[j]));
+          row[j] = v;
+          sum += as_float(v) * as_float(v);
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < e; ++j) sum += as_float(row[j]) * as_float(row[j]);
+      }
+      const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(e) + epsilon);
+      T* o = os + r * e;
+#pragma omp simd
+      for (int64_t j = 0; j < e; ++j) o[j] = from_float<T>(as_float(from_float<T>(as_float(row[j]) * inverse)) * as_float(w[j]));
+    }
+  });
+}
+
+// gate_up [N, 2I] (gate, then up) -> [N, I]: silu(gate) rounded to the dtype, times up, rounded.
+template <typename T>
+void silu_mul_kernel(const Tensor& gate_up, Tensor& out) {
+  const int64_t n = out.size(0), width = out.size(1);
+  const T* src = gate_up.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = src + r * 2 * width;
+      const T* u = g + width;
+      T* o = dst + r * width;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const float v = as_float(g[j]);
+        const float silu = as_float(from_float<T>(v / (1.0f + exp_approx(-v))));
+        o[j] = from_float<T>(silu * as_float(u[j]));
+      }
+    }
+  });
+}
+
+// Writes the step's keys and values ([B T, Hkv, D] views, T tokens a row, row by row) into `kv`
+// (one layer's [2, B_cap, Hkv, L_cap, D] part) at columns `end` to `end + T - 1` of each row.
+template <typename T>
+void write_kv(const Tensor& keys, const Tensor& values, const Tensor& layer_kv, int64_t end, int64_t tokens) {
+  const int64_t n = keys.size(0), kv_heads = keys.size(1), d = keys.size(2);
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1 && layer_kv.stride(4) == 1,
+              "keys and values: unexpected layout");
+  T* cache = layer_kv.data_ptr<T>();
+  const T* ks = keys.data_ptr<T>();
+  const T* vs = values.data_ptr<T>();
+  const int64_t side = layer_kv.stride(0), row_stride = layer_kv.stride(1), head_stride = layer_kv.stride(2),
+                column = layer_kv.stride(3);
+  at::parallel_for(0, n * kv_heads, 64, [&](int64_t begin, int64_t stop) {
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t token = i / kv_heads, g = i % kv_heads, r = token / tokens, t = token % tokens;
+      T* k = cache + r * row_stride + g * head_stride + (end + t) * column;
+      std::memcpy(k, ks + token * keys.stride(0) + g * keys.stride(1), d * sizeof(T));
+      std::memcpy(k + side, vs + token * values.stride(0) + g * values.stride(1), d * sizeof(T));
+    }
+  });
+}
+
+// The rows' attention of one layer after write_kv: query head h of token t of row r ([B T, H, D]
+// view) attends to columns `first` to `end + t` of its key/value head (heads grouped as transformers
+// groups them), scores scaled and biased (`bias` [B, 1, T, end + T - first]: the row's padding and,
+// in a verify step, the tokens after t), softmax and sums in float32. Returns [B T, H, D].
+template <typename T>
+Tensor attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
+                        int64_t tokens, const Tensor& bias, double scaling) {
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t group = heads / kv_heads, width = end + tokens - first;
+  TORCH_CHECK(q.stride(2) == 1 && bias.size(-1) == width && bias.size(-2) == tokens, "attention: unexpected layout");
+  const T* cache = layer_kv.data_ptr<T>();
+  const int64_t side = layer_kv.stride(0), row_stride = layer_kv.stride(1), head_stride = layer_kv.stride(2),
+                column = layer_kv.stride(3);
+  Tensor out = at::empty({n, heads, d}, q.options());
+  const T* qs = q.data_ptr<T>();
+  const T* bs = bias.data_ptr<T>();
+  const int64_t bias_row = bias.stride(0), bias_token = bias.stride(2), bias_column = bias.stride(3);
+  T* os = out.data_ptr<T>();
+  const float scale = static_cast<float>(scaling);
+  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> scores(width), query(d), acc(d);
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t token = i / heads, h = i % heads, g = h / group, r = token / tokens, t = token % tokens;
+      const int64_t live = end + t + 1 - first;  // later tokens of a verify step are masked anyway
+      const T* qh = qs + token * q.stride(0) + h * q.stride(1);
+      for (int64_t j = 0; j < d; ++j) query[j] = as_float(qh[j]);
+      const T* k = cache + r * row_stride + g * head_stride + first * column;
+      const T* v = k + side;
+      const T* b = bs + r * bias_row + t * bias_token;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < live; ++c) {
+        const T* kc = k + c * column;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < d; ++j) dot += query[j] * as_float(kc[j]);
+        const float s = dot * scale + as_float(b[c * bias_column]);
+        scores[c] = s;
+        top = std::max(top, s);
+      }
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t c = 0; c < live; ++c) {
+        const float p = exp_approx(scores[c] - top);
+        scores[c] = p;
+        total += p;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t c = 0; c < live; ++c) {
+        const float p = scores[c];
+        if (p == 0.0f) continue;  // a masked column
+        const T* vc = v + c * column;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) acc[j] += p * as_float(vc[j]);
+      }
+      const float inverse = 1.0f / total;
+      T* o = os + i * d;
+      for (int64_t j = 0; j < d; ++j) o[j] = from_float<T>(acc[j] * inverse);
+    }
+  });
+  return out;
+}
+
+template <typename F>
+void dispatch_float(const Tensor& t, const char* what, F&& f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float());
+  } else if (t.scalar_type() == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else {
+    TORCH_CHECK(false, what, ": float32 or bfloat16 expected, got ", t.scalar_type());
+  }
+}
+
+Tensor int8_product(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& zero_points,
+                    const OptTensor& inverse, const OptTensor& bias) {
+  Tensor xc = x.contiguous();
+  Tensor q = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
+  Tensor row_scale = at::empty({xc.size(0), 1}, xc.options().dtype(at::kFloat));
+  const float* inv = inverse.has_value() ? inverse->data_ptr<float>() : nullptr;
+  dispatch_float(xc, "int8 product input", [&](auto tag) {
+    quantize_rows_kernel<decltype(tag)>(xc, inv, q, row_scale);
+  });
+  Tensor out = qlinear_pointwise(q, weight, scale, zero_points, x.scalar_type());
+  dispatch_float(out, "int8 product output", [&](auto tag) { scale_rows_kernel<decltype(tag)>(out, row_scale, bias); });
+  return out;
+}
+
+// One product of `x` [N, K]: `params` from `at` on, `count` of them, as native.py lays them out.
+Tensor product(const Tensor& x, int64_t kind, const c10::List<OptTensor>& params, int64_t at, int64_t count) {
+  auto get = [&](int64_t i) -> OptTensor { return params.get(at + i); };
+  auto plain = [&](int64_t first) {
+    const int64_t parts = (count - first) / 2;
+    if (parts == 1) return at::linear(x, *get(first), get(first + 1));
+    std::vector<Tensor> outs;
+    outs.reserve(parts);
+    for (int64_t p = 0; p < parts; ++p) outs.push_back(at::linear(x, *get(first + 2 * p), get(first + 2 * p + 1)));
+    return at::cat(outs, -1);
+  };
+  if (kind == PLAIN) return plain(0);
+  if (kind == PACKED) {
+    if (x.size(0) == 1 && count > 2) return plain(2);
+    return linear_pointwise(x, *get(0), get(1));
+  }
+  TORCH_CHECK(kind == INT8, "unknown product kind ", kind);
+  return int8_product(x, *get(0), *get(1), *get(2), get(3), get(4));
+}
+
+// The rows' attention through ATen after write_kv (what Rows.attend and grouped_attention run, or
+// VerifyRows.attend and verify_attention): faster than attention_kernel over many rows, whose
+// blocked products it does not have.
+Tensor aten_attention(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
+                      int64_t tokens, const Tensor& bias, double scaling) {
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), b = n / tokens;
+  const Tensor k = layer_kv.select(0, 0).narrow(0, 0, b).narrow(2, first, end + tokens - first);
+  const Tensor v = layer_kv.select(0, 1).narrow(0, 0, b).narrow(2, first, end + tokens - first);
+  if (tokens > 1) {
+    const Tensor qt = q.reshape({b, tokens, heads, d}).transpose(1, 2);
+    const Tensor out = at::scaled_dot_product_attention(qt, k, v, bias, 0.0, false, scaling, true);
+    return out.transpose(1, 2).reshape({n, heads, d});
+  }
+  const Tensor qg = q.reshape({b, kv_heads, heads / kv_heads, d});
+  if (q.scalar_type() != at::kFloat) {
+    return at::scaled_dot_product_attention(qg, k, v, bias, 0.0, false, scaling).reshape({n, heads, d});
+  }
+  Tensor scores = at::matmul(qg, k.transpose(-1, -2));
+  scores.mul_(scaling).add_(bias);
+  const Tensor weights = at::softmax(scores, -1, at::kFloat).to(v.scalar_type());
+  return at::matmul(weights, v).view({n, heads, d});
+}
+
+struct Layer {
+  Tensor input_norm, post_norm, q_norm, k_norm;
+  int64_t kinds[4], counts[4], offsets[4];
+};
+
+// The layers as `params` and `layout` describe them (native.py's layer_spec).
+std::vector<Layer> parse_layers(const c10::List<OptTensor>& params, at::IntArrayRef layout, int64_t layers) {
+  std::vector<Layer> out(layers);
+  int64_t p = 0, l = 0;
+  for (auto& layer : out) {
+    layer.input_norm = *params.get(p++);
+    layer.post_norm = *params.get(p++);
+    if (layout[l++] != 0) {
+      layer.q_norm = *params.get(p++);
+      layer.k_norm = *params.get(p++);
+    }
+    for (int k = 0; k < 4; ++k) {
+      layer.kinds[k] = layout[l++];
+      layer.counts[k] = layout[l++];
+      layer.offsets[k] = p;
+      p += layer.counts[k];
+    }
+  }
+  TORCH_CHECK(p == static_cast<int64_t>(params.size()) && l == static_cast<int64_t>(layout.size()),
+              "decode_layers: params and layout do not match the layers");
+  return out;
+}
+
+// The decoder layers of a decode or verify step (FastDecoder._layers with decode rows and no chunks):
+// `x` [B T, E] the embeddings of each row's `tokens` tokens (one; a verify step's last token and its
+// draft), `cos`/`sin` [B T, D], `kv` the padded batch's buffer, whose columns `first` to `end - 1`
+// hold the rows' context and columns `end` to `end + T - 1` get the step's keys and values, `bias`
+// [B, 1, T, end + T - first]. `params` and `layout` describe the layers (native.py). Returns the
+// hidden states [B T, E] before the final norm.
+Tensor decode_layers(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& kv, int64_t first, int64_t end,
+                     const Tensor& bias, const c10::List<OptTensor>& params, at::IntArrayRef layout, double eps,
+                     double scaling, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t tokens) {
+  const int64_t n = x.size(0), e = x.size(1), d = head_dim;
+  const int64_t q_width = heads * d, kv_width = kv_heads * d;
+  const std::vector<Layer> layers = parse_layers(params, layout, kv.size(0));
+  TORCH_CHECK(tokens >= 1 && n % tokens == 0 && kv.size(2) >= n / tokens && end + tokens <= kv.size(4),
+              "decode_layers: unexpected batch layout");
+  x = x.contiguous().clone();  // the residual, written in place
+  Tensor h = at::empty_like(x);
+  dispatch_float(x, "hidden states", [&](auto tag) {
+    using T = decltype(tag);
+    add_rms_norm_kernel<T>(x, nullptr, layers[0].input_norm, eps, h);
+  });
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& layer = layers[i];
+    const Tensor qkv = product(h, layer.kinds[0], params, layer.offsets[0], layer.counts[0]);
+    Tensor qk = qkv.narrow(1, 0, q_width + kv_width).view({n, heads + kv_heads, d});
+    if (layer.q_norm.defined()) {
+      qk = at::cat({at::rms_norm(qk.narrow(1, 0, heads), {d}, layer.q_norm, eps),
+                    at::rms_norm(qk.narrow(1, heads, kv_heads), {d}, layer.k_norm, eps)},
+                   1);
+    } else {
+      qk = qk.clone();  // rotated in place; qkv's values are read below
+    }
+    const Tensor values = qkv.narrow(1, q_width + kv_width, kv_width).view({n, kv_heads, d});
+    Tensor attn;
+    dispatch_float(x, "hidden states", [&](auto tag) {
+      using T = decltype(tag);
+      rotary_kernel<T>(qk, cos, sin);
+      const Tensor layer_kv = kv.select(0, static_cast<int64_t>(i));
+      write_kv<T>(qk.narrow(1, heads, kv_heads), values, layer_kv, end, tokens);
+      const Tensor q = qk.narrow(1, 0, heads);
+      attn = n / tokens <= ATTENTION_KERNEL_ROWS
+                 ? attention_kernel<T>(q, layer_kv, kv_heads, first, end, tokens, bias, scaling)
+                 : aten_attention(q, layer_kv, kv_heads, first, end, tokens, bias, scaling);
+    });
+    const Tensor o = product(attn.view({n, q_width}), layer.kinds[1], params, layer.offsets[1], layer.counts[1]);
+    dispatch_float(x, "hidden states", [&](auto tag) {
+      add_rms_norm_kernel<decltype(tag)>(x, &o, layer.post_norm, eps, h);
+    });
+    const Tensor gate_up = product(h, layer.kinds[2], params, layer.offsets[2], layer.counts[2]);
+    Tensor act = at::empty({n, gate_up.size(1) / 2}, gate_up.options());
+    dispatch_float(x, "hidden states", [&](auto tag) { silu_mul_kernel<decltype(tag)>(gate_up, act); });
+    const Tensor down = product(act, layer.kinds[3], params, layer.offsets[3], layer.counts[3]);
+    if (i + 1 < layers.size()) {
+      dispatch_float(x, "hidden states", [&](auto tag) {
+        add_rms_norm_kernel<decltype(tag)>(x, &down, layers[i + 1].input_norm, eps, h);
+      });
+    } else {
+      x.add_(down);
+    }
+  }
+  return x;
+}
+
+// A single product, for the tests: the kinds as decode_layers runs them.
+Tensor run_product(const Tensor& x, const c10::List<OptTensor>& params, int64_t kind) {
+  return product(x, kind, params, 0, static_cast<int64_t>(params.size()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(async_llm_native, m) {
+  m.def(
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor kv, int first, int end, Tensor bias, Tensor?[] params, "
+      "int[] layout, float eps, float scaling, int heads, int kv_heads, int head_dim, int tokens) -> Tensor");
+  m.def("product(Tensor x, Tensor?[] params, int kind) -> Tensor");
+}
+
+// Any backend key: the prepacked weights are oneDNN tensors (MkldnnCPU) beside CPU ones.
+TORCH_LIBRARY_IMPL(async_llm_native, CompositeExplicitAutograd, m) {
+  m.impl("decode_layers", &decode_layers);
+  m.impl("product", &run_product);
+}

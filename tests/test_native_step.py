@@ -1,0 +1,216 @@
+"""The native decode step (``async_llm.engine.runners.native``): the Python layers' results up to
+float32 reassociation on every fast architecture, in float32, bfloat16 and int8, at one row and over
+a padded batch with masked columns; the engine runs it and still generates ``model.generate``'s greedy
+tokens; it is built once and kept; without a compiler that works, or with ``ASYNC_LLM_NATIVE=0``, the
+Python layers serve with one log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from async_llm import HuggingFaceLLM
+from async_llm.engine.runners import fast_check, fast_forward, int8, native
+from async_llm.engine.runners.fast_linear import NarrowLinear, PackedLinear, PlainLinear, onednn_bf16, onednn_int8
+from tests.conftest import PROMPTS, reference_ids
+from tests.test_fast_decode import FAST
+from tests.test_int8 import FAST as FAST_INT8
+
+pytestmark = pytest.mark.skipif(
+    native.disabled_reason() is not None, reason=f"native step not tried here: {native.disabled_reason()}"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    """The native step loaded (built first where this machine has none): a compiler that is there
+    but fails is a failure, not a skip."""
+    assert native.wait(timeout=native.BUILD_TIMEOUT), "the native decode step did not build or load"
+
+
+def _tolerance(dtype: torch.dtype, quantized: bool) -> float:
+    """The largest difference accepted, relative to the largest value: float32 reassociation (sums in
+    another order, an exp within 2 ulp); in bfloat16 the start-up check's, since a value that lands
+    on a rounding boundary rounds the other way; with int8 rows also one quantization step of a
+    value that lands on a boundary."""
+    if dtype != torch.float32:
+        return fast_check.LOW_PRECISION_EPS * torch.finfo(dtype).eps
+    return 1e-3 if quantized else 1e-5
+
+
+def _close(candidate: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    difference = float((candidate.float() - reference.float()).abs().max())
+    assert difference <= tolerance * float(reference.float().abs().max()), difference
+
+
+def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtype, live: int = 9) -> None:
+    """One decode step of ``rows`` rows (the later ones padded on the left, as the batch keeps
+    shorter rows) through the Python layers and through the native call, from the same buffer: the
+    same greedy tokens, logits and written keys and values within the dtype's tolerance, and no
+    other column of the buffer touched."""
+    generator = torch.Generator().manual_seed(rows)
+    layers, columns, end = len(decoder.layers), live + 7, live + 3
+    shape = (layers, 2, rows + 1, decoder.kv_heads, columns, decoder.head_dim)
+    kv = (torch.randn(shape, generator=generator) * 0.5).to(dtype)
+    mask = torch.ones(rows, live + 1, dtype=torch.long)
+    for r in range(rows):
+        mask[r, : min(2 * r, live)] = 0  # the new column stays
+    ids = torch.randint(3, 300, (rows, 1), generator=generator)
+    positions = mask.sum(1, keepdim=True) - 1
+    results = []
+    for use in (False, True):
+        decoder.native = use
+        buffer = kv.clone()
+        before = decoder.native_steps
+        with torch.inference_mode():
+            logits = decoder.decode(ids, positions, mask, buffer, end)
+        assert decoder.native_steps == before + use
+        results.append((logits, buffer))
+    (python_logits, python_kv), (native_logits, native_kv) = results
+    tolerance = _tolerance(dtype, decoder.quantize is not None)
+    assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
+    _close(native_logits, python_logits, tolerance)
+    written = native_kv[:, :, :rows, :, end]
+    assert not torch.equal(written, kv[:, :, :rows, :, end])  # the step wrote its column...
+    _close(written, python_kv[:, :, :rows, :, end], tolerance)
+    native_kv[:, :, :rows, :, end] = kv[:, :, :rows, :, end]
+    assert torch.equal(native_kv, kv)  # ...and nothing else
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_native_layers_give_the_python_layers_results(name, dtype):
+    decoder = fast_forward.FastDecoder(FAST[name]().to(dtype))
+    assert decoder._native is not None
+    for rows in (1, 3, 6):  # one row: the plain single-row products in float32; six: attention through ATen
+        _decode_both(decoder, rows, dtype)
+
+
+def test_native_verify_steps_give_the_python_layers_results():
+    """A speculative verify step (each row feeds its last token and a draft: T tokens, each attending
+    to the row's context and causally to the tokens before it), at a few rows and through ATen."""
+    decoder = fast_forward.FastDecoder(FAST["llama"]())
+    generator = torch.Generator().manual_seed(0)
+    layers, live, tokens = len(decoder.layers), 9, 4
+    for rows in (1, 2, 6):
+        end = live + 3  # context in columns 3..11, the step writes 12..15
+        shape = (layers, 2, rows, decoder.kv_heads, end + tokens + 2, decoder.head_dim)
+        kv = torch.randn(shape, generator=generator) * 0.5
+        mask = torch.ones(rows, live, dtype=torch.long)
+        for r in range(rows):
+            mask[r, : min(r, live - 1)] = 0
+        ids = torch.randint(3, 300, (rows, tokens), generator=generator)
+        positions = mask.sum(1, keepdim=True) + torch.arange(tokens)
+        results = []
+        for use in (False, True):
+            decoder.native = use
+            buffer = kv.clone()
+            before = decoder.native_steps
+            with torch.inference_mode():
+                verify = fast_forward.VerifyRows(ids, positions, mask, buffer, end)
+                logits, _ = decoder.step(verify, [])
+            assert decoder.native_steps == before + use
+            results.append((logits, buffer))
+        (python_logits, python_kv), (native_logits, native_kv) = results
+        assert logits.shape == (rows * tokens, 400)
+        assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
+        _close(native_logits, python_logits, 1e-5)
+        _close(native_kv[..., end : end + tokens, :], python_kv[..., end : end + tokens, :], 1e-5)
+        assert torch.equal(native_kv[..., :end, :], kv[..., :end, :])
+
+
+def test_native_attention_over_a_long_context():
+    """Hundreds of live columns, masked ones among them, in several rows."""
+    decoder = fast_forward.FastDecoder(FAST["qwen2"]())
+    for rows in (2, 8):  # attention in the native kernel; through ATen
+        _decode_both(decoder, rows, torch.float32, live=300)
+
+
+@pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(FAST_INT8))
+def test_native_int8_layers_give_the_python_layers_results(name, dtype):
+    """The int8 rows' quantization and scaling back, native kernels both, as the Python operations
+    compute them: with and without smoothing, with biases (llama, qwen2) and without."""
+    model = FAST_INT8[name]()
+    with torch.inference_mode():
+        smoothing = int8.calibrate(model, fast_forward.FastDecoder(model), int8.drawn_ids(100))
+    model = model.to(dtype)
+    for vectors in (smoothing, None):
+        decoder = fast_forward.FastDecoder(model, quantize="int8", smoothing=vectors)
+        for rows in (1, 3):
+            _decode_both(decoder, rows, dtype)
+
+
+async def test_the_engine_switches_to_the_native_step_and_keeps_greedy_tokens(tiny_model, tiny_tokenizer):
+    llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", pad_token_id=0)
+    async with llm:
+        llm.engine.ready.wait()
+        decoder = llm.engine.runner.decoder  # type: ignore[attr-defined]
+        results = [await llm.acomplete(p, chat_template=False, max_tokens=12, ignore_eos=True) for p in PROMPTS]
+        assert decoder.native_steps >= 11 * len(PROMPTS)  # every decode step after the first token
+    for prompt, result in zip(PROMPTS, results):
+        expected = reference_ids(tiny_model, tiny_tokenizer(prompt).input_ids, 12)
+        assert result.token_ids[: len(expected)] == expected
+
+
+def test_a_product_the_native_step_does_not_run_keeps_the_python_layers():
+    decoder = fast_forward.FastDecoder(FAST["llama"]())
+    layer = decoder.layers[0]
+    odd = lambda x: PlainLinear([(torch.ones(4, 4), None)])(x)  # noqa: E731 - a product of no known kind
+    assert native.product_spec(odd, single_row=True) is None
+    layer.o = odd
+    assert native.layer_spec(decoder.layers) is None
+
+
+def test_int8_output_projection_runs_in_bfloat16_where_the_cpu_multiplies_it():
+    model = FAST_INT8["llama"]()
+    decoder = fast_forward.FastDecoder(model, quantize="int8")
+    if onednn_bf16():
+        assert isinstance(decoder.lm_head, NarrowLinear)
+        x = torch.randn(2, model.config.hidden_size)
+        expected = torch.nn.functional.linear(x.bfloat16().float(), model.lm_head.weight.bfloat16().float())
+        torch.testing.assert_close(decoder.lm_head(x).float(), expected, rtol=2e-2, atol=2e-2)
+    else:
+        assert isinstance(decoder.lm_head, (PackedLinear, PlainLinear))
+    assert isinstance(fast_forward.FastDecoder(model).lm_head, (PackedLinear, PlainLinear))  # float: as the model
+
+
+def test_the_built_library_is_kept_and_loaded_without_a_build(monkeypatch):
+    path = native.library_path()
+    assert path.is_file()
+
+    def no_build(target):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    assert native._load()
+
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "async_llm.engine.runners.native"]
+
+
+def test_a_compiler_that_fails_leaves_the_python_step_with_one_log_line(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'no such header' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("ASYNC_LLM_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="async_llm.engine.runners.native")
+    assert native._load() is False
+    failed = [e for e in _events(caplog) if e["event"] == "native decode step not used"]
+    assert len(failed) == 1 and "no such header" in failed[0]["reason"]
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-built under the name
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_the_environment_switch_keeps_the_python_step(value, monkeypatch, caplog):
+    monkeypatch.setenv(native.ENV_VAR, value)
+    caplog.set_level(logging.INFO, logger="async_llm.engine.runners.native")
+    assert native.disabled_reason() == f"{native.ENV_VAR}=0"
+    assert native._load() is False
+    assert [e["reason"] for e in _events(caplog)] == [f"{native.ENV_VAR}=0"]
