@@ -6,8 +6,10 @@ Python layers serve with one log line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 def built() -> None:
     """The native step loaded (built first where this machine has none): a compiler that is there
     but fails is a failure, not a skip."""
-    assert native.wait(timeout=native.BUILD_TIMEOUT), "the native decode step did not build or load"
+    assert native.load(), "the native decode step did not build or load"
 
 
 def _tolerance(dtype: torch.dtype, quantized: bool) -> float:
@@ -46,6 +48,23 @@ def _close(candidate: torch.Tensor, reference: torch.Tensor, tolerance: float) -
     assert difference <= tolerance * float(reference.float().abs().max()), difference
 
 
+def _python_and_native(
+    decoder: fast_forward.FastDecoder, kv: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``step(buffer)`` (one forward over a copy of ``kv``) through the Python layers, then through
+    the native call: each one's logits and buffer."""
+    results = []
+    for use in (False, True):
+        decoder.native = use
+        buffer = kv.clone()
+        before = decoder.native_steps
+        with torch.inference_mode():
+            logits = step(buffer)
+        assert decoder.native_steps == before + use
+        results.append((logits, buffer))
+    return results[0], results[1]
+
+
 def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtype, live: int = 9) -> None:
     """One decode step of ``rows`` rows (the later ones padded on the left, as the batch keeps
     shorter rows) through the Python layers and through the native call, from the same buffer: the
@@ -60,16 +79,9 @@ def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtyp
         mask[r, : min(2 * r, live)] = 0  # the new column stays
     ids = torch.randint(3, 300, (rows, 1), generator=generator)
     positions = mask.sum(1, keepdim=True) - 1
-    results = []
-    for use in (False, True):
-        decoder.native = use
-        buffer = kv.clone()
-        before = decoder.native_steps
-        with torch.inference_mode():
-            logits = decoder.decode(ids, positions, mask, buffer, end)
-        assert decoder.native_steps == before + use
-        results.append((logits, buffer))
-    (python_logits, python_kv), (native_logits, native_kv) = results
+    (python_logits, python_kv), (native_logits, native_kv) = _python_and_native(
+        decoder, kv, lambda buffer: decoder.decode(ids, positions, mask, buffer, end)
+    )
     tolerance = _tolerance(dtype, decoder.quantize is not None)
     assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
     _close(native_logits, python_logits, tolerance)
@@ -89,6 +101,10 @@ def test_native_layers_give_the_python_layers_results(name, dtype):
         _decode_both(decoder, rows, dtype)
 
 
+def _verify(decoder, ids, positions, mask, end, buffer) -> torch.Tensor:
+    return decoder.step(fast_forward.VerifyRows(ids, positions, mask, buffer, end), [])[0]
+
+
 def test_native_verify_steps_give_the_python_layers_results():
     """A speculative verify step (each row feeds its last token and a draft: T tokens, each attending
     to the row's context and causally to the tokens before it), at a few rows and through ATen."""
@@ -104,18 +120,9 @@ def test_native_verify_steps_give_the_python_layers_results():
             mask[r, : min(r, live - 1)] = 0
         ids = torch.randint(3, 300, (rows, tokens), generator=generator)
         positions = mask.sum(1, keepdim=True) + torch.arange(tokens)
-        results = []
-        for use in (False, True):
-            decoder.native = use
-            buffer = kv.clone()
-            before = decoder.native_steps
-            with torch.inference_mode():
-                verify = fast_forward.VerifyRows(ids, positions, mask, buffer, end)
-                logits, _ = decoder.step(verify, [])
-            assert decoder.native_steps == before + use
-            results.append((logits, buffer))
-        (python_logits, python_kv), (native_logits, native_kv) = results
-        assert logits.shape == (rows * tokens, 400)
+        verify = functools.partial(_verify, decoder, ids, positions, mask, end)
+        (python_logits, python_kv), (native_logits, native_kv) = _python_and_native(decoder, kv, verify)
+        assert native_logits.shape == (rows * tokens, 400)
         assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
         _close(native_logits, python_logits, 1e-5)
         _close(native_kv[..., end : end + tokens, :], python_kv[..., end : end + tokens, :], 1e-5)
@@ -145,7 +152,7 @@ def test_native_int8_layers_give_the_python_layers_results(name, dtype):
             _decode_both(decoder, rows, dtype)
 
 
-async def test_the_engine_switches_to_the_native_step_and_keeps_greedy_tokens(tiny_model, tiny_tokenizer):
+async def test_the_engine_runs_the_native_step_and_keeps_greedy_tokens(tiny_model, tiny_tokenizer):
     llm = HuggingFaceLLM(model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", pad_token_id=0)
     async with llm:
         llm.engine.ready.wait()

@@ -53,11 +53,6 @@ class AsyncLLMRunner(Runner):
         )
 
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
-        decoder = getattr(self.llm.engine.runner, "decoder", None)
-        if decoder is not None and hasattr(decoder, "native"):
-            from async_llm.engine.runners import native
-
-            native.wait()  # built in the background at the first start on a machine: measured once ready
         steps = self.llm.engine.steps
         before = self.llm.stats()
         records, start = asyncio.run(self._run(requests, on_done))
@@ -135,7 +130,7 @@ class AsyncLLMInt8Runner(AsyncLLMRunner):
             raise RuntimeError("the engine runs this model unquantized: no int8 to measure")
 
 
-class _PythonStep:
+class _PythonStep(AsyncLLMRunner):
     """A variant with the fast runner's decode layers in Python (the step before the native one, see
     ``async_llm.engine.runners.native``): what the native step saves. CPU only."""
 
@@ -147,31 +142,24 @@ class _PythonStep:
             return f"the native decode step runs on a CPU, not {config.device}"
         return None
 
-    def python_step(self, llm: Any) -> None:
-        llm.engine.ready.wait()
-        decoder = getattr(llm.engine.runner, "decoder", None)
+    def load(self) -> None:
+        super().load()
+        self.llm.engine.ready.wait()
+        decoder = getattr(self.llm.engine.runner, "decoder", None)
         if decoder is None or not hasattr(decoder, "native"):
-            llm.close()
+            self.llm.close()
             raise RuntimeError("the engine does not run the fast runner here: no native step to compare")
         decoder.native = False
 
 
-class AsyncLLMPythonStepRunner(_PythonStep, AsyncLLMRunner):
+class AsyncLLMPythonStepRunner(_PythonStep):
     name = "async_llm-python-step"
     description = "async_llm with the fast runner's decode layers in Python, not the native step (CPU only)"
-
-    def load(self) -> None:
-        super().load()
-        self.python_step(self.llm)
 
 
 class AsyncLLMInt8PythonStepRunner(_PythonStep, AsyncLLMInt8Runner):
     name = "async_llm-int8-python-step"
     description = 'async_llm with quantize="int8" and the decode layers in Python, not the native step (CPU only)'
-
-    def load(self) -> None:
-        super().load()
-        self.python_step(self.llm)
 
 
 class AsyncLLMNgramRunner(AsyncLLMRunner):

@@ -11,8 +11,8 @@ mask building and no module or keyword dispatch:
   are never repeated; the padding mask is one additive bias shared by every layer;
 - on a CPU in float32 every product runs through oneDNN with a prepacked weight.
 
-On a CPU a decode step's layers run as one native call once it is built (see :mod:`.native`): the
-same products, and compact kernels for what runs between them.
+On a CPU a decode step's layers run as one native call (see :mod:`.native`): the same products, and
+compact kernels for what runs between them.
 
 Prefills run the same layers over the admitted prompts packed along one token axis (no padding is
 computed), each prompt attending causally to itself only. Results equal the transformers step up
@@ -139,16 +139,16 @@ class FastDecoder:
             # The output projection in bfloat16 where the CPU multiplies it in hardware: half the
             # bytes of float32 for no measured cost in perplexity (see async_llm.engine.runners.int8).
             self.lm_head = NarrowLinear(head.weight, head.bias, batch_hint)
-        # The decode layers as one native call where it runs (see :mod:`.native`): built or loaded in
-        # the background; the Python layers serve until it is ready, with the same results.
+        # The decode layers as one native call where it runs (see :mod:`.native`; built the first
+        # time on a machine, then loaded): the same products, compact kernels between them.
         self._native: tuple[list[torch.Tensor | None], list[int]] | None = None
-        self.native = True  # False: the Python layers always (the native call, once ready, gives the same results)
-        self.native_steps = 0  # decode steps the native call ran
+        self.native = True  # False: the Python layers (the same results up to float32 reassociation)
+        self.native_steps = 0  # decode and verify steps the native call ran
         weight = self.embed.weight
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-            self._native = native.layer_spec(self.layers)
-            if self._native is not None:
-                native.start()
+            spec = native.layer_spec(self.layers)
+            if spec is not None and native.load():
+                self._native = spec
 
     def decode(
         self,
@@ -239,7 +239,7 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[None])  # [1, N, D]
         if rows is not None:
             rows.begin(x.dtype)
-            if not chunks and isinstance(rows, Rows) and self.native and self._native is not None and native.ready():
+            if not chunks and isinstance(rows, Rows) and self.native and self._native is not None:
                 params, layout = self._native
                 layers: torch.Tensor = torch.ops.async_llm_native.decode_layers(
                     x, cos[0], sin[0], rows.kv, rows.first, rows.end, rows.bias, params, layout,

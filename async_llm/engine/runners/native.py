@@ -9,26 +9,27 @@ those operations do: its results are bitwise those of :meth:`FastDecoder._layers
 whether it is used changes speed only.
 
 It is compiled with the system's C++ compiler against the installed torch (``-march=native``: the
-instructions of the CPU it runs on, so it never meets one the CPU lacks), on a background thread the
-first time a fast runner starts (the Python step serves until it is ready, about half a minute), and
-kept under ``<cache_root>/native/``, keyed by its source, torch's version, the compiler and the CPU's
-flags; later starts load it at once. Without a compiler, or with ``ASYNC_LLM_NATIVE=0``, the Python
-step serves, with one log line saying why.
+instructions of the CPU it runs on, so it never meets one the CPU lacks) the first time a fast runner
+starts on a machine (about 15 s on 2 cores, at the lowest priority), and kept under
+``<cache_root>/native/``, keyed by its source, torch's version, the compiler and the CPU's flags;
+later starts load it at once. Without a compiler, or with ``ASYNC_LLM_NATIVE=0``, the Python step
+serves, with one log line saying why.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ PLAIN, PACKED, INT8 = 0, 1, 2
 BUILD_TIMEOUT = 600
 
 _lock = threading.Lock()
-_future: Future[bool] | None = None
+_loaded: bool | None = None
 _builds: set[subprocess.Popen[str]] = set()
 
 
@@ -123,12 +124,20 @@ def _build(target: Path) -> None:
             "-ltorch_cpu",
             "-lc10",
         ]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        # At the lowest priority: on a machine of few cores a compiler at full priority would take a
+        # core from the engine's threads, which wait for each other at every operation.
+        nice = shutil.which("nice")
+        if nice is not None:
+            command = [nice, "-n", "19", *command]
+        # A session of its own: the compiler driver's children (cc1plus, the linker) are stopped with it.
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as process:
             _builds.add(process)
             try:
                 _, stderr = process.communicate(timeout=BUILD_TIMEOUT)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _kill(process)
                 raise
             finally:
                 _builds.discard(process)
@@ -137,10 +146,16 @@ def _build(target: Path) -> None:
         os.replace(out, target)
 
 
+def _kill(process: subprocess.Popen[str]) -> None:
+    """Stop a build's compiler and everything it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _stop_builds() -> None:
     """At exit: a compiler still running for a build this process started is stopped with it."""
     for process in list(_builds):
-        process.kill()
+        _kill(process)
 
 
 atexit.register(_stop_builds)
@@ -168,38 +183,16 @@ def _load() -> bool:
     return True
 
 
-def start() -> Future[bool]:
-    """Load the native step, once per process: at once where this machine has built it (or where it
-    is not tried), else built on a background thread (the Python layers serve meanwhile). The future
-    says whether it is loaded."""
-    global _future
+def load() -> bool:
+    """Load the native step, once per process, building it first where this machine has none (about
+    15 s on 2 cores, before the engine's first step: built beside a running engine, a compiler would
+    take a core its threads wait for at every operation, and the first requests would crawl). Later
+    calls answer at once. Whether it is loaded."""
+    global _loaded
     with _lock:
-        if _future is None:
-            future: Future[bool] = Future()
-            _future = future
-            if disabled_reason() is not None or library_path().exists():
-                future.set_result(_load())
-                return future
-
-            def run() -> None:
-                try:
-                    future.set_result(_load())
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
-                    future.set_exception(exc)
-
-            threading.Thread(target=run, name="async_llm-native-build", daemon=True).start()
-        return _future
-
-
-def ready() -> bool:
-    """Whether the native step is loaded (without waiting for a build)."""
-    future = _future
-    return future is not None and future.done() and future.exception() is None and future.result()
-
-
-def wait(timeout: float | None = None) -> bool:
-    """Start the native step if needed and wait for it; whether it is loaded."""
-    return start().result(timeout)
+        if _loaded is None:
+            _loaded = _load()
+        return _loaded
 
 
 def product_spec(linear: Any, single_row: bool) -> tuple[int, list[torch.Tensor | None]] | None:
