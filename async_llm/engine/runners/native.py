@@ -2,11 +2,13 @@
 
 A decode step at a small batch is bound by what runs between the products: per layer some thirty
 small operations (norms, rotary, the attention's parts, residuals, the int8 rows' quantization),
-each a few microseconds of interpreter and dispatch, about a fifth of a one-row step in float32 and
-more than half of it with int8 weights. The native call runs the same ATen operations in the same
-order from C++, and three element-wise kernels where Python ran several operations, each rounding as
-those operations do: its results are bitwise those of :meth:`FastDecoder._layers` (tested), so
-whether it is used changes speed only.
+each paying interpreter and dispatch, and, right after a product has streamed megabytes of weights
+through the caches, its code and data brought back from memory (measured: an RMSNorm of one row costs
+10 us alone and 70 us after a large product). The native call runs the same products (the same
+oneDNN and ATen calls) and a few compact kernels between them, each rounding to the model's dtype
+where the Python operations round; sums run in another order, so its results are
+:meth:`FastDecoder._layers`' up to float32 reassociation (tested). 1.3x to 1.9x the Python layers'
+tokens/s for one stream on the default model (``benchmarks/results/cpu-native-step-amx``).
 
 It is compiled with the system's C++ compiler against the installed torch (``-march=native``: the
 instructions of the CPU it runs on, so it never meets one the CPU lacks) the first time a fast runner
