@@ -16,7 +16,14 @@ import torch
 
 from async_llm import HuggingFaceLLM
 from async_llm.engine.runners import fast_check, fast_forward, int8, native
-from async_llm.engine.runners.fast_linear import NarrowLinear, PackedLinear, PlainLinear, onednn_bf16, onednn_int8
+from async_llm.engine.runners.fast_linear import (
+    Int8Linear,
+    NarrowLinear,
+    PackedLinear,
+    PlainLinear,
+    onednn_bf16,
+    onednn_int8,
+)
 from tests.conftest import PROMPTS, reference_ids
 from tests.test_fast_decode import FAST
 from tests.test_int8 import FAST as FAST_INT8
@@ -171,6 +178,25 @@ def test_a_product_the_native_step_does_not_run_keeps_the_python_layers():
     assert native.product_spec(odd, single_row=True) is None
     layer.o = odd
     assert native.layer_spec(decoder.layers) is None
+
+
+@pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 576), (10, 100)])
+def test_int8_products_of_a_few_rows_give_onednns(out_features, in_features):
+    """One to four rows take the native step's own int8 kernel where the CPU has AVX512-VNNI (whole
+    blocks of 64 bytes and a tail, groups of 4 weight rows and the rest), five and more oneDNN's:
+    both as the Python layers' oneDNN product computes them."""
+    generator = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    linear = Int8Linear(weight, torch.randn(out_features, generator=generator), 16)
+    spec = native.product_spec(linear, single_row=True)
+    assert spec is not None and spec[0] == native.INT8
+    for rows in range(1, 6):
+        x = torch.randn(rows, in_features, generator=generator)
+        with torch.inference_mode():
+            candidate = torch.ops.async_llm_native.product(x, spec[1], native.INT8)
+            reference = linear(x)
+        torch.testing.assert_close(candidate, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_int8_output_projection_runs_in_bfloat16_where_the_cpu_multiplies_it():

@@ -136,6 +136,10 @@ class Int8Linear:
             self.inverse_smoothing = 1.0 / smoothing.float()
         q, scale = quantize_weight(w)
         self.weight = torch.ops.onednn.qlinear_prepack(q, [batch_hint, w.shape[1]])
+        # The int8 weight as plain rows too, with each row's sum, for the native step's few-row kernel
+        # (see native_step.cpp: a byte a parameter more, for one-row products at twice oneDNN's rate).
+        self.rows_weight = q.contiguous()
+        self.rows_sum = q.sum(dim=1, dtype=torch.int32)
         self.scale = scale
         self.zero_points = torch.zeros(w.shape[0], dtype=torch.int32)
         self.bias = None if bias is None else bias.detach()

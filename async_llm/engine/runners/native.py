@@ -52,6 +52,11 @@ ENV_VAR = "ASYNC_LLM_NATIVE"
 #: The product kinds of ``native_step.cpp``.
 PLAIN, PACKED, INT8 = 0, 1, 2
 
+#: The compiler's flags (part of the library's key): the CPU's own instructions; no fused
+#: multiply-adds (the kernels round where the Python operations round); OpenMP for at::parallel_for,
+#: whose threads are then torch's own (the runtime torch loaded, found by its name at load time).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-fopenmp", "-w")
+
 #: Seconds a build may take before it is abandoned.
 BUILD_TIMEOUT = 600
 
@@ -90,7 +95,7 @@ def library_path() -> Path:
     version = _compiler_version(compiler)
     key = hashlib.sha256(
         "\n".join(
-            [SOURCE.read_text(encoding="utf-8"), torch.__version__, compiler, version, *sorted(cpu_flags())]
+            [SOURCE.read_text(encoding="utf-8"), torch.__version__, compiler, version, *FLAGS, *sorted(cpu_flags())]
         ).encode()
     ).hexdigest()[:24]
     return cache_root() / "native" / f"decode_step-{key}.so"
@@ -107,14 +112,7 @@ def _build(target: Path) -> None:
         out = Path(tmp) / target.name
         command = [
             compiler,
-            "-O3",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-march=native",
-            "-ffp-contract=off",  # no fused multiply-adds: the Python step rounds each product
-            "-fopenmp-simd",
-            "-w",
+            *FLAGS,
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-I{torch_dir / 'include'}",
             str(SOURCE),
@@ -211,7 +209,10 @@ def product_spec(linear: Any, single_row: bool) -> tuple[int, list[torch.Tensor 
                 params += [t for w, b in linear.single_row.parts for t in (w, b)]
         return PACKED, params
     if isinstance(linear, Int8Linear):
-        return INT8, [linear.weight, linear.scale, linear.zero_points, linear.inverse_smoothing, linear.bias]
+        return INT8, [
+            linear.weight, linear.scale, linear.zero_points, linear.inverse_smoothing, linear.bias,
+            linear.rows_weight, linear.rows_sum,
+        ]  # fmt: skip
     return None
 
 
