@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from async_llm import HuggingFaceLLM
-from async_llm.engine.runners import fast_check, fast_forward, int8, native
+from async_llm.engine.runners import fast_check, fast_forward, fast_linear, int8, native
 from async_llm.engine.runners.fast_linear import (
     Int8Linear,
     NarrowLinear,
@@ -175,7 +175,7 @@ def test_a_product_the_native_step_does_not_run_keeps_the_python_layers():
     decoder = fast_forward.FastDecoder(FAST["llama"]())
     layer = decoder.layers[0]
     odd = lambda x: PlainLinear([(torch.ones(4, 4), None)])(x)  # noqa: E731 - a product of no known kind
-    assert native.product_spec(odd, single_row=True) is None
+    assert native.product_spec(odd) is None
     layer.o = odd
     assert native.layer_spec(decoder.layers) is None
 
@@ -189,7 +189,7 @@ def test_int8_products_of_a_few_rows_give_onednns(out_features, in_features):
     generator = torch.Generator().manual_seed(out_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     linear = Int8Linear(weight, torch.randn(out_features, generator=generator), 16)
-    spec = native.product_spec(linear, single_row=True)
+    spec = native.product_spec(linear)
     assert spec is not None and spec[0] == native.INT8
     for rows in range(1, 6):
         x = torch.randn(rows, in_features, generator=generator)
@@ -197,6 +197,22 @@ def test_int8_products_of_a_few_rows_give_onednns(out_features, in_features):
             candidate = torch.ops.async_llm_native.product(x, spec[1], native.INT8)
             reference = linear(x)
         torch.testing.assert_close(candidate, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")
+def test_int8_products_without_vnni_keep_no_plain_rows_and_run_through_onednn(monkeypatch):
+    """A CPU without AVX512-VNNI: no plain int8 copy of the weight is held (the kernel that reads it
+    cannot run there), and the native product is oneDNN's at every row count."""
+    monkeypatch.setattr(fast_linear, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    generator = torch.Generator().manual_seed(0)
+    linear = Int8Linear(torch.randn(16, 128, generator=generator), None, 16)
+    assert linear.rows_weight is None and linear.rows_sum is None
+    spec = native.product_spec(linear)
+    assert spec is not None
+    for rows in (1, 5):
+        x = torch.randn(rows, 128, generator=generator)
+        with torch.inference_mode():
+            torch.testing.assert_close(torch.ops.async_llm_native.product(x, spec[1], native.INT8), linear(x))
 
 
 def test_int8_output_projection_runs_in_bfloat16_where_the_cpu_multiplies_it():

@@ -134,11 +134,13 @@ class FastDecoder:
                 )
             )
         head = model.get_output_embeddings()
-        self.lm_head: Linear = prepacked_linear(head.weight, head.bias, batch_hint)
+        self.lm_head: Linear
         if quantize == "int8" and head.weight.dtype == torch.float32 and onednn_bf16():
             # The output projection in bfloat16 where the CPU multiplies it in hardware: half the
             # bytes of float32 for no measured cost in perplexity (see async_llm.engine.runners.int8).
             self.lm_head = NarrowLinear(head.weight, head.bias, batch_hint)
+        else:
+            self.lm_head = prepacked_linear(head.weight, head.bias, batch_hint)
         # The decode layers as one native call where it runs (see :mod:`.native`; built the first
         # time on a machine, then loaded): the same products, compact kernels between them.
         self._native: tuple[list[torch.Tensor | None], list[int]] | None = None
@@ -397,12 +399,11 @@ class Rows:
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        assert self._bias is not None, "begin() runs before the first layer"
         b, end, first = q.shape[0], self.end, self.first
         self.kv[layer, 0, :b, :, end] = keys
         self.kv[layer, 1, :b, :, end] = values
         live = slice(first, end + 1)  # [B, Hkv, L + 1, D], read in place
-        return grouped_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self._bias, scaling)
+        return grouped_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self.bias, scaling)
 
 
 @dataclass
@@ -430,14 +431,13 @@ class VerifyRows(Rows):
     def attend(
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        assert self._bias is not None, "begin() runs before the first layer"
         b, t = self.input_ids.shape
         d = q.shape[2]
         end, first = self.end, self.first
         self.kv[layer, 0, :b, :, end : end + t] = keys.reshape(b, t, -1, d).transpose(1, 2)
         self.kv[layer, 1, :b, :, end : end + t] = values.reshape(b, t, -1, d).transpose(1, 2)
         live = slice(first, end + t)  # [B, Hkv, L + T, D], read in place
-        return verify_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self._bias, scaling)
+        return verify_attention(q, self.kv[layer, 0, :b, :, live], self.kv[layer, 1, :b, :, live], self.bias, scaling)
 
 
 @dataclass

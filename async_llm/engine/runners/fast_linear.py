@@ -39,6 +39,10 @@ def onednn_prepack() -> bool:
         return False
 
 
+#: The CPU flags the native step's int8 few-row kernel needs (AVX512-VNNI's dot products).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx512bw"})
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``; empty where that cannot be read)."""
@@ -137,9 +141,13 @@ class Int8Linear:
         q, scale = quantize_weight(w)
         self.weight = torch.ops.onednn.qlinear_prepack(q, [batch_hint, w.shape[1]])
         # The int8 weight as plain rows too, with each row's sum, for the native step's few-row kernel
-        # (see native_step.cpp: a byte a parameter more, for one-row products at twice oneDNN's rate).
-        self.rows_weight = q.contiguous()
-        self.rows_sum = q.sum(dim=1, dtype=torch.int32)
+        # where the CPU has the instructions it is built with (see native_step.cpp: a byte a
+        # parameter more, for one-row products at twice oneDNN's rate).
+        self.rows_weight: torch.Tensor | None = None
+        self.rows_sum: torch.Tensor | None = None
+        if cpu_flags() >= VNNI_FLAGS:
+            self.rows_weight = q.contiguous()
+            self.rows_sum = q.sum(dim=1, dtype=torch.int32)
         self.scale = scale
         self.zero_points = torch.zeros(w.shape[0], dtype=torch.int32)
         self.bias = None if bias is None else bias.detach()

@@ -195,9 +195,9 @@ def load() -> bool:
         return _loaded
 
 
-def product_spec(linear: Any, single_row: bool) -> tuple[int, list[torch.Tensor | None]] | None:
+def product_spec(linear: Any) -> tuple[int, list[torch.Tensor | None]] | None:
     """A product as ``native_step.cpp`` takes it: its kind and parameters (None: a product it does
-    not run). ``single_row``: keep a packed product's plain weights for one row."""
+    not run). A packed product's plain weights for one row follow its packed weight and bias."""
     if isinstance(linear, PlainLinear):
         return PLAIN, [t for w, b in linear.parts for t in (w, b)]
     if isinstance(linear, PackedLinear):
@@ -205,8 +205,7 @@ def product_spec(linear: Any, single_row: bool) -> tuple[int, list[torch.Tensor 
         if linear.single_row is not None:
             if not isinstance(linear.single_row, PlainLinear):
                 return None
-            if single_row:
-                params += [t for w, b in linear.single_row.parts for t in (w, b)]
+            params += [t for w, b in linear.single_row.parts for t in (w, b)]
         return PACKED, params
     if isinstance(linear, Int8Linear):
         return INT8, [
@@ -229,7 +228,7 @@ def layer_spec(layers: Sequence[Any]) -> tuple[list[torch.Tensor | None], list[i
         if has_qk_norm:
             params += [layer.q_norm, layer.k_norm]
         for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            spec = product_spec(linear, single_row=True)
+            spec = product_spec(linear)
             if spec is None:
                 return None
             kind, tensors = spec

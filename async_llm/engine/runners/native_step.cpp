@@ -1,6 +1,6 @@
-// The fast runner's decode layers in one native call (see native.py): the same products as
-// FastDecoder._layers runs for a decode step over the padded batch (the same ATen and oneDNN calls,
-// so the same results), and between them a handful of compact kernels where Python ran some thirty
+// The fast runner's decode layers in one native call (see native.py): the products FastDecoder._layers
+// runs for a decode step over the padded batch (the same ATen and oneDNN calls, but for the int8
+// products of a few rows below), and between them a handful of compact kernels where Python ran some thirty
 // small operations a layer: the residual addition with the next RMSNorm, rotary, attention at a few
 // rows (writing the step's keys and values into the batch's buffer, then a float32 softmax over each
 // row's live columns; more rows attend through ATen's batched products, as the Python layers do),
@@ -466,8 +466,7 @@ Tensor product(const Tensor& x, int64_t kind, const c10::List<OptTensor>& params
     return linear_pointwise(x, *get(0), get(1));
   }
   TORCH_CHECK(kind == INT8, "unknown product kind ", kind);
-  return int8_product(x, *get(0), *get(1), *get(2), get(3), get(4), count > 6 ? get(5) : std::nullopt,
-                      count > 6 ? get(6) : std::nullopt);
+  return int8_product(x, *get(0), *get(1), *get(2), get(3), get(4), get(5), get(6));
 }
 
 // The rows' attention through ATen after write_kv (what Rows.attend and grouped_attention run, or
