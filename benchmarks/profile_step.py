@@ -125,9 +125,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="weights dtype (float32, bfloat16)")
+    parser.add_argument("--quantize", default=None, help='"int8": int8 weights (see HuggingFaceLLM)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    llm = HuggingFaceLLM(args.model, device="cpu", dtype=torch.float32, max_batch_size=max(64, args.requests))
+    llm = HuggingFaceLLM(
+        args.model,
+        device="cpu",
+        dtype=getattr(torch, args.dtype),
+        quantize=args.quantize,
+        max_batch_size=max(64, args.requests),
+    )
     burst = burst_workload(llm.tokenizer, args.requests, args.tokens)
     workload = burst if args.workload == "burst" else mixed_workload(llm.tokenizer, args.requests, args.rate, args.seed)
     asyncio.run(send(llm, [replace(r, max_new_tokens=4) for r in burst.requests]))  # warm-up

@@ -136,6 +136,85 @@ def test_native_verify_steps_give_the_python_layers_results():
         assert torch.equal(native_kv[..., :end, :], kv[..., :end, :])
 
 
+def _chunks_both(
+    decoder: fast_forward.FastDecoder, rows: int, chunks: list[tuple[int, int]], dtype: torch.dtype
+) -> None:
+    """One step of ``rows`` decode rows (none: a prefill alone) and prompt chunks (``(start, tokens)``
+    each: ``start`` columns of its own buffer computed before) through the Python layers and through
+    the native call, from the same buffers: the same logits (and in float32 greedy tokens) for the
+    rows and the chunks, and the same keys and values written into each chunk's columns, nothing
+    else touched. (In bfloat16 the Python layers' fused attention rounds its softmax weights to
+    bfloat16 and the native kernel keeps them in float32: both are as far from a float32 forward.)"""
+    generator = torch.Generator().manual_seed(rows + len(chunks))
+    layers, live, end = len(decoder.layers), 6, 9
+    shape = (layers, 2, max(rows, 1), decoder.kv_heads, end + 2, decoder.head_dim)
+    kv = (torch.randn(shape, generator=generator) * 0.5).to(dtype)
+    mask = torch.ones(rows, live + 1, dtype=torch.long)
+    for r in range(rows):
+        mask[r, : min(r, live)] = 0
+    ids = torch.randint(3, 300, (rows, 1), generator=generator)
+    positions = mask.sum(1, keepdim=True) - 1
+    buffers = []
+    for start, n in chunks:
+        buffer = torch.randn(layers, 2, decoder.kv_heads, start + n + 3, decoder.head_dim, generator=generator)
+        buffers.append(((buffer * 0.5).to(dtype), torch.randint(3, 300, (n,), generator=generator).tolist(), start))
+    results = []
+    for use in (False, True):
+        decoder.native = use
+        before = decoder.native_steps
+        batch = kv.clone()
+        step_chunks = [fast_forward.Chunk(tokens, buffer.clone(), start) for buffer, tokens, start in buffers]
+        step_rows = fast_forward.Rows(ids, positions, mask, batch, end) if rows else None
+        with torch.inference_mode():
+            rows_logits, chunk_logits = decoder.step(step_rows, step_chunks)
+        assert decoder.native_steps == before + use
+        results.append((rows_logits, chunk_logits, batch, [c.kv for c in step_chunks]))
+    (python_rows, python_chunks, python_kv, python_bufs), (native_rows, native_chunks, native_kv, native_bufs) = results
+    tolerance = _tolerance(dtype, decoder.quantize is not None)
+    assert native_rows.shape == (rows, 400) and native_chunks.shape == (len(chunks), 400)
+    for native_logits, python_logits in ((native_rows, python_rows), (native_chunks, python_chunks)):
+        if len(python_logits):
+            if dtype == torch.float32:  # in bfloat16 a near tie of a random model's logits may flip
+                assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
+            _close(native_logits, python_logits, tolerance)
+    if rows:
+        _close(native_kv[..., end, :], python_kv[..., end, :], tolerance)
+        assert torch.equal(native_kv[..., :end, :], kv[..., :end, :])
+    for (start, n), (original, _, _), native_buf, python_buf in zip(chunks, buffers, native_bufs, python_bufs):
+        written = slice(start, start + n)
+        _close(native_buf[..., written, :], python_buf[..., written, :], tolerance)
+        assert torch.equal(native_buf[..., :start, :], original[..., :start, :])  # the prefix is read, not written
+        assert torch.equal(native_buf[..., start + n :, :], original[..., start + n :, :])
+
+
+# Prompt chunks: from an empty buffer and after a prefix, short (the native kernel, in parallel) and
+# long (ATen's fused attention, one call each: see SMALL_CHUNK in native_step.cpp).
+CHUNKS = [(0, 5), (0, 12), (7, 3), (0, 70), (40, 50)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_native_prefill_and_mixed_steps_give_the_python_layers_results(name, dtype):
+    decoder = fast_forward.FastDecoder(FAST[name]().to(dtype))
+    _chunks_both(decoder, 0, CHUNKS, dtype)  # a prefill alone, padded to the row bucket
+    _chunks_both(decoder, 2, CHUNKS[:3], dtype)  # chunks riding with decode rows (the attention kernel)
+    _chunks_both(decoder, 6, CHUNKS[2:], dtype)  # and with more rows (ATen's attention for the rows)
+
+
+@pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")
+def test_native_int8_prefill_gives_the_python_layers_results():
+    decoder = fast_forward.FastDecoder(FAST_INT8["llama"](), quantize="int8")
+    _chunks_both(decoder, 3, CHUNKS, torch.float32)
+
+
+def test_native_step_rejects_a_chunk_its_buffer_cannot_hold():
+    decoder = fast_forward.FastDecoder(FAST["llama"]())
+    layers = len(decoder.layers)
+    buffer = torch.zeros(layers, 2, decoder.kv_heads, 4, decoder.head_dim)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="do not fit its buffer"):
+        decoder.step(None, [fast_forward.Chunk([5, 6, 7], buffer, 2)])
+
+
 def test_native_attention_over_a_long_context():
     """Hundreds of live columns, masked ones among them, in several rows."""
     decoder = fast_forward.FastDecoder(FAST["qwen2"]())
@@ -176,8 +255,10 @@ def test_a_product_the_native_step_does_not_run_keeps_the_python_layers():
     layer = decoder.layers[0]
     odd = lambda x: PlainLinear([(torch.ones(4, 4), None)])(x)  # noqa: E731 - a product of no known kind
     assert native.product_spec(odd) is None
+    assert decoder._native is not None
     layer.o = odd
     assert native.layer_spec(decoder.layers) is None
+    assert decoder._native is None  # a product replaced after the decoder was built is seen: the Python layers run
 
 
 @pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")

@@ -11,8 +11,9 @@ mask building and no module or keyword dispatch:
   are never repeated; the padding mask is one additive bias shared by every layer;
 - on a CPU in float32 every product runs through oneDNN with a prepacked weight.
 
-On a CPU a decode step's layers run as one native call (see :mod:`.native`): the same products, and
-compact kernels for what runs between them.
+On a CPU every step's layers (decode rows, verify rows, prompt chunks, or rows and chunks together)
+run as one native call (see :mod:`.native`): the same products, and compact kernels for what runs
+between them.
 
 Prefills run the same layers over the admitted prompts packed along one token axis (no padding is
 computed), each prompt attending causally to itself only. Results equal the transformers step up
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,12 @@ class _Layer:
     down: Linear  # [B, I] -> [B, E]
     q_norm: torch.Tensor | None  # [D] (Qwen3)
     k_norm: torch.Tensor | None
+
+    edits: ClassVar[int] = 0  # assignments to any layer's fields, so far (see FastDecoder._native)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        _Layer.edits += 1
 
 
 def layer_products(layer: Any) -> tuple[tuple[nn.Linear, ...], ...]:
@@ -141,16 +148,25 @@ class FastDecoder:
             self.lm_head = NarrowLinear(head.weight, head.bias, batch_hint)
         else:
             self.lm_head = prepacked_linear(head.weight, head.bias, batch_hint)
-        # The decode layers as one native call where it runs (see :mod:`.native`; built the first
-        # time on a machine, then loaded): the same products, compact kernels between them.
-        self._native: tuple[list[torch.Tensor | None], list[int]] | None = None
+        # The layers as one native call where it runs (see :mod:`.native`; built the first time on a
+        # machine, then loaded): the same products, compact kernels between them.
         self.native = True  # False: the Python layers (the same results up to float32 reassociation)
-        self.native_steps = 0  # decode and verify steps the native call ran
+        self.native_steps = 0  # steps the native call ran (decode, verify, prefill, or rows with chunks)
         weight = self.embed.weight
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-            spec = native.layer_spec(self.layers)
-            if spec is not None and native.load():
-                self._native = spec
+        self._native_runs = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+        self._native_spec: tuple[tuple[int, ...], tuple[list[torch.Tensor | None], list[int]] | None] = ((-1,), None)
+        if self._native_runs:
+            self._native_runs = self._native is not None and native.load()
+
+    @property
+    def _native(self) -> tuple[list[torch.Tensor | None], list[int]] | None:
+        """The native call's ``params`` and ``layout`` for the layers as they are now (see
+        :func:`.native.layer_spec`; None: the Python layers). A product or norm replaced after the
+        decoder was built (a calibration's recording products, a test's) is seen at the next step."""
+        key = (_Layer.edits, id(self.layers), len(self.layers))
+        if key != self._native_spec[0]:
+            self._native_spec = (key, native.layer_spec(self.layers))
+        return self._native_spec[1]
 
     def decode(
         self,
@@ -241,14 +257,19 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[None])  # [1, N, D]
         if rows is not None:
             rows.begin(x.dtype)
-            if not chunks and isinstance(rows, Rows) and self.native and self._native is not None:
-                params, layout = self._native
-                layers: torch.Tensor = torch.ops.async_llm_native.decode_layers(
-                    x, cos[0], sin[0], rows.kv, rows.first, rows.end, rows.bias, params, layout,
-                    self.eps, self.scaling, self.heads, self.kv_heads, self.head_dim, rows.input_ids.shape[1],
-                )  # fmt: skip
-                self.native_steps += 1
-                return layers
+        spec = self._native if self.native and self._native_runs else None
+        if spec is not None and (rows is None or isinstance(rows, Rows)):
+            params, layout = spec
+            layers: torch.Tensor = torch.ops.async_llm_native.step_layers(
+                x, cos[0], sin[0],
+                None if rows is None else rows.kv, 0 if rows is None else rows.first, 0 if rows is None else rows.end,
+                None if rows is None else rows.bias, 0 if rows is None else rows.input_ids.shape[0],
+                1 if rows is None else rows.input_ids.shape[1],
+                [c.kv for c in chunks], [c.start for c in chunks], [len(c.ids) for c in chunks],
+                params, layout, self.eps, self.scaling, self.heads, self.kv_heads, self.head_dim,
+            )  # fmt: skip
+            self.native_steps += 1
+            return layers
         cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
         spans, first = [], b
         for c in chunks:

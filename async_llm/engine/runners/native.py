@@ -175,7 +175,7 @@ def _load() -> bool:
                     start = time.perf_counter()
                     _build(target)
                     log.info("native decode step built", seconds=round(time.perf_counter() - start, 1))
-        if not hasattr(torch.ops.async_llm_native, "decode_layers"):
+        if not hasattr(torch.ops.async_llm_native, "step_layers"):
             torch.ops.load_library(str(target))  # type: ignore[no-untyped-call]
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a compiler that fails, a read-only cache
         log.info("native decode step not used", reason=repr(exc))

@@ -1,13 +1,15 @@
-// The fast runner's decode layers in one native call (see native.py): the products FastDecoder._layers
-// runs for a decode step over the padded batch (the same ATen and oneDNN calls, but for the int8
-// products of a few rows below), and between them a handful of compact kernels where Python ran some thirty
-// small operations a layer: the residual addition with the next RMSNorm, rotary, attention at a few
-// rows (writing the step's keys and values into the batch's buffer, then a float32 softmax over each
-// row's live columns; more rows attend through ATen's batched products, as the Python layers do),
-// SiLU-and-multiply, the int8 rows' quantization and scaling back, and with AVX512-VNNI the int8
-// products of one to four rows. Loops run on torch's OpenMP threads (at::parallel_for). Each rounds where
-// the Python operations round (to the model's dtype after each of them); sums run in another order,
-// so results agree up to float32 reassociation (tested against the Python layers and generate).
+// The fast runner's layers in one native call (see native.py): the products FastDecoder._layers runs
+// for a step (decode rows over the padded batch, a verify step's rows, prompt chunks each over its own
+// buffer, or rows and chunks together; the same ATen and oneDNN calls, but for the int8 products of
+// a few rows below), and between them a handful of compact kernels where Python ran some thirty small
+// operations a layer: the residual addition with the next RMSNorm, rotary, attention (writing the
+// step's keys and values into the buffers, then a float32 softmax over each query's live columns:
+// rows of a few rows and short prompt chunks in a kernel of their own, all in parallel; more rows,
+// and long chunks, through ATen's blocked kernels, as the Python layers run them), SiLU-and-multiply,
+// the int8 rows' quantization and scaling back, and with AVX512-VNNI the int8 products of one to four
+// rows. Loops run on torch's OpenMP threads (at::parallel_for). Each rounds where the Python
+// operations round (to the model's dtype after each of them); sums run in another order, so results
+// agree up to float32 reassociation (tested against the Python layers and generate).
 //
 // Why kernels of our own and not ATen's: a product streams megabytes of weights through the caches,
 // and the next operation's code and data come back from memory: measured on the machines here, a
@@ -46,6 +48,11 @@ constexpr int64_t INT8 = 2;
 // blocked products win there (measured on the default model: 1.1x to 1.2x the whole step at one or
 // two rows, even at four, behind from eight).
 constexpr int64_t ATTENTION_KERNEL_ROWS = 4;
+// A prompt chunk of at most this many query-column pairs (its tokens times the columns its last
+// token sees) attends in chunk_attention_kernel, in parallel with the step's other small chunks: a
+// call of ATen's fused attention costs some 150 us a chunk and layer for a prompt of a dozen tokens.
+// Longer chunks go through that kernel, whose blocked products are built for them.
+constexpr int64_t SMALL_CHUNK = 64 * 64;
 
 Tensor linear_pointwise(const Tensor& x, const Tensor& w, const OptTensor& b) {
   static auto op = c10::Dispatcher::singleton()
@@ -270,24 +277,61 @@ void write_kv(const Tensor& keys, const Tensor& values, const Tensor& layer_kv, 
   });
 }
 
+// One query's attention, in float32: scores of `query` [D] against `live` keys (column c at
+// k + c * column; its value at v + c * column), scaled, plus bias[c * bias_column] when there is a
+// bias; softmax; the weighted sum of the values into `o`, rounded to T. `scores` holds `live` floats,
+// `acc` D.
+template <typename T>
+inline void attend_one(const float* query, const T* k, const T* v, int64_t column, int64_t live, const T* bias,
+                       int64_t bias_column, float scale, int64_t d, float* scores, float* acc, T* o) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < live; ++c) {
+    const T* kc = k + c * column;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d; ++j) dot += query[j] * as_float(kc[j]);
+    const float s = bias != nullptr ? dot * scale + as_float(bias[c * bias_column]) : dot * scale;
+    scores[c] = s;
+    top = std::max(top, s);
+  }
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < live; ++c) {
+    const float p = exp_approx(scores[c] - top);
+    scores[c] = p;
+    total += p;
+  }
+  std::fill(acc, acc + d, 0.0f);
+  for (int64_t c = 0; c < live; ++c) {
+    const float p = scores[c];
+    if (p == 0.0f) continue;  // a masked column
+    const T* vc = v + c * column;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) acc[j] += p * as_float(vc[j]);
+  }
+  const float inverse = 1.0f / total;
+  for (int64_t j = 0; j < d; ++j) o[j] = from_float<T>(acc[j] * inverse);
+}
+
 // The rows' attention of one layer after write_kv: query head h of token t of row r ([B T, H, D]
 // view) attends to columns `first` to `end + t` of its key/value head (heads grouped as transformers
 // groups them), scores scaled and biased (`bias` [B, 1, T, end + T - first]: the row's padding and,
-// in a verify step, the tokens after t), softmax and sums in float32. Returns [B T, H, D].
+// in a verify step, the tokens after t), softmax and sums in float32. Writes `out` [B T, H, D].
 template <typename T>
-Tensor attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
-                        int64_t tokens, const Tensor& bias, double scaling) {
+void attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
+                      int64_t tokens, const Tensor& bias, double scaling, Tensor& out) {
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t group = heads / kv_heads, width = end + tokens - first;
-  TORCH_CHECK(q.stride(2) == 1 && bias.size(-1) == width && bias.size(-2) == tokens, "attention: unexpected layout");
+  TORCH_CHECK(q.stride(2) == 1 && bias.size(-1) == width && bias.size(-2) == tokens && out.stride(1) == d,
+              "attention: unexpected layout");
   const T* cache = layer_kv.data_ptr<T>();
   const int64_t side = layer_kv.stride(0), row_stride = layer_kv.stride(1), head_stride = layer_kv.stride(2),
                 column = layer_kv.stride(3);
-  Tensor out = at::empty({n, heads, d}, q.options());
   const T* qs = q.data_ptr<T>();
   const T* bs = bias.data_ptr<T>();
   const int64_t bias_row = bias.stride(0), bias_token = bias.stride(2), bias_column = bias.stride(3);
   T* os = out.data_ptr<T>();
+  const int64_t out_row = out.stride(0);
   const float scale = static_cast<float>(scaling);
   at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> scores(width), query(d), acc(d);
@@ -297,39 +341,120 @@ Tensor attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_head
       const T* qh = qs + token * q.stride(0) + h * q.stride(1);
       for (int64_t j = 0; j < d; ++j) query[j] = as_float(qh[j]);
       const T* k = cache + r * row_stride + g * head_stride + first * column;
-      const T* v = k + side;
-      const T* b = bs + r * bias_row + t * bias_token;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < live; ++c) {
-        const T* kc = k + c * column;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < d; ++j) dot += query[j] * as_float(kc[j]);
-        const float s = dot * scale + as_float(b[c * bias_column]);
-        scores[c] = s;
-        top = std::max(top, s);
-      }
-      float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t c = 0; c < live; ++c) {
-        const float p = exp_approx(scores[c] - top);
-        scores[c] = p;
-        total += p;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t c = 0; c < live; ++c) {
-        const float p = scores[c];
-        if (p == 0.0f) continue;  // a masked column
-        const T* vc = v + c * column;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) acc[j] += p * as_float(vc[j]);
-      }
-      const float inverse = 1.0f / total;
-      T* o = os + i * d;
-      for (int64_t j = 0; j < d; ++j) o[j] = from_float<T>(acc[j] * inverse);
+      attend_one<T>(query.data(), k, k + side, column, live, bs + r * bias_row + t * bias_token, bias_column, scale,
+                    d, scores.data(), acc.data(), os + token * out_row + h * d);
     }
   });
-  return out;
+}
+
+// A step's prompt chunks (FastDecoder.step's chunks), after its decode rows on the token axis: the
+// chunks' tokens in order from row `first_row`, chunk c's `lengths[c]` of them from `offsets[c]` in
+// that order, at positions `starts[c]` on; their keys and values go to columns `starts[c]` on of the
+// chunk's own buffer `kvs[c]` ([layers, 2, Hkv, L, D]).
+struct Chunks {
+  std::vector<Tensor> kvs;
+  std::vector<int64_t> starts, lengths, offsets;
+  int64_t first_row = 0;
+  int64_t total = 0;  // tokens of all chunks
+  std::vector<int64_t> token_chunk;  // per token of the chunks: its chunk
+  std::vector<int64_t> small;  // the chunks attended in chunk_attention_kernel (see SMALL_CHUNK)
+  std::vector<int64_t> small_tokens;  // their tokens (indices into token_chunk)
+
+  Chunks(const std::vector<Tensor>& buffers, at::IntArrayRef chunk_starts, at::IntArrayRef chunk_lengths,
+         int64_t first, int64_t layers, int64_t kv_heads, int64_t head_dim, at::ScalarType dtype)
+      : kvs(buffers), starts(chunk_starts.vec()), lengths(chunk_lengths.vec()), first_row(first) {
+    TORCH_CHECK(starts.size() == kvs.size() && lengths.size() == kvs.size(), "chunks: one start and length each");
+    for (size_t c = 0; c < kvs.size(); ++c) {
+      const Tensor& kv = kvs[c];
+      TORCH_CHECK(kv.dim() == 5 && kv.size(0) == layers && kv.size(1) == 2 && kv.size(2) == kv_heads &&
+                      kv.size(4) == head_dim && kv.stride(4) == 1 && kv.scalar_type() == dtype,
+                  "chunk ", c, ": its buffer is not [layers, 2, Hkv, L, D] in the model's dtype");
+      TORCH_CHECK(lengths[c] >= 1 && starts[c] >= 0 && starts[c] + lengths[c] <= kv.size(3),
+                  "chunk ", c, ": its columns do not fit its buffer");
+      offsets.push_back(total);
+      const bool is_small = lengths[c] * (starts[c] + lengths[c]) <= SMALL_CHUNK;
+      if (is_small) small.push_back(static_cast<int64_t>(c));
+      for (int64_t t = 0; t < lengths[c]; ++t) {
+        if (is_small) small_tokens.push_back(total + t);
+        token_chunk.push_back(static_cast<int64_t>(c));
+      }
+      total += lengths[c];
+    }
+  }
+};
+
+// Writes the chunks' keys and values ([tokens, Hkv, D] views of the step's, chunk tokens only, in
+// order) into their buffers at layer `layer`.
+template <typename T>
+void write_chunk_kv(const Tensor& keys, const Tensor& values, const Chunks& chunks, int64_t layer) {
+  const int64_t kv_heads = keys.size(1), d = keys.size(2);
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "chunk keys and values: unexpected layout");
+  const T* ks = keys.data_ptr<T>();
+  const T* vs = values.data_ptr<T>();
+  std::vector<T*> bases(chunks.kvs.size());
+  for (size_t c = 0; c < bases.size(); ++c) {
+    const Tensor& kv = chunks.kvs[c];
+    TORCH_CHECK(kv.stride(4) == 1 && kv.scalar_type() == keys.scalar_type(), "chunk buffer: unexpected layout");
+    bases[c] = kv.data_ptr<T>() + layer * kv.stride(0);
+  }
+  at::parallel_for(0, chunks.total * kv_heads, 64, [&](int64_t begin, int64_t stop) {
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t token = i / kv_heads, g = i % kv_heads, c = chunks.token_chunk[token];
+      const Tensor& kv = chunks.kvs[c];
+      const int64_t column = chunks.starts[c] + token - chunks.offsets[c];
+      T* k = bases[c] + g * kv.stride(2) + column * kv.stride(3);
+      std::memcpy(k, ks + token * keys.stride(0) + g * keys.stride(1), d * sizeof(T));
+      std::memcpy(k + kv.stride(1), vs + token * values.stride(0) + g * values.stride(1), d * sizeof(T));
+    }
+  });
+}
+
+// The small chunks' attention at layer `layer`, after write_chunk_kv: query head h of a chunk's
+// token t (its row of `q` [N, H, D]) attends causally to columns 0 to starts[c] + t of its buffer.
+// Writes those rows of `out` [N, H, D].
+template <typename T>
+void chunk_attention_kernel(const Tensor& q, const Chunks& chunks, int64_t layer, int64_t kv_heads, double scaling,
+                            Tensor& out) {
+  const int64_t heads = q.size(1), d = q.size(2), group = heads / kv_heads;
+  int64_t width = 0;
+  for (int64_t c : chunks.small) width = std::max(width, chunks.starts[c] + chunks.lengths[c]);
+  const T* qs = q.data_ptr<T>();
+  T* os = out.data_ptr<T>();
+  const float scale = static_cast<float>(scaling);
+  const int64_t items = static_cast<int64_t>(chunks.small_tokens.size()) * heads;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> scores(width), query(d), acc(d);
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t token = chunks.small_tokens[i / heads], h = i % heads, c = chunks.token_chunk[token];
+      const int64_t row = chunks.first_row + token, t = token - chunks.offsets[c];
+      const Tensor& kv = chunks.kvs[c];
+      const T* qh = qs + row * q.stride(0) + h * q.stride(1);
+      for (int64_t j = 0; j < d; ++j) query[j] = as_float(qh[j]);
+      const T* k = kv.data_ptr<T>() + layer * kv.stride(0) + (h / group) * kv.stride(2);
+      attend_one<T>(query.data(), k, k + kv.stride(1), kv.stride(3), chunks.starts[c] + t + 1, nullptr, 0, scale, d,
+                    scores.data(), acc.data(), os + row * out.stride(0) + h * d);
+    }
+  });
+}
+
+// A long chunk's attention at layer `layer` through ATen's fused kernel (what FastDecoder._layers
+// runs for every chunk): causal over itself, and over all of the prefix before it. Writes its rows
+// of `out`.
+void aten_chunk_attention(const Tensor& q, const Chunks& chunks, int64_t c, int64_t layer, double scaling,
+                          Tensor& out) {
+  const int64_t start = chunks.starts[c], n = chunks.lengths[c], stop = start + n;
+  const Tensor layer_kv = chunks.kvs[c].select(0, layer);  // [2, Hkv, L, D]
+  const Tensor k = layer_kv.select(0, 0).narrow(1, 0, stop).unsqueeze(0);
+  const Tensor v = layer_kv.select(0, 1).narrow(1, 0, stop).unsqueeze(0);
+  const int64_t row = chunks.first_row + chunks.offsets[c];
+  const Tensor qc = q.narrow(0, row, n).transpose(0, 1).unsqueeze(0);  // [1, H, n, D]
+  std::optional<Tensor> mask;
+  if (start > 0) {  // query i reads columns up to start + i
+    const auto options = q.options().dtype(at::kLong);
+    mask = at::arange(stop, options).unsqueeze(0) <= (at::arange(n, options) + start).unsqueeze(1);
+  }
+  const Tensor result = at::scaled_dot_product_attention(qc, k, v, mask, 0.0, start == 0, scaling, true);
+  out.narrow(0, row, n).copy_(result.squeeze(0).transpose(0, 1));
 }
 
 template <typename F>
@@ -498,10 +623,12 @@ struct Layer {
 };
 
 // The layers as `params` and `layout` describe them (native.py's layer_spec).
-std::vector<Layer> parse_layers(const c10::List<OptTensor>& params, at::IntArrayRef layout, int64_t layers) {
-  std::vector<Layer> out(layers);
-  int64_t p = 0, l = 0;
-  for (auto& layer : out) {
+std::vector<Layer> parse_layers(const c10::List<OptTensor>& params, at::IntArrayRef layout) {
+  std::vector<Layer> out;
+  int64_t p = 0;
+  size_t l = 0;
+  while (l < layout.size()) {
+    Layer layer;
     layer.input_norm = *params.get(p++);
     layer.post_norm = *params.get(p++);
     if (layout[l++] != 0) {
@@ -509,39 +636,55 @@ std::vector<Layer> parse_layers(const c10::List<OptTensor>& params, at::IntArray
       layer.k_norm = *params.get(p++);
     }
     for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK(l + 2 <= layout.size(), "step_layers: the layout ends inside a layer");
       layer.kinds[k] = layout[l++];
       layer.counts[k] = layout[l++];
       layer.offsets[k] = p;
       p += layer.counts[k];
     }
+    out.push_back(layer);
   }
-  TORCH_CHECK(p == static_cast<int64_t>(params.size()) && l == static_cast<int64_t>(layout.size()),
-              "decode_layers: params and layout do not match the layers");
+  TORCH_CHECK(p == static_cast<int64_t>(params.size()), "step_layers: params and layout do not match the layers");
   return out;
 }
 
-// The decoder layers of a decode or verify step (FastDecoder._layers with decode rows and no chunks):
-// `x` [B T, E] the embeddings of each row's `tokens` tokens (one; a verify step's last token and its
-// draft), `cos`/`sin` [B T, D], `kv` the padded batch's buffer, whose columns `first` to `end - 1`
-// hold the rows' context and columns `end` to `end + T - 1` get the step's keys and values, `bias`
-// [B, 1, T, end + T - first]. `params` and `layout` describe the layers (native.py). Returns the
-// hidden states [B T, E] before the final norm.
-Tensor decode_layers(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& kv, int64_t first, int64_t end,
-                     const Tensor& bias, const c10::List<OptTensor>& params, at::IntArrayRef layout, double eps,
-                     double scaling, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t tokens) {
-  const int64_t n = x.size(0), e = x.size(1), d = head_dim;
+// The decoder layers of one step (FastDecoder._layers): `x` [N, E] the embeddings of the step's
+// tokens, `cos`/`sin` [N, D] their rotations; first the decode rows' `rows` times `tokens` tokens (a
+// decode step's one a row; a verify step's last token and its draft), then the prompt chunks' tokens
+// (`chunk_kvs`, `chunk_starts`, `chunk_lengths`: see Chunks), then padding nothing reads (its
+// attention is 0, as in the Python layers). The rows attend over `kv`, the padded batch's buffer,
+// whose columns `first` to `end - 1` hold their context and columns `end` to `end + T - 1` get the
+// step's keys and values, with `bias` [B, 1, T, end + T - first]; `kv` and `bias` are None without
+// rows. `params` and `layout` describe the layers (native.py). Returns the hidden states [N, E]
+// before the final norm.
+Tensor step_layers(Tensor x, const Tensor& cos, const Tensor& sin, const OptTensor& kv, int64_t first, int64_t end,
+                   const OptTensor& bias, int64_t rows, int64_t tokens, at::TensorList chunk_kvs,
+                   at::IntArrayRef chunk_starts, at::IntArrayRef chunk_lengths, const c10::List<OptTensor>& params,
+                   at::IntArrayRef layout, double eps, double scaling, int64_t heads, int64_t kv_heads,
+                   int64_t head_dim) {
+  const int64_t n = x.size(0), d = head_dim, b = rows * tokens;
   const int64_t q_width = heads * d, kv_width = kv_heads * d;
-  const std::vector<Layer> layers = parse_layers(params, layout, kv.size(0));
-  TORCH_CHECK(tokens >= 1 && n % tokens == 0 && kv.size(2) >= n / tokens && end + tokens <= kv.size(4),
-              "decode_layers: unexpected batch layout");
+  const std::vector<Layer> layers = parse_layers(params, layout);
+  const Chunks chunks(chunk_kvs.vec(), chunk_starts, chunk_lengths, b, static_cast<int64_t>(layers.size()), kv_heads,
+                      d, x.scalar_type());
+  TORCH_CHECK(b + chunks.total <= n && cos.size(0) == n && sin.size(0) == n, "step_layers: more tokens than rows of x");
+  if (rows > 0) {
+    TORCH_CHECK(kv.has_value() && bias.has_value() && tokens >= 1, "step_layers: rows without a buffer or bias");
+    TORCH_CHECK(kv->size(0) == static_cast<int64_t>(layers.size()) && kv->size(2) >= rows &&
+                    end + tokens <= kv->size(4) && kv->scalar_type() == x.scalar_type(),
+                "step_layers: unexpected batch layout");
+  }
   x = x.contiguous().clone();  // the residual, written in place
   Tensor h = at::empty_like(x);
+  Tensor attn = at::empty({n, heads, d}, x.options());
+  attn.narrow(0, b + chunks.total, n - b - chunks.total).zero_();  // padding: written by nothing below
   dispatch_float(x, "hidden states", [&](auto tag) {
     using T = decltype(tag);
     add_rms_norm_kernel<T>(x, nullptr, layers[0].input_norm, eps, h);
   });
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& layer = layers[i];
+    const int64_t index = static_cast<int64_t>(i);
     const Tensor qkv = product(h, layer.kinds[0], params, layer.offsets[0], layer.counts[0]);
     Tensor qk = qkv.narrow(1, 0, q_width + kv_width).view({n, heads + kv_heads, d});
     if (layer.q_norm.defined()) {
@@ -552,16 +695,29 @@ Tensor decode_layers(Tensor x, const Tensor& cos, const Tensor& sin, const Tenso
       qk = qk.clone();  // rotated in place; qkv's values are read below
     }
     const Tensor values = qkv.narrow(1, q_width + kv_width, kv_width).view({n, kv_heads, d});
-    Tensor attn;
     dispatch_float(x, "hidden states", [&](auto tag) {
       using T = decltype(tag);
       rotary_kernel<T>(qk, cos, sin);
-      const Tensor layer_kv = kv.select(0, static_cast<int64_t>(i));
-      write_kv<T>(qk.narrow(1, heads, kv_heads), values, layer_kv, end, tokens);
-      const Tensor q = qk.narrow(1, 0, heads);
-      attn = n / tokens <= ATTENTION_KERNEL_ROWS
-                 ? attention_kernel<T>(q, layer_kv, kv_heads, first, end, tokens, bias, scaling)
-                 : aten_attention(q, layer_kv, kv_heads, first, end, tokens, bias, scaling);
+      const Tensor q = qk.narrow(1, 0, heads), keys = qk.narrow(1, heads, kv_heads);
+      if (b > 0) {
+        const Tensor layer_kv = kv->select(0, index);
+        write_kv<T>(keys.narrow(0, 0, b), values.narrow(0, 0, b), layer_kv, end, tokens);
+        Tensor rows_attn = attn.narrow(0, 0, b);
+        if (rows <= ATTENTION_KERNEL_ROWS) {
+          attention_kernel<T>(q.narrow(0, 0, b), layer_kv, kv_heads, first, end, tokens, *bias, scaling, rows_attn);
+        } else {
+          rows_attn.copy_(aten_attention(q.narrow(0, 0, b), layer_kv, kv_heads, first, end, tokens, *bias, scaling));
+        }
+      }
+      if (chunks.total > 0) {
+        write_chunk_kv<T>(keys.narrow(0, b, chunks.total), values.narrow(0, b, chunks.total), chunks, index);
+        if (!chunks.small.empty()) chunk_attention_kernel<T>(q, chunks, index, kv_heads, scaling, attn);
+        for (size_t c = 0; c < chunks.kvs.size(); ++c) {
+          const int64_t chunk = static_cast<int64_t>(c);
+          if (!std::binary_search(chunks.small.begin(), chunks.small.end(), chunk))
+            aten_chunk_attention(q, chunks, chunk, index, scaling, attn);
+        }
+      }
     });
     const Tensor o = product(attn.view({n, q_width}), layer.kinds[1], params, layer.offsets[1], layer.counts[1]);
     dispatch_float(x, "hidden states", [&](auto tag) {
@@ -582,7 +738,7 @@ Tensor decode_layers(Tensor x, const Tensor& cos, const Tensor& sin, const Tenso
   return x;
 }
 
-// A single product, for the tests: the kinds as decode_layers runs them.
+// A single product, for the tests: the kinds as step_layers runs them.
 Tensor run_product(const Tensor& x, const c10::List<OptTensor>& params, int64_t kind) {
   return product(x, kind, params, 0, static_cast<int64_t>(params.size()));
 }
@@ -591,13 +747,14 @@ Tensor run_product(const Tensor& x, const c10::List<OptTensor>& params, int64_t 
 
 TORCH_LIBRARY(async_llm_native, m) {
   m.def(
-      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor kv, int first, int end, Tensor bias, Tensor?[] params, "
-      "int[] layout, float eps, float scaling, int heads, int kv_heads, int head_dim, int tokens) -> Tensor");
+      "step_layers(Tensor x, Tensor cos, Tensor sin, Tensor? kv, int first, int end, Tensor? bias, int rows, "
+      "int tokens, Tensor[] chunk_kvs, int[] chunk_starts, int[] chunk_lengths, Tensor?[] params, int[] layout, "
+      "float eps, float scaling, int heads, int kv_heads, int head_dim) -> Tensor");
   m.def("product(Tensor x, Tensor?[] params, int kind) -> Tensor");
 }
 
 // Any backend key: the prepacked weights are oneDNN tensors (MkldnnCPU) beside CPU ones.
 TORCH_LIBRARY_IMPL(async_llm_native, CompositeExplicitAutograd, m) {
-  m.impl("decode_layers", &decode_layers);
+  m.impl("step_layers", &step_layers);
   m.impl("product", &run_product);
 }
