@@ -104,7 +104,7 @@ def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtyp
 def test_native_layers_give_the_python_layers_results(name, dtype):
     decoder = fast_forward.FastDecoder(FAST[name]().to(dtype))
     assert decoder._native is not None
-    for rows in (1, 3, 6):  # one row: the plain single-row products in float32; six: attention through ATen
+    for rows in (1, 3, 6):  # one row: the plain single-row products in float32
         _decode_both(decoder, rows, dtype)
 
 
@@ -114,7 +114,7 @@ def _verify(decoder, ids, positions, mask, end, buffer) -> torch.Tensor:
 
 def test_native_verify_steps_give_the_python_layers_results():
     """A speculative verify step (each row feeds its last token and a draft: T tokens, each attending
-    to the row's context and causally to the tokens before it), at a few rows and through ATen."""
+    to the row's context and causally to the tokens before it), at a few rows."""
     decoder = fast_forward.FastDecoder(FAST["llama"]())
     generator = torch.Generator().manual_seed(0)
     layers, live, tokens = len(decoder.layers), 9, 4
@@ -197,8 +197,8 @@ CHUNKS = [(0, 5), (0, 12), (7, 3), (0, 70), (40, 50)]
 def test_native_prefill_and_mixed_steps_give_the_python_layers_results(name, dtype):
     decoder = fast_forward.FastDecoder(FAST[name]().to(dtype))
     _chunks_both(decoder, 0, CHUNKS, dtype)  # a prefill alone, padded to the row bucket
-    _chunks_both(decoder, 2, CHUNKS[:3], dtype)  # chunks riding with decode rows (the attention kernel)
-    _chunks_both(decoder, 6, CHUNKS[2:], dtype)  # and with more rows (ATen's attention for the rows)
+    _chunks_both(decoder, 2, CHUNKS[:3], dtype)  # chunks riding with decode rows
+    _chunks_both(decoder, 6, CHUNKS[2:], dtype)
 
 
 @pytest.mark.skipif(not onednn_int8(), reason="this torch build has no oneDNN int8 linear")
@@ -218,7 +218,7 @@ def test_native_step_rejects_a_chunk_its_buffer_cannot_hold():
 def test_native_attention_over_a_long_context():
     """Hundreds of live columns, masked ones among them, in several rows."""
     decoder = fast_forward.FastDecoder(FAST["qwen2"]())
-    for rows in (2, 8):  # attention in the native kernel; through ATen
+    for rows in (2, 8):
         _decode_both(decoder, rows, torch.float32, live=300)
 
 

@@ -1,4 +1,5 @@
-"""The fast runner's decode layers as one native call (``native_step.cpp``), built once per machine.
+"""The fast runner's layers as one native call (``native_step.cpp``), built once per machine: every
+step, decode rows, a verify step's rows, prompt chunks, or rows and chunks together.
 
 A decode step at a small batch is bound by what runs between the products: per layer some thirty
 small operations (norms, rotary, the attention's parts, residuals, the int8 rows' quantization),

@@ -4,8 +4,9 @@
 // a few rows below), and between them a handful of compact kernels where Python ran some thirty small
 // operations a layer: the residual addition with the next RMSNorm, rotary, attention (writing the
 // step's keys and values into the buffers, then a float32 softmax over each query's live columns:
-// rows of a few rows and short prompt chunks in a kernel of their own, all in parallel; more rows,
-// and long chunks, through ATen's blocked kernels, as the Python layers run them), SiLU-and-multiply,
+// the decode rows a key/value head at a time, each key and value read once for its group of query
+// heads, with AVX-512 where the CPU has it; short prompt chunks all in parallel in a kernel of their
+// own, long ones through ATen's fused attention, as the Python layers run them), SiLU-and-multiply,
 // the int8 rows' quantization and scaling back, and with AVX512-VNNI the int8 products of one to four
 // rows. Loops run on torch's OpenMP threads (at::parallel_for). Each rounds where the Python
 // operations round (to the model's dtype after each of them); sums run in another order, so results
@@ -22,7 +23,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -44,15 +45,18 @@ using Scalars = c10::List<std::optional<at::Scalar>>;
 constexpr int64_t PLAIN = 0;
 constexpr int64_t PACKED = 1;
 constexpr int64_t INT8 = 2;
-// Up to this many rows, attention runs in attention_kernel; more rows through ATen, whose
-// blocked products win there (measured on the default model: 1.1x to 1.2x the whole step at one or
-// two rows, even at four, behind from eight).
-constexpr int64_t ATTENTION_KERNEL_ROWS = 4;
 // A prompt chunk of at most this many query-column pairs (its tokens times the columns its last
 // token sees) attends in chunk_attention_kernel, in parallel with the step's other small chunks: a
 // call of ATen's fused attention costs some 150 us a chunk and layer for a prompt of a dozen tokens.
 // Longer chunks go through that kernel, whose blocked products are built for them.
 constexpr int64_t SMALL_CHUNK = 64 * 64;
+#if defined(__AVX512F__)
+constexpr bool VECTOR_KERNELS = true;
+#else
+constexpr bool VECTOR_KERNELS = false;
+#endif
+// The widest attention head the AVX-512 loops take (wider ones take the plain loops).
+constexpr int64_t MAX_HEAD_DIM = 256;
 
 Tensor linear_pointwise(const Tensor& x, const Tensor& w, const OptTensor& b) {
   static auto op = c10::Dispatcher::singleton()
@@ -89,6 +93,15 @@ inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
+
+#if defined(__AVX512F__)
+// Sixteen values as float32, with AVX-512 (the CPU has it: the library is built for its own CPU).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
 
 // Rows of `x` [N, K] (float32 or bfloat16), times `inverse` [K] float32 when given, as int8
 // symmetric per row, as fast_linear.quantize_rows computes them: the row's largest magnitude m
@@ -199,6 +212,50 @@ inline float exp_approx(float x) {
   return x < -87.3f ? 0.0f : y * scale;
 }
 
+#if defined(__AVX512F__)
+// from_float and as_float(from_float(.)) on sixteen values: the same rounding, bit for bit.
+inline __m512i bfloat16_rounded_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+template <typename T>
+inline __m512 round16(__m512 v);
+template <>
+inline __m512 round16<float>(__m512 v) {
+  return v;
+}
+template <>
+inline __m512 round16<c10::BFloat16>(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(bfloat16_rounded_bits(v), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i high = _mm512_srli_epi32(bfloat16_rounded_bits(v), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(high));
+}
+
+// exp_approx on sixteen values, operation for operation (the same results).
+inline __m512 exp16(__m512 x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(clamped, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 result = _mm512_mul_ps(y, _mm512_castsi512_ps(exponent));
+  const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(below, result, _mm512_setzero_ps());
+}
+#endif
+
 // x [N, E] += delta (when given; each sum rounded to x's dtype), then out = RMSNorm(x) * weight as
 // transformers computes it: in float32, x * rsqrt(mean(x^2) + eps) rounded to the dtype, times the
 // weight, rounded.
@@ -214,6 +271,20 @@ void add_rms_norm_kernel(Tensor& x, const Tensor* delta, const Tensor& weight, d
     for (int64_t r = begin; r < end; ++r) {
       T* row = xs + r * e;
       float sum = 0.0f;
+#if defined(__AVX512F__)
+      if (e % 16 == 0) {
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t j = 0; j < e; j += 16) {
+          __m512 v = load16(row + j);
+          if (ds != nullptr) {
+            v = round16<T>(_mm512_add_ps(v, load16(ds + r * e + j)));
+            store16(row + j, v);
+          }
+          squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+        }
+        sum = _mm512_reduce_add_ps(squares);
+      } else
+#endif
       if (ds != nullptr) {
         const T* d = ds + r * e;
 #pragma omp simd reduction(+ : sum)
@@ -228,6 +299,14 @@ void add_rms_norm_kernel(Tensor& x, const Tensor* delta, const Tensor& weight, d
       }
       const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(e) + epsilon);
       T* o = os + r * e;
+#if defined(__AVX512F__)
+      if (e % 16 == 0) {
+        const __m512 scale = _mm512_set1_ps(inverse);
+        for (int64_t j = 0; j < e; j += 16)
+          store16(o + j, _mm512_mul_ps(round16<T>(_mm512_mul_ps(load16(row + j), scale)), load16(w + j)));
+        continue;
+      }
+#endif
 #pragma omp simd
       for (int64_t j = 0; j < e; ++j) o[j] = from_float<T>(as_float(from_float<T>(as_float(row[j]) * inverse)) * as_float(w[j]));
     }
@@ -245,8 +324,17 @@ void silu_mul_kernel(const Tensor& gate_up, Tensor& out) {
       const T* g = src + r * 2 * width;
       const T* u = g + width;
       T* o = dst + r * width;
+      int64_t j0 = 0;
+#if defined(__AVX512F__)
+      for (; j0 + 16 <= width; j0 += 16) {
+        const __m512 v = load16(g + j0);
+        const __m512 one = _mm512_set1_ps(1.0f);
+        const __m512 silu = round16<T>(_mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+        store16(o + j0, _mm512_mul_ps(silu, load16(u + j0)));
+      }
+#endif
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
+      for (int64_t j = j0; j < width; ++j) {
         const float v = as_float(g[j]);
         const float silu = as_float(from_float<T>(v / (1.0f + exp_approx(-v))));
         o[j] = from_float<T>(silu * as_float(u[j]));
@@ -313,15 +401,17 @@ inline void attend_one(const float* query, const T* k, const T* v, int64_t colum
   for (int64_t j = 0; j < d; ++j) o[j] = from_float<T>(acc[j] * inverse);
 }
 
-// The rows' attention of one layer after write_kv: query head h of token t of row r ([B T, H, D]
-// view) attends to columns `first` to `end + t` of its key/value head (heads grouped as transformers
-// groups them), scores scaled and biased (`bias` [B, 1, T, end + T - first]: the row's padding and,
-// in a verify step, the tokens after t), softmax and sums in float32. Writes `out` [B T, H, D].
+// The rows' attention of one layer after write_kv, a key/value head of a row at a time: its group
+// of query heads, for each of the row's `tokens` tokens, reads each key and value once (converted to
+// float32 once for all of them). Query head h of token t of row r ([B T, H, D] view) attends to
+// columns `first` to `end + t` of its key/value head, scores scaled and biased (`bias` [B, 1, T,
+// end + T - first]: the row's padding and, in a verify step, the tokens after t), softmax and sums in
+// float32. Writes `out` [B T, H, D].
 template <typename T>
-void attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
-                      int64_t tokens, const Tensor& bias, double scaling, Tensor& out) {
-  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t group = heads / kv_heads, width = end + tokens - first;
+void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
+                              int64_t tokens, const Tensor& bias, double scaling, Tensor& out) {
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), rows = n / tokens;
+  const int64_t group = heads / kv_heads, width = end + tokens - first, queries = group * tokens;
   TORCH_CHECK(q.stride(2) == 1 && bias.size(-1) == width && bias.size(-2) == tokens && out.stride(1) == d,
               "attention: unexpected layout");
   const T* cache = layer_kv.data_ptr<T>();
@@ -333,16 +423,95 @@ void attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads,
   T* os = out.data_ptr<T>();
   const int64_t out_row = out.stride(0);
   const float scale = static_cast<float>(scaling);
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> scores(width), query(d), acc(d);
-    for (int64_t i = begin; i < stop; ++i) {
-      const int64_t token = i / heads, h = i % heads, g = h / group, r = token / tokens, t = token % tokens;
-      const int64_t live = end + t + 1 - first;  // later tokens of a verify step are masked anyway
-      const T* qh = qs + token * q.stride(0) + h * q.stride(1);
-      for (int64_t j = 0; j < d; ++j) query[j] = as_float(qh[j]);
+  const int64_t blocks = d / 16;
+  const bool vectors = VECTOR_KERNELS && d % 16 == 0 && d <= MAX_HEAD_DIM;  // AVX-512 loops (else plain ones)
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> query(queries * d), scores(queries * width), acc(queries * d), vector(d), total(queries);
+    for (int64_t item = begin; item < stop; ++item) {
+      const int64_t r = item / kv_heads, g = item % kv_heads;
+      for (int64_t j = 0; j < queries; ++j) {  // query j: token j / group, head g * group + j % group
+        const T* qh = qs + (r * tokens + j / group) * q.stride(0) + (g * group + j % group) * q.stride(1);
+        for (int64_t i = 0; i < d; ++i) query[j * d + i] = as_float(qh[i]);
+      }
       const T* k = cache + r * row_stride + g * head_stride + first * column;
-      attend_one<T>(query.data(), k, k + side, column, live, bs + r * bias_row + t * bias_token, bias_column, scale,
-                    d, scores.data(), acc.data(), os + token * out_row + h * d);
+      const T* v = k + side;
+      const int64_t shared = end - first + 1;  // columns every token of the row sees
+      for (int64_t c = 0; c < width; ++c) {
+        const T* kc = k + c * column;
+#if defined(__AVX512F__)
+        __m512 key[MAX_HEAD_DIM / 16];
+        if (vectors)
+          for (int64_t m = 0; m < blocks; ++m) key[m] = load16(kc + 16 * m);
+#endif
+        if (!vectors)
+          for (int64_t i = 0; i < d; ++i) vector[i] = as_float(kc[i]);
+        for (int64_t j = 0; j < queries; ++j) {
+          const int64_t t = j / group;
+          if (c >= shared + t) {  // after the token: masked (a verify step's later draft tokens)
+            scores[j * width + c] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
+          const float* qj = query.data() + j * d;
+          float dot = 0.0f;
+#if defined(__AVX512F__)
+          if (vectors) {
+            __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qj), key[0]);
+            for (int64_t m = 1; m < blocks; ++m) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * m), key[m], sum);
+            dot = _mm512_reduce_add_ps(sum);
+          }
+#endif
+          if (!vectors) {
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d; ++i) dot += qj[i] * vector[i];
+          }
+          scores[j * width + c] = dot * scale + as_float(bs[r * bias_row + t * bias_token + c * bias_column]);
+        }
+      }
+      for (int64_t j = 0; j < queries; ++j) {
+        float* sj = scores.data() + j * width;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < width; ++c) top = std::max(top, sj[c]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < width; ++c) {
+          const float p = exp_approx(sj[c] - top);
+          sj[c] = p;
+          sum += p;
+        }
+        total[j] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t c = 0; c < width; ++c) {
+        const T* vc = v + c * column;
+#if defined(__AVX512F__)
+        if (vectors) {
+          __m512 value[MAX_HEAD_DIM / 16];
+          for (int64_t m = 0; m < blocks; ++m) value[m] = load16(vc + 16 * m);
+          for (int64_t j = 0; j < queries; ++j) {
+            const float p = scores[j * width + c];
+            if (p == 0.0f) continue;  // a masked column
+            const __m512 weight = _mm512_set1_ps(p);
+            float* aj = acc.data() + j * d;
+            for (int64_t m = 0; m < blocks; ++m)
+              _mm512_storeu_ps(aj + 16 * m, _mm512_fmadd_ps(weight, value[m], _mm512_loadu_ps(aj + 16 * m)));
+          }
+          continue;
+        }
+#endif
+        for (int64_t i = 0; i < d; ++i) vector[i] = as_float(vc[i]);
+        for (int64_t j = 0; j < queries; ++j) {
+          const float p = scores[j * width + c];
+          if (p == 0.0f) continue;  // a masked column
+          float* aj = acc.data() + j * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) aj[i] += p * vector[i];
+        }
+      }
+      for (int64_t j = 0; j < queries; ++j) {
+        const float inverse = 1.0f / total[j];
+        T* o = os + (r * tokens + j / group) * out_row + (g * group + j % group) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = from_float<T>(acc[j * d + i] * inverse);
+      }
     }
   });
 }
@@ -594,29 +763,6 @@ Tensor product(const Tensor& x, int64_t kind, const c10::List<OptTensor>& params
   return int8_product(x, *get(0), *get(1), *get(2), get(3), get(4), get(5), get(6));
 }
 
-// The rows' attention through ATen after write_kv (what Rows.attend and grouped_attention run, or
-// VerifyRows.attend and verify_attention): faster than attention_kernel over many rows, whose
-// blocked products it does not have.
-Tensor aten_attention(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
-                      int64_t tokens, const Tensor& bias, double scaling) {
-  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), b = n / tokens;
-  const Tensor k = layer_kv.select(0, 0).narrow(0, 0, b).narrow(2, first, end + tokens - first);
-  const Tensor v = layer_kv.select(0, 1).narrow(0, 0, b).narrow(2, first, end + tokens - first);
-  if (tokens > 1) {
-    const Tensor qt = q.reshape({b, tokens, heads, d}).transpose(1, 2);
-    const Tensor out = at::scaled_dot_product_attention(qt, k, v, bias, 0.0, false, scaling, true);
-    return out.transpose(1, 2).reshape({n, heads, d});
-  }
-  const Tensor qg = q.reshape({b, kv_heads, heads / kv_heads, d});
-  if (q.scalar_type() != at::kFloat) {
-    return at::scaled_dot_product_attention(qg, k, v, bias, 0.0, false, scaling).reshape({n, heads, d});
-  }
-  Tensor scores = at::matmul(qg, k.transpose(-1, -2));
-  scores.mul_(scaling).add_(bias);
-  const Tensor weights = at::softmax(scores, -1, at::kFloat).to(v.scalar_type());
-  return at::matmul(weights, v).view({n, heads, d});
-}
-
 struct Layer {
   Tensor input_norm, post_norm, q_norm, k_norm;
   int64_t kinds[4], counts[4], offsets[4];
@@ -703,11 +849,8 @@ Tensor step_layers(Tensor x, const Tensor& cos, const Tensor& sin, const OptTens
         const Tensor layer_kv = kv->select(0, index);
         write_kv<T>(keys.narrow(0, 0, b), values.narrow(0, 0, b), layer_kv, end, tokens);
         Tensor rows_attn = attn.narrow(0, 0, b);
-        if (rows <= ATTENTION_KERNEL_ROWS) {
-          attention_kernel<T>(q.narrow(0, 0, b), layer_kv, kv_heads, first, end, tokens, *bias, scaling, rows_attn);
-        } else {
-          rows_attn.copy_(aten_attention(q.narrow(0, 0, b), layer_kv, kv_heads, first, end, tokens, *bias, scaling));
-        }
+        grouped_attention_kernel<T>(q.narrow(0, 0, b), layer_kv, kv_heads, first, end, tokens, *bias, scaling,
+                                    rows_attn);
       }
       if (chunks.total > 0) {
         write_chunk_kv<T>(keys.narrow(0, b, chunks.total), values.narrow(0, b, chunks.total), chunks, index);
