@@ -1,6 +1,7 @@
 """Where async_llm's engine time goes: a workload of the suite, every stage of the step timed.
 
     python benchmarks/profile_step.py [--requests 16] [--tokens 64] [--model MODEL] [--threads 2]
+                                      [--dtype float32|bfloat16] [--quantize int8]
     python benchmarks/profile_step.py --workload mixed --requests 60 --rate 2
 
 Wraps the engine's stages with timers (the model forward, sampling, batch bookkeeping, per-row
