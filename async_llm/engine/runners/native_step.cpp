@@ -365,6 +365,18 @@ void write_kv(const Tensor& keys, const Tensor& values, const Tensor& layer_kv, 
   });
 }
 
+// scores[c] = exp(scores[c] - top) for the n scores, in place (a softmax's numerators); returns their sum.
+inline float exp_in_place(float* scores, int64_t n, float top) {
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < n; ++c) {
+    const float p = exp_approx(scores[c] - top);
+    scores[c] = p;
+    total += p;
+  }
+  return total;
+}
+
 // One query's attention, in float32: scores of `query` [D] against `live` keys (column c at
 // k + c * column; its value at v + c * column), scaled, plus bias[c * bias_column] when there is a
 // bias; softmax; the weighted sum of the values into `o`, rounded to T. `scores` holds `live` floats,
@@ -382,13 +394,7 @@ inline void attend_one(const float* query, const T* k, const T* v, int64_t colum
     scores[c] = s;
     top = std::max(top, s);
   }
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t c = 0; c < live; ++c) {
-    const float p = exp_approx(scores[c] - top);
-    scores[c] = p;
-    total += p;
-  }
+  const float total = exp_in_place(scores, live, top);
   std::fill(acc, acc + d, 0.0f);
   for (int64_t c = 0; c < live; ++c) {
     const float p = scores[c];
@@ -471,14 +477,7 @@ void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t k
         float* sj = scores.data() + j * width;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t c = 0; c < width; ++c) top = std::max(top, sj[c]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < width; ++c) {
-          const float p = exp_approx(sj[c] - top);
-          sj[c] = p;
-          sum += p;
-        }
-        total[j] = sum;
+        total[j] = exp_in_place(sj, width, top);
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t c = 0; c < width; ++c) {
