@@ -169,7 +169,9 @@ def test_int8_holds_the_default_models_quality(smollm):
         assert type(llm.engine.runner.decoder.layers[0].qkv).__name__ == "Int8Linear"  # type: ignore[attr-defined]
         assert perplexity(llm) < 1.02 * reference
     with HuggingFaceLLM(device="cpu", quantize="int8", dtype=torch.bfloat16) as llm:
-        assert "Paris" in llm.run("What is the capital of France?", max_tokens=16)
+        # bfloat16 around the int8 products: the same bound (a single greedy answer is no measure
+        # here: which of two near-tied tokens wins flips with the CPU's kernels, float or int8 alike).
+        assert perplexity(llm) < 1.02 * reference
 
 
 async def test_ngram_speculation_copies_from_the_prompt_and_changes_no_token(smollm):
