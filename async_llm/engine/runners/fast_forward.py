@@ -260,11 +260,12 @@ class FastDecoder:
         spec = self._native if self.native and self._native_runs else None
         if spec is not None and (rows is None or isinstance(rows, Rows)):
             params, layout = spec
+            # The rows' buffer, first and written columns, bias, count and tokens each (none: a prefill).
+            batch: tuple[Any, ...] = (None, 0, 0, None, 0, 1)
+            if rows is not None:
+                batch = (rows.kv, rows.first, rows.end, rows.bias, *rows.input_ids.shape)
             layers: torch.Tensor = torch.ops.async_llm_native.step_layers(
-                x, cos[0], sin[0],
-                None if rows is None else rows.kv, 0 if rows is None else rows.first, 0 if rows is None else rows.end,
-                None if rows is None else rows.bias, 0 if rows is None else rows.input_ids.shape[0],
-                1 if rows is None else rows.input_ids.shape[1],
+                x, cos[0], sin[0], *batch,
                 [c.kv for c in chunks], [c.start for c in chunks], [len(c.ids) for c in chunks],
                 params, layout, self.eps, self.scaling, self.heads, self.kv_heads, self.head_dim,
             )  # fmt: skip

@@ -526,6 +526,7 @@ struct Chunks {
   int64_t total = 0;  // tokens of all chunks
   std::vector<int64_t> token_chunk;  // per token of the chunks: its chunk
   std::vector<int64_t> small;  // the chunks attended in chunk_attention_kernel (see SMALL_CHUNK)
+  std::vector<int64_t> large;  // the others, attended through ATen one by one
   std::vector<int64_t> small_tokens;  // their tokens (indices into token_chunk)
 
   Chunks(const std::vector<Tensor>& buffers, at::IntArrayRef chunk_starts, at::IntArrayRef chunk_lengths,
@@ -541,7 +542,7 @@ struct Chunks {
                   "chunk ", c, ": its columns do not fit its buffer");
       offsets.push_back(total);
       const bool is_small = lengths[c] * (starts[c] + lengths[c]) <= SMALL_CHUNK;
-      if (is_small) small.push_back(static_cast<int64_t>(c));
+      (is_small ? small : large).push_back(static_cast<int64_t>(c));
       for (int64_t t = 0; t < lengths[c]; ++t) {
         if (is_small) small_tokens.push_back(total + t);
         token_chunk.push_back(static_cast<int64_t>(c));
@@ -854,11 +855,7 @@ Tensor step_layers(Tensor x, const Tensor& cos, const Tensor& sin, const OptTens
       if (chunks.total > 0) {
         write_chunk_kv<T>(keys.narrow(0, b, chunks.total), values.narrow(0, b, chunks.total), chunks, index);
         if (!chunks.small.empty()) chunk_attention_kernel<T>(q, chunks, index, kv_heads, scaling, attn);
-        for (size_t c = 0; c < chunks.kvs.size(); ++c) {
-          const int64_t chunk = static_cast<int64_t>(c);
-          if (!std::binary_search(chunks.small.begin(), chunks.small.end(), chunk))
-            aten_chunk_attention(q, chunks, chunk, index, scaling, attn);
-        }
+        for (int64_t chunk : chunks.large) aten_chunk_attention(q, chunks, chunk, index, scaling, attn);
       }
     });
     const Tensor o = product(attn.view({n, q_width}), layer.kinds[1], params, layer.offsets[1], layer.counts[1]);
