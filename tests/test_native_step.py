@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import transformers
 
 from async_llm import HuggingFaceLLM
 from async_llm.engine.runners import fast_check, fast_forward, fast_linear, int8, native
@@ -25,7 +26,7 @@ from async_llm.engine.runners.fast_linear import (
     onednn_int8,
 )
 from tests.conftest import PROMPTS, reference_ids
-from tests.test_fast_decode import FAST
+from tests.test_fast_decode import FAST, _model
 from tests.test_int8 import FAST as FAST_INT8
 
 pytestmark = pytest.mark.skipif(
@@ -72,11 +73,13 @@ def _python_and_native(
     return results[0], results[1]
 
 
-def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtype, live: int = 9) -> None:
+def _decode_both(
+    decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtype, live: int = 9, greedy: bool = True
+) -> None:
     """One decode step of ``rows`` rows (the later ones padded on the left, as the batch keeps
     shorter rows) through the Python layers and through the native call, from the same buffer: the
-    same greedy tokens, logits and written keys and values within the dtype's tolerance, and no
-    other column of the buffer touched."""
+    same greedy tokens (unless not ``greedy``: in bfloat16 a near tie may part them), logits and
+    written keys and values within the dtype's tolerance, and no other column of the buffer touched."""
     generator = torch.Generator().manual_seed(rows)
     layers, columns, end = len(decoder.layers), live + 7, live + 3
     shape = (layers, 2, rows + 1, decoder.kv_heads, columns, decoder.head_dim)
@@ -90,7 +93,8 @@ def _decode_both(decoder: fast_forward.FastDecoder, rows: int, dtype: torch.dtyp
         decoder, kv, lambda buffer: decoder.decode(ids, positions, mask, buffer, end)
     )
     tolerance = _tolerance(dtype, decoder.quantize is not None)
-    assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
+    if greedy:
+        assert torch.equal(native_logits.argmax(-1), python_logits.argmax(-1))
     _close(native_logits, python_logits, tolerance)
     written = native_kv[:, :, :rows, :, end]
     assert not torch.equal(written, kv[:, :, :rows, :, end])  # the step wrote its column...
@@ -112,14 +116,11 @@ def _verify(decoder, ids, positions, mask, end, buffer) -> torch.Tensor:
     return decoder.step(fast_forward.VerifyRows(ids, positions, mask, buffer, end), [])[0]
 
 
-def test_native_verify_steps_give_the_python_layers_results():
-    """A speculative verify step (each row feeds its last token and a draft: T tokens, each attending
-    to the row's context and causally to the tokens before it), at a few rows."""
-    decoder = fast_forward.FastDecoder(FAST["llama"]())
+def _verify_both(decoder: fast_forward.FastDecoder, rows_list: tuple[int, ...], live: int, tokens: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    layers, live, tokens = len(decoder.layers), 9, 4
-    for rows in (1, 2, 6):
-        end = live + 3  # context in columns 3..11, the step writes 12..15
+    layers = len(decoder.layers)
+    for rows in rows_list:
+        end = live + 3  # context in columns 3 to end - 1, the step writes end to end + tokens - 1
         shape = (layers, 2, rows, decoder.kv_heads, end + tokens + 2, decoder.head_dim)
         kv = torch.randn(shape, generator=generator) * 0.5
         mask = torch.ones(rows, live, dtype=torch.long)
@@ -134,6 +135,29 @@ def test_native_verify_steps_give_the_python_layers_results():
         _close(native_logits, python_logits, 1e-5)
         _close(native_kv[..., end : end + tokens, :], python_kv[..., end : end + tokens, :], 1e-5)
         assert torch.equal(native_kv[..., :end, :], kv[..., :end, :])
+
+
+def test_native_verify_steps_give_the_python_layers_results():
+    """A speculative verify step (each row feeds its last token and a draft: T tokens, each attending
+    to the row's context and causally to the tokens before it), at a few rows."""
+    _verify_both(fast_forward.FastDecoder(FAST["llama"]()), (1, 2, 6), live=9, tokens=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 80, 128])
+def test_native_attention_takes_every_head_width(head_dim, dtype):
+    """Heads of 1, 2, 4 and 8 sixteen-float blocks (the vector kernel's register-held sums), of 5
+    blocks (the general vector loops) and of 24 floats (the plain loops); groups of three query
+    heads a key/value head; decode rows over 40 columns (two blocks of sixteen and a part) with
+    padding, and verify steps of 5 tokens (more queries a head than one register tile holds)."""
+    geometry = dict(head_dim=head_dim, num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    model = _model(transformers.LlamaConfig, **geometry)
+    decoder = fast_forward.FastDecoder(model.to(dtype))
+    assert decoder.head_dim == head_dim and decoder._native is not None
+    for rows in (1, 5):
+        _decode_both(decoder, rows, dtype, live=40, greedy=dtype == torch.float32)
+    if dtype == torch.float32:
+        _verify_both(decoder, (1, 3), live=37, tokens=5)
 
 
 def _chunks_both(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 import torch
 
-from async_llm.engine.sampler import SamplingBatch, apply_penalties, sample
+from async_llm.engine.runners import native
+from async_llm.engine.sampler import SamplingBatch, apply_penalties, greedy_tokens, sample
 from async_llm.sampling_params import SamplingParams
 
 
@@ -37,6 +39,44 @@ def test_greedy_rows_take_argmax_next_to_sampled_rows():
     tokens = sample(logits, sb, torch.tensor([0.0, 0.999]))
     assert tokens[0].item() == 1
     assert 0 <= tokens[1].item() < 4
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_greedy_tokens_are_argmax_with_its_ties_and_nans(kernel, monkeypatch):
+    """The greedy choice is argmax's index on every row, through the native kernel and through
+    torch's reduction: the first of tied maxima (ties placed far apart, across vectorised blocks, in
+    vocabulary-wide rows), NaN taken as the maximum, -inf rows, in float32 and bfloat16."""
+    if kernel == "native":
+        if native.disabled_reason() is not None or not native.load():
+            pytest.skip("the native step is not loaded here")
+    else:
+        monkeypatch.setattr(native, "_loaded", False)
+    answered = []  # the native kernel's answers
+
+    def counted(x: torch.Tensor, real=native.greedy) -> torch.Tensor | None:
+        chosen = real(x)
+        answered.append(chosen is not None)
+        return chosen
+
+    monkeypatch.setattr(native, "greedy", counted)
+    generator = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 7), (2, 17), (3, 49_152), (64, 49_152), (5, 151_936)):
+        logits = torch.randn(rows, vocab, generator=generator)
+        top = logits.max() + 1
+        for r in range(rows):
+            for column in torch.randint(0, vocab, (1 + r % 4,), generator=generator).tolist():
+                logits[r, column] = top
+        if rows > 2:
+            logits[1, vocab // 3] = float("nan")
+            logits[1, vocab - 1] = float("nan")
+            logits[2] = top  # every column tied
+        if rows == 2:
+            logits[0] = float("-inf")
+            logits[1, 16] = float("nan")  # in the part after the last block of sixteen
+        for x in (logits, logits.bfloat16()):
+            assert torch.equal(greedy_tokens(x), x.argmax(dim=-1))
+            assert torch.equal(greedy_tokens(x.reshape(rows, 1, vocab)), x.reshape(rows, 1, vocab).argmax(dim=-1))
+    assert answered and all(answered) == (kernel == "native") and any(answered) == (kernel == "native")
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():

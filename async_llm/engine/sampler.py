@@ -21,6 +21,7 @@ import torch
 from async_llm.engine.controls import advance, apply_controls
 from async_llm.engine.logprobs import raw_log_softmax, rows_wanting_logprobs, step_logprobs
 from async_llm.engine.output import TokenLogprob
+from async_llm.engine.runners import native
 from async_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -107,6 +108,19 @@ def apply_penalties(
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over the last dimension: the first index of the maximum, as
+    ``argmax`` (a NaN counts as the maximum). On a CPU, the native step's kernel where it is loaded
+    (rows in parallel, sixteen lanes at a time); else ``max(dim).indices``, documented to return the
+    same index and about 2.5x faster than ``argmax`` over a vocabulary-wide row on a CPU (1 against
+    2.7 ms for 64 rows of 49,152 on 2 cores), whose reduction is not vectorised there."""
+    if logits.device.type == "cpu" and logits.dim() >= 2:
+        chosen = native.greedy(logits.reshape(-1, logits.shape[-1]))
+        if chosen is not None:
+            return chosen.reshape(logits.shape[:-1])
+    return logits.max(dim=-1).indices
+
+
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Index drawn from each row of unnormalised ``probs`` [B, V] with one uniform in [0, 1) per row."""
     cdf = probs.cumsum(dim=-1)
@@ -127,9 +141,9 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | Non
     Returns:
         ``[B]`` long token ids.
     """
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy = greedy_tokens(logits)
     if sb.all_greedy:
-        return greedy_tokens
+        return greedy
     assert uniforms is not None
     scores = logits / sb.temperature[:, None]
     if sb.top_k is not None and sb.top_p is None:
@@ -155,7 +169,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor | Non
         if sb.min_p is not None:
             sorted_probs = sorted_probs.masked_fill(sorted_probs < sb.min_p[:, None] * sorted_probs[:, :1], 0.0)
         sampled = order.gather(1, _inverse_cdf(sorted_probs, uniforms)[:, None]).squeeze(-1)
-    return torch.where(sb.greedy, greedy_tokens, sampled)
+    return torch.where(sb.greedy, greedy, sampled)
 
 
 @dataclass

@@ -280,7 +280,9 @@ def accept(
         the draft, or after the whole draft).
     """
     r, t, v = logits.shape
-    targets = logits.argmax(dim=-1).tolist()  # [R, T]
+    from async_llm.engine.sampler import greedy_tokens  # sampler imports this module (through SamplingParams)
+
+    targets = greedy_tokens(logits).tolist()  # [R, T]
     probs = draws = None
     if sampling is not None and not all(greedy):
         flat = logits.reshape(r * t, v)

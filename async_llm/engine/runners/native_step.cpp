@@ -365,6 +365,15 @@ void write_kv(const Tensor& keys, const Tensor& values, const Tensor& layer_kv, 
   });
 }
 
+// Asks for the `bytes` at `p` to be brought into the cache ahead of their use.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+// Columns of keys or values the attention kernels ask for ahead of their use: a row's keys and
+// values are read once a step, from memory, and the cache's own prefetcher stops at each page.
+constexpr int64_t PREFETCH_COLUMNS = 8;
+
 // scores[c] = exp(scores[c] - top) for the n scores, in place (a softmax's numerators); returns their sum.
 inline float exp_in_place(float* scores, int64_t n, float top) {
   float total = 0.0f;
@@ -407,12 +416,130 @@ inline void attend_one(const float* query, const T* k, const T* v, int64_t colum
   for (int64_t j = 0; j < d; ++j) o[j] = from_float<T>(acc[j] * inverse);
 }
 
+#if defined(__AVX512F__)
+// Lane c of the result: the sum of the sixteen lanes of the c-th of the sixteen vectors at `v`
+// (16 x 16 floats), by a transposing tree of 15 additions (where one horizontal sum a vector would
+// take 4 additions and as many shuffles each).
+inline __m512 lane_sums16(const float* v) {
+  __m512 t[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = _mm512_loadu_ps(v + 32 * i), b = _mm512_loadu_ps(v + 32 * i + 16);
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  __m512 u[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
+}
+
+// One row's key/value head in grouped_attention_kernel, for heads of 16 BLOCKS floats: `queries`
+// queries (`query`, [queries, D] float32; query j of token j / group) against `width` columns of
+// keys `k` and values `v` (`column` apart), prefetched PREFETCH_COLUMNS on. Scores of sixteen columns
+// at a time (their sums by lane_sums16), scaled, biased (`bias` + t * bias_token + c * bias_column
+// for token t, column c) and masked past column `shared + t - 1`; softmax in sixteen-lane loops;
+// the weighted sums of the values in registers, a few queries at a time. `scores` holds
+// queries * round16(width) floats, `part` queries * 256. Query j's result goes to `out` +
+// (j / group) * out_token + (j % group) * D.
+template <typename T, int BLOCKS>
+void attend_head16(const float* query, int64_t queries, int64_t group, const T* k, const T* v, int64_t column,
+                   int64_t width, int64_t shared, const T* bias, int64_t bias_token, int64_t bias_column, float scale,
+                   float* scores, float* part, T* out, int64_t out_token) {
+  constexpr int64_t D = 16 * BLOCKS;
+  constexpr int TILE = 24 / BLOCKS;  // queries whose sums stay in registers (TILE * BLOCKS of 32)
+  const int64_t padded = (width + 15) / 16 * 16, line = D * static_cast<int64_t>(sizeof(T));
+  const __m512 scaling = _mm512_set1_ps(scale), minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c0 = 0; c0 < width; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, width - c0);
+    for (int64_t c = 0; c < n; ++c) {
+      const T* kc = k + (c0 + c) * column;
+      const int64_t next = c0 + c + PREFETCH_COLUMNS;  // keys, then the first values
+      prefetch(next < width ? kc + PREFETCH_COLUMNS * column : v + (next - width) * column, line);
+      __m512 key[BLOCKS];
+      for (int m = 0; m < BLOCKS; ++m) key[m] = load16(kc + 16 * m);
+      for (int64_t j = 0; j < queries; ++j) {
+        const float* qj = query + j * D;
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qj), key[0]);
+        for (int m = 1; m < BLOCKS; ++m) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * m), key[m], sum);
+        _mm512_storeu_ps(part + (j * 16 + c) * 16, sum);
+      }
+    }
+    for (int64_t j = 0; j < queries; ++j) {
+      float* pj = part + j * 256;
+      for (int64_t c = n; c < 16; ++c) _mm512_storeu_ps(pj + c * 16, _mm512_setzero_ps());
+      const int64_t t = j / group;
+      const T* bj = bias + t * bias_token + c0 * bias_column;
+      float b[16] = {};
+      for (int64_t c = 0; c < n; ++c) b[c] = as_float(bj[c * bias_column]);
+      __m512 s = _mm512_add_ps(_mm512_mul_ps(lane_sums16(pj), scaling), _mm512_loadu_ps(b));
+      const int64_t seen = std::min<int64_t>(n, shared + t - c0);  // columns this token sees
+      const __mmask16 hidden = seen <= 0 ? __mmask16(0xFFFF) : __mmask16(~((1u << seen) - 1u));
+      _mm512_storeu_ps(scores + j * padded + c0, _mm512_mask_blend_ps(hidden, s, minus_inf));
+    }
+  }
+  std::vector<float> inverse(queries);
+  for (int64_t j = 0; j < queries; ++j) {
+    float* sj = scores + j * padded;
+    __m512 top = minus_inf;
+    for (int64_t c = 0; c < padded; c += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sj + c));
+    const float highest = _mm512_reduce_max_ps(top);
+    if (highest == -std::numeric_limits<float>::infinity()) {  // sees no column: a padding row
+      std::fill(sj, sj + padded, 0.0f);
+      inverse[j] = 0.0f;
+      continue;
+    }
+    const __m512 shift = _mm512_set1_ps(highest);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t c = 0; c < padded; c += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sj + c), shift));
+      _mm512_storeu_ps(sj + c, e);
+      total = _mm512_add_ps(total, e);
+    }
+    inverse[j] = 1.0f / _mm512_reduce_add_ps(total);
+  }
+  for (int64_t j0 = 0; j0 < queries; j0 += TILE) {
+    const int64_t nq = std::min<int64_t>(TILE, queries - j0);
+    __m512 acc[TILE][BLOCKS];
+    for (int q = 0; q < TILE; ++q)
+      for (int m = 0; m < BLOCKS; ++m) acc[q][m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < width; ++c) {
+      const T* vc = v + c * column;
+      if (j0 == 0 && c + PREFETCH_COLUMNS < width) prefetch(vc + PREFETCH_COLUMNS * column, line);
+      float p[TILE];
+      bool any = false;
+      for (int q = 0; q < TILE; ++q) {
+        p[q] = q < nq ? scores[(j0 + q) * padded + c] : 0.0f;
+        any |= p[q] != 0.0f;
+      }
+      if (!any) continue;  // a column no query of the tile sees (padding)
+      __m512 value[BLOCKS];
+      for (int m = 0; m < BLOCKS; ++m) value[m] = load16(vc + 16 * m);
+      for (int q = 0; q < TILE; ++q) {
+        if (q >= nq) break;
+        const __m512 weight = _mm512_set1_ps(p[q]);
+        for (int m = 0; m < BLOCKS; ++m) acc[q][m] = _mm512_fmadd_ps(weight, value[m], acc[q][m]);
+      }
+    }
+    for (int q = 0; q < TILE && q < nq; ++q) {
+      const int64_t j = j0 + q;
+      T* o = out + (j / group) * out_token + (j % group) * D;
+      const __m512 w = _mm512_set1_ps(inverse[j]);
+      for (int m = 0; m < BLOCKS; ++m) store16(o + 16 * m, _mm512_mul_ps(acc[q][m], w));
+    }
+  }
+}
+#endif
+
 // The rows' attention of one layer after write_kv, a key/value head of a row at a time: its group
 // of query heads, for each of the row's `tokens` tokens, reads each key and value once (converted to
 // float32 once for all of them). Query head h of token t of row r ([B T, H, D] view) attends to
 // columns `first` to `end + t` of its key/value head, scores scaled and biased (`bias` [B, 1, T,
 // end + T - first]: the row's padding and, in a verify step, the tokens after t), softmax and sums in
-// float32. Writes `out` [B T, H, D].
+// float32. Writes `out` [B T, H, D]. Heads of 16, 32, 64 or 128 floats take attend_head16 (with
+// AVX-512); other widths the loops below, vectorized where the width is a multiple of 16.
 template <typename T>
 void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t kv_heads, int64_t first, int64_t end,
                               int64_t tokens, const Tensor& bias, double scaling, Tensor& out) {
@@ -432,7 +559,7 @@ void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t k
   const int64_t blocks = d / 16;
   const bool vectors = VECTOR_KERNELS && d % 16 == 0 && d <= MAX_HEAD_DIM;  // AVX-512 loops (else plain ones)
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> query(queries * d), scores(queries * width), acc(queries * d), vector(d), total(queries);
+    std::vector<float> query(queries * d), scores(queries * width), acc(queries * d), vector(d), total(queries), part;
     for (int64_t item = begin; item < stop; ++item) {
       const int64_t r = item / kv_heads, g = item % kv_heads;
       for (int64_t j = 0; j < queries; ++j) {  // query j: token j / group, head g * group + j % group
@@ -442,8 +569,27 @@ void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t k
       const T* k = cache + r * row_stride + g * head_stride + first * column;
       const T* v = k + side;
       const int64_t shared = end - first + 1;  // columns every token of the row sees
+#if defined(__AVX512F__)
+      if (vectors && (blocks == 1 || blocks == 2 || blocks == 4 || blocks == 8)) {
+        const int64_t padded = (width + 15) / 16 * 16;
+        if (static_cast<int64_t>(scores.size()) < queries * padded) scores.resize(queries * padded);
+        if (static_cast<int64_t>(part.size()) < queries * 256) part.resize(queries * 256);
+        T* o = os + r * tokens * out_row + g * group * d;
+        const T* b = bs + r * bias_row;
+        const auto attend = blocks == 1 ? attend_head16<T, 1>
+                            : blocks == 2 ? attend_head16<T, 2>
+                            : blocks == 4 ? attend_head16<T, 4>
+                                          : attend_head16<T, 8>;
+        attend(query.data(), queries, group, k, v, column, width, shared, b, bias_token, bias_column, scale,
+               scores.data(), part.data(), o, out_row);
+        continue;
+      }
+#endif
+      const int64_t line = d * static_cast<int64_t>(sizeof(T));
       for (int64_t c = 0; c < width; ++c) {
         const T* kc = k + c * column;
+        const int64_t next = c + PREFETCH_COLUMNS;  // keys, then the first values
+        prefetch(next < width ? kc + PREFETCH_COLUMNS * column : v + (next - width) * column, line);
 #if defined(__AVX512F__)
         __m512 key[MAX_HEAD_DIM / 16];
         if (vectors)
@@ -482,6 +628,7 @@ void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t k
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t c = 0; c < width; ++c) {
         const T* vc = v + c * column;
+        if (c + PREFETCH_COLUMNS < width) prefetch(vc + PREFETCH_COLUMNS * column, line);
 #if defined(__AVX512F__)
         if (vectors) {
           __m512 value[MAX_HEAD_DIM / 16];
@@ -877,6 +1024,64 @@ Tensor step_layers(Tensor x, const Tensor& cos, const Tensor& sin, const OptTens
   return x;
 }
 
+// Each row's argmax over `logits` [N, V] into `out` [N]: the first index of the row's largest value,
+// a NaN counting as the largest (torch's argmax), rows in parallel. The row's maximum in sixteen
+// lanes, then the first column that holds it (the row is in the core's cache by then).
+template <typename T>
+void greedy_kernel(const Tensor& logits, Tensor& out) {
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
+  TORCH_CHECK(logits.stride(1) == 1, "greedy: rows must be contiguous");
+  const T* base = logits.data_ptr<T>();
+  int64_t* chosen = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t stop) {
+    for (int64_t r = begin; r < stop; ++r) {
+      const T* x = base + r * stride;
+      float best = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      int64_t c = 0;
+#if defined(__AVX512F__)
+      __m512 top = _mm512_set1_ps(best);
+      __mmask16 unordered = 0;
+      for (; c + 16 <= n; c += 16) {
+        const __m512 v = load16(x + c);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        top = _mm512_max_ps(top, v);
+      }
+      best = _mm512_reduce_max_ps(top);
+      nan = unordered != 0;
+#endif
+      for (; c < n; ++c) {
+        const float v = as_float(x[c]);
+        nan |= std::isnan(v);
+        best = std::max(best, v);
+      }
+      int64_t found = 0;
+      if (nan) {
+        while (!std::isnan(as_float(x[found]))) ++found;
+      } else {
+        c = 0;
+#if defined(__AVX512F__)
+        const __m512 target = _mm512_set1_ps(best);
+        for (; c + 16 <= n; c += 16) {
+          const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + c), target, _CMP_EQ_OQ);
+          if (hit) break;
+        }
+#endif
+        while (as_float(x[c]) != best) ++c;
+        found = c;
+      }
+      chosen[r] = found;
+    }
+  });
+}
+
+Tensor greedy(const Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "greedy: logits must be [N, V] with V > 0");
+  Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  dispatch_float(logits, "greedy", [&](auto zero) { greedy_kernel<decltype(zero)>(logits, out); });
+  return out;
+}
+
 // A single product, for the tests: the kinds as step_layers runs them.
 Tensor run_product(const Tensor& x, const c10::List<OptTensor>& params, int64_t kind) {
   return product(x, kind, params, 0, static_cast<int64_t>(params.size()));
@@ -890,10 +1095,12 @@ TORCH_LIBRARY(async_llm_native, m) {
       "int tokens, Tensor[] chunk_kvs, int[] chunk_starts, int[] chunk_lengths, Tensor?[] params, int[] layout, "
       "float eps, float scaling, int heads, int kv_heads, int head_dim) -> Tensor");
   m.def("product(Tensor x, Tensor?[] params, int kind) -> Tensor");
+  m.def("greedy(Tensor logits) -> Tensor");
 }
 
 // Any backend key: the prepacked weights are oneDNN tensors (MkldnnCPU) beside CPU ones.
 TORCH_LIBRARY_IMPL(async_llm_native, CompositeExplicitAutograd, m) {
   m.impl("step_layers", &step_layers);
   m.impl("product", &run_product);
+  m.impl("greedy", &greedy);
 }
