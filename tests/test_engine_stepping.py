@@ -106,3 +106,28 @@ def test_the_kv_buffer_is_sized_at_admission_and_never_regrown_while_decoding(ti
         engine.step()
         assert engine.batch.size == 0 or engine.batch.kv is buffer
     engine.close()
+
+
+def test_an_idle_batch_keeps_its_buffer_for_the_next_rows(tiny_model, tiny_tokenizer):
+    """When the last row leaves, the buffer is kept aside (no row's keys and values are held) and
+    the next rows that fit it write into it, with the same tokens as in a fresh one; rows that do
+    not fit it get a larger one."""
+    engine = Engine(tiny_model, pad_token_id=0, config=EngineConfig(max_batch_size=4))
+    sink = ListSink()
+
+    def run(tag: str, prompts: list[str], max_tokens: int) -> tuple[object, list[list[int]]]:
+        for i, prompt in enumerate(prompts):
+            engine.submit(_request(tiny_tokenizer, f"{tag}{i}", prompt, sink, max_tokens))
+        engine.step()
+        buffer = engine.batch.kv
+        while engine.stats()["num_running"] or engine.stats()["num_waiting"]:
+            engine.step()
+        assert engine.batch.kv is None and not engine.batch.holds_rows()
+        return buffer, [sink.tokens(f"{tag}{i}") for i in range(len(prompts))]
+
+    first, tokens = run("a", ["Hello", "The quick brown fox"], 20)
+    again, tokens_again = run("b", ["Hello", "The quick brown fox"], 20)
+    assert again is first and tokens_again == tokens  # stale contents never read
+    larger, _ = run("c", ["Hello", "The quick brown fox", "One", "Two"], 300)
+    assert larger is not first and larger.shape[2] >= 4 and larger.shape[4] > first.shape[4]
+    engine.close()
