@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from async_llm import HuggingFaceLLM
-from async_llm.bench.workloads import burst_workload, grounded_workload
+from async_llm.bench.workloads import GROUNDED_NEW_TOKENS, burst_workload, grounded_workload
 from async_llm.loading.default import default_model_path
 
 
@@ -48,8 +48,8 @@ async def main() -> None:
         async with HuggingFaceLLM(device="cpu", dtype=getattr(torch, args.dtype), speculative_config=spec) as llm:
             await llm.arun("hi", max_tokens=4)
             rates = {
-                "grounded-1": sum([await _rate(llm, [r], 128) for r in grounded]) / len(grounded),
-                "grounded-2": await _rate(llm, grounded[:2], 128),
+                "grounded-1": sum([await _rate(llm, [r], GROUNDED_NEW_TOKENS) for r in grounded]) / len(grounded),
+                "grounded-2": await _rate(llm, grounded[:2], GROUNDED_NEW_TOKENS),
                 "burst-1": await _rate(llm, burst_workload(tokenizer, 1, 64).requests, 64),
                 "burst-2": await _rate(llm, burst_workload(tokenizer, 2, 64).requests, 64),
             }

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -17,9 +21,10 @@ pytest.importorskip("tqdm")
 
 from PIL import Image
 
+from async_llm.bench import suite
 from async_llm.bench.cli import main
 from async_llm.bench.metrics import FIGURES
-from async_llm.bench.workloads import PromptBuilder, burst_workload, mixed_workload
+from async_llm.bench.workloads import GROUNDED_NEW_TOKENS, PromptBuilder, burst_workload, mixed_workload
 
 SYSTEMS = ["async_llm", "transformers-static", "transformers-sequential"]
 
@@ -406,7 +411,32 @@ def test_the_grounded_workload_and_the_opt_in_systems(tiny_model_dir: Path, tmp_
     report = json.loads((tmp_path / "results.json").read_text())
     grounded = report["results"]["grounded-1"]
     for system in ("async_llm", "async_llm-int8", "async_llm-ngram"):
-        assert grounded[system]["complete"] and grounded[system]["output_tokens"] == 128
+        assert grounded[system]["complete"] and grounded[system]["output_tokens"] == GROUNDED_NEW_TOKENS
     assert report["workloads"][1]["name"] == "grounded-1" and report["workloads"][1]["kind"] == "grounded"
     labels = {t["target"] for t in report["targets"]}
     assert {"ngram grounded N=1: tokens/s vs without", "int8 burst N=1: tokens/s vs llama.cpp Q8_0"} <= labels
+
+
+def test_an_idle_systems_processes_count_as_another_load_for_the_one_that_runs() -> None:
+    """A system's process that spins while another system runs (as vLLM's workers poll their queues
+    for a second after their last step) is a load on the machine for the system that runs: the wait
+    for a quiet machine sees it, and the running system's own CPU does not include it."""
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        workers = {}
+        for name, process in (("idle peer", spinning), ("running", sleeping)):
+            worker = suite._ProcessWorker.__new__(suite._ProcessWorker)
+            worker.process = psutil.Process(process.pid)
+            workers[name] = worker
+        options = suite.SuiteOptions(quiet_wait_s=0.0)
+        assert suite._wait_quiet(workers, "running", options) > 0.2  # the spinning peer is another load
+        before = suite._own_cpu(workers, "idle peer")
+        running_before = suite._own_cpu(workers, "running")
+        time.sleep(0.5)
+        assert suite._own_cpu(workers, "idle peer") - before > 0.1  # its own spinning, when it is the one running
+        assert suite._own_cpu(workers, "running") - running_before < 0.1
+    finally:
+        for process in (spinning, sleeping):
+            process.kill()
+            process.wait()

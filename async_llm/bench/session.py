@@ -25,13 +25,22 @@ Event = tuple[Any, ...]
 Emit = Callable[[Event], None]
 
 
-def _warmup_requests(workloads: Sequence[Workload]) -> list[RequestSpec]:
-    """Two short requests plus the longest mixed prompt: the shapes the timed runs start with."""
+def _warmup_batches(workloads: Sequence[Workload]) -> list[list[RequestSpec]]:
+    """The untimed runs before the timed ones (a few tokens each): two short requests plus the
+    longest mixed prompt, then each burst level's requests at once, so that no timed round is the
+    first to meet its batch size (kernels chosen for it, buffers grown to it: a server's first
+    burst pays that, its later ones do not, and vLLM allocates its cache before it serves)."""
     warm = list(workloads[0].requests[:2])
     mixed = [r for w in workloads if w.kind == "mixed" for r in w.requests]
     if mixed:
         warm.append(max(mixed, key=lambda r: len(r.prompt_ids)))
-    return warm
+    batches = [warm]
+    sizes = {len(warm)}
+    for w in workloads:
+        if w.kind in ("burst", "grounded") and len(w.requests) not in sizes:
+            sizes.add(len(w.requests))
+            batches.append(list(w.requests))
+    return batches
 
 
 class Session:
@@ -72,7 +81,8 @@ class Session:
         runner = runner_cls(self.config)
         try:
             runner.load()
-            runner.warmup(_warmup_requests(self.workloads))
+            for batch in _warmup_batches(self.workloads):
+                runner.warmup(batch)
         except Exception as exc:  # noqa: BLE001  # any failure of a peer to start is reported as a skip, not fatal
             return f"failed to start: {type(exc).__name__}: {exc}"
         self._runner = runner

@@ -93,19 +93,29 @@ def _cpu(process: psutil.Process) -> float:
     return seconds
 
 
-def _own_cpu(workers: dict[str, Any]) -> float:
-    """CPU seconds of the suite and everything it started (the systems' processes and theirs) so far."""
-    return _cpu(psutil.Process())
+def _own_cpu(workers: dict[str, Any], running: str) -> float:
+    """CPU seconds so far of the suite's own process and of the processes of the system ``running``
+    (its worker process and what that started). The other systems' processes are not its own: a peer
+    idle between its runs may still spin (vLLM's workers poll their queues for a second after their
+    last step, and its OpenMP threads for 200 ms), and that disturbs the system that runs. A system
+    run in the suite's process (``--no-isolate``) shares it with every other such system and their
+    peers' processes: there, all of them count as its own."""
+    worker = workers[running]
+    if not isinstance(worker, _ProcessWorker) or worker.process is None:
+        return _cpu(psutil.Process())
+    t = psutil.Process().cpu_times()
+    return t.user + t.system + _cpu(worker.process)
 
 
-def _wait_quiet(workers: dict[str, Any], options: SuiteOptions) -> float:
-    """Wait (up to ``quiet_wait_s``) until other processes use less than ``quiet_cores``; returns
-    the last measured other-process load, in cores."""
+def _wait_quiet(workers: dict[str, Any], running: str, options: SuiteOptions) -> float:
+    """Wait (up to ``quiet_wait_s``) until processes other than the suite's and those of the system
+    about to run (``running``) use less than ``quiet_cores``; returns the last measured load, in
+    cores."""
     deadline = time.monotonic() + options.quiet_wait_s
     while True:
-        busy0, own0, t0 = _machine_busy(), _own_cpu(workers), time.perf_counter()
+        busy0, own0, t0 = _machine_busy(), _own_cpu(workers, running), time.perf_counter()
         time.sleep(1.0)
-        other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers) - own0)) / (time.perf_counter() - t0)
+        other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers, running) - own0)) / (time.perf_counter() - t0)
         if other < options.quiet_cores or time.monotonic() > deadline:
             return other
 
@@ -302,13 +312,13 @@ def run_suite(
 
             for attempt in range(options.noisy_retries + 1):
                 if options.quiet_wait_s > 0:
-                    _wait_quiet(workers, options)
+                    _wait_quiet(workers, name, options)
                 left = None if options.system_timeout_s is None else options.system_timeout_s - info[name]["seconds"]
                 done_before = len(runs.get((workload.name, name), []))
-                started, busy0, own0 = time.perf_counter(), _machine_busy(), _own_cpu(workers)
+                started, busy0, own0 = time.perf_counter(), _machine_busy(), _own_cpu(workers, name)
                 gone = worker.run(index, sink, left)
                 seconds = time.perf_counter() - started
-                other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers) - own0)) / max(seconds, 1e-9)
+                other = max(0.0, _machine_busy() - busy0 - (_own_cpu(workers, name) - own0)) / max(seconds, 1e-9)
                 info[name]["seconds"] += seconds
                 fresh = runs.get((workload.name, name), [])[done_before:]
                 for figures in fresh:
