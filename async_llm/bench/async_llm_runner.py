@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from async_llm.bench.metrics import RequestRecord
-from async_llm.bench.runner import OnDone, Runner, SystemConfig, new_records
+from async_llm.bench.runner import NGRAM_CONFIG, OnDone, Runner, SystemConfig, new_records
 from async_llm.bench.workloads import RequestSpec
 
 __all__ = [
@@ -165,11 +165,11 @@ class AsyncLLMInt8PythonStepRunner(_PythonStep, AsyncLLMInt8Runner):
 class AsyncLLMNgramRunner(AsyncLLMRunner):
     name = "async_llm-ngram"
     description = (
-        "async_llm with n-gram speculative decoding (speculative_config={'method': 'ngram', "
-        "'num_speculative_tokens': 4}): drafts from each request's own context, verified in one forward"
+        "async_llm with n-gram speculative decoding (speculative_config: NGRAM_CONFIG, 4 tokens drafted): "
+        "drafts from each request's own context, verified in one forward"
     )
     prefill_workloads = False
-    options: ClassVar[dict[str, Any]] = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+    options: ClassVar[dict[str, Any]] = {"speculative_config": dict(NGRAM_CONFIG)}
 
     def run(self, requests: Sequence[RequestSpec], on_done: OnDone) -> tuple[list[RequestRecord], float]:
         before = self.llm.stats()

@@ -38,6 +38,7 @@ ALL_SYSTEMS = (
     "transformers-sequential",
     "vllm",
     "vllm-cpu",
+    "vllm-cpu-ngram",
     "llama.cpp-f32",
     "llama.cpp-q8_0",
     "llama.cpp-q4_1",

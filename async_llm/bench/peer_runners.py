@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from async_llm.bench.metrics import RequestRecord
-from async_llm.bench.runner import OnDone, Runner, SystemConfig, new_records
+from async_llm.bench.runner import NGRAM_CONFIG, OnDone, Runner, SystemConfig, new_records
 from async_llm.bench.workloads import RequestSpec
 
-__all__ = ["ExternalRunner", "LlamaCppQ4Runner", "LlamaCppRunner", "VLLMCPURunner", "VLLMRunner"]
+__all__ = ["ExternalRunner", "LlamaCppQ4Runner", "LlamaCppRunner", "VLLMCPUNgramRunner", "VLLMCPURunner", "VLLMRunner"]
 
 
 class VLLMRunner(Runner):
@@ -215,6 +215,15 @@ class VLLMCPURunner(ExternalRunner):
             "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         }
+
+
+class VLLMCPUNgramRunner(VLLMCPURunner):
+    name = "vllm-cpu-ngram"
+    description = "vLLM's CPU build with its n-gram speculation (the peer of async_llm-ngram: the same config)"
+    prefill_workloads = False
+
+    def worker_config(self) -> dict[str, Any]:
+        return {**super().worker_config(), "speculative_config": dict(NGRAM_CONFIG)}
 
 
 class LlamaCppRunner(ExternalRunner):

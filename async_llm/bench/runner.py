@@ -20,9 +20,20 @@ import torch
 from async_llm.bench.metrics import RequestRecord
 from async_llm.bench.workloads import RequestSpec
 
-__all__ = ["OnDone", "Runner", "SystemConfig", "load_hf", "new_records", "pad_id", "sleep_until"]
+__all__ = ["NGRAM_CONFIG", "OnDone", "Runner", "SystemConfig", "load_hf", "new_records", "pad_id", "sleep_until"]
 
 OnDone = Callable[[int], None]
+
+
+#: The n-gram speculation that async_llm-ngram and its peer vllm-cpu-ngram run (vLLM's keys and
+#: meanings, async_llm's defaults). async_llm's steps of more than ``disable_by_batch_size`` rows (2
+#: by default) decode plainly; vLLM 0.32 has no such key (it speculates at every batch size).
+NGRAM_CONFIG: dict[str, Any] = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2,
+}
 
 
 @dataclass(frozen=True)

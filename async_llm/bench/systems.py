@@ -36,6 +36,7 @@ from async_llm.bench.peer_runners import (
     LlamaCppQ4Runner,
     LlamaCppQ8Runner,
     LlamaCppRunner,
+    VLLMCPUNgramRunner,
     VLLMCPURunner,
     VLLMRunner,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "StaticBatchRunner",
     "SystemConfig",
     "TransformersCBRunner",
+    "VLLMCPUNgramRunner",
     "VLLMCPURunner",
     "VLLMRunner",
     "load_hf",
@@ -83,6 +85,7 @@ SYSTEMS: dict[str, type[Runner]] = {
         SequentialRunner,
         VLLMRunner,
         VLLMCPURunner,
+        VLLMCPUNgramRunner,
         LlamaCppRunner,
         LlamaCppQ8Runner,
         LlamaCppQ4Runner,

@@ -85,6 +85,7 @@ FEATURE_TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
     ("int8 burst N=64: tokens/s vs vLLM CPU", "burst-64", "output_tokens_per_s", INT8, "vllm-cpu", 1.3),
     ("ngram grounded N=1: tokens/s vs without", "grounded-1", "output_tokens_per_s", NGRAM, BASE, 1.8),
     ("ngram grounded N=1: tokens/s vs llama.cpp F32", "grounded-1", "output_tokens_per_s", NGRAM, "llama.cpp-f32", 1.0),
+    ("ngram grounded N=1: tokens/s vs vLLM's ngram", "grounded-1", "output_tokens_per_s", NGRAM, "vllm-cpu-ngram", 1.0),
     ("ngram burst N=1: tokens/s vs without", "burst-1", "output_tokens_per_s", NGRAM, BASE, 0.97),
     ("ngram burst N=16: tokens/s vs without", "burst-16", "output_tokens_per_s", NGRAM, BASE, 0.97),
     ("ngram burst N=64: tokens/s vs without", "burst-64", "output_tokens_per_s", NGRAM, BASE, 0.97),

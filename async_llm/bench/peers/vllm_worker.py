@@ -2,6 +2,8 @@
 
     VLLM_PYTHON vllm_worker.py '{"model": FOLDER, "dtype": "float32", "max_num_seqs": 64, "max_model_len": 1024}'
 
+(and ``"speculative_config"``, vLLM's, where given: the n-gram peer).
+
 Greedy, ``ignore_eos``, exactly ``max_new_tokens`` per request, token-id prompts, each request sent at
 its arrival time; one timestamp per streamed token.
 """
@@ -27,6 +29,7 @@ def load(config: dict[str, Any]) -> RunFn:
         max_model_len=config.get("max_model_len", 1024),
         seed=0,
         disable_log_stats=True,
+        speculative_config=config.get("speculative_config"),
     )
     loop = asyncio.new_event_loop()
     engine = loop.run_until_complete(_make(AsyncLLM, args))
