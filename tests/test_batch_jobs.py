@@ -4,11 +4,13 @@ complete, bounded memory, progress, and what a failed or cancelled job leaves be
 from __future__ import annotations
 
 import asyncio
-import gc
-import tracemalloc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
-import psutil
 import pytest
 
 from async_llm import HuggingFaceLLM
@@ -47,32 +49,69 @@ async def test_amap_yields_each_result_once_as_it_completes_within_the_window(sm
     assert most <= 10  # the job never has more than its window in the engine
 
 
-async def test_ten_thousand_prompts_in_bounded_memory(tiny_model, tiny_tokenizer):
-    """Every result arrives once; after warm-up neither Python's heap (traced: exact, a leak of 300
-    bytes a request would show) nor the process's RSS (loosely: a leaked key/value row a request
-    would add over 100 MiB) keeps growing."""
+#: The job of test_ten_thousand_prompts_in_bounded_memory, run in a Python of its own (see there).
+_BOUNDED_JOB = """
+import asyncio, contextlib, ctypes, ctypes.util, gc, json, sys, tracemalloc
+import psutil
+from async_llm import HuggingFaceLLM
+from tests.conftest import build_model, build_tokenizer
+
+async def main():
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer))
     process = psutil.Process()
     seen = bytearray(10_000)
-    count = 0
+    count = waiting = 0
     async with HuggingFaceLLM(
-        model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", max_tokens=1, max_batch_size=64, max_queue_size=100
+        model=model, tokenizer=tokenizer, device="cpu", max_tokens=1, max_batch_size=64, max_queue_size=100
     ) as llm:
-        with anyio.fail_after(600):
-            async for index, text in llm.amap(f"Item {i}" for i in range(10_000)):
-                count += 1
-                seen[index] += 1
-                assert isinstance(text, str)
-                assert llm.stats()["num_waiting"] <= 100  # the count and the queue's bound agree
-                if count == 3_000:
-                    gc.collect()
-                    rss = process.memory_info().rss
-                    tracemalloc.start()
-                    heap = tracemalloc.take_snapshot()
+        async for index, text in llm.amap(f"Item {i}" for i in range(10_000)):
+            count += 1
+            seen[index] += 1
+            assert isinstance(text, str)
+            waiting = max(waiting, llm.stats()["num_waiting"])
+            if count == 3_000:
+                gc.collect()
+                with contextlib.suppress(OSError, AttributeError):
+                    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+                rss = process.memory_info().rss
+                tracemalloc.start()
+                heap = tracemalloc.take_snapshot()
         gc.collect()
         heap_growth = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(heap, "filename"))
-        tracemalloc.stop()
+        del heap
+        tracemalloc.stop()  # its traces and snapshots are memory of its own: gone before RSS is read
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # freed pages back to the system (glibc)
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
         rss_growth = process.memory_info().rss - rss
-    assert count == 10_000 and set(seen) == {1}
+    print(json.dumps({"count": count, "once": set(seen) == {1}, "waiting": waiting,
+                      "heap_growth": heap_growth, "rss_growth": rss_growth}))
+
+asyncio.run(main())
+"""
+
+
+def test_ten_thousand_prompts_in_bounded_memory() -> None:
+    """Every result arrives once, the queue's bound holds, and after warm-up neither Python's heap
+    (traced: exact, a leak of 300 bytes a request would show) nor the process's RSS (loosely: a
+    leaked key/value row a request would add over 100 MiB) keeps growing.
+
+    The job runs in a Python of its own, with oneDNN's cache of kernels capped at 64: that cache
+    keeps a kernel for every product shape it meets, up to 1,024 by default, and how many shapes a
+    job meets depends on the machine's timing (on a busy machine more prompts queue between steps,
+    and the prefills take more sizes), so its fill, tens of MiB over this job, is a bounded cache
+    and not a leak, but would pass for one. RSS is read with the allocator's free pages handed
+    back and after tracemalloc has stopped: on a busy machine its traces alone were 60 MiB."""
+    env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_JOB], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["count"] == 10_000 and result["once"]
+    assert result["waiting"] <= 100  # the count and the queue's bound agree
+    heap_growth, rss_growth = result["heap_growth"], result["rss_growth"]
     assert heap_growth < 2 * 2**20, f"the Python heap grew {heap_growth / 2**20:.2f} MiB over 7,000 prompts"
     assert rss_growth < 64 * 2**20, f"RSS grew {rss_growth / 2**20:.1f} MiB over 7,000 prompts"
 
