@@ -56,6 +56,10 @@ import psutil
 from async_llm import HuggingFaceLLM
 from tests.conftest import build_model, build_tokenizer
 
+def trim():  # the allocator's free pages back to the system (glibc), where it can
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
 async def main():
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer))
@@ -72,8 +76,7 @@ async def main():
             waiting = max(waiting, llm.stats()["num_waiting"])
             if count == 3_000:
                 gc.collect()
-                with contextlib.suppress(OSError, AttributeError):
-                    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+                trim()
                 rss = process.memory_info().rss
                 tracemalloc.start()
                 heap = tracemalloc.take_snapshot()
@@ -82,8 +85,7 @@ async def main():
         del heap
         tracemalloc.stop()  # its traces and snapshots are memory of its own: gone before RSS is read
         gc.collect()
-        with contextlib.suppress(OSError, AttributeError):  # freed pages back to the system (glibc)
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        trim()
         rss_growth = process.memory_info().rss - rss
     print(json.dumps({"count": count, "once": set(seen) == {1}, "waiting": waiting,
                       "heap_growth": heap_growth, "rss_growth": rss_growth}))

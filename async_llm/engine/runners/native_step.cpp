@@ -442,12 +442,12 @@ inline __m512 lane_sums16(const float* v) {
 // at a time (their sums by lane_sums16), scaled, biased (`bias` + t * bias_token + c * bias_column
 // for token t, column c) and masked past column `shared + t - 1`; softmax in sixteen-lane loops;
 // the weighted sums of the values in registers, a few queries at a time. `scores` holds
-// queries * round16(width) floats, `part` queries * 256. Query j's result goes to `out` +
-// (j / group) * out_token + (j % group) * D.
+// queries * round16(width) floats, `part` queries * 256, `inverse` queries. Query j's result goes
+// to `out` + (j / group) * out_token + (j % group) * D.
 template <typename T, int BLOCKS>
 void attend_head16(const float* query, int64_t queries, int64_t group, const T* k, const T* v, int64_t column,
                    int64_t width, int64_t shared, const T* bias, int64_t bias_token, int64_t bias_column, float scale,
-                   float* scores, float* part, T* out, int64_t out_token) {
+                   float* scores, float* part, float* inverse, T* out, int64_t out_token) {
   constexpr int64_t D = 16 * BLOCKS;
   constexpr int TILE = 24 / BLOCKS;  // queries whose sums stay in registers (TILE * BLOCKS of 32)
   const int64_t padded = (width + 15) / 16 * 16, line = D * static_cast<int64_t>(sizeof(T));
@@ -480,7 +480,6 @@ void attend_head16(const float* query, int64_t queries, int64_t group, const T* 
       _mm512_storeu_ps(scores + j * padded + c0, _mm512_mask_blend_ps(hidden, s, minus_inf));
     }
   }
-  std::vector<float> inverse(queries);
   for (int64_t j = 0; j < queries; ++j) {
     float* sj = scores + j * padded;
     __m512 top = minus_inf;
@@ -581,7 +580,7 @@ void grouped_attention_kernel(const Tensor& q, const Tensor& layer_kv, int64_t k
                             : blocks == 4 ? attend_head16<T, 4>
                                           : attend_head16<T, 8>;
         attend(query.data(), queries, group, k, v, column, width, shared, b, bias_token, bias_column, scale,
-               scores.data(), part.data(), o, out_row);
+               scores.data(), part.data(), total.data(), o, out_row);
         continue;
       }
 #endif
