@@ -23,7 +23,10 @@ of N requests x ``--new-tokens`` tokens (eos ignored):
 With ``--tests`` the CUDA tests run first (pytest must be importable). It writes
 ``DIR/gpu_check.json`` after every measurement (a run cut short keeps what it measured)
 and prints a table last. Systems and bursts that would not fit in ``--budget-s`` are skipped and
-say so.
+say so. One system's failure does not cost the others: a system that raises is recorded with its
+error; one that leaves the CUDA context unusable (an illegal address, a device-side assert) or
+gives no result within ``--system-limit-s`` (its threads' stacks go to ``DIR/hang_NAME.txt``) is
+recorded too, and the systems after it run in a fresh process (``--only ... --resume``).
 
 On a bare GPU machine (Python 3.12; torch, transformers, anyio and pytest there), the library's
 other imports travel as wheels: ``benchmarks/gpu_wheels.sh`` downloads them into ``.whl/``, and
@@ -34,11 +37,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
+import os
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -324,6 +331,51 @@ def save() -> None:
         (_OUT / "gpu_check.json").write_text(json.dumps(_REPORT, indent=2, default=str))
 
 
+def _cuda_usable(device: torch.device) -> bool:
+    """Whether the device still runs work after a system failed (an illegal memory access or a
+    device-side assert leaves a CUDA context that fails every later call)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return bool((torch.ones(1, device=device) + 1).item() == 2)
+    except Exception:  # noqa: BLE001  # any failure here means the context is gone
+        return False
+
+
+def _continue_fresh(args: argparse.Namespace, remaining: list[str], deadline: float) -> NoReturn:
+    """Save what was measured and run ``remaining`` systems in a fresh process (this one's CUDA
+    context or threads cannot be trusted any more); it reads the saved report back."""
+    save()
+    if not remaining:
+        os._exit(1)
+    argv = [sys.executable, os.path.abspath(__file__), "--out", str(args.out), "--bursts", args.bursts]
+    argv += ["--new-tokens", str(args.new_tokens), "--budget-s", f"{max(0.0, deadline - time.monotonic()):.0f}"]
+    argv += ["--system-limit-s", str(args.system_limit_s), "--only", ",".join(remaining), "--resume"]
+    argv += ["--tiny"] if args.tiny else []
+    print(f"continuing in a fresh process with {', '.join(remaining)}", flush=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def _watchdog(
+    args: argparse.Namespace, name: str, results: dict[str, Any], remaining: list[str], deadline: float, limit: float
+) -> threading.Timer:
+    """A timer that, if ``name`` has not finished after ``limit`` seconds, records it as hung, writes
+    every thread's stack to ``DIR/hang_NAME.txt`` and goes on with ``remaining`` in a fresh process."""
+
+    def hung() -> None:
+        results["error"] = f"no result after {limit:.0f} s (stacks in hang_{name}.txt)"
+        with open(args.out / f"hang_{name}.txt", "w") as file:
+            faulthandler.dump_traceback(file=file, all_threads=True)
+        _continue_fresh(args, remaining, deadline)
+
+    timer = threading.Timer(limit, hung)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def main() -> None:
     global _OUT
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -334,9 +386,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--tests", action="store_true", help="run the CUDA tests first (needs pytest)")
     parser.add_argument("--tests-timeout-s", type=float, default=150.0)
+    parser.add_argument("--system-limit-s", type=float, default=150.0, help="one system's longest run")
+    parser.add_argument("--only", help="these systems (comma-separated), in the usual order")
+    parser.add_argument("--resume", action="store_true", help="add to DIR/gpu_check.json instead of starting it")
     args = parser.parse_args()
     _OUT = args.out
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.resume and (args.out / "gpu_check.json").exists():
+        _REPORT.update(json.loads((args.out / "gpu_check.json").read_text()))
     deadline = time.monotonic() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -373,22 +430,36 @@ def main() -> None:
             results, model, tokenizer, bursts, args.new_tokens, runner="static"
         )
         del systems["transformers_cb_graphs"]
+    if args.only is not None:
+        unknown = set(args.only.split(",")) - set(systems)
+        if unknown:
+            parser.error(f"--only: no system {', '.join(sorted(unknown))} (one of {', '.join(systems)})")
+        systems = {name: run for name, run in systems.items() if name in args.only.split(",")}
     if args.tests:
         run_cuda_tests(_REPORT.setdefault("cuda_tests", {}), args.tests_timeout_s)
         save()
-    for name, run in systems.items():
+    names = list(systems)
+    for index, (name, run) in enumerate(systems.items()):
         results: dict[str, Any] = {}
         _REPORT[name] = results  # filled as it runs: save() writes what is measured so far
         if time.monotonic() > deadline:
             results["skipped"] = "out of the time budget"
             continue
         start = time.monotonic()
+        # A system may overrun the budget by a minute (it started inside it), never by more.
+        limit = max(30.0, min(args.system_limit_s, deadline - start + 60.0))
+        timer = _watchdog(args, name, results, names[index + 1 :], deadline, limit)
         try:
             run(results)
         except Exception as exc:  # noqa: BLE001  # one system's failure is a result, not the end of the run
             results["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            timer.cancel()
         _REPORT[name + "_seconds"] = round(time.monotonic() - start, 1)
         save()
+        if "error" in results and not _cuda_usable(device):
+            results["error"] += " (the CUDA context was unusable after it)"
+            _continue_fresh(args, names[index + 1 :], deadline)
     print(f"{_REPORT['device']} ({_REPORT['dtype']}), {args.new_tokens} new tokens per request")
     for name in (
         "async_llm",
