@@ -282,51 +282,57 @@ def accept(
     r, t, v = logits.shape
     from async_llm.engine.sampler import greedy_tokens  # sampler imports this module (through SamplingParams)
 
-    targets = greedy_tokens(logits).tolist()  # [R, T]
-    probs = draws = None
-    if sampling is not None and not all(greedy):
-        flat = logits.reshape(r * t, v)
+    targets = greedy_tokens(logits)  # [R, T]
+    if sampling is None or all(greedy):
+        return [_walk(draft, row) for draft, row in zip(drafts, targets.tolist(), strict=True)]
+    device = logits.device
+    flat = logits.reshape(r * t, v)
 
-        def per_position(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.repeat_interleave(t)
+    def per_position(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.repeat_interleave(t)
 
-        probs = probabilities(
-            flat,
-            per_position(sampling["temperature"]),  # type: ignore[arg-type]
-            per_position(sampling["top_k"]),
-            per_position(sampling["top_p"]),
-            per_position(sampling["min_p"]),
-        ).reshape(r, t, v)
-        seed = torch.tensor(seeds, dtype=torch.long, device=logits.device)[:, None].expand(r, 2 * t)
-        count = torch.tensor(counters, dtype=torch.long, device=logits.device)[:, None] + torch.arange(
-            2 * t, device=logits.device
-        )
-        draws = uniforms(seed.reshape(-1), count.reshape(-1)).reshape(r, 2 * t).tolist()
-    emitted: list[list[int]] = []
-    for row in range(r):
-        draft = list(drafts[row])
-        out: list[int] = []
-        if greedy[row] or probs is None or draws is None:
-            for j, token in enumerate(draft):
-                if targets[row][j] != token:
-                    break
-                out.append(token)
-            out.append(targets[row][len(out)])
-            emitted.append(out)
-            continue
-        p = probs[row]
-        for j, token in enumerate(draft):
-            if draws[row][2 * j] < float(p[j, token]):
-                out.append(token)
-                continue
-            residual = p[j].clone()
-            residual[token] = 0.0
-            if float(residual.sum()) <= 0.0:  # p was all on the refused token: cannot happen but for rounding
-                residual = p[j]
-            out.append(int(_draw(residual[None], torch.tensor([draws[row][2 * j + 1]], device=p.device))[0]))
+    probs = probabilities(
+        flat,
+        per_position(sampling["temperature"]),  # type: ignore[arg-type]
+        per_position(sampling["top_k"]),
+        per_position(sampling["top_p"]),
+        per_position(sampling["min_p"]),
+    ).reshape(r, t, v)
+    seed = torch.tensor(seeds, dtype=torch.long, device=device)[:, None].expand(r, 2 * t)
+    count = torch.tensor(counters, dtype=torch.long, device=device)[:, None] + torch.arange(2 * t, device=device)
+    draws = uniforms(seed.reshape(-1), count.reshape(-1)).reshape(r, 2 * t)
+    # Every position at once: whether its draft token is accepted (u < p(token)), and the token it
+    # emits if it is the first refused (drawn from p with the draft token taken out) or the one
+    # after the whole draft (drawn from p). One read back to the host for the step.
+    drafted = torch.tensor([[*d, *[0] * (t - len(d))] for d in drafts], dtype=torch.long, device=device)
+    in_draft = torch.arange(t, device=device)[None, :] < torch.tensor([len(d) for d in drafts], device=device)[:, None]
+    accepted = draws[:, 0::2] < probs.gather(2, drafted[..., None]).squeeze(-1)
+    residual = torch.where(in_draft[..., None], probs.scatter(2, drafted[..., None], 0.0), probs)
+    # p was all on the refused token: cannot happen but for rounding; draw from p then.
+    residual = torch.where(residual.sum(-1, keepdim=True) <= 0.0, probs, residual)
+    emits = _draw(residual.reshape(r * t, v), draws[:, 1::2].reshape(-1)).reshape(r, t)
+    greedy_rows, accepts, sampled_rows = torch.stack((targets, accepted.long(), emits)).tolist()
+    return [
+        _walk(draft, greedy_rows[row]) if greedy[row] else _walk(draft, sampled_rows[row], accepts[row])
+        for row, draft in enumerate(drafts)
+    ]
+
+
+def _walk(draft: Sequence[int], emits: Sequence[int], accepted: Sequence[int] | None = None) -> list[int]:
+    """One row's tokens: its draft while the draft's tokens are accepted, then the token of the
+    position where one is refused (or of the one after the whole draft).
+
+    Args:
+        draft: The row's draft tokens.
+        emits: Each position's token if the row stops there: the model's argmax for a greedy row, a
+            draw for a sampled one.
+        accepted: A sampled row's verdicts (``u < p(token)``, nonzero when accepted). None: a greedy
+            row, whose draft token is accepted where it is the argmax.
+    """
+    out: list[int] = []
+    for j, token in enumerate(draft):
+        if not (emits[j] == token if accepted is None else accepted[j]):
             break
-        else:
-            j = len(draft)
-            out.append(int(_draw(p[j][None], torch.tensor([draws[row][2 * j + 1]], device=p.device))[0]))
-        emitted.append(out)
-    return emitted
+        out.append(token)
+    out.append(emits[len(out)])
+    return out
