@@ -233,3 +233,65 @@ async def test_out_of_memory_in_the_fast_prefill_splits_the_group_and_all_finish
 
     monkeypatch.setattr(decoder, "step", small_device)
     await _all_finish_exactly(llm, tiny_model, ooms, max_tokens=12)
+
+
+# Prompt chunks of one step: fresh prompts of similar lengths (grouped), a fresh prompt alone in its
+# width, and one after a prefix (each attended on its own).
+GROUPED_CHUNKS = [(0, 1), (0, 3), (0, 12), (0, 16), (0, 17), (0, 30), (5, 4), (0, 70)]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["buffers", "slots of one store"])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_fresh_prompts_attended_as_groups_give_each_prompts_own_results(shared, rows, monkeypatch):
+    """The Python layers (CUDA's) attend a step's fresh prompts of similar length as one padded
+    causal call per layer: the same logits, and the same keys and values written into each prompt's
+    columns (its own buffer, or its slot of a shared store in one write), as attending each prompt
+    alone; nothing else in the buffers changes."""
+    decoder = fast_forward.FastDecoder(FAST["llama"]())
+    decoder.native = False
+    generator = torch.Generator().manual_seed(rows)
+    layers, d, hkv = len(decoder.layers), decoder.head_dim, decoder.kv_heads
+    width, live, end = 80, 6, 9
+    kv_rows = torch.randn(layers, 2, max(rows, 1), hkv, end + 2, d, generator=generator)
+    mask = torch.ones(rows, live + 1, dtype=torch.long)
+    row_ids = torch.randint(3, 300, (rows, 1), generator=generator)
+    positions = mask.sum(1, keepdim=True) - 1
+    store = torch.randn(layers, 2, len(GROUPED_CHUNKS) + 1, hkv, width, d, generator=generator)
+    tokens = [torch.randint(3, 300, (n,), generator=generator).tolist() for _, n in GROUPED_CHUNKS]
+
+    def step(grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with monkeypatch.context() as patch:
+            if not grouped:
+                patch.setattr(fast_forward, "_prompt_groups", lambda *args: ([], set()))
+            kv, batch = store.clone(), kv_rows.clone()
+            chunks = [
+                fast_forward.Chunk(
+                    chunk,
+                    kv[:, :, slot + 1, :, : start + len(chunk)],
+                    start,
+                    store=kv if shared else None,
+                    slot=slot + 1,
+                )
+                for slot, ((start, _), chunk) in enumerate(zip(GROUPED_CHUNKS, tokens, strict=True))
+            ]
+            step_rows = fast_forward.Rows(row_ids, positions, mask, batch, end) if rows else None
+            with torch.inference_mode():
+                rows_logits, chunk_logits = decoder.step(step_rows, chunks)
+            return torch.cat([rows_logits, chunk_logits]), kv, batch
+
+    groups = []
+    prompt_groups = fast_forward._prompt_groups
+    monkeypatch.setattr(fast_forward, "_prompt_groups", lambda *a: groups.append(prompt_groups(*a)) or groups[-1])
+    grouped_logits, grouped_store, grouped_rows = step(grouped=True)
+    made, taken = groups[0]
+    assert sorted(len(g.chunks) for g in made) == [2, 4] and taken == {0, 1, 2, 3, 4, 5}  # widths 32 and 16
+    assert all((g.slots is not None) == shared for g in made)
+    alone_logits, alone_store, alone_rows = step(grouped=False)
+    assert torch.equal(grouped_logits.argmax(-1), alone_logits.argmax(-1))
+    torch.testing.assert_close(grouped_logits, alone_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped_rows, alone_rows, rtol=1e-5, atol=1e-5)
+    written = torch.zeros(store.shape, dtype=torch.bool)
+    for slot, (start, n) in enumerate(GROUPED_CHUNKS):
+        written[:, :, slot + 1, :, start : start + n] = True
+    torch.testing.assert_close(grouped_store[written], alone_store[written], rtol=1e-5, atol=1e-5)
+    assert torch.equal(grouped_store[~written], store[~written])  # prefixes read, nothing else written

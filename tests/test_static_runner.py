@@ -5,6 +5,7 @@ move, slots freed by every way a request ends, and the typed errors of a budget 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 
 import anyio
@@ -13,9 +14,10 @@ import torch
 
 from async_llm import HuggingFaceLLM
 from async_llm.engine.buckets import bucket, row_buckets, width_buckets
+from async_llm.engine.runners import fast_forward
 from async_llm.engine.slot_batch import SlotBatch
 from async_llm.errors import ContextLengthError, InvalidParameterError, RequestAbortedError
-from tests.conftest import PROMPTS, reference_ids
+from tests.conftest import PROMPTS, admitted_together, reference_ids
 from tests.test_fast_decode import FAST, PLAIN
 
 
@@ -122,15 +124,32 @@ def test_rows_of_one_prompt_share_its_prefill_and_get_copies():
 # -- the runner in the engine ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layers", ["native where it runs", "python"])
 @pytest.mark.parametrize("name", sorted(FAST))
-async def test_static_runner_gives_generates_greedy_tokens(name, tiny_tokenizer):
+async def test_static_runner_gives_generates_greedy_tokens(name, layers, tiny_tokenizer, monkeypatch):
+    """Greedy tokens equal ``generate``'s, through the CPU's native layers and through the Python
+    layers (what CUDA runs), whose fresh prompts are written into the store and attended in groups."""
     model = FAST[name]()
+    groups = []
+    prompt_groups = fast_forward._prompt_groups
+
+    def spy(*args):
+        made = prompt_groups(*args)
+        groups.extend(made[0])
+        return made
+
+    monkeypatch.setattr(fast_forward, "_prompt_groups", spy)
     async with _static(model, tiny_tokenizer) as llm:
         assert llm.engine.runner.name == "static"
-        results = await asyncio.gather(
-            *(llm.acomplete(p, chat_template=False, max_tokens=16, ignore_eos=True) for p in PROMPTS)
-        )
+        if layers == "python":
+            llm.engine.runner.decoder.native = False
+        calls = [
+            functools.partial(llm.acomplete, p, chat_template=False, max_tokens=16, ignore_eos=True) for p in PROMPTS
+        ]
+        results = await admitted_together(llm, calls)  # their prompts prefill in one step
         assert _slots_in_use(llm.engine.batch) == set()
+    if layers == "python":
+        assert groups and all(g.slots is not None for g in groups), "the prompts were not written as a group"
     for prompt, result in zip(PROMPTS, results):
         expected = reference_ids(model, tiny_tokenizer(prompt).input_ids, 16)
         assert result.token_ids[: len(expected)] == expected

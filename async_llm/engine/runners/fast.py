@@ -51,6 +51,10 @@ class FastRunner:
         logits, _ = self.decoder.step(rows, [])  # [B T, V]
         return logits.view(batch.size, positions, -1)
 
+    def _chunk(self, ids: Sequence[int], kv: torch.Tensor, start: int, logits: bool) -> Chunk:
+        """A prompt's tokens ``ids`` to prefill into ``kv`` after its first ``start`` columns."""
+        return Chunk(ids, kv, start, logits=logits)
+
     def _forward(
         self, rows: DecodeRows | None, forward: Forward, new_kv: Callable[[int], torch.Tensor]
     ) -> torch.Tensor:
@@ -63,7 +67,7 @@ class FastRunner:
             materialize(state, new_kv)
             assert state.kv is not None
             last = state.done + n == len(state.tokens)
-            chunks.append(Chunk(state.tokens[state.done : state.done + n], state.kv, state.done, logits=last))
+            chunks.append(self._chunk(state.tokens[state.done : state.done + n], state.kv, state.done, last))
         decode_logits, logits = self.decoder.step(rows, chunks)  # [B, V], [completed, V]
         completed = [state for (state, _), chunk in zip(forward.items, chunks, strict=True) if chunk.logits]
         for state, row in zip(completed, logits, strict=True):

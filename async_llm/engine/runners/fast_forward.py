@@ -272,6 +272,7 @@ class FastDecoder:
             self.native_steps += 1
             return layers
         cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
+        groups, grouped = _prompt_groups(chunks, b, x.device)
         spans, first = [], b
         for c in chunks:
             # A chunk after a prefix sees all of it: query i may read columns up to start + i.
@@ -297,7 +298,11 @@ class FastDecoder:
             values = qkv[:, q_width + kv_width :].view(n, self.kv_heads, d)
             if rows is not None:
                 attn[:b] = rows.attend(i, q[:b], keys[:b], values[:b], self.scaling)
-            for c, (span, mask) in zip(chunks, spans):
+            for group in groups:
+                self._attend_group(group, i, q, keys, values, attn)
+            for k, (c, (span, mask)) in enumerate(zip(chunks, spans)):
+                if k in grouped:
+                    continue
                 end = c.start + span.stop - span.start
                 c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
                 c.kv[i, 1, :, c.start : end] = values[span].transpose(0, 1)
@@ -315,6 +320,37 @@ class FastDecoder:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
+
+    def _attend_group(
+        self,
+        group: _PromptGroup,
+        layer: int,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn: torch.Tensor,
+    ) -> None:
+        """Layer ``layer``'s attention of a group of fresh prompts (see :class:`_PromptGroup`): their
+        keys and values written into their buffers, their attention into ``attn`` at their tokens.
+        ``q`` ``[N, Hq, D]``, ``keys`` and ``values`` ``[N, Hkv, D]`` are the step's."""
+        g, w, d = len(group.chunks), group.width, self.head_dim
+        if group.slots is not None and group.columns is not None:
+            store = group.chunks[0].store
+            assert store is not None
+            store[layer, 0][group.slots, :, group.columns] = keys.index_select(0, group.tokens)
+            store[layer, 1][group.slots, :, group.columns] = values.index_select(0, group.tokens)
+        else:
+            for c, start in zip(group.chunks, group.starts, strict=True):
+                c.kv[layer, 0, :, : len(c.ids)] = keys[start : start + len(c.ids)].transpose(0, 1)
+                c.kv[layer, 1, :, : len(c.ids)] = values[start : start + len(c.ids)].transpose(0, 1)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [N, H, D] -> [G, H, W, D]
+            return x.index_select(0, group.gather).view(g, w, -1, d).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            padded(q), padded(keys), padded(values), is_causal=True, scale=self.scaling, enable_gqa=True
+        )  # [G, Hq, W, D]
+        attn.index_copy_(0, group.tokens, out.transpose(1, 2).reshape(g * w, -1, d).index_select(0, group.real))
 
 
 class DecodeRows(Protocol):
@@ -471,9 +507,105 @@ class Chunk:
         kv: The row's ``[layers, 2, Hkv, L, D]`` buffer (see :meth:`FastDecoder.new_kv`).
         start: Columns of ``kv`` computed before (0 for a prompt's first chunk).
         logits: Whether the next token's logits are wanted (the chunk ends the prompt).
+        store, slot: Where ``kv`` is ``store[:, :, slot, :, :L]`` (a slot of the static runner's
+            store, ``[layers, 2, slots, Hkv, C, D]``): prompts of one store are written together.
     """
 
     ids: Sequence[int]
     kv: torch.Tensor
     start: int = 0
     logits: bool = True
+    store: torch.Tensor | None = None
+    slot: int | None = None
+
+
+#: Fresh prompts (no columns before them) of a step's Python layers are attended in groups of
+#: similar length, each group one padded causal attention call per layer; a group's width is its
+#: longest prompt rounded up to a power of two, at least this.
+GROUP_MIN_WIDTH = 16
+
+
+@dataclass
+class _PromptGroup:
+    """Fresh prompts of similar length attended as one padded batch ``[G, H, W, D]``: right padding
+    under a causal mask changes no real query's result (it only sees earlier columns), and the
+    padded queries' results are dropped.
+
+    Attributes:
+        chunks: The prompts (each with ``start == 0``).
+        starts: Each one's first token on the step's token axis.
+        width: ``W``, the padded length.
+        gather: ``[G W]`` the step's token for each padded position (a padding position repeats its
+            prompt's last token).
+        real: ``[n]`` the real positions among the ``G W``, prompt by prompt.
+        tokens: ``[n]`` their tokens on the step's token axis (where their attention goes).
+        slots, columns: ``[n]`` each real token's slot and column in the chunks' common store
+            (None when they are not slots of one store: each chunk's buffer is written on its own).
+    """
+
+    chunks: list[Chunk]
+    starts: list[int]
+    width: int
+    gather: torch.Tensor
+    real: torch.Tensor
+    tokens: torch.Tensor
+    slots: torch.Tensor | None
+    columns: torch.Tensor | None
+
+
+def _prompt_groups(chunks: Sequence[Chunk], first: int, device: torch.device) -> tuple[list[_PromptGroup], set[int]]:
+    """The step's fresh prompts in groups of two or more (see :class:`_PromptGroup`), and the
+    indices of the chunks they take; ``first`` is the first chunk token's index on the token axis."""
+    starts: list[int] = []
+    buckets: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        starts.append(first)
+        first += len(c.ids)
+        if c.start == 0 and c.ids:
+            width = max(GROUP_MIN_WIDTH, 1 << (len(c.ids) - 1).bit_length())
+            buckets.setdefault(width, []).append(i)
+    # Every group's indices go to the device in one copy (a copy from pageable memory waits for the
+    # device), then each is a slice of it.
+    values: list[int] = []
+    made: list[tuple[list[int], int, list[int], bool]] = []  # members, width, index lengths, one store
+    for width, members in buckets.items():
+        if len(members) < 2:
+            continue
+        gather: list[int] = []
+        real: list[int] = []
+        tokens: list[int] = []
+        slots: list[int] = []
+        columns: list[int] = []
+        for g, i in enumerate(members):
+            n, start = len(chunks[i].ids), starts[i]
+            gather += [start + min(j, n - 1) for j in range(width)]
+            real += range(g * width, g * width + n)
+            tokens += range(start, start + n)
+            slots += [chunks[i].slot or 0] * n
+            columns += range(n)
+        store = chunks[members[0]].store
+        one_store = store is not None and all(
+            chunks[i].store is store and chunks[i].slot is not None and chunks[i].kv.stride() == store[:, :, 0].stride()
+            for i in members
+        )
+        parts = [gather, real, tokens, *((slots, columns) if one_store else ())]
+        values += [v for part in parts for v in part]
+        made.append((members, width, [len(part) for part in parts], one_store))
+    if not made:
+        return [], set()
+    flat = torch.tensor(values, dtype=torch.long, device=device)
+    groups: list[_PromptGroup] = []
+    offset = 0
+    for members, width, lengths, one_store in made:
+        index = []
+        for n in lengths:
+            index.append(flat[offset : offset + n])
+            offset += n
+        slot_index, column_index = (index[3], index[4]) if one_store else (None, None)
+        chosen = [chunks[i] for i in members]
+        groups.append(
+            _PromptGroup(
+                chosen, [starts[i] for i in members], width, index[0], index[1], index[2], slot_index, column_index
+            )
+        )
+    return groups, {i for members, *_ in made for i in members}

@@ -31,7 +31,7 @@ from async_llm.engine.prefill import Forward
 from async_llm.engine.runners.cuda_graphs import DecodeGraphs
 from async_llm.engine.runners.fast import FastRunner
 from async_llm.engine.runners.fast_check import unsupported_reason
-from async_llm.engine.runners.fast_forward import FastDecoder
+from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
 from async_llm.engine.slot_batch import SlotBatch
 from async_llm.errors import InvalidParameterError
 from async_llm.log import get_logger
@@ -117,6 +117,13 @@ class StaticRunner(FastRunner):
         assert batch is self.batch, "the static runner runs the batch it was built with"
         logits, _ = self.decoder.step(batch.verify_rows(drafts, positions), [])  # [B T, V]
         return logits.view(batch.size, positions, -1)
+
+    def _chunk(self, ids: Sequence[int], kv: torch.Tensor, start: int, logits: bool) -> Chunk:
+        """As the fast runner's, with the slot of the store ``kv`` is in: the step's fresh prompts
+        write their keys and values into the store together (see :class:`Chunk`)."""
+        slot = self.batch.slot_of(kv)
+        store = self.batch.kv if slot is not None else None
+        return Chunk(ids, kv, start, logits=logits, store=store, slot=slot)
 
     def run(self, forward: Forward, batch: BatchRows) -> torch.Tensor | None:
         batch = cast(SlotBatch, batch)
