@@ -365,7 +365,7 @@ async def test_decode_graphs_replay_over_the_batchs_own_tensors(tiny_model, tiny
 
         def replay(self) -> None:
             decoder, rows, out = self.call
-            out.copy_(original(decoder, rows))
+            original(decoder, rows, out)
 
         def pool(self) -> str:
             return "pool"
@@ -373,15 +373,18 @@ async def test_decode_graphs_replay_over_the_batchs_own_tensors(tiny_model, tiny
     original = cuda_graphs.FastDecoder.decode_rows
     recording: list[Graph] = []
 
-    def decode_rows(decoder, rows):
-        out = original(decoder, rows)
+    def decode_rows(decoder, rows, out=None):
+        out = original(decoder, rows, out)
         if recording:
             recording[-1].call = (decoder, rows, out)
             captured.append((rows.input_ids.shape[0], rows.width))
         return out
 
+    modes = []
+
     @contextmanager
-    def graph(g, pool=None):
+    def graph(g, pool=None, capture_error_mode="global"):
+        modes.append(capture_error_mode)
         recording.append(g)
         yield
         recording.pop()
@@ -409,6 +412,10 @@ async def test_decode_graphs_replay_over_the_batchs_own_tensors(tiny_model, tiny
     runner.graphs = cuda_graphs.DecodeGraphs(runner.decoder, runner.batch)
     runner.graphs.capture([(8, 128), (4, 128)])
     assert captured == [(8, 128), (4, 128)] and set(runner.graphs.graphs) == {(8, 128), (4, 128)}
+    # Every graph's logits land in one buffer (no graph keeps its own); another thread's CUDA work
+    # neither spoils a capture nor fails.
+    assert {out.data_ptr() for _, out in runner.graphs.graphs.values()} == {runner.graphs._logits.data_ptr()}
+    assert set(modes) == {"thread_local"}
     async with llm:
         results = await asyncio.gather(
             *(llm.acomplete(p, chat_template=False, max_tokens=150, ignore_eos=True) for p in PROMPTS)

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from async_llm.engine.request import Request
 from async_llm.engine.sampler import SamplingBatch
 from async_llm.engine.speculative import verify_inputs
+from async_llm.engine.transfer import device_tensor
 
 _MIN_COLUMNS = 64
 #: Most columns reserved past the live region when rows join (see PaddedBatch.add).
@@ -144,8 +145,8 @@ class BatchRows:
         holes = [i for i in sorted(gone) if i < keep]
         movers = [i for i in range(keep, self.size) if i not in gone]
         if holes:
-            dst = torch.tensor(holes, device=self.device)
-            src = torch.tensor(movers, device=self.device)
+            dst = device_tensor(holes, device=self.device)
+            src = device_tensor(movers, device=self.device)
             for name in tensors:
                 tensor = getattr(self, name)
                 if tensor is not None:
@@ -315,7 +316,7 @@ class PaddedBatch(BatchRows):
             self.kv[:, :, row, :, self.start : self.end - length] = 0
             self.kv[:, :, row, :, self.end - length : self.end] = kv
             self.mask[row, self.end - length : self.end] = 1
-        self.lengths[rows] = torch.tensor(lengths, device=self.device)
+        self.lengths[rows] = device_tensor(lengths, device=self.device)
         self.last_tokens[rows] = first_tokens
         self.row_spans.extend(lengths)
 
@@ -389,8 +390,8 @@ class PaddedBatch(BatchRows):
         )
         if holes:
             assert self.kv is not None
-            dst = torch.tensor(holes, device=self.device)
-            self.kv.index_copy_(2, dst, self.kv.index_select(2, torch.tensor(movers, device=self.device)))
+            dst = device_tensor(holes, device=self.device)
+            self.kv.index_copy_(2, dst, self.kv.index_select(2, device_tensor(movers, device=self.device)))
         if self.rows:
             # Columns left of the widest row are padding for every row: trim them (no copy).
             self.start = self.end - max(self.row_spans)
@@ -449,7 +450,7 @@ class PaddedBatch(BatchRows):
         kept = (torch.arange(positions)[None, :] < torch.tensor(list(fed))[:, None]).long()
         self.mask[:b, self.end : self.end + positions] = kept.to(self.device)
         self.end += positions
-        grown = torch.tensor(list(fed), dtype=torch.long, device=self.device)
+        grown = device_tensor(list(fed), dtype=torch.long, device=self.device)
         self.lengths[:b] += grown
         self.row_lengths = [n + f for n, f in zip(self.row_lengths, fed, strict=True)]
         self.row_spans = [n + positions for n in self.row_spans]

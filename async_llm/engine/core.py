@@ -181,6 +181,10 @@ class Engine(StepUpdate, Worker):
     def _prepare(self) -> None:
         """Choose the model runner, once, on the engine's thread before its first step (its checks
         run the model)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            # A new thread's current device is the first card: the engine's kernels, streams,
+            # events and graph captures must all be on the model's.
+            torch.cuda.set_device(self.device)
         self.runner = self._plain_runner()
         self.prefiller.can_resume = False
         self.chunk_budget.fused = False

@@ -22,6 +22,7 @@ from async_llm.engine.controls import advance, apply_controls
 from async_llm.engine.logprobs import raw_log_softmax, rows_wanting_logprobs, step_logprobs
 from async_llm.engine.output import TokenLogprob
 from async_llm.engine.runners import native
+from async_llm.engine.transfer import device_tensor
 from async_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class SamplingBatch:
         """Stack the rows' parameters (called only when the batch's rows change)."""
 
         def column(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return device_tensor(values, dtype=dtype, device=device)
 
         def optional(
             values: Sequence[float], neutral: float, dtype: torch.dtype = torch.float32

@@ -40,6 +40,7 @@ from async_llm.engine.buckets import bucket, row_buckets, width_buckets
 from async_llm.engine.request import Request
 from async_llm.engine.runners.fast_forward import additive_mask, grouped_attention, verify_attention
 from async_llm.engine.speculative import verify_inputs
+from async_llm.engine.transfer import device_tensor
 
 
 class SlotBatch(BatchRows):
@@ -155,9 +156,9 @@ class SlotBatch(BatchRows):
             for slot in taken:  # none of the rows joins
                 heapq.heappush(self._free, slot)
             raise
-        index = torch.tensor(taken, device=self.device)
+        index = device_tensor(taken, device=self.device)
         self.tokens[index] = first_tokens
-        self.positions[index] = torch.tensor(list(lengths), device=self.device)
+        self.positions[index] = device_tensor(list(lengths), device=self.device)
         self.slots.extend(taken)
 
     def remove(self, indices: Sequence[int]) -> None:
@@ -165,7 +166,7 @@ class SlotBatch(BatchRows):
         if not indices:
             return
         freed = [self.slots[i] for i in indices]
-        index = torch.tensor(freed, device=self.device)
+        index = device_tensor(freed, device=self.device)
         self.positions[index] = self.columns  # the scratch column: free slots compute a throwaway row
         self.tokens[index] = 0
         for slot in freed:
@@ -174,7 +175,7 @@ class SlotBatch(BatchRows):
         self._rows_changed()
 
     def _rows_changed(self) -> None:
-        self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=self.device)
+        self.slot_index = device_tensor(self.slots, dtype=torch.long, device=self.device)
         self._rebuild_sampling()
 
     def row_kv(self, index: int) -> torch.Tensor:
@@ -230,7 +231,7 @@ class SlotBatch(BatchRows):
         keys and values (the rest are written over later) and ``tokens`` ``[B]`` are fed next."""
         del positions  # a slot's columns are its positions: nothing to mask
         self.tokens[self.slot_index] = tokens
-        self.positions[self.slot_index] += torch.tensor(list(fed), dtype=torch.long, device=self.device)
+        self.positions[self.slot_index] += device_tensor(list(fed), dtype=torch.long, device=self.device)
         self.row_lengths = [n + f for n, f in zip(self.row_lengths, fed, strict=True)]
         self.record_tokens(tokens)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from async_llm.engine.draws import uniforms
+from async_llm.engine.transfer import device_tensor
 from async_llm.errors import InvalidParameterError, ParameterTypeError
 
 #: The methods ``speculative_config`` knows.
@@ -298,14 +299,14 @@ def accept(
         per_position(sampling["top_p"]),
         per_position(sampling["min_p"]),
     ).reshape(r, t, v)
-    seed = torch.tensor(seeds, dtype=torch.long, device=device)[:, None].expand(r, 2 * t)
-    count = torch.tensor(counters, dtype=torch.long, device=device)[:, None] + torch.arange(2 * t, device=device)
+    seed = device_tensor(seeds, dtype=torch.long, device=device)[:, None].expand(r, 2 * t)
+    count = device_tensor(counters, dtype=torch.long, device=device)[:, None] + torch.arange(2 * t, device=device)
     draws = uniforms(seed.reshape(-1), count.reshape(-1)).reshape(r, 2 * t)
     # Every position at once: whether its draft token is accepted (u < p(token)), and the token it
     # emits if it is the first refused (drawn from p with the draft token taken out) or the one
     # after the whole draft (drawn from p). One read back to the host for the step.
-    drafted = torch.tensor([[*d, *[0] * (t - len(d))] for d in drafts], dtype=torch.long, device=device)
-    in_draft = torch.arange(t, device=device)[None, :] < torch.tensor([len(d) for d in drafts], device=device)[:, None]
+    drafted = device_tensor([[*d, *[0] * (t - len(d))] for d in drafts], dtype=torch.long, device=device)
+    in_draft = torch.arange(t, device=device)[None, :] < device_tensor([len(d) for d in drafts], device=device)[:, None]
     accepted = draws[:, 0::2] < probs.gather(2, drafted[..., None]).squeeze(-1)
     residual = torch.where(in_draft[..., None], probs.scatter(2, drafted[..., None], 0.0), probs)
     # p was all on the refused token: cannot happen but for rounding; draw from p then.

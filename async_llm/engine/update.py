@@ -20,6 +20,7 @@ from async_llm.engine.logprobs import prompt_logprobs
 from async_llm.engine.output import StepOutputs, TokenLogprob
 from async_llm.engine.sampler import Choice, SamplingBatch, apply_penalties, choose, sample
 from async_llm.engine.speculative import RowSpeculation, SpeculativeConfig, accept
+from async_llm.engine.transfer import device_tensor
 from async_llm.log import get_logger
 from async_llm.sampling_params import MAX_SEED
 
@@ -90,9 +91,9 @@ class StepUpdate:
             counts = torch.zeros(n, self.vocab_size, device=self.device)
             prompt_mask = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
             for i, r in enumerate(requests):
-                prompt_mask[i, torch.tensor(r.prompt_ids, device=self.device)] = True
+                prompt_mask[i, device_tensor(r.prompt_ids, device=self.device)] = True
                 if r.output_ids:
-                    ids = torch.tensor(r.output_ids, device=self.device)
+                    ids = device_tensor(r.output_ids, device=self.device)
                     counts[i].index_add_(0, ids, torch.ones(len(ids), device=self.device))
         prompt_failures = self._send_prompt_logprobs(requests, out)
         choice = choose(logits, requests, sb, counts, prompt_mask, self._uniforms(requests, sb))
@@ -163,7 +164,7 @@ class StepUpdate:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record()
+        done.record(torch.cuda.current_stream(tokens.device))
         return Ahead(rows, host, done)
 
     def _commit_ahead(self, ahead: Ahead, out: StepOutputs) -> None:
@@ -234,7 +235,7 @@ class StepUpdate:
             requests = [rows[i] for i in plain]
             sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
             counts, prompt_mask = batch.penalty_state()
-            index = torch.tensor(plain, device=self.device)
+            index = device_tensor(plain, device=self.device)
             choice = choose(
                 logits[index, 0],
                 requests,
@@ -248,7 +249,7 @@ class StepUpdate:
         if speculating:
             self._accept_drafts(logits, rows, drafts, speculating, positions, emitted)
         fed = [len(e) for e in emitted]
-        batch.advance_verify(fed, positions, torch.tensor([e[-1] for e in emitted], device=self.device))
+        batch.advance_verify(fed, positions, device_tensor([e[-1] for e in emitted], device=self.device))
         self.spec_verify_steps += 1
         ended = []
         failed = set()
@@ -291,7 +292,7 @@ class StepUpdate:
             sb = SamplingBatch.build([r.params for r in requests], self.vocab_size, self.device)
             sampling = {"temperature": sb.temperature, "top_k": sb.top_k, "top_p": sb.top_p, "min_p": sb.min_p}
             seeds, counters = self._take_draws(requests, 2 * positions)  # see speculative.accept
-        index = torch.tensor(list(speculating), device=logits.device)
+        index = device_tensor(list(speculating), device=logits.device)
         tokens = accept(logits[index], [drafts[i] for i in speculating], greedy, sampling, seeds, counters)
         for i, r, out in zip(speculating, requests, tokens, strict=True):
             emitted[i] = out
@@ -306,7 +307,7 @@ class StepUpdate:
         every row is greedy.
 
         A sampled row's draw is a pure function of its request's seed and draw count, computed on
-        the device (:func:`~async_llm.engine.draws.uniforms`): the only host->device traffic is one
+        the device (:func:`~async_llm.engine.draws.uniforms`): the only host->device traffic is one queued
         ``[2, B]`` copy of Python ints, and nothing is read back. A request without a seed of its own
         takes one from the engine's generator when it first samples (so the engine's ``seed`` keeps
         runs reproducible). Greedy rows draw nothing; their value is ignored.
@@ -314,8 +315,7 @@ class StepUpdate:
         if sb.all_greedy:
             return None
         seeds, counters = self._take_draws(requests, 1)
-        host = torch.tensor([seeds, counters], dtype=torch.long)  # [2, B]
-        rows = host.to(self.device, non_blocking=True)  # pageable source: staged at once, no sync
+        rows = device_tensor([seeds, counters], dtype=torch.long, device=self.device)  # [2, B], queued
         return uniforms(rows[0], rows[1])
 
     def _take_draws(self, requests: Sequence[Request], count: int) -> tuple[list[int], list[int]]:

@@ -4,11 +4,14 @@ Eager decoding of a small model on a GPU is bound by launching kernels, not by t
 replays the whole step (embeddings through the output projection) as one launch. A graph reads and
 writes fixed addresses, so it is captured over the batch's own tensors (``tokens``, ``positions``
 and the KV store, see :class:`~async_llm.engine.slot_batch.SlotBatch`), which every step updates in
-place; its logits land in a buffer of the graph's memory pool, read before the next replay.
+place; its logits land in one buffer all graphs share (``[max rows, V]``, outside their pool), read
+before the next replay.
 
 All graphs share one memory pool (captured largest first, as torch's docs advise, so the smaller
-ones fit in what the larger freed). A pair that runs out of memory while capturing stays eager, with
-one log line.
+ones fit in what the larger freed): what one step computes between its inputs and its logits is
+scratch that the next replay writes over, so no graph keeps memory of its own. A pair that runs out
+of memory while capturing stays eager, with one log line. Captures use the thread-local error mode:
+another thread's CUDA work (a beam search, an embedding call) neither spoils a capture nor fails.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from async_llm.log import get_logger
 
 log = get_logger("async_llm.engine.runners.cuda_graphs")
 
-#: Widths captured when the engine starts (with every row bucket); wider steps are captured the
-#: first time one runs (a pause of one capture, logged).
-STARTUP_MAX_WIDTH = 512
+#: Widths captured when the engine starts (with every row bucket): every width of a slot up to this
+#: many columns (and the narrowest alone past it); wider steps are captured the first time one runs
+#: (a pause of one capture, logged), so a long ``max_model_len`` does not hold the start up.
+STARTUP_MAX_WIDTH = 2048
 
 
 class DecodeGraphs:
@@ -46,6 +50,8 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.broken: str | None = None  # why capturing failed for a reason other than memory
         self._pool: Any = None  # the first graph's memory pool handle, shared by the others
+        self._stream: Any = None  # the side stream captures warm up on (one for all)
+        self._logits: torch.Tensor | None = None  # [max rows, V]: every graph's logits, in the model's dtype
 
     def capture(self, pairs: Iterable[tuple[int, int]] | None = None) -> float:
         """Capture ``pairs`` (``(rows, width)``; None: every row bucket at the widths up to
@@ -69,14 +75,19 @@ class DecodeGraphs:
         try:
             # Warm up on a side stream (lazy initialisations must not be captured). It computes what
             # the replay will: the same keys at the same columns, so running it between steps is safe.
-            stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.decoder.decode_rows(rows)
-            torch.cuda.current_stream().wait_stream(stream)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                warm = self.decoder.decode_rows(rows)
+            torch.cuda.current_stream().wait_stream(self._stream)
+            if self._logits is None:
+                rows_most = max(self.batch.row_sizes)
+                self._logits = warm.new_empty((rows_most, warm.shape[-1]))
+            del warm
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self.decoder.decode_rows(self.batch.rows_view(*pair))
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self.decoder.decode_rows(self.batch.rows_view(*pair), out=self._logits[: pair[0]])
         except torch.OutOfMemoryError as exc:
             self.eager.add(pair)
             log.warning(

@@ -34,11 +34,13 @@ from async_llm.engine.runners import native
 from async_llm.engine.runners.fast_linear import (
     Linear,
     NarrowLinear,
+    PlainLinear,
     fused_linear,
     int8_linear,
     onednn_bf16,
     prepacked_linear,
 )
+from async_llm.engine.transfer import device_tensor
 
 #: Row counts of a prefill are rounded up to a multiple of this, and of a decode step with prompt
 #: chunks (small, where every row costs as much as a decode row) to a multiple of the second (see
@@ -180,14 +182,20 @@ class FastDecoder:
         logits, _ = self.step(Rows(input_ids, position_ids, attention_mask, kv, end), [])
         return logits
 
-    def decode_rows(self, rows: DecodeRows) -> torch.Tensor:
+    def decode_rows(self, rows: DecodeRows, out: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of ``rows`` alone, all on the device (no host copy, nothing read back:
         what a CUDA graph captures); returns ``[B, V]`` logits in the model's dtype (the caller
         takes the rows it wants, then converts: a float32 copy of every row is the step's largest
-        write at a large batch)."""
+        write at a large batch), written into ``out`` when given (the output projection's product
+        straight into it where it is a plain one)."""
         x = self._layers(rows.input_ids[:, 0], rows.position_ids[:, 0], rows, [])  # [B, E]
         x = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
-        return self.lm_head(x)
+        if out is None:
+            return self.lm_head(x)
+        head = self.lm_head
+        if isinstance(head, PlainLinear) and len(head.parts) == 1 and head.parts[0][1] is None and x.dtype == out.dtype:
+            return torch.mm(x, head.parts[0][0].t(), out=out)
+        return out.copy_(head(x))
 
     def new_kv(self, columns: int) -> torch.Tensor:
         """An empty ``[layers, 2, Hkv, columns, D]`` buffer for one row's keys and values."""
@@ -206,7 +214,7 @@ class FastDecoder:
         a prefill runs it): what scores a text, for a perplexity."""
         kv = self.new_kv(len(ids))
         positions = torch.arange(len(ids), device=kv.device)
-        x = self._layers(torch.tensor(list(ids), device=kv.device), positions, None, [Chunk(ids, kv)])
+        x = self._layers(device_tensor(list(ids), device=kv.device), positions, None, [Chunk(ids, kv)])
         return self.lm_head(F.rms_norm(x, x.shape[-1:], self.norm, self.eps)).float()
 
     def step(self, rows: DecodeRows | None, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +239,7 @@ class FastDecoder:
         # oneDNN builds its kernels for each row count it meets (~1 ms per projection), so row
         # counts are kept to a few that repeat.
         pad = -(b + sum(lengths)) % (ROWS_BUCKET if rows is None else MIXED_ROWS_BUCKET) if chunks else 0
-        ids = [torch.tensor([t for c in chunks for t in c.ids] + [0] * pad, dtype=torch.long, device=device)]
+        ids = [device_tensor([t for c in chunks for t in c.ids] + [0] * pad, dtype=torch.long, device=device)]
         positions = [
             *(torch.arange(c.start, c.start + n, device=device) for c, n in zip(chunks, lengths)),
             torch.zeros(pad, dtype=torch.long, device=device),
@@ -593,7 +601,7 @@ def _prompt_groups(chunks: Sequence[Chunk], first: int, device: torch.device) ->
         made.append((members, width, [len(part) for part in parts], one_store))
     if not made:
         return [], set()
-    flat = torch.tensor(values, dtype=torch.long, device=device)
+    flat = device_tensor(values, dtype=torch.long, device=device)
     groups: list[_PromptGroup] = []
     offset = 0
     for members, width, lengths, one_store in made:
