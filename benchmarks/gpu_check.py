@@ -296,29 +296,30 @@ def run_floor(results: dict[str, Any], model: Any, bursts: list[int]) -> None:
     results["weight_bytes"] = sum(w.numel() * w.element_size() for w in weights)
 
 
-def run_cuda_tests(results: dict[str, Any], timeout_s: float) -> None:
-    """The CUDA-marked tests (and the device draws'), in a subprocess with a time limit."""
-    import subprocess
-    import sys
+#: The CUDA-marked tests, in groups run one after another, each in a subprocess with its share of the
+#: time limit (a group cut short keeps the output it printed): the GPU's own tests first, then the
+#: stress suite's fault, cancellation and bad-input tests on CUDA.
+CUDA_TEST_GROUPS = (
+    ("core", ["tests/test_cuda.py", "tests/test_draws.py", "tests/test_transfer.py", "tests/test_kv_budget.py"], 2 / 3),
+    ("stress", ["tests/stress"], 1 / 3),
+)
 
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-m",
-        "cuda",
-        "-p",
-        "no:cacheprovider",
-        "tests/test_cuda.py",
-        "tests/test_draws.py",
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        results.update(rc=None, output=f"timed out after {timeout_s} s: {exc.stdout!r}"[-4000:])
-        return
-    results.update(rc=done.returncode, output=(done.stdout + done.stderr)[-6000:])
+
+def run_cuda_tests(results: dict[str, Any], timeout_s: float) -> None:
+    """The CUDA-marked tests (:data:`CUDA_TEST_GROUPS`), each group in a subprocess with its share of
+    ``timeout_s``; ``results[group]`` is its exit code and the tail of its output."""
+    import subprocess
+
+    for group, paths, share in CUDA_TEST_GROUPS:
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rfEs", *paths]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s * share, check=False)
+        except subprocess.TimeoutExpired as exc:
+            printed = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            results[group] = {"rc": None, "output": f"timed out after {timeout_s * share:.0f} s: {printed[-4000:]}"}
+        else:
+            results[group] = {"rc": done.returncode, "output": (done.stdout + done.stderr)[-6000:]}
+        save()
 
 
 _REPORT: dict[str, Any] = {}
@@ -385,7 +386,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--tests", action="store_true", help="run the CUDA tests first (needs pytest)")
-    parser.add_argument("--tests-timeout-s", type=float, default=150.0)
+    parser.add_argument("--tests-timeout-s", type=float, default=180.0)
     parser.add_argument("--system-limit-s", type=float, default=150.0, help="one system's longest run")
     parser.add_argument("--only", help="these systems (comma-separated), in the usual order")
     parser.add_argument("--resume", action="store_true", help="add to DIR/gpu_check.json instead of starting it")
