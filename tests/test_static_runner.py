@@ -446,3 +446,34 @@ async def test_a_static_runner_that_fails_at_start_leaves_a_padded_batch_that_se
         assert llm.engine.runner.name == "transformers" and isinstance(llm.engine.batch, PaddedBatch)
         assert llm.engine.slots is None
     assert result.token_ids == reference_ids(tiny_model, tiny_tokenizer("Hello").input_ids, 8)
+
+
+def test_the_budget_keeps_back_the_fused_copy_of_a_model_passed_in(tiny_model, monkeypatch):
+    """A model passed in keeps its weights while the fast step holds a fused copy of q, k, v and of
+    gate, up: that copy is kept out of the KV store's budget; the library's own model shares its
+    weights with the fused products and keeps nothing back for them."""
+    from async_llm.engine.config import EngineConfig
+    from async_llm.engine.runners import static
+
+    kept: list[int] = []
+
+    def budget(device, utilization, kv_bytes, *, activation_bytes=0, **kwargs):
+        kept.append(activation_bytes)
+        return 1 << 30
+
+    monkeypatch.setattr(static, "kv_budget_bytes", budget)
+    config = EngineConfig(runner="static", max_model_len=64)
+    for owned in (True, False):
+        assert static.plan_static(tiny_model, config, torch.device("cpu"), owned=owned) is not None
+    fused = sum(
+        m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
+        for layer in tiny_model.model.layers
+        for m in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+        )
+    )
+    assert fused > 0 and kept[1] - kept[0] == fused == static.fused_copy_bytes(tiny_model)

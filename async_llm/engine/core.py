@@ -92,7 +92,7 @@ class Engine(StepUpdate, Worker):
         self.calibration_ids = calibration_ids
         # The static runner's store is sized now, before the engine starts: a budget that cannot
         # work raises here, naming the option to change.
-        self.slots = plan_static(model, config, self.device)
+        self.slots = plan_static(model, config, self.device, owned=owns_model)
         rows = config.max_batch_size if config.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         if self.slots is not None:
             rows = self.slots.rows

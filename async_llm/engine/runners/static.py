@@ -31,7 +31,7 @@ from async_llm.engine.prefill import Forward
 from async_llm.engine.runners.cuda_graphs import DecodeGraphs
 from async_llm.engine.runners.fast import FastRunner
 from async_llm.engine.runners.fast_check import unsupported_reason
-from async_llm.engine.runners.fast_forward import Chunk, FastDecoder
+from async_llm.engine.runners.fast_forward import Chunk, FastDecoder, layer_products
 from async_llm.engine.slot_batch import SlotBatch
 from async_llm.errors import InvalidParameterError
 from async_llm.log import get_logger
@@ -69,9 +69,23 @@ def activation_bytes(model: Any, rows: int, prefill_tokens: int) -> int:
     return int(prefill_tokens * width * dtype.itemsize * 2 + rows * vocab_size(model) * 4 * 4)
 
 
-def plan_static(model: Any, config: EngineConfig, device: torch.device) -> SlotPlan | None:
+def fused_copy_bytes(model: Any) -> int:
+    """What the fast step's fused products (q, k and v; gate and up) hold besides a model passed in
+    by the caller, whose own weights stay as they are: a copy of those weights (the library's own
+    model shares them instead, see :func:`~async_llm.engine.runners.fast_linear.fused_linear`)."""
+    total = 0
+    for layer in model.model.layers:
+        for modules in layer_products(layer):
+            if len(modules) > 1:
+                total += sum(p.numel() * p.element_size() for m in modules for p in m.parameters(recurse=False))
+    return total
+
+
+def plan_static(model: Any, config: EngineConfig, device: torch.device, owned: bool = False) -> SlotPlan | None:
     """The static runner's store for ``model`` (None when another runner runs it): ``max_model_len``
-    columns per slot and as many slots as the budget holds (or ``max_batch_size``).
+    columns per slot and as many slots as the budget holds (or ``max_batch_size``). The budget
+    keeps back the largest forward's activations and, for a model passed in (not ``owned``), the
+    fast step's copy of its fused weights (:func:`fused_copy_bytes`).
 
     Raises:
         InvalidParameterError: The budget cannot hold what is asked (see
@@ -84,6 +98,8 @@ def plan_static(model: Any, config: EngineConfig, device: torch.device) -> SlotP
     dtype = next(model.parameters()).dtype
     rows_hint = config.max_batch_size or DEFAULT_STATIC_ROWS
     reserve = activation_bytes(model, rows_hint, config.max_prefill_tokens)
+    if not owned:
+        reserve += fused_copy_bytes(model)
     budget = kv_budget_bytes(device, config.gpu_memory_utilization, config.kv_cache_bytes, activation_bytes=reserve)
     plan = plan_slots(kv_bytes_per_token(text, dtype), budget, columns, config.max_batch_size)
     log.info("static KV store planned", rows=plan.rows, columns=plan.columns, bytes=plan.bytes)
