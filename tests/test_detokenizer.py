@@ -68,3 +68,35 @@ def test_slow_tokenizer_fallback(tiny_tokenizer):
     deltas, _ = stream_deltas(Slow(), ids, stop=("🎉",))
     assert "".join(deltas) == TEXT[: TEXT.index("🎉")]
     assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_runs_of_special_tokens_decode_as_the_tokenizer_does_and_are_not_re_decoded(tiny_tokenizer, skip, monkeypatch):
+    """Special tokens inside the text and a long run of them at its end (eos after eos, as when eos
+    is ignored) give ``decode``'s text either way; skipped ones never reach the incremental
+    decoder, which would otherwise decode the whole run again at every step."""
+    from async_llm.engine import detokenizer
+
+    special = tiny_tokenizer.eos_token_id
+    words = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    ids = words[:5] + [special] * 3 + words[5:] + [special] * 200
+    fed = []
+    real = detokenizer.DecodeStream
+
+    class Counting:
+        def __init__(self, *args, **kwargs) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def step(self, backend, token):
+            fed.append(token)
+            return self.inner.step(backend, token)
+
+    monkeypatch.setattr(detokenizer, "DecodeStream", Counting)
+    detok = Detokenizer(tiny_tokenizer, [], skip_special_tokens=skip)
+    text = ""
+    for token in ids:
+        detok.add_token(token)
+        text += detok.take_delta()
+    text += detok.take_delta(final=True)
+    assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
+    assert (special in fed) is not skip and len(fed) == (len(words) if skip else len(ids))

@@ -8,6 +8,7 @@ string is held back until it is known not to be one, so no part of a stop string
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
@@ -15,6 +16,18 @@ from tokenizers.decoders import DecodeStream
 # Prompt tokens given to the decoder as context: enough for tokenizers whose decoding of a token
 # depends on what precedes it (leading-space markers, byte fallback), cheap to re-decode.
 _CONTEXT_TOKENS = 6
+
+_SPECIAL_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: Any, backend: Any) -> frozenset[int]:
+    """The ids of ``backend``'s special added tokens (those ``skip_special_tokens`` leaves out),
+    found once per tokenizer."""
+    ids = _SPECIAL_IDS.get(tokenizer)
+    if ids is None:
+        ids = frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
+        _SPECIAL_IDS[tokenizer] = ids
+    return ids
 
 
 class Detokenizer:
@@ -51,6 +64,10 @@ class Detokenizer:
         if backend is not None:
             self._backend = backend
             self._stream: DecodeStream | None = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+            # A skipped special token adds no text, and the stream keeps every id since its last
+            # text to decode again at each step: fed a run of them (eos after eos when eos is
+            # ignored), each step would cost the run's length. They are not fed.
+            self._skipped = _special_ids(tokenizer, backend) if skip_special_tokens else frozenset()
         else:  # slow tokenizer: re-decode a short window (prefix_offset:read_offset) per token
             self._stream = None
             self._ids = context
@@ -98,6 +115,8 @@ class Detokenizer:
 
     def _decode(self, token_id: int) -> str:
         if self._stream is not None:
+            if token_id in self._skipped:
+                return ""
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
         skip = self._skip_special
