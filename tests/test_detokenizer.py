@@ -100,3 +100,28 @@ def test_runs_of_special_tokens_decode_as_the_tokenizer_does_and_are_not_re_deco
     text += detok.take_delta(final=True)
     assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
     assert (special in fed) is not skip and len(fed) == (len(words) if skip else len(ids))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_slow_tokenizers_window_does_not_grow_over_skipped_special_tokens(tiny_tokenizer, skip):
+    windows = []
+
+    class Slow:  # no backend_tokenizer: the re-decode path
+        all_special_ids = tiny_tokenizer.all_special_ids
+
+        def decode(self, ids, skip_special_tokens=True):
+            windows.append(len(ids))
+            return tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    special = tiny_tokenizer.eos_token_id
+    words = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    ids = words + [special] * 200
+    detok = Detokenizer(Slow(), [], skip_special_tokens=skip)
+    text = ""
+    for token in ids:
+        detok.add_token(token)
+        text += detok.take_delta()
+    text += detok.take_delta(final=True)
+    assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
+    if skip:  # without skipping, each special token has text and the window moves on as well
+        assert max(windows[:-1]) <= 16  # not the run of 200 (the last decode is the final flush)

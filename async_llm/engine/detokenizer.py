@@ -64,12 +64,13 @@ class Detokenizer:
         if backend is not None:
             self._backend = backend
             self._stream: DecodeStream | None = DecodeStream(context, skip_special_tokens=skip_special_tokens)
-            # A skipped special token adds no text, and the stream keeps every id since its last
+            # A skipped special token adds no text, and the decoder keeps every id since its last
             # text to decode again at each step: fed a run of them (eos after eos when eos is
-            # ignored), each step would cost the run's length. They are not fed.
+            # ignored), each step would cost the run's length. They are not fed (either decoder).
             self._skipped = _special_ids(tokenizer, backend) if skip_special_tokens else frozenset()
         else:  # slow tokenizer: re-decode a short window (prefix_offset:read_offset) per token
             self._stream = None
+            self._skipped = frozenset(getattr(tokenizer, "all_special_ids", ())) if skip_special_tokens else frozenset()
             self._ids = context
             self._prefix_offset = 0
             self._read_offset = len(context)
@@ -114,9 +115,9 @@ class Detokenizer:
             self._append(full[len(self._text) :])
 
     def _decode(self, token_id: int) -> str:
+        if token_id in self._skipped:
+            return ""
         if self._stream is not None:
-            if token_id in self._skipped:
-                return ""
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
         skip = self._skip_special
