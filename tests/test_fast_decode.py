@@ -295,3 +295,27 @@ def test_fresh_prompts_attended_as_groups_give_each_prompts_own_results(shared, 
         written[:, :, slot + 1, :, start : start + n] = True
     torch.testing.assert_close(grouped_store[written], alone_store[written], rtol=1e-5, atol=1e-5)
     assert torch.equal(grouped_store[~written], store[~written])  # prefixes read, nothing else written
+
+
+def test_masked_chunks_over_repeated_keys_and_values_give_the_grouped_results(monkeypatch):
+    """Chunks after a prefix attend with a mask; on CUDA over keys and values repeated per query
+    head (see ``repeat_masked_kv``): the same logits and keys/values as over grouped heads."""
+    decoder = fast_forward.FastDecoder(FAST["llama"]())
+    decoder.native = False
+    assert decoder.heads != decoder.kv_heads  # grouped-query attention: the case that differs
+    generator = torch.Generator().manual_seed(5)
+    layers, d, hkv = len(decoder.layers), decoder.head_dim, decoder.kv_heads
+    buffers = [torch.randn(layers, 2, hkv, start + n, d, generator=generator) for start, n in ((7, 3), (40, 20))]
+    tokens = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (3, 20)]
+    results = []
+    for repeat in (False, True):
+        monkeypatch.setattr(fast_forward, "repeat_masked_kv", lambda device, heads, kv_heads, repeat=repeat: repeat)
+        kvs = [b.clone() for b in buffers]
+        chunks = [fast_forward.Chunk(t, kv, kv.shape[3] - len(t)) for t, kv in zip(tokens, kvs, strict=True)]
+        with torch.inference_mode():
+            results.append((decoder.step(None, chunks)[1], kvs))
+    (grouped, grouped_kv), (repeated, repeated_kv) = results
+    assert torch.equal(grouped.argmax(-1), repeated.argmax(-1))
+    torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-5)
+    for a, b in zip(repeated_kv, grouped_kv, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

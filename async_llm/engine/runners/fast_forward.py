@@ -314,14 +314,19 @@ class FastDecoder:
                 end = c.start + span.stop - span.start
                 c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
                 c.kv[i, 1, :, c.start : end] = values[span].transpose(0, 1)
+                seen_k, seen_v = c.kv[i, 0, None, :, :end], c.kv[i, 1, None, :, :end]  # [1, Hkv, start + n, D]
+                grouped_heads = mask is None or not repeat_masked_kv(x.device, self.heads, self.kv_heads)
+                if not grouped_heads:
+                    seen_k = seen_k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                    seen_v = seen_v.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 attn[span] = F.scaled_dot_product_attention(
                     q[span].transpose(0, 1)[None],  # [1, Hq, n, D]
-                    c.kv[i, 0, None, :, :end],  # [1, Hkv, start + n, D]
-                    c.kv[i, 1, None, :, :end],
+                    seen_k,
+                    seen_v,
                     attn_mask=mask,
                     is_causal=mask is None,
                     scale=self.scaling,
-                    enable_gqa=True,
+                    enable_gqa=grouped_heads,
                 )[0].transpose(0, 1)
             x = x + layer.o(attn.view(n, q_width))
             h = F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps)
@@ -379,6 +384,15 @@ class DecodeRows(Protocol):
         into the batch's store, then attend ``q`` ``[B, Hq, D]`` over each row's context; returns
         ``[B, Hq, D]``."""
         ...
+
+
+def repeat_masked_kv(device: torch.device, heads: int, kv_heads: int) -> bool:
+    """Whether a masked prompt chunk (one after a cached prefix or earlier chunks) attends over its
+    keys and values repeated per query head instead of grouped: on CUDA, where flash attention
+    takes no mask and the memory-efficient kernel no grouped heads, so grouped heads with a mask
+    fall to the math kernel, which holds every score (``[Hq, n, L]``: gigabytes for a long chunk
+    over a long prefix); the repeated keys and values cost ``Hq / Hkv`` times their own size."""
+    return device.type == "cuda" and heads != kv_heads
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
