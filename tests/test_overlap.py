@@ -97,8 +97,8 @@ async def test_cancelling_an_overlapped_stream_frees_its_row(tiny_model, tiny_to
 
 
 async def test_grammar_and_logprobs_rows_join_an_overlapped_batch(tiny_model, tiny_tokenizer):
-    """Rows whose next step needs their last token on the host (a grammar's mask, logprobs) turn
-    the overlap off while they run; the plain rows beside them come out as without it."""
+    """Rows whose next step needs their last token on the host (a grammar's mask) turn the overlap
+    off while they run; logprobs rows and the plain rows beside them come out as without it."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     calls = [
         dict(prompt=PROMPTS[0], max_tokens=40, ignore_eos=True),
@@ -113,4 +113,46 @@ async def test_grammar_and_logprobs_rows_join_an_overlapped_batch(tiny_model, ti
         expected = await _run_all(plain, calls)
     async with _llm(tiny_model, tiny_tokenizer, "static", overlap=True) as llm:
         got = await _run_all(llm, calls)
+    assert got == expected
+
+
+async def test_logprobs_rows_run_overlapped_with_the_same_records(tiny_model, tiny_tokenizer):
+    """Logprobs are computed on the device in the overlapped step and come back with the tokens:
+    rows asking for them (with 0, 2 or 5 alternatives, greedy or sampled) keep the steps
+    overlapped and report exactly what the one-step-at-a-time engine reports."""
+    calls = [
+        dict(prompt=PROMPTS[0], max_tokens=20, logprobs=True, ignore_eos=True),
+        dict(prompt=PROMPTS[1], max_tokens=30, logprobs=True, top_logprobs=2, ignore_eos=True),
+        dict(prompt=PROMPTS[2], max_tokens=25, logprobs=True, top_logprobs=5, temperature=0.9, seed=4, ignore_eos=True),
+        dict(prompt=PROMPTS[3], max_tokens=15, ignore_eos=True),
+    ]
+
+    async def run(llm: HuggingFaceLLM) -> list[tuple]:
+        results = []
+        for result in await asyncio.gather(
+            *(
+                llm.acomplete(c["prompt"], chat_template=False, **{k: v for k, v in c.items() if k != "prompt"})
+                for c in calls
+            )
+        ):
+            records = [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in result.logprobs or []]
+            results.append((result.token_ids, result.text, records))
+        return results
+
+    async with _llm(tiny_model, tiny_tokenizer, "static", overlap=False) as plain:
+        expected = await run(plain)
+    async with _llm(tiny_model, tiny_tokenizer, "static", overlap=True) as llm:
+        launched = 0
+        decode = llm.engine._decode_overlapped
+
+        def counting(out):
+            nonlocal launched
+            launched += 1
+            return decode(out)
+
+        llm.engine._decode_overlapped = counting  # type: ignore[method-assign]
+        got = await run(llm)
+    assert launched > 15  # the logprobs rows did not turn the overlap off
+    assert [len(records) for _, _, records in got] == [20, 30, 25, 0]
+    assert [len(records[0][2]) for _, _, records in got[:3]] == [0, 2, 5]
     assert got == expected

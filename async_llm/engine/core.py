@@ -373,16 +373,15 @@ class Engine(StepUpdate, Worker):
 
     def _may_overlap(self, admit: bool) -> bool:
         """Whether the next step may be launched before the last one's tokens are handled: no
-        prompt waits for a row or is being prefilled, and every row is plain (no token controls,
-        no logprobs: those need the previous token on the host first)."""
+        prompt waits for a row or is being prefilled, and no row has token controls (a grammar's
+        mask needs the previous token on the host first). Logprobs are computed on the device and
+        come back with the tokens."""
         scheduler = self.scheduler
         if self.prefiller.states or (admit and scheduler.waiting and len(scheduler.running) < scheduler.row_limit):
             return False
         if self.speculative_config is not None and self.runner.speculates:
             return False  # verify steps need each row's last token on the host
-        return all(
-            r.controls is None and not r.params.logprobs and not r.params.speculative_config for r in self.batch.rows
-        )
+        return all(r.controls is None and not r.params.speculative_config for r in self.batch.rows)
 
     def _decode_overlapped(self, out: StepOutputs) -> None:
         """Launch this step's decode and sampling, then handle the previous step's tokens while the

@@ -29,27 +29,52 @@ def raw_log_softmax(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[rows].float(), dim=-1)
 
 
+def logprob_tensors(
+    logprobs: torch.Tensor, tokens: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device half of :func:`step_logprobs`: each logprob row's chosen token's log-probability
+    ``[k]``, and its ``top_k`` best ``[k, top_k]`` (values, then token ids), nothing read back.
+
+    Args:
+        logprobs: ``[k, V]`` from :func:`raw_log_softmax`.
+        tokens: ``[k]`` the tokens chosen for those rows.
+    """
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [k]
+    top = logprobs.topk(top_k, dim=-1) if top_k else None
+    empty = logprobs.new_empty((logprobs.shape[0], 0))
+    return chosen, top.values if top is not None else empty, top.indices if top is not None else empty.long()
+
+
+def logprob_records(
+    rows: Sequence[int],
+    requests: Sequence[Request],
+    tokens: Sequence[int],
+    chosen: Sequence[float],
+    values: Sequence[Sequence[float]],
+    indices: Sequence[Sequence[int]],
+) -> dict[int, TokenLogprob]:
+    """The host half of :func:`step_logprobs`: row ``rows[j]``'s record from the ``j``-th of each
+    list (its token, its log-probability, and as many of the best as its request asks for)."""
+    out = {}
+    for j, i in enumerate(rows):
+        k = requests[i].params.top_logprobs
+        out[i] = TokenLogprob(tokens[j], chosen[j], list(zip(indices[j][:k], values[j][:k], strict=True)))
+    return out
+
+
 def step_logprobs(
     logprobs: torch.Tensor, rows: list[int], tokens: torch.Tensor, requests: Sequence[Request]
 ) -> dict[int, TokenLogprob]:
-    """Each logprob row's chosen token and top alternatives (one device-to-host copy).
+    """Each logprob row's chosen token and top alternatives.
 
     Args:
         logprobs: ``[k, V]`` from :func:`raw_log_softmax` for ``rows``.
         tokens: ``[B]`` the tokens chosen for every row of the batch.
     """
-    chosen = logprobs.gather(1, tokens[rows][:, None]).squeeze(1)  # [k]
+    chosen_tokens = tokens[rows]
     top_k = max(requests[i].params.top_logprobs for i in rows)
-    top = logprobs.topk(top_k, dim=-1) if top_k else None
-    chosen_list = chosen.tolist()
-    values = top.values.tolist() if top is not None else [[] for _ in rows]
-    indices = top.indices.tolist() if top is not None else [[] for _ in rows]
-    token_list = tokens[rows].tolist()
-    out = {}
-    for j, i in enumerate(rows):
-        k = requests[i].params.top_logprobs
-        out[i] = TokenLogprob(token_list[j], chosen_list[j], list(zip(indices[j][:k], values[j][:k], strict=True)))
-    return out
+    chosen, values, indices = logprob_tensors(logprobs, chosen_tokens, top_k)
+    return logprob_records(rows, requests, chosen_tokens.tolist(), chosen.tolist(), values.tolist(), indices.tolist())
 
 
 @torch.inference_mode()

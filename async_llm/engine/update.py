@@ -16,7 +16,7 @@ import torch
 
 from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
-from async_llm.engine.logprobs import prompt_logprobs
+from async_llm.engine.logprobs import logprob_records, logprob_tensors, prompt_logprobs, rows_wanting_logprobs
 from async_llm.engine.output import StepOutputs, TokenLogprob
 from async_llm.engine.sampler import Choice, SamplingBatch, apply_penalties, choose, sample
 from async_llm.engine.speculative import RowSpeculation, SpeculativeConfig, accept
@@ -42,11 +42,14 @@ class Ahead:
         rows: The batch's requests when the step ran, in row order.
         tokens: ``[B]`` their tokens (pinned host memory on CUDA, being copied).
         copied: Recorded after the copy was queued (None off CUDA: the copy is done).
+        logprobs: The rows that report logprobs, and their chosen token's log-probability ``[k]``
+            and best alternatives ``[k, K]`` (values, ids), copied with the tokens.
     """
 
     rows: list[Request]
     tokens: torch.Tensor
     copied: torch.cuda.Event | None
+    logprobs: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class StepUpdate:
@@ -157,15 +160,27 @@ class StepUpdate:
         assert sb is not None
         counts, prompt_mask = batch.penalty_state()
         rows = list(batch.rows)
+        lp_rows = rows_wanting_logprobs(rows)
+        lp_index = device_tensor(lp_rows, dtype=torch.long, device=logits.device) if lp_rows else None
+        raw = torch.log_softmax(logits.index_select(0, lp_index).float(), dim=-1) if lp_index is not None else None
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(rows, sb))
         batch.advance(tokens)
-        if tokens.device.type != "cuda":
-            return Ahead(rows, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record(torch.cuda.current_stream(tokens.device))
-        return Ahead(rows, host, done)
+        parts = [tokens]
+        if raw is not None and lp_index is not None:  # the raw distribution's records, on the device
+            top_k = max(rows[i].params.top_logprobs for i in lp_rows)
+            parts += logprob_tensors(raw, tokens.index_select(0, lp_index), top_k)
+        if tokens.device.type == "cuda":  # every part on its way to pinned memory, then one event
+            hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for host, part in zip(hosts, parts, strict=True):
+                host.copy_(part, non_blocking=True)
+            parts = hosts
+            done: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            assert done is not None
+            done.record(torch.cuda.current_stream(tokens.device))
+        else:
+            done = None
+        logprobs = (lp_rows, parts[1], parts[2], parts[3]) if len(parts) > 1 else None
+        return Ahead(rows, parts[0], done, logprobs)
 
     def _commit_ahead(self, ahead: Ahead, out: StepOutputs) -> None:
         """Record the tokens of an overlapped step (waiting for their copy) and retire the rows that
@@ -173,9 +188,15 @@ class StepUpdate:
         too: its token is dropped."""
         if ahead.copied is not None:
             ahead.copied.synchronize()
+        tokens = ahead.tokens.tolist()
+        records: dict[int, TokenLogprob] = {}
+        if ahead.logprobs is not None:
+            lp_rows, chosen, values, indices = ahead.logprobs
+            picked = [tokens[i] for i in lp_rows]
+            records = logprob_records(lp_rows, ahead.rows, picked, chosen.tolist(), values.tolist(), indices.tolist())
         ended = []
-        for request, token in zip(ahead.rows, ahead.tokens.tolist(), strict=True):
-            if not request.finished and self._update(request, token, out, None, False):
+        for i, (request, token) in enumerate(zip(ahead.rows, tokens, strict=True)):
+            if not request.finished and self._update(request, token, out, records.get(i), False):
                 ended.append(request)
         if ended:
             where = {id(r): i for i, r in enumerate(self.batch.rows)}
