@@ -298,25 +298,48 @@ def test_fresh_prompts_attended_as_groups_give_each_prompts_own_results(shared, 
     assert torch.equal(grouped_store[~written], store[~written])  # prefixes read, nothing else written
 
 
-def test_masked_chunks_over_repeated_keys_and_values_give_the_grouped_results(monkeypatch):
-    """Chunks after a prefix attend with a mask; on CUDA over keys and values repeated per query
-    head (see ``repeat_masked_kv``): the same logits and keys/values as over grouped heads."""
+def test_prompts_over_repeated_keys_and_values_give_the_grouped_results(monkeypatch):
+    """Prompts on CUDA attend over keys and values repeated per query head where grouped heads
+    would fall to the math kernel (see ``repeat_kv``): fresh prompts attended as a group and chunks
+    after a prefix give the same logits and keys/values either way."""
     decoder = fast_forward.FastDecoder(FAST["llama"]())
     decoder.native = False
     assert decoder.heads != decoder.kv_heads  # grouped-query attention: the case that differs
     generator = torch.Generator().manual_seed(5)
     layers, d, hkv = len(decoder.layers), decoder.head_dim, decoder.kv_heads
-    buffers = [torch.randn(layers, 2, hkv, start + n, d, generator=generator) for start, n in ((7, 3), (40, 20))]
-    tokens = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (3, 20)]
-    results = []
+    shapes = ((7, 3), (40, 20), (0, 9), (0, 12))  # (start, tokens): two after a prefix, two fresh
+    buffers = [torch.randn(layers, 2, hkv, start + n, d, generator=generator) for start, n in shapes]
+    tokens = [torch.randint(3, 300, (n,), generator=generator).tolist() for _, n in shapes]
+    results, asked = [], []
     for repeat in (False, True):
-        monkeypatch.setattr(fast_forward, "repeat_masked_kv", lambda device, heads, kv_heads, repeat=repeat: repeat)
+
+        def rule(x, heads, kv_heads, head_dim, masked, repeat=repeat):
+            asked.append(masked)
+            return repeat
+
+        monkeypatch.setattr(fast_forward, "repeat_kv", rule)
         kvs = [b.clone() for b in buffers]
         chunks = [fast_forward.Chunk(t, kv, kv.shape[3] - len(t)) for t, kv in zip(tokens, kvs, strict=True)]
         with torch.inference_mode():
             results.append((decoder.step(None, chunks)[1], kvs))
+    assert set(asked) == {True, False}  # both the masked chunks and the group asked
     (grouped, grouped_kv), (repeated, repeated_kv) = results
     assert torch.equal(grouped.argmax(-1), repeated.argmax(-1))
     torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-5)
     for a, b in zip(repeated_kv, grouped_kv, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_and_values_are_repeated_where_cuda_would_run_the_math_kernel():
+    from types import SimpleNamespace
+
+    def on(device: str, dtype: torch.dtype) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    rule = fast_forward.repeat_kv
+    assert not rule(on("cuda", torch.bfloat16), 32, 8, 64, masked=False)  # flash takes grouped heads
+    assert rule(on("cuda", torch.bfloat16), 32, 8, 64, masked=True)  # ...but no mask
+    assert rule(on("cuda", torch.float32), 32, 8, 64, masked=False)  # ...nor float32
+    assert rule(on("cuda", torch.float16), 32, 8, 512, masked=False)  # ...nor heads over 256
+    assert not rule(on("cuda", torch.float32), 32, 32, 64, masked=True)  # nothing grouped
+    assert not rule(on("cpu", torch.float32), 32, 8, 64, masked=True)  # a CPU runs grouped heads

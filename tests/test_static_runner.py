@@ -477,3 +477,6 @@ def test_the_budget_keeps_back_the_fused_copy_of_a_model_passed_in(tiny_model, m
         )
     )
     assert fused > 0 and kept[1] - kept[0] == fused == static.fused_copy_bytes(tiny_model)
+    int8 = EngineConfig(runner="static", max_model_len=64, quantize="int8")  # its own weights, no float copy
+    assert static.plan_static(tiny_model, int8, torch.device("cpu"), owned=False) is not None
+    assert kept[2] == kept[0]

@@ -447,8 +447,9 @@ class PaddedBatch(BatchRows):
         them (its last token and the draft tokens it accepted; the others become holes), and
         ``tokens`` ``[B]`` are fed next."""
         b = self.size
-        kept = (torch.arange(positions)[None, :] < torch.tensor(list(fed))[:, None]).long()
-        self.mask[:b, self.end : self.end + positions] = kept.to(self.device)
+        fed_now = device_tensor(list(fed), dtype=torch.long, device=self.device)
+        kept = (torch.arange(positions, device=self.device)[None, :] < fed_now[:, None]).long()
+        self.mask[:b, self.end : self.end + positions] = kept
         self.end += positions
         grown = device_tensor(list(fed), dtype=torch.long, device=self.device)
         self.lengths[:b] += grown

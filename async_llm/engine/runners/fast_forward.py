@@ -249,7 +249,10 @@ class FastDecoder:
             positions.insert(0, rows.position_ids.reshape(-1))
         x = self._layers(torch.cat(ids), torch.cat(positions), rows, chunks)  # [B + T, E]
         ends = [b + sum(lengths[: i + 1]) - 1 for i, c in enumerate(chunks) if c.logits]
-        x = F.rms_norm(x[[*range(b), *ends]], x.shape[-1:], self.norm, self.eps)
+        # The rows, then each chunk's last token (an index queued to the device: no host wait).
+        picked = device_tensor([*range(b), *ends], dtype=torch.long, device=x.device) if ends else None
+        x = x.index_select(0, picked) if picked is not None else x[:b]
+        x = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
         logits = self.lm_head(x).float()
         return logits[:b], logits[b:]
 
@@ -315,7 +318,7 @@ class FastDecoder:
                 c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
                 c.kv[i, 1, :, c.start : end] = values[span].transpose(0, 1)
                 seen_k, seen_v = c.kv[i, 0, None, :, :end], c.kv[i, 1, None, :, :end]  # [1, Hkv, start + n, D]
-                grouped_heads = mask is None or not repeat_masked_kv(x.device, self.heads, self.kv_heads)
+                grouped_heads = not repeat_kv(x, self.heads, self.kv_heads, d, masked=mask is not None)
                 if not grouped_heads:
                     seen_k = seen_k.repeat_interleave(self.heads // self.kv_heads, dim=1)
                     seen_v = seen_v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -360,8 +363,13 @@ class FastDecoder:
         def padded(x: torch.Tensor) -> torch.Tensor:  # [N, H, D] -> [G, H, W, D]
             return x.index_select(0, group.gather).view(g, w, -1, d).transpose(1, 2)
 
+        grouped_heads = not repeat_kv(q, self.heads, self.kv_heads, d, masked=False)
+        seen_k, seen_v = padded(keys), padded(values)
+        if not grouped_heads:
+            seen_k = seen_k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            seen_v = seen_v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         out = F.scaled_dot_product_attention(
-            padded(q), padded(keys), padded(values), is_causal=True, scale=self.scaling, enable_gqa=True
+            padded(q), seen_k, seen_v, is_causal=True, scale=self.scaling, enable_gqa=grouped_heads
         )  # [G, Hq, W, D]
         attn.index_copy_(0, group.tokens, out.transpose(1, 2).reshape(g * w, -1, d).index_select(0, group.real))
 
@@ -386,13 +394,16 @@ class DecodeRows(Protocol):
         ...
 
 
-def repeat_masked_kv(device: torch.device, heads: int, kv_heads: int) -> bool:
-    """Whether a masked prompt chunk (one after a cached prefix or earlier chunks) attends over its
-    keys and values repeated per query head instead of grouped: on CUDA, where flash attention
-    takes no mask and the memory-efficient kernel no grouped heads, so grouped heads with a mask
-    fall to the math kernel, which holds every score (``[Hq, n, L]``: gigabytes for a long chunk
-    over a long prefix); the repeated keys and values cost ``Hq / Hkv`` times their own size."""
-    return device.type == "cuda" and heads != kv_heads
+def repeat_kv(x: torch.Tensor, heads: int, kv_heads: int, head_dim: int, masked: bool) -> bool:
+    """Whether a prompt's attention (queries ``x``) runs over keys and values repeated per query
+    head instead of grouped. On CUDA, grouped heads run on flash attention only, which takes no
+    mask, half precision only and heads of at most 256; anywhere else they fall to the math kernel,
+    which holds every score at once (``[Hq, n, L]`` per prompt: gigabytes for a long prompt or a
+    long chunk over a long prefix). Repeated, the memory-efficient kernel takes them, for
+    ``Hq / Hkv`` times the keys' and values' own size. On a CPU grouped heads run as they are."""
+    if x.device.type != "cuda" or heads == kv_heads:
+        return False
+    return masked or x.dtype not in (torch.float16, torch.bfloat16) or head_dim > 256
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

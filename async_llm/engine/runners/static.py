@@ -98,7 +98,7 @@ def plan_static(model: Any, config: EngineConfig, device: torch.device, owned: b
     dtype = next(model.parameters()).dtype
     rows_hint = config.max_batch_size or DEFAULT_STATIC_ROWS
     reserve = activation_bytes(model, rows_hint, config.max_prefill_tokens)
-    if not owned:
+    if not owned and config.quantize is None:  # int8 holds its own weights instead (no float copy)
         reserve += fused_copy_bytes(model)
     budget = kv_budget_bytes(device, config.gpu_memory_utilization, config.kv_cache_bytes, activation_bytes=reserve)
     plan = plan_slots(kv_bytes_per_token(text, dtype), budget, columns, config.max_batch_size)
