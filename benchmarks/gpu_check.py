@@ -326,10 +326,19 @@ _REPORT: dict[str, Any] = {}
 _OUT: Path | None = None
 
 
+_SAVING = threading.Lock()
+
+
 def save() -> None:
-    """Write what was measured so far (a run cut short keeps it)."""
-    if _OUT is not None:
-        (_OUT / "gpu_check.json").write_text(json.dumps(_REPORT, indent=2, default=str))
+    """Write what was measured so far (a run cut short keeps it): whole or not at all (a temporary
+    file renamed over the report), one writer at a time (the watchdog's thread writes too)."""
+    if _OUT is None:
+        return
+    with _SAVING:
+        text = json.dumps(_REPORT, indent=2, default=str)
+        temporary = _OUT / "gpu_check.json.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, _OUT / "gpu_check.json")
 
 
 def _cuda_usable(device: torch.device) -> bool:
@@ -346,8 +355,12 @@ def _cuda_usable(device: torch.device) -> bool:
 
 def _continue_fresh(args: argparse.Namespace, remaining: list[str], deadline: float) -> NoReturn:
     """Save what was measured and run ``remaining`` systems in a fresh process (this one's CUDA
-    context or threads cannot be trusted any more); it reads the saved report back."""
-    save()
+    context or threads cannot be trusted any more), which reads the saved report back; this one
+    exits at once, so the card's memory it holds is freed (the new one writes to the same output)."""
+    try:
+        save()
+    except Exception as exc:  # noqa: BLE001  # a report being written elsewhere: the last one stands
+        print(f"could not save the report before going on: {exc!r}", flush=True)
     if not remaining:
         os._exit(1)
     argv = [sys.executable, os.path.abspath(__file__), "--out", str(args.out), "--bursts", args.bursts]
@@ -356,7 +369,10 @@ def _continue_fresh(args: argparse.Namespace, remaining: list[str], deadline: fl
     argv += ["--tiny"] if args.tiny else []
     print(f"continuing in a fresh process with {', '.join(remaining)}", flush=True)
     sys.stderr.flush()
-    os.execv(sys.executable, argv)
+    import subprocess
+
+    subprocess.Popen(argv)  # this script again, for the systems left
+    os._exit(0)
 
 
 def _watchdog(
@@ -366,7 +382,8 @@ def _watchdog(
     every thread's stack to ``DIR/hang_NAME.txt`` and goes on with ``remaining`` in a fresh process."""
 
     def hung() -> None:
-        results["error"] = f"no result after {limit:.0f} s (stacks in hang_{name}.txt)"
+        hang = f"no result after {limit:.0f} s (stacks in hang_{name}.txt)"
+        results["error"] = f"{results['error']}; then {hang}" if "error" in results else hang
         with open(args.out / f"hang_{name}.txt", "w") as file:
             faulthandler.dump_traceback(file=file, all_threads=True)
         _continue_fresh(args, remaining, deadline)
@@ -394,7 +411,13 @@ def main() -> None:
     _OUT = args.out
     args.out.mkdir(parents=True, exist_ok=True)
     if args.resume and (args.out / "gpu_check.json").exists():
-        _REPORT.update(json.loads((args.out / "gpu_check.json").read_text()))
+        try:
+            _REPORT.update(json.loads((args.out / "gpu_check.json").read_text()))
+        except ValueError as exc:  # written by a process that was cut short: start a new report
+            print(f"the saved report could not be read ({exc}); starting a new one", flush=True)
+    if args.resume and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        _REPORT.setdefault("resumed_free_gib", []).append(round(free / 2**30, 1))
     deadline = time.monotonic() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -454,13 +477,15 @@ def main() -> None:
             run(results)
         except Exception as exc:  # noqa: BLE001  # one system's failure is a result, not the end of the run
             results["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            timer.cancel()
         _REPORT[name + "_seconds"] = round(time.monotonic() - start, 1)
         save()
+        # Still under the watchdog: checking the device waits for its queue, which a hung kernel
+        # would never empty.
         if "error" in results and not _cuda_usable(device):
+            timer.cancel()
             results["error"] += " (the CUDA context was unusable after it)"
             _continue_fresh(args, names[index + 1 :], deadline)
+        timer.cancel()
     print(f"{_REPORT['device']} ({_REPORT['dtype']}), {args.new_tokens} new tokens per request")
     for name in (
         "async_llm",
