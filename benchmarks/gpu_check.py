@@ -216,10 +216,17 @@ def _cb_graphs_kwargs() -> dict[str, Any]:
 def run_transformers_cb(
     results: dict[str, Any], model: Any, tokenizer: Any, bursts: list[int], new_tokens: int, graphs: bool = False
 ) -> None:
+    """transformers' continuous batching as a server runs it (``init_continuous_batching``): one
+    manager, warmed up (its graphs where on) and started before the bursts, as async_llm's engine
+    is, then each burst's requests added at once and their results awaited. (``generate_batch``
+    builds and starts a manager per call, its paged cache and worker thread included, which is
+    start-up, not generation.) Tokens are counted from the outputs, and a failed request fails
+    the system. Under ``torch.no_grad``: its worker thread writes tensors made here, which
+    ``inference_mode`` would make read-only to it."""
     from transformers import GenerationConfig
 
-    if not hasattr(model, "generate_batch"):
-        results["skipped"] = "this transformers has no generate_batch"
+    if not hasattr(model, "init_continuous_batching"):
+        results["skipped"] = "this transformers has no continuous batching"
         return
     device = next(model.parameters()).device
     extra: dict[str, Any] = _cb_graphs_kwargs() if graphs else {}
@@ -227,26 +234,64 @@ def run_transformers_cb(
     config = GenerationConfig(
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0, **config_extra
     )
-    for n in bursts:
-        ids = [tokenizer(t).input_ids for t in prompts(n)]
-        with torch.inference_mode():
-            model.generate_batch(inputs=ids[:2], generation_config=config, **extra)  # warm-up
-            _peak_reset(device)
+    with torch.no_grad():
+        manager = model.init_continuous_batching(generation_config=config, **extra)
+        try:
             start = time.perf_counter()
-            out = model.generate_batch(inputs=ids, generation_config=config, record_timestamps=True, **extra)
-            _sync(device)
-        seconds = time.perf_counter() - start
-        results[str(n)] = {"tok_s": n * new_tokens / seconds, "seconds": seconds, "peak_gib": _peak_gib(device)}
-        ttft = _cb_ttft(out, start)
-        if ttft is not None:
-            results[str(n)]["ttft_p50_s"] = ttft
-        save()
+            manager.warmup()
+            manager.start()
+            results["start_s"] = time.perf_counter() - start
+            cb_config = getattr(manager, "continuous_batching_config", None) or getattr(manager, "cb_config", None)
+            if cb_config is not None:
+                results["use_cuda_graph"] = str(getattr(cb_config, "use_cuda_graph", None))
+            for n in bursts:
+                ids = [tokenizer(t).input_ids for t in prompts(n)]
+                _served(manager, ids[:2], new_tokens)  # warm-up: this row count's shapes
+                _peak_reset(device)
+                start = time.perf_counter()
+                outputs = _served(manager, ids, new_tokens)
+                _sync(device)
+                seconds = time.perf_counter() - start
+                tokens = sum(len(o.generated_tokens) for o in outputs)
+                row: dict[str, Any] = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
+                row["peak_gib"] = _peak_gib(device)
+                ttft = _cb_ttft(outputs, start)
+                if ttft is not None:
+                    row["ttft_p50_s"] = ttft
+                results[str(n)] = row
+                save()
+        finally:
+            manager.stop(block=True, timeout=30)
+            destroy = getattr(model, "destroy_cached_continuous_batching_manager", None)
+            if callable(destroy):
+                destroy()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
-def _cb_ttft(outputs: Any, start: float) -> float | None:
-    """The median time to first token of a ``generate_batch`` run, where its outputs carry timestamps."""
+def _served(manager: Any, ids: list[list[int]], new_tokens: int, limit_s: float = 300.0) -> list[Any]:
+    """Add ``ids`` to a started continuous batching manager and wait for every one's finished
+    result (with timestamps); raises with the first failed request's error."""
+    request_ids = manager.add_requests(inputs=ids, max_new_tokens=new_tokens, record_timestamps=True)
+    finished: dict[str, Any] = {}
+    deadline = time.monotonic() + limit_s
+    while len(finished) < len(request_ids):
+        result = manager.get_result(timeout=1)
+        if result is not None and result.is_finished():
+            if getattr(result, "error", None):
+                raise RuntimeError(
+                    f"transformers continuous batching failed request {result.request_id}: {result.error}"
+                )
+            finished[result.request_id] = result
+        elif result is None and (not manager.is_running() or time.monotonic() > deadline):
+            raise RuntimeError(f"transformers continuous batching stopped with {len(finished)} of {len(ids)} done")
+    return [finished[r] for r in request_ids]
+
+
+def _cb_ttft(outputs: list[Any], start: float) -> float | None:
+    """The median time to first token of continuous batching's outputs, where they carry timestamps."""
     firsts = []
-    for output in getattr(outputs, "values", lambda: [])():
+    for output in outputs:
         stamps = getattr(output, "timestamps", None)
         created = getattr(output, "created_time", None)
         if stamps and created is not None:
