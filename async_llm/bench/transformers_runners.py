@@ -9,6 +9,7 @@ returned. transformers-cb: per streamed output taken off the manager's queue by 
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -160,8 +161,11 @@ class TransformersCBRunner(Runner):
         # Left unsized, the cache is sized from free memory (many GiB on a CPU host, slow to allocate).
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
         rows = min(len(requests), self.config.max_batch_size)
+        # The page's size is ``page_size`` in recent transformers, ``block_size`` before (5.17).
+        page = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+        sizing: dict[str, Any] = {page: CB_PAGE_SIZE}
         cb_config = ContinuousBatchingConfig(
-            page_size=CB_PAGE_SIZE,
+            **sizing,
             num_blocks=rows * (math.ceil(longest / CB_PAGE_SIZE) + 1) + 8,
             max_batch_tokens=CB_MAX_BATCH_TOKENS,
             max_requests_per_batch=self.config.max_batch_size,
