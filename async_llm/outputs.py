@@ -282,6 +282,28 @@ class TokenStream(_ClosedOnExit):
                 self._waiter = None
         return delta
 
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with :class:`~async_llm.errors.GenerationError` (from ``exc``) because its
+        output could not be taken (on :attr:`loop`, by the front end's sink): the consumer gets the
+        error instead of waiting for an output that will never come, and the request is aborted so
+        that its row is freed. Nothing happens to a stream that has already ended."""
+        if self.finish_reason is not None:
+            return
+        from async_llm.errors import GenerationError
+
+        error = GenerationError(f"the request's output could not be delivered: {exc!r}")
+        error.__cause__ = exc
+        if not self._closed:
+            self._abort(self.request_id)
+        self.finish_reason = FinishReason.ERROR
+        self.finished_at = time.perf_counter()
+        self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for listener in self._listeners:
+            listener()
+
     async def aclose(self) -> None:
         """Stop consuming; aborts the request if it is still running. Idempotent."""
         self.close()

@@ -8,6 +8,7 @@ before temperature, penalties, biases and masks): each test recomputes them with
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import anyio
@@ -272,3 +273,31 @@ async def test_bytes_of_tokens_that_split_a_character(llm, tiny_tokenizer):
     assert [e.bytes for e in entries] == [token_bytes(tiny_tokenizer, e.token_id) for e in entries]
     first = token_bytes(tiny_tokenizer, done.prompt_token_ids[0])
     assert bytes(first + [b for e in entries for b in e.bytes]).decode() == prompt
+
+
+async def test_an_output_that_cannot_be_delivered_fails_its_request_only(llm, monkeypatch):
+    """A request whose output cannot be converted on the event loop (here its logprobs' token
+    text raises) fails with GenerationError instead of waiting forever; its row is freed and a
+    request beside it completes as usual."""
+    import gc
+
+    from async_llm import GenerationError, outputs
+
+    real = outputs.to_logprob
+
+    def broken(entry, token_text):
+        raise RuntimeError("no token text")
+
+    monkeypatch.setattr(outputs, "to_logprob", broken)
+    failing = llm.acomplete("Hello", logprobs=True, max_tokens=8, ignore_eos=True, chat_template=False)
+    plain = llm.acomplete("Hello", max_tokens=8, ignore_eos=True, chat_template=False)
+    with anyio.fail_after(60):
+        failed, done = await asyncio.gather(failing, plain, return_exceptions=True)
+    assert isinstance(failed, GenerationError) and isinstance(failed.__cause__, RuntimeError)
+    assert len(done.token_ids) == 8
+    monkeypatch.setattr(outputs, "to_logprob", real)
+    with anyio.fail_after(60):
+        while llm.stats()["num_running"]:
+            await asyncio.sleep(0.01)
+    gc.collect()
+    assert not llm.engine.batch.holds_rows()

@@ -199,7 +199,12 @@ class LoopSink:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put(output)
+            try:
+                stream.put(output)
+            except Exception as exc:  # noqa: BLE001  # one stream's failure must not leave it (or the others) waiting
+                self._streams.pop(output.request_id, None)
+                log.warning("output not delivered; the request fails", request_id=output.request_id, error=repr(exc))
+                stream.fail(exc)
 
 
 class Sinks:
