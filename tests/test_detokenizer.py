@@ -70,6 +70,15 @@ def test_slow_tokenizer_fallback(tiny_tokenizer):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def _fed(detok: Detokenizer, ids: list[int]) -> str:
+    """All the text of ``ids`` fed one by one, each delta taken as it comes, then the last."""
+    text = ""
+    for token in ids:
+        detok.add_token(token)
+        text += detok.take_delta()
+    return text + detok.take_delta(final=True)
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_runs_of_special_tokens_decode_as_the_tokenizer_does_and_are_not_re_decoded(tiny_tokenizer, skip, monkeypatch):
     """Special tokens inside the text and a long run of them at its end (eos after eos, as when eos
@@ -93,11 +102,7 @@ def test_runs_of_special_tokens_decode_as_the_tokenizer_does_and_are_not_re_deco
 
     monkeypatch.setattr(detokenizer, "DecodeStream", Counting)
     detok = Detokenizer(tiny_tokenizer, [], skip_special_tokens=skip)
-    text = ""
-    for token in ids:
-        detok.add_token(token)
-        text += detok.take_delta()
-    text += detok.take_delta(final=True)
+    text = _fed(detok, ids)
     assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
     assert (special in fed) is not skip and len(fed) == (len(words) if skip else len(ids))
 
@@ -117,11 +122,7 @@ def test_a_slow_tokenizers_window_does_not_grow_over_skipped_special_tokens(tiny
     words = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
     ids = words + [special] * 200
     detok = Detokenizer(Slow(), [], skip_special_tokens=skip)
-    text = ""
-    for token in ids:
-        detok.add_token(token)
-        text += detok.take_delta()
-    text += detok.take_delta(final=True)
+    text = _fed(detok, ids)
     assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
     if skip:  # without skipping, each special token has text and the window moves on as well
         assert max(windows[:-1]) <= 16  # not the run of 200 (the last decode is the final flush)

@@ -40,23 +40,28 @@ async def _run_all(llm: HuggingFaceLLM, calls: list[dict]) -> list[tuple]:
     return await asyncio.gather(*(one(c) for c in calls))
 
 
+def _count_overlapped(llm: HuggingFaceLLM) -> list[int]:
+    """A one-item list counting the engine's overlapped steps from now on."""
+    launched = [0]
+    decode = llm.engine._decode_overlapped
+
+    def counting(out):
+        launched[0] += 1
+        return decode(out)
+
+    llm.engine._decode_overlapped = counting  # type: ignore[method-assign]
+    return launched
+
+
 @pytest.mark.parametrize("runner", ["static", "fast"])
 async def test_overlapped_steps_give_the_same_outputs(runner, tiny_model, tiny_tokenizer):
     async with _llm(tiny_model, tiny_tokenizer, runner, overlap=False) as plain:
         expected = await _run_all(plain, CALLS)
     async with _llm(tiny_model, tiny_tokenizer, runner, overlap=True) as llm:
         assert llm.engine.overlap
-        launched = 0
-        decode = llm.engine._decode_overlapped
-
-        def counting(out):
-            nonlocal launched
-            launched += 1
-            return decode(out)
-
-        llm.engine._decode_overlapped = counting  # type: ignore[method-assign]
+        launched = _count_overlapped(llm)
         got = await _run_all(llm, CALLS)
-        assert launched > 20  # most steps ran overlapped
+        assert launched[0] > 20  # most steps ran overlapped
         assert [len(ids) for ids, _, _ in got] == [len(ids) for ids, _, _ in expected]
         assert got == expected
         gc.collect()
@@ -142,17 +147,9 @@ async def test_logprobs_rows_run_overlapped_with_the_same_records(tiny_model, ti
     async with _llm(tiny_model, tiny_tokenizer, "static", overlap=False) as plain:
         expected = await run(plain)
     async with _llm(tiny_model, tiny_tokenizer, "static", overlap=True) as llm:
-        launched = 0
-        decode = llm.engine._decode_overlapped
-
-        def counting(out):
-            nonlocal launched
-            launched += 1
-            return decode(out)
-
-        llm.engine._decode_overlapped = counting  # type: ignore[method-assign]
+        launched = _count_overlapped(llm)
         got = await run(llm)
-    assert launched > 15  # the logprobs rows did not turn the overlap off
+    assert launched[0] > 15  # the logprobs rows did not turn the overlap off
     assert [len(records) for _, _, records in got] == [20, 30, 25, 0]
     assert [len(records[0][2]) for _, _, records in got[:3]] == [0, 2, 5]
     assert got == expected
