@@ -477,6 +477,7 @@ def main() -> None:
     _REPORT.update(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
         dtype=str(dtype),
         bursts=bursts,
         new_tokens=args.new_tokens,
