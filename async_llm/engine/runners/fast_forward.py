@@ -597,8 +597,7 @@ def _prompt_groups(chunks: Sequence[Chunk], first: int, device: torch.device) ->
         if c.start == 0 and c.ids:
             width = max(GROUP_MIN_WIDTH, 1 << (len(c.ids) - 1).bit_length())
             buckets.setdefault(width, []).append(i)
-    # Every group's indices go to the device in one copy (a copy from pageable memory waits for the
-    # device), then each is a slice of it.
+    # Every group's indices go to the device in one queued copy, then each is a slice of it.
     values: list[int] = []
     made: list[tuple[list[int], int, list[int], bool]] = []  # members, width, index lengths, one store
     for width, members in buckets.items():
