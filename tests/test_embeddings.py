@@ -146,3 +146,22 @@ async def test_calls_made_together_share_forwards_and_keep_their_own_options(llm
     waiting[1].cancel()
     done = await asyncio.gather(*waiting, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError) and len(done[0]) == len(done[2]) == 1
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+async def test_embedding_forwards_keep_no_kv_cache(llm, tiny_model, pooling):
+    """The embedding forward runs without a KV cache (a causal model's config asks for one, which
+    would hold every layer's keys and values of the batch until the pooling is done)."""
+    from transformers.cache_utils import Cache
+
+    caches = []
+    handle = tiny_model.model.register_forward_hook(
+        lambda module, args, output: caches.append(getattr(output, "past_key_values", None))
+    )
+    try:
+        with anyio.fail_after(60):
+            vectors = await llm.aembed(TEXTS, pooling=pooling)
+    finally:
+        handle.remove()
+    assert len(vectors) == len(TEXTS) and caches
+    assert not any(isinstance(cache, Cache) for cache in caches)

@@ -4,16 +4,18 @@ off (saying why) where a prefill after a prefix would not be exact."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
+import anyio
 import pytest
 import torch
 import transformers
 
 from async_llm import HuggingFaceLLM
 from async_llm.engine.prefix_cache import PrefixCache
-from tests.conftest import admitted_together, reference_ids
+from tests.conftest import PROMPTS, admitted_together, reference_ids
 from tests.test_prefix_cache_architectures import BASE, CONFIGS, FOLLOW_UPS
 
 LAYERS, HEADS, DIM = 2, 2, 4
@@ -193,3 +195,42 @@ def test_waiting_prompts_share_a_chunk_budget_oldest_first():
     assert prefiller.take(10) == [(first, 6), (second, 4)]
     prefiller.can_resume = False  # a model that cannot continue a prefill: whole prompts, at least one
     assert prefiller.take(3) == [(first, 6)]
+
+
+class _NoRoom(torch.Tensor):
+    """Keys and values whose copy finds no device memory."""
+
+    def clone(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+
+def test_a_block_with_no_memory_for_its_copy_ends_the_chain_there():
+    cache = PrefixCache(1 << 20, block_size=4)
+    tokens = list(range(12))
+    cache.insert(tokens, _kv(12).as_subclass(_NoRoom))
+    assert cache.bytes == 0 and len(cache) == 0 and cache.match(tokens).tokens == 0
+    cache.insert(tokens, _kv(12))  # room again: kept as usual
+    assert cache.match(tokens).tokens == 8
+
+
+@pytest.mark.parametrize("runner", ["fast", "static"])
+async def test_no_memory_to_keep_blocks_fails_no_request(runner, tiny_model, tiny_tokenizer, monkeypatch):
+    """Keeping blocks is an optimisation: with no device memory for their copies, the rows still
+    end with all their tokens, nothing fails, and no row is left behind."""
+    import gc
+
+    insert = PrefixCache.insert
+    monkeypatch.setattr(PrefixCache, "insert", lambda self, tokens, kv: insert(self, tokens, kv.as_subclass(_NoRoom)))
+    options = {"max_model_len": 256, "max_batch_size": 4} if runner == "static" else {}
+    async with HuggingFaceLLM(
+        model=tiny_model, tokenizer=tiny_tokenizer, device="cpu", runner=runner, prefix_cache=True, **options
+    ) as llm:
+        calls = [
+            llm.acomplete(p, max_tokens=6 + i, ignore_eos=True, chat_template=False) for i, p in enumerate(PROMPTS)
+        ]
+        with anyio.fail_after(60):
+            results = await asyncio.gather(*calls)
+        assert [len(r.token_ids) for r in results] == [6 + i for i in range(len(PROMPTS))]
+        assert llm.stats()["num_failed"] == 0 and llm.engine.prefix_cache.bytes == 0
+        gc.collect()
+        assert not llm.engine.batch.holds_rows()

@@ -12,6 +12,7 @@ pooled its own way (rows of different requests share a forward).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,13 +54,28 @@ def embed_rows(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long, device=device)
         mask[i, : len(row)] = 1
-    out = base_model(model)(input_ids=ids, attention_mask=mask)
-    hidden = torch.as_tensor(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
-    last = hidden[torch.arange(len(rows), device=device), lengths - 1]
-    mean = (hidden * mask[..., None]).sum(dim=1) / lengths[:, None]
+    body = base_model(model)
+    # No KV cache: a causal model's forward keeps every layer's keys and values of the whole batch
+    # otherwise (its config's use_cache), held until the pooling is done.
+    no_cache = {"use_cache": False} if _takes_use_cache(body) else {}
+    out = body(input_ids=ids, attention_mask=mask, **no_cache)
+    hidden = torch.as_tensor(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+    last = hidden[torch.arange(len(rows), device=device), lengths - 1].float()
+    if not any(p == "mean" for p in poolings):  # no float32 copy of every position
+        return last.cpu()
+    mean = (hidden.float() * mask[..., None]).sum(dim=1) / lengths[:, None]
     use_mean = torch.tensor([p == "mean" for p in poolings], device=device)[:, None]
     result: torch.Tensor = torch.where(use_mean, mean, last).cpu()
     return result
+
+
+def _takes_use_cache(module: Any) -> bool:
+    """Whether ``module``'s forward takes ``use_cache`` (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def finish(vector: torch.Tensor, dimensions: int | None, normalize: bool) -> list[float]:

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from async_llm.log import get_logger
+
+log = get_logger("async_llm.engine.prefix_cache")
+
 #: Tokens per block: long enough that the per-block bookkeeping is small against the copy, short
 #: enough that a prompt shares most of a common prefix (vLLM's default on CPU is 16 to 128).
 BLOCK_SIZE = 32
@@ -122,7 +126,12 @@ class PrefixCache:
             key = (parent, block_tokens)
             block = self._blocks.get(key)
             if block is None:
-                block = _Block(self._next_id, kv[:, :, :, start : start + self.block_size].clone())
+                try:
+                    copy = kv[:, :, :, start : start + self.block_size].clone()
+                except torch.OutOfMemoryError:  # keeping blocks is an optimisation: the chain stops here
+                    log.warning("prefix cache: no device memory for a block; the rest of the chain is not kept")
+                    break
+                block = _Block(self._next_id, copy)
                 self._next_id += 1
                 self._blocks[key] = block
                 self.bytes += block_bytes

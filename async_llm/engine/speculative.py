@@ -217,13 +217,9 @@ def verify_inputs(last: torch.Tensor, drafts: Sequence[Sequence[int]], positions
     """A verify step's tokens ``[B, T]``: each row's ``last`` token (``[B]``, the one it feeds
     next) then its draft, the positions past a draft filled with the last token again (fillers:
     their results are never kept)."""
-    b = last.shape[0]
-    filled = torch.full((b, positions - 1), -1, dtype=torch.long)
-    for i, draft in enumerate(drafts):
-        if draft:
-            filled[i, : len(draft)] = torch.tensor(list(draft), dtype=torch.long)
+    rows = [[*draft, *[-1] * (positions - 1 - len(draft))] for draft in drafts]
+    filled = device_tensor(rows, dtype=torch.long, device=last.device).reshape(len(drafts), positions - 1)
     ids = last[:, None].repeat(1, positions)
-    filled = filled.to(last.device)
     ids[:, 1:] = torch.where(filled >= 0, filled, ids[:, 1:])
     return ids
 

@@ -164,7 +164,6 @@ class StepUpdate:
         lp_index = device_tensor(lp_rows, dtype=torch.long, device=logits.device) if lp_rows else None
         raw = torch.log_softmax(logits.index_select(0, lp_index).float(), dim=-1) if lp_index is not None else None
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(rows, sb))
-        batch.advance(tokens)
         parts = [tokens]
         if raw is not None and lp_index is not None:  # the raw distribution's records, on the device
             top_k = max(rows[i].params.top_logprobs for i in lp_rows)
@@ -179,6 +178,8 @@ class StepUpdate:
             done.record(torch.cuda.current_stream(tokens.device))
         else:
             done = None
+        # Last: anything above may fail (out of memory) with the batch as it was, and no token lost.
+        batch.advance(tokens)
         logprobs = (lp_rows, parts[1], parts[2], parts[3]) if len(parts) > 1 else None
         return Ahead(rows, parts[0], done, logprobs)
 
