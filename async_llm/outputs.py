@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from async_llm.engine.output import FinishReason, RequestOutput, TokenLogprob
+from async_llm.errors import GenerationError
 
 __all__ = [
     "Completion", "FinishReason", "Logprob", "RequestStream", "StreamDelta", "TokenStream", "TopLogprob", "Usage",
@@ -289,20 +290,11 @@ class TokenStream(_ClosedOnExit):
         that its row is freed. Nothing happens to a stream that has already ended."""
         if self.finish_reason is not None:
             return
-        from async_llm.errors import GenerationError
-
         error = GenerationError(f"the request's output could not be delivered: {exc!r}")
         error.__cause__ = exc
         if not self._closed:
             self._abort(self.request_id)
-        self.finish_reason = FinishReason.ERROR
-        self.finished_at = time.perf_counter()
-        self._error = error
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        for listener in self._listeners:
-            listener()
+        self.put(RequestOutput(self.request_id, finish_reason=FinishReason.ERROR, error=error))
 
     async def aclose(self) -> None:
         """Stop consuming; aborts the request if it is still running. Idempotent."""

@@ -447,11 +447,10 @@ class PaddedBatch(BatchRows):
         them (its last token and the draft tokens it accepted; the others become holes), and
         ``tokens`` ``[B]`` are fed next."""
         b = self.size
-        fed_now = device_tensor(list(fed), dtype=torch.long, device=self.device)
-        kept = (torch.arange(positions, device=self.device)[None, :] < fed_now[:, None]).long()
+        grown = device_tensor(list(fed), dtype=torch.long, device=self.device)
+        kept = (torch.arange(positions, device=self.device)[None, :] < grown[:, None]).long()
         self.mask[:b, self.end : self.end + positions] = kept
         self.end += positions
-        grown = device_tensor(list(fed), dtype=torch.long, device=self.device)
         self.lengths[:b] += grown
         self.row_lengths = [n + f for n, f in zip(self.row_lengths, fed, strict=True)]
         self.row_spans = [n + positions for n in self.row_spans]

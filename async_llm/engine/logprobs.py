@@ -14,6 +14,7 @@ import torch
 
 from async_llm.engine.model_api import input_device
 from async_llm.engine.output import TokenLogprob
+from async_llm.engine.transfer import device_tensor
 
 if TYPE_CHECKING:
     from async_llm.engine.request import Request
@@ -23,10 +24,13 @@ def rows_wanting_logprobs(requests: Sequence[Request]) -> list[int]:
     return [i for i, r in enumerate(requests) if r.params.logprobs]
 
 
-def raw_log_softmax(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def raw_log_softmax(logits: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """``[k, V]`` float32 log-probabilities of ``rows`` of ``logits`` [B, V] (a copy, taken before
-    the controls change the logits in place)."""
-    return torch.log_softmax(logits[rows].float(), dim=-1)
+    the controls change the logits in place). ``rows``: their indices, or those indices already on
+    the logits' device (a list goes there by a queued copy)."""
+    if not isinstance(rows, torch.Tensor):
+        rows = device_tensor(list(rows), dtype=torch.long, device=logits.device)
+    return torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
 
 
 def logprob_tensors(

@@ -16,7 +16,13 @@ import torch
 
 from async_llm.engine.draws import uniforms
 from async_llm.engine.finish import finish_reason
-from async_llm.engine.logprobs import logprob_records, logprob_tensors, prompt_logprobs, rows_wanting_logprobs
+from async_llm.engine.logprobs import (
+    logprob_records,
+    logprob_tensors,
+    prompt_logprobs,
+    raw_log_softmax,
+    rows_wanting_logprobs,
+)
 from async_llm.engine.output import StepOutputs, TokenLogprob
 from async_llm.engine.sampler import Choice, SamplingBatch, apply_penalties, choose, sample
 from async_llm.engine.speculative import RowSpeculation, SpeculativeConfig, accept
@@ -162,7 +168,7 @@ class StepUpdate:
         rows = list(batch.rows)
         lp_rows = rows_wanting_logprobs(rows)
         lp_index = device_tensor(lp_rows, dtype=torch.long, device=logits.device) if lp_rows else None
-        raw = torch.log_softmax(logits.index_select(0, lp_index).float(), dim=-1) if lp_index is not None else None
+        raw = raw_log_softmax(logits, lp_index) if lp_index is not None else None  # before sampling
         tokens = sample(apply_penalties(logits, sb, counts, prompt_mask), sb, self._uniforms(rows, sb))
         parts = [tokens]
         if raw is not None and lp_index is not None:  # the raw distribution's records, on the device

@@ -317,11 +317,9 @@ class FastDecoder:
                 end = c.start + span.stop - span.start
                 c.kv[i, 0, :, c.start : end] = keys[span].transpose(0, 1)
                 c.kv[i, 1, :, c.start : end] = values[span].transpose(0, 1)
-                seen_k, seen_v = c.kv[i, 0, None, :, :end], c.kv[i, 1, None, :, :end]  # [1, Hkv, start + n, D]
-                grouped_heads = not repeat_kv(x, self.heads, self.kv_heads, d, masked=mask is not None)
-                if not grouped_heads:
-                    seen_k = seen_k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-                    seen_v = seen_v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                seen_k, seen_v, grouped_heads = self._attended_kv(
+                    x, c.kv[i, 0, None, :, :end], c.kv[i, 1, None, :, :end], masked=mask is not None
+                )  # [1, Hkv or Hq, start + n, D]
                 attn[span] = F.scaled_dot_product_attention(
                     q[span].transpose(0, 1)[None],  # [1, Hq, n, D]
                     seen_k,
@@ -336,6 +334,17 @@ class FastDecoder:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return x
+
+    def _attended_kv(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """A prompt's keys and values ``[G, Hkv, L, D]`` as its attention call takes them, and that
+        call's ``enable_gqa``: grouped as they are, or repeated per query head where
+        :func:`repeat_kv` says (``x``: the step's activations, for their device and dtype)."""
+        if not repeat_kv(x, self.heads, self.kv_heads, self.head_dim, masked):
+            return keys, values, True
+        groups = self.heads // self.kv_heads
+        return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), False
 
     def _attend_group(
         self,
@@ -363,11 +372,7 @@ class FastDecoder:
         def padded(x: torch.Tensor) -> torch.Tensor:  # [N, H, D] -> [G, H, W, D]
             return x.index_select(0, group.gather).view(g, w, -1, d).transpose(1, 2)
 
-        grouped_heads = not repeat_kv(q, self.heads, self.kv_heads, d, masked=False)
-        seen_k, seen_v = padded(keys), padded(values)
-        if not grouped_heads:
-            seen_k = seen_k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            seen_v = seen_v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        seen_k, seen_v, grouped_heads = self._attended_kv(q, padded(keys), padded(values), masked=False)
         out = F.scaled_dot_product_attention(
             padded(q), seen_k, seen_v, is_causal=True, scale=self.scaling, enable_gqa=grouped_heads
         )  # [G, Hq, W, D]
